@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: create .venv, install soda-mega and its dependencies
+# (without ever replacing the torch that is there), then run what was asked:
+#   bash scripts/bootstrap.sh test        # the test suite (what CI runs)
+#   bash scripts/bootstrap.sh install     # only the environment
+#   bash scripts/bootstrap.sh -- CMD ...  # any command inside the environment
+# Environment: PYTHON (interpreter for the venv, default python3), SODA_VENV (default .venv),
+# SODA_TORCH (torch requirement used only when the venv has no torch, default torch==2.13.0,
+# which on the project's CPU machines is a local CPU build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${SODA_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stamp="$VENV/.soda-mega-installed"
+want=$(cat setup.py requirements/*.txt | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  if ! python -c "import torch" 2>/dev/null; then
+    echo "[bootstrap] installing ${SODA_TORCH:-torch==2.13.0}"
+    python -m pip install -q "${SODA_TORCH:-torch==2.13.0}"
+  fi
+  # Pin the torch that is now present so that no later step can swap it for another build.
+  python -c "import torch; print('torch==' + torch.__version__)" > "$VENV/torch-constraint.txt"
+  echo "[bootstrap] torch: $(cat "$VENV/torch-constraint.txt"); installing dependencies"
+  python -m pip install -q -c "$VENV/torch-constraint.txt" \
+    -r requirements/runtime.txt -r requirements/test.txt
+  python -m pip install -q --no-deps -r requirements/nodeps.txt
+  python -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+  echo "[bootstrap] environment ready"
+fi
+
+cmd=${1:-test}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  install) ;;
+  test) exec python -m pytest tests "$@" ;;
+  --) exec "$@" ;;
+  *) echo "usage: bash scripts/bootstrap.sh [test|install|-- CMD...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,48 @@
+"""The ``soda-mega`` command: one sub-command per module in :mod:`soda_mega.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from soda_mega.config.fields import ConfigError
+
+# sub-command name -> module in soda_mega.commands; each module has
+# ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
+COMMANDS = {
+    "model": "soda_mega.commands.model_info",
+    "config": "soda_mega.commands.show_config",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="soda-mega",
+        description="Train and study SODA-style audio-text foundation models on Megatron-core.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sp = module.register(sub)
+        sp.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = [a for a in extra]
+    bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
+    if bad:
+        parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as err:
+        print(f"soda-mega: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

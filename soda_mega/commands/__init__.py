@@ -1,0 +1,1 @@
+"""Sub-commands of the ``soda-mega`` CLI (see :mod:`soda_mega.cli`)."""

@@ -1,0 +1,120 @@
+"""Build a :class:`SodaConfig` from a preset, a config file and ``--section.key=value`` overrides.
+
+Order of precedence (later wins): dataclass defaults < preset < config file < overrides.
+A config file may name its own base preset with a top-level ``preset: NAME`` key. YAML
+(``.yaml``/``.yml``) and TOML (``.toml``) files are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from soda_mega.config.fields import ConfigError
+from soda_mega.config.schema import SECTIONS, SodaConfig
+
+_PRESET_PACKAGE = "soda_mega.config.presets"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package."""
+    files = resources.files(_PRESET_PACKAGE).iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def load_preset(name: str) -> dict:
+    """The raw mapping of a shipped preset."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"preset: {name!r} is unknown; choose one of {', '.join(names)}")
+    text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def apply_mapping(cfg: SodaConfig, data: Mapping[str, Any], source: str) -> None:
+    """Set the fields named in a ``{section: {key: value}}`` mapping."""
+    for section_name, values in data.items():
+        if section_name == "preset":
+            continue
+        if section_name not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section {section_name!r}{_suggest(section_name, SECTIONS)}; "
+                f"sections are {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section_name!r} must be a mapping of fields")
+        section = getattr(cfg, section_name)
+        names = [f.name for f in dataclasses.fields(section)]
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(
+                    f"{source}: unknown field {section_name}.{key}{_suggest(key, names)}"
+                )
+            setattr(section, key, value)
+
+
+def parse_overrides(args: Iterable[str]) -> dict:
+    """Turn ``["--model.hidden_size=512", "training.lr=1e-3"]`` into a nested mapping."""
+    out: dict[str, dict[str, Any]] = {}
+    for arg in args:
+        text = arg[2:] if arg.startswith("--") else arg
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r} must look like --section.key=value")
+        key, value = text.split("=", 1)
+        section, name = key.split(".", 1)
+        # NOTE: list and mapping values may be written as YAML ("[a, b]"); scalars stay strings
+        # and are converted by the field's declared type, so "1e-3" never becomes a str field.
+        parsed: Any = value
+        if value.startswith(("[", "{")):
+            parsed = yaml.safe_load(value)
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: Iterable[str] = (),
+) -> SodaConfig:
+    """Resolve and validate a run's configuration."""
+    file_data = _read_mapping(Path(path)) if path is not None else {}
+    base = preset or file_data.get("preset")
+    cfg = SodaConfig()
+    if base:
+        apply_mapping(cfg, load_preset(str(base)), f"preset {base}")
+    if file_data:
+        apply_mapping(cfg, file_data, str(path))
+    apply_mapping(cfg, parse_overrides(overrides), "command line")
+    return cfg.validate()
+
+
+def dump_config(cfg: SodaConfig) -> str:
+    """The resolved configuration as YAML, loadable again by :func:`load_config`."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,212 @@
+"""Typed configuration sections of a soda-mega run.
+
+A run is one :class:`SodaConfig`: a preset (``soda-135m`` ... ``soda-4b``, ``tiny``), a config
+file that may override any field, and ``--section.key=value`` overrides on the command line.
+Each field carries a one-line help text and its allowed values (see :mod:`.fields`);
+:func:`soda_mega.config.loader.finalize` checks everything at load time, so a bad value fails
+before any model is built, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from soda_mega.config.fields import ConfigError, fld, validate_section
+
+SODA_SPECIAL_TOKENS = ("<|text_start|>", "<|text_end|>", "<|audio_start|>", "<|audio_end|>")
+
+
+@dataclass
+class VocabConfig:
+    """Layout of the one flat vocabulary: text ids, special ids, then audio codebooks."""
+
+    text_vocab_size: int = fld(128256, "ids taken by the text tokenizer, placed first", ge=1)
+    bos_id: int = fld(128000, "beginning-of-document id (inside the text range)", ge=0)
+    eos_id: int = fld(128001, "end-of-document id (inside the text range)", ge=0)
+    special_tokens: list[str] = fld(
+        help="names of the special ids placed right after the text ids, in order",
+        default_factory=lambda: list(SODA_SPECIAL_TOKENS),
+    )
+    num_codebooks: int = fld(8, "Mimi codebooks kept per frame (codebook 0 is semantic)", ge=1, le=32)
+    codebook_size: int = fld(2048, "entries per codebook", ge=2)
+
+    def check(self) -> None:
+        for name in ("bos_id", "eos_id"):
+            value = getattr(self, name)
+            if value >= self.text_vocab_size:
+                raise ConfigError(
+                    f"vocab.{name}: {value} is outside the text range [0, {self.text_vocab_size})"
+                )
+        missing = [t for t in SODA_SPECIAL_TOKENS if t not in self.special_tokens]
+        if missing:
+            raise ConfigError(f"vocab.special_tokens: must include {', '.join(missing)}")
+        if len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ConfigError("vocab.special_tokens: names must be unique")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Qwen3-style decoder (RMSNorm, SwiGLU, RoPE, QK-norm, GQA, no biases)."""
+
+    name: str = fld("custom", "label of the model shape, e.g. the preset it came from")
+    hidden_size: int = fld(512, "model width d", ge=1)
+    num_layers: int = fld(15, "number of transformer blocks", ge=1)
+    num_attention_heads: int = fld(8, "query heads", ge=1)
+    num_kv_heads: int = fld(8, "key/value heads (grouped-query attention)", ge=1)
+    head_dim: int = fld(64, "channels per attention head", ge=1)
+    ffn_hidden_size: int = fld(1792, "SwiGLU inner width (each of the gate and up projections)", ge=1)
+    seq_length: int = fld(4096, "training context length in tokens", ge=1)
+    rope_theta: float = fld(1_000_000.0, "RoPE base frequency (Qwen3 uses 1e6)", gt=0)
+    norm_eps: float = fld(1e-6, "RMSNorm epsilon", gt=0)
+    qk_norm: bool = fld(True, "RMSNorm on each query and key head before RoPE (Qwen3)")
+    init_std: float = fld(0.02, "std of the normal init of weight matrices", gt=0)
+    make_vocab_size_divisible_by: int = fld(
+        128, "pad the vocabulary to a multiple of this times the TP size (padded ids never predicted)", ge=1
+    )
+
+    def check(self) -> None:
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads: {self.num_kv_heads} must divide "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over GPUs; data parallelism takes the remaining ranks."""
+
+    tensor_parallel: int = fld(1, "tensor-parallel size (heads, FFN and vocabulary split)", ge=1)
+    pipeline_parallel: int = fld(1, "pipeline-parallel stages (layers split)", ge=1)
+    virtual_pipeline: Optional[int] = fld(
+        None, "model chunks per pipeline stage for the interleaved schedule (none = plain 1F1B)", ge=2
+    )
+    sequence_parallel: bool = fld(False, "shard norms/dropout activations over the TP group (needs TP > 1)")
+    distributed_optimizer: bool = fld(True, "shard optimizer state over data-parallel ranks (ZeRO-1)")
+    overlap_grad_reduce: bool = fld(True, "overlap the data-parallel gradient reduction with backward")
+
+    def check(self, model: ModelConfig) -> None:
+        tp, pp = self.tensor_parallel, self.pipeline_parallel
+        for field_name, value in (("num_attention_heads", model.num_attention_heads),
+                                  ("num_kv_heads", model.num_kv_heads),
+                                  ("ffn_hidden_size", model.ffn_hidden_size)):
+            if value % tp:
+                raise ConfigError(
+                    f"parallel.tensor_parallel: {tp} must divide model.{field_name}={value}"
+                )
+        stages = pp * (self.virtual_pipeline or 1)
+        if model.num_layers % stages:
+            raise ConfigError(
+                f"parallel.pipeline_parallel: {pp} stages x {self.virtual_pipeline or 1} chunks "
+                f"must divide model.num_layers={model.num_layers}"
+            )
+        if self.virtual_pipeline is not None and pp < 2:
+            raise ConfigError("parallel.virtual_pipeline: needs parallel.pipeline_parallel >= 2")
+        if self.sequence_parallel and tp < 2:
+            raise ConfigError("parallel.sequence_parallel: needs parallel.tensor_parallel >= 2")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings (SODA_SPEC section 3 defaults)."""
+
+    seed: int = fld(1234, "random seed for weights, data order and dropout", ge=0)
+    micro_batch_size: int = fld(1, "sequences per micro-batch on one GPU", ge=1)
+    global_batch_size: int = fld(512, "sequences per optimizer step over all data-parallel ranks", ge=1)
+    train_tokens: float = fld(500e9, "total training tokens (sets the number of steps)", gt=0)
+    lr: Optional[float] = fld(None, "peak learning rate; none = SODA rule 0.003*sqrt(B/256)*sqrt(1024/d)", gt=0)
+    min_lr: float = fld(0.0, "learning rate at the end of the decay", ge=0)
+    lr_schedule: str = fld("wsd", "learning-rate schedule", choices=("wsd", "cosine", "constant"))
+    warmup_fraction: float = fld(0.1, "fraction of steps in linear warmup", ge=0, le=1)
+    decay_fraction: float = fld(0.2, "fraction of steps in the final decay (WSD)", ge=0, le=1)
+    decay_shape: str = fld("linear", "shape of the WSD decay", choices=("linear", "cosine", "1-sqrt"))
+    weight_decay: float = fld(0.033, "decoupled weight decay (norm weights excluded)", ge=0)
+    adam_beta1: float = fld(0.98, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = fld(0.98, "Adam beta2", ge=0, lt=1)
+    adam_eps: float = fld(1e-16, "Adam epsilon", gt=0)
+    cautious: bool = fld(False, "cautious Adam: mask update components whose sign disagrees with the gradient")
+    clip_grad: float = fld(1.0, "global gradient-norm clip (0 = off)", ge=0)
+    z_loss: float = fld(1e-4, "z-loss weight on logsumexp^2", ge=0)
+    precision: str = fld("bf16", "parameter/activation dtype (fp32 master weights either way)",
+                         choices=("bf16", "fp32"))
+    recompute: str = fld("none", "activation recomputation", choices=("none", "selective", "full"))
+
+    def check(self) -> None:
+        if self.warmup_fraction + self.decay_fraction > 1:
+            raise ConfigError(
+                "training.decay_fraction: warmup_fraction + decay_fraction must be <= 1, got "
+                f"{self.warmup_fraction} + {self.decay_fraction}"
+            )
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"training.global_batch_size: {self.global_batch_size} must be a multiple of "
+                f"training.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where the token streams come from and how they are mixed."""
+
+    train: list[str] = fld(help="MDS dataset folders for training (empty = the built-in demo corpus)",
+                           default_factory=list)
+    valid: list[str] = fld(help="MDS dataset folders held out for validation", default_factory=list)
+    weights: list[float] = fld(help="mixture weight per training folder (empty = by token count)",
+                               default_factory=list)
+    text_fraction: float = fld(0.05, "share of text-only tokens in the mixture (SODA: 5%)", ge=0, le=1)
+    reset_at_document: bool = fld(False, "reset positions and block attention at document boundaries")
+    num_workers: int = fld(2, "loader worker processes per rank", ge=0)
+
+    def check(self) -> None:
+        if self.weights and len(self.weights) != len(self.train):
+            raise ConfigError(
+                f"data.weights: {len(self.weights)} weights for {len(self.train)} data.train folders"
+            )
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation runs each hot op; the plain PyTorch / Megatron path is always there."""
+
+    attention: str = fld("auto", "core attention: flash-attn if installed (auto), else torch SDPA",
+                         choices=("auto", "flash", "sdpa"))
+    loss: str = fld("megatron", "output layer + cross-entropy implementation", choices=("megatron",))
+    embedding: str = fld("megatron", "input embedding implementation", choices=("megatron",))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "vocab": VocabConfig,
+    "parallel": ParallelConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "kernels": KernelsConfig,
+}
+
+
+@dataclass
+class SodaConfig:
+    """A whole run: one instance of each section."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    kernels: KernelsConfig = dataclasses.field(default_factory=KernelsConfig)
+
+    def validate(self) -> "SodaConfig":
+        """Coerce every field to its type, check allowed values, then cross-field rules."""
+        for name in SECTIONS:
+            validate_section(name, getattr(self, name))
+        self.vocab.check()
+        self.model.check()
+        self.parallel.check(self.model)
+        self.training.check()
+        self.data.check()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
