@@ -31,7 +31,7 @@ setup(
     description="Megatron-core + Triton training stack for SODA-style audio-text foundation models",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=packages,
     package_dir={"soda_kernels": "kernels"},
     package_data={"soda_mega.config": ["presets/*.yaml"]},

@@ -1,0 +1,1 @@
+"""The SODA decoder on Megatron-core: spec, attention, norm, builder and accounting."""

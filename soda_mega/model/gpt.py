@@ -1,0 +1,148 @@
+"""Build the SODA decoder as a Megatron-core ``GPTModel`` from a :class:`SodaConfig`.
+
+The model is Megatron-core's ``GPTModel`` with the Qwen3 layer spec of :mod:`.spec`, RoPE,
+an untied output layer and a vocabulary padded for tensor-parallel divisibility. Padded rows
+are never predicted: their logits are set to -inf by a hook on the output layer, so they get
+zero probability in the loss, zero gradient, and are never sampled.
+
+Call :func:`soda_mega.parallel.state.initialize` first; :func:`build_model` returns one module
+per virtual pipeline chunk held by this rank (a list of length 1 without interleaving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from soda_mega.config.schema import SodaConfig
+from soda_mega.model.norm import RMSNorm
+from soda_mega.model.spec import qwen3_layer_spec
+from soda_mega.tokens.layout import VocabLayout
+
+
+def params_dtype(cfg: SodaConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+
+
+def transformer_config(cfg: SodaConfig, **extra) -> TransformerConfig:
+    """Megatron-core ``TransformerConfig`` for this run (``extra`` overrides any field)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    on_gpu = torch.cuda.is_available()
+    dtype = params_dtype(cfg)
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_kv_heads,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        qk_layernorm=m.qk_norm,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # NOTE: initialise on CPU from one generator: every TP/PP layout then starts from the
+        # same full weights (TP shards are slices of the TP=1 matrices), which is what makes
+        # runs comparable across layouts. It costs a host-side init, not GPU memory.
+        use_cpu_initialization=True,
+        # Fusions that need CUDA kernels; Megatron's unfused paths are used on CPU.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        calculate_per_token_loss=True,
+        # NOTE: with gloo, batched isend/irecv between the same two ranks are matched in issue
+        # order; in interleaved PP=2 each rank is both the previous and the next stage of the
+        # other, and the batched order (send_prev, recv_prev, send_next, recv_next) then pairs
+        # activations with gradients. Megatron's unbatched path orders ops by rank parity.
+        batch_p2p_comm=on_gpu,
+        recompute_granularity=None if t.recompute == "none" else t.recompute,
+        recompute_method="uniform" if t.recompute == "full" else None,
+        recompute_num_layers=1 if t.recompute == "full" else None,
+    )
+    kwargs.update(extra)
+    return TransformerConfig(**kwargs)
+
+
+class SodaGPTModel(GPTModel):
+    """``GPTModel`` whose padded vocabulary rows are never predicted."""
+
+    def __init__(self, *args, layout: VocabLayout, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.layout = layout
+        if self.post_process:
+            self.output_layer.register_forward_hook(self._mask_padded_logits)
+
+    def _mask_padded_logits(self, module, inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        first = ps.get_tensor_model_parallel_rank() * local if self.parallel_output else 0
+        pad_from = self.layout.size - first
+        if pad_from >= local:
+            return output
+        keep = torch.arange(local, device=logits.device) < max(pad_from, 0)
+        return logits.masked_fill(~keep, float("-inf")), bias
+
+
+def padded_vocab_size(cfg: SodaConfig) -> int:
+    return VocabLayout.from_config(cfg.vocab).padded_size(
+        cfg.parallel.tensor_parallel, cfg.model.make_vocab_size_divisible_by
+    )
+
+
+def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), in ``params_dtype``."""
+    tcfg = transformer_config(cfg, **config_overrides)
+    layout = VocabLayout.from_config(cfg.vocab)
+    layer_spec = qwen3_layer_spec(cfg.model.qk_norm, cfg.kernels.attention)
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        block = TransformerBlockSubmodules(
+            layer_specs=[layer_spec] * get_num_layers_to_build(tcfg, vp_stage=stage),
+            layer_norm=RMSNorm,
+        )
+        model = SodaGPTModel(
+            config=tcfg,
+            transformer_layer_spec=block,
+            vocab_size=padded_vocab_size(cfg),
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rope_theta,
+            vp_stage=stage,
+            layout=layout,
+        )
+        chunks.append(model)
+    return chunks
+
+
+def describe(cfg: SodaConfig) -> dict:
+    """Plain-dict summary of the model section (for logs and checkpoints)."""
+    return dataclasses.asdict(cfg.model)

@@ -1,0 +1,1 @@
+"""Process groups, Megatron-core CPU/gloo support and full<->sharded weight mapping."""

@@ -1,0 +1,125 @@
+"""One global batch through Megatron-core's schedules: DDP wrapping, loss, gradient finalisation.
+
+The loss is a per-token mean over the whole global batch: each micro-batch's loss function
+returns the *sum* of its masked token losses and its token count, the schedule backpropagates
+the sums, and ``finalize_model_grads`` divides the gradients by the token count all-reduced
+over data-parallel ranks (``calculate_per_token_loss``). This makes DP=N exactly equal to one
+process on the N-times larger batch, even when loss masks differ between micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterable, Sequence
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from soda_mega.config.schema import SodaConfig
+
+
+@dataclass
+class StepResult:
+    """Loss of one global batch as seen by this rank (zero counts off the last stage)."""
+
+    loss_sum: float
+    num_tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.num_tokens, 1)
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], cfg: SodaConfig) -> list[DistributedDataParallel]:
+    """Wrap model chunks in Megatron DDP and hook its gradient sync into the schedules."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # NOTE: with several chunks (interleaved PP) only the first starts its buckets at
+            # once; the others are synchronised by the schedule's grad_sync_func.
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    tcfg = wrapped[0].config
+    no_sync = [m.no_sync for m in wrapped]
+    tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if cfg.parallel.overlap_grad_reduce:
+        sync = [m.start_grad_sync for m in wrapped]
+        tcfg.grad_sync_func = sync[0] if len(sync) == 1 else sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses over unmasked positions, their count, and a detached copy."""
+    mask = loss_mask.reshape(-1).float()
+    losses = output_tensor.reshape(-1).float()
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    # NOTE: the schedule divides/rescales the returned loss in place, so report a clone.
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def lm_forward_step(data_iterator, model):
+    """Megatron ``forward_step_func``: next micro-batch through the model, per-token losses."""
+    batch = next(data_iterator)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+    )
+    return output, partial(masked_token_loss, batch["loss_mask"])
+
+
+def forward_backward(
+    model: Sequence[torch.nn.Module],
+    micro_batches: Iterable[dict],
+    num_micro_batches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> StepResult:
+    """Run one global batch (``num_micro_batches`` micro-batches) and return its loss.
+
+    Gradients are left in the DDP ``main_grad`` buffers, already reduced and scaled.
+    ``micro_batches`` yields dicts with ``tokens``, ``labels``, ``loss_mask`` and
+    ``position_ids`` of shape ``[micro_batch_size, seq_length]``.
+    """
+    model = list(model)
+    if not forward_only:
+        for chunk in model:
+            chunk.zero_grad_buffer()
+    batches = list(micro_batches)
+    if len(batches) != num_micro_batches:
+        raise ValueError(f"expected {num_micro_batches} micro-batches, got {len(batches)}")
+    if len(model) > 1:
+        iterators = [iter(batches) for _ in model]
+    else:
+        iterators = iter(batches)
+    losses = get_forward_backward_func()(
+        forward_step_func=lm_forward_step,
+        data_iterator=iterators,
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=num_micro_batches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        total += item["lm loss"].double()
+    return StepResult(loss_sum=float(total[0]), num_tokens=int(total[1]))
