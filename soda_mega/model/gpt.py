@@ -6,7 +6,8 @@ are never predicted: their logits are set to -inf by a hook on the output layer,
 zero probability in the loss, zero gradient, and are never sampled.
 
 Call :func:`soda_mega.parallel.state.initialize` first; :func:`build_model` returns one module
-per virtual pipeline chunk held by this rank (a list of length 1 without interleaving).
+per virtual pipeline chunk held by this rank (a list of length 1 without interleaving), with
+weights that depend only on the seed and the model shape (:mod:`soda_mega.model.init`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from soda_mega.config.schema import SodaConfig
+from soda_mega.model.init import initialize_weights
 from soda_mega.model.norm import RMSNorm
 from soda_mega.model.spec import qwen3_layer_spec
 from soda_mega.tokens.layout import VocabLayout
@@ -62,10 +64,10 @@ def transformer_config(cfg: SodaConfig, **extra) -> TransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # NOTE: initialise on CPU from one generator: every TP/PP layout then starts from the
-        # same full weights (TP shards are slices of the TP=1 matrices), which is what makes
-        # runs comparable across layouts. It costs a host-side init, not GPU memory.
-        use_cpu_initialization=True,
+        # NOTE: Megatron's own init depends on the layout; soda_mega.model.init fills the
+        # weights instead (same seed -> same model on any TP/PP/VP), so Megatron only allocates.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,
         # Fusions that need CUDA kernels; Megatron's unfused paths are used on CPU.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
@@ -140,6 +142,7 @@ def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
             layout=layout,
         )
         chunks.append(model)
+    initialize_weights(chunks, cfg)
     return chunks
 
 

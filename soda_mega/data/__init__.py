@@ -1,0 +1,1 @@
+"""Data: codec, tokenizers, document builders, MDS shards and the streaming mixture loader."""

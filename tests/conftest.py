@@ -1,0 +1,32 @@
+"""Shared pytest set-up: GPU-marked tests skip cleanly on machines without CUDA."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Test helper modules (tolerances, workers) live next to the tests.
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def megatron_one_process():
+    """Megatron-core parallel state for TP=PP=DP=1 inside the pytest process (gloo, 1 rank)."""
+    from soda_mega.config.schema import ParallelConfig
+    from soda_mega.parallel import state
+
+    layout = state.initialize(ParallelConfig(), seed=1234)
+    yield layout
+    state.shutdown()
