@@ -39,6 +39,11 @@ class VocabConfig:
                 raise ConfigError(
                     f"vocab.{name}: {value} is outside the text range [0, {self.text_vocab_size})"
                 )
+        if self.bos_id == self.eos_id:
+            raise ConfigError(
+                f"vocab.eos_id: must differ from vocab.bos_id (both are {self.eos_id}); "
+                "document boundaries would be ambiguous"
+            )
         missing = [t for t in SODA_SPECIAL_TOKENS if t not in self.special_tokens]
         if missing:
             raise ConfigError(f"vocab.special_tokens: must include {', '.join(missing)}")

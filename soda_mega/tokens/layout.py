@@ -65,9 +65,19 @@ class VocabLayout:
         for name in ("bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.text_vocab_size:
                 raise ConfigError(f"vocab.{name}: must lie in the text range [0, {self.text_vocab_size})")
+        if self.bos_id == self.eos_id:
+            raise ConfigError(
+                f"vocab.eos_id: must differ from vocab.bos_id (both are {self.eos_id}); "
+                "document boundaries would be ambiguous"
+            )
         missing = [t for t in SODA_SPECIAL_TOKENS if t not in self.special_tokens]
         if missing:
             raise ConfigError(f"vocab.special_tokens: must include {', '.join(missing)}")
+        duplicates = sorted({t for t in self.special_tokens if self.special_tokens.count(t) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"vocab.special_tokens: names must be unique, {', '.join(duplicates)} appear more than once"
+            )
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -182,8 +192,13 @@ class VocabLayout:
         return (codes + offsets[:, None]).t().reshape(-1)
 
     def ids_to_codes(self, ids: torch.Tensor, num_codebooks: int | None = None) -> torch.Tensor:
-        """Inverse of :meth:`codes_to_ids`: ids ``[K * T]`` -> codes ``[K, T]``."""
-        k = num_codebooks or self.num_codebooks
+        """Inverse of :meth:`codes_to_ids`: ids ``[K' * T]`` -> codes ``[K', T]``.
+
+        ``num_codebooks`` is K' (1..K), the codebooks per frame in ``ids``; None means all K.
+        """
+        k = self.num_codebooks if num_codebooks is None else num_codebooks
+        if not 1 <= k <= self.num_codebooks:
+            raise ValueError(f"num_codebooks must be in 1..{self.num_codebooks} for this layout, got {k}")
         if ids.dim() != 1 or ids.numel() % k:
             raise ValueError(f"ids must be 1-D with a multiple of {k} entries, got {tuple(ids.shape)}")
         frames = ids.long().view(-1, k).t()
