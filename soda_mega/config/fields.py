@@ -9,6 +9,7 @@ constraints next to the field (rather than in a separate validation function) me
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Sequence
@@ -86,7 +87,10 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         if inner is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+            return number
         if inner is str:
             if not isinstance(value, (str, int, float)):
                 raise ValueError

@@ -93,7 +93,10 @@ def parse_overrides(args: Iterable[str]) -> dict:
         # and are converted by the field's declared type, so "1e-3" never becomes a str field.
         parsed: Any = value
         if value.startswith(("[", "{")):
-            parsed = yaml.safe_load(value)
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {arg!r}: value is not valid YAML ({err.problem})") from None
         out.setdefault(section, {})[name] = parsed
     return out
 

@@ -34,9 +34,13 @@ def _bare_package(name: str) -> None:
 def streaming_base():
     """The ``streaming.base`` module (MDSWriter, StreamingDataset, Stream, ...)."""
     if "streaming" not in sys.modules:
-        if importlib.util.find_spec("torchvision") is not None:
+        try:
+            importlib.import_module("torchvision")
             importlib.import_module("streaming")
-        else:
+        except (ImportError, RuntimeError, OSError):
+            # No torchvision, or one that does not load beside this torch build.
+            for name in [m for m in sys.modules if m == "streaming" or m.startswith("streaming.")]:
+                del sys.modules[name]
             _bare_package("streaming")
     return importlib.import_module("streaming.base")
 
@@ -44,3 +48,9 @@ def streaming_base():
 def streaming_version() -> str:
     streaming_base()
     return importlib.import_module("streaming._version").__version__
+
+
+def streaming_module(name: str):
+    """A submodule of ``streaming.base``, e.g. ``"format"`` or ``"compression"``."""
+    streaming_base()
+    return importlib.import_module(f"streaming.base.{name}")

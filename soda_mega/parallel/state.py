@@ -52,13 +52,16 @@ def init_distributed(backend: str | None = None) -> None:
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    # NOTE: a plain process (tests, CLI) gets a private one-rank group. The rendezvous address
+    # is passed explicitly instead of exported, so child processes (e.g. a torchrun launched
+    # from a test) never inherit a RANK / MASTER_PORT that points at this process.
+    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                            rank=0, world_size=1)
 
 
 def initialize(parallel: ParallelConfig, seed: int, backend: str | None = None) -> Layout:

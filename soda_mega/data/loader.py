@@ -1,0 +1,252 @@
+"""Rank-aware, resumable, packed, weighted-mixture loader of SODA token windows.
+
+Every rank computes the same global plan of windows (:mod:`.mixture`) from document lengths
+and keeps the windows of its data-parallel replica: global batch ``g`` holds windows
+``[g*B, (g+1)*B)``, and DP rank ``r`` takes its contiguous ``B/dp`` of them, split into
+micro-batches. So:
+
+* DP replicas get disjoint windows; all TP ranks (and pipeline stages) of one replica compute
+  identical batches without any communication; pipeline stages that need no tokens (the
+  middle ones) plan but never read.
+* The data order does not depend on the parallel layout or the number of loader workers, so a
+  run resumed on another DP size or with other workers sees the same windows.
+* ``state_dict()`` is the plan state at the last consumed global-batch boundary; loading it
+  resumes the exact same sequence.
+
+Worker processes (``torch.utils.data.DataLoader``) each plan the whole sequence and read
+every ``num_workers``-th micro-batch; the DataLoader returns them round-robin, i.e. in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from soda_mega.config.schema import SodaConfig
+from soda_mega.data.mixture import MixturePlan, Piece
+from soda_mega.data.source import DocumentSource
+from soda_mega.tokens.layout import VocabLayout
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """Which windows belong to this rank: sizes of the global batch and of this replica's share."""
+
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def __post_init__(self) -> None:
+        per_replica, rem = divmod(self.global_batch_size, self.dp_size)
+        if rem or per_replica % self.micro_batch_size:
+            raise ValueError(
+                f"training.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"training.micro_batch_size={self.micro_batch_size} x data-parallel size {self.dp_size}"
+            )
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch_size // (self.dp_size * self.micro_batch_size)
+
+    def first_window(self, micro: int) -> int:
+        """Global index of the first window of this rank's ``micro``-th micro-batch."""
+        step, m = divmod(micro, self.micro_batches_per_step)
+        per_replica = self.global_batch_size // self.dp_size
+        return step * self.global_batch_size + self.dp_rank * per_replica + m * self.micro_batch_size
+
+
+def mixture_weights(sources: Sequence[DocumentSource], explicit: Sequence[float],
+                    text_fraction: float) -> list[float]:
+    """Per-source weights: explicit ones, else ``text_fraction`` of tokens for text sources and
+    the rest for speech sources, each group split by token count."""
+    if explicit:
+        return [float(w) for w in explicit]
+    kinds = [s.kind for s in sources]
+    tokens = [float(s.num_tokens) for s in sources]
+    text_total = sum(t for t, k in zip(tokens, kinds) if k == "text")
+    speech_total = sum(t for t, k in zip(tokens, kinds) if k != "text")
+    if text_total == 0 or speech_total == 0:
+        return tokens  # a single group: natural proportions
+    return [t / text_total * text_fraction if k == "text" else t / speech_total * (1 - text_fraction)
+            for t, k in zip(tokens, kinds)]
+
+
+class WindowAssembler:
+    """Turns planned windows into model inputs (tokens, labels, masks, modality, positions)."""
+
+    def __init__(self, sources: Sequence[DocumentSource], layout: VocabLayout,
+                 reset_at_document: bool) -> None:
+        self.sources = sources
+        self.layout = layout
+        self.reset_at_document = reset_at_document
+
+    def window(self, pieces: Sequence[Piece]) -> tuple[np.ndarray, ...]:
+        tokens, masks, docs, pos = [], [], [], []
+        for k, (s, d, a, b) in enumerate(pieces):
+            doc_tokens, doc_mask = self.sources[s].get(d)
+            tokens.append(doc_tokens[a:b])
+            masks.append(doc_mask[a:b])
+            docs.append(np.full(b - a, k, dtype=np.int32))
+            pos.append(np.arange(a, b, dtype=np.int64))
+        return (np.concatenate(tokens), np.concatenate(masks), np.concatenate(docs),
+                np.concatenate(pos))
+
+    def micro_batch(self, windows: Sequence[Sequence[Piece]]) -> dict[str, torch.Tensor]:
+        parts = [self.window(w) for w in windows]
+        tokens = torch.from_numpy(np.stack([p[0] for p in parts]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([p[1] for p in parts]))
+        docs = torch.from_numpy(np.stack([p[2] for p in parts]))
+        seq = tokens.shape[1] - 1
+        labels = tokens[:, 1:].contiguous()
+        batch = {
+            "tokens": tokens[:, :-1].contiguous(),
+            "labels": labels,
+            "loss_mask": mask[:, 1:].float().contiguous(),
+            "modality": self.layout.modality(labels),
+        }
+        if self.reset_at_document:
+            batch["position_ids"] = torch.from_numpy(np.stack([p[3][:-1] for p in parts]))
+            d = docs[:, :-1]
+            causal = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+            # Megatron convention: True = masked out. Attention stays inside each document.
+            batch["attention_mask"] = ((d[:, :, None] != d[:, None, :]) | causal)[:, None]
+        else:
+            batch["position_ids"] = torch.arange(seq).expand(len(windows), seq).contiguous()
+        return batch
+
+
+class _MicroBatches(torch.utils.data.IterableDataset):
+    """This rank's micro-batches from ``start_micro`` on; worker k yields those with j % W == k."""
+
+    def __init__(self, plan: MixturePlan, assembler: WindowAssembler, geometry: BatchGeometry,
+                 start_micro: int, single_pass: bool, read: bool) -> None:
+        super().__init__()
+        self.plan = plan
+        self.assembler = assembler
+        self.geometry = geometry
+        self.start_micro = start_micro
+        self.single_pass = single_pass
+        self.read = read
+
+    def _windows(self, micro: int) -> Iterator[int]:
+        g = self.geometry
+        if self.single_pass:  # evaluation: micro-batches dealt round-robin over DP ranks
+            first = (micro * g.dp_size + g.dp_rank) * g.micro_batch_size
+        else:
+            first = g.first_window(micro)
+        return range(first, first + g.micro_batch_size)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan.clone()
+        for micro in itertools.count(self.start_micro):
+            wanted = self._windows(micro)
+            if wanted.start < plan.state.window:
+                raise RuntimeError(f"loader plan is past window {wanted.start} (at {plan.state.window})")
+            plan.skip(wanted.start - plan.state.window)
+            windows = [plan.next_window() for _ in wanted]
+            if any(w is None for w in windows):
+                return
+            if micro % workers != worker:
+                continue
+            yield self.assembler.micro_batch(windows) if self.read else None
+
+
+class SodaDataLoader:
+    """Iterates this rank's micro-batches forever (training) or once (``split='valid'``)."""
+
+    def __init__(self, cfg: SodaConfig, split: str = "train", *, dp_rank: int | None = None,
+                 dp_size: int | None = None, needs_data: bool | None = None,
+                 num_workers: int | None = None) -> None:
+        if dp_rank is None or dp_size is None or needs_data is None:
+            rank, size, needed = _parallel_coordinates()
+            dp_rank = rank if dp_rank is None else dp_rank
+            dp_size = size if dp_size is None else dp_size
+            needs_data = needed if needs_data is None else needs_data
+        self.layout = VocabLayout.from_config(cfg.vocab)
+        roots = list(cfg.data.train) + (list(cfg.data.valid) if split == "valid" else [])
+        if not roots:
+            raise ValueError("data.train: no datasets given (build one with `soda-mega data build`)")
+        self.sources = [DocumentSource(r, split, self.layout) for r in roots]
+        self.training = split == "train"
+        weights = mixture_weights(self.sources, cfg.data.weights if self.training else (),
+                                  cfg.data.text_fraction)
+        self.geometry = BatchGeometry(cfg.model.seq_length, cfg.training.micro_batch_size,
+                                      cfg.training.global_batch_size, dp_rank, dp_size)
+        self.plan = MixturePlan([s.lengths for s in self.sources], weights,
+                                cfg.model.seq_length + 1, seed=cfg.training.seed,
+                                shuffle=self.training, single_pass=not self.training)
+        self.assembler = WindowAssembler(self.sources, self.layout, cfg.data.reset_at_document)
+        self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
+        self.needs_data = needs_data
+        self.weights = weights
+        self._start_micro = 0
+        self._consumed = 0
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor] | None]:
+        """Micro-batches from the first one not yet consumed (a new iterator continues)."""
+        dataset = _MicroBatches(self.plan, self.assembler, self.geometry,
+                                self._start_micro + self._consumed,
+                                single_pass=not self.training, read=self.needs_data)
+        if self.num_workers > 0 and self.needs_data:
+            iterable = torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=self.num_workers,
+                prefetch_factor=2, persistent_workers=False,
+            )
+        else:
+            iterable = dataset
+        for batch in iterable:
+            self._consumed += 1
+            yield batch
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """Loader position at the last global-batch boundary (save only at step boundaries)."""
+        per_step = self.geometry.micro_batches_per_step
+        micro = self._start_micro + self._consumed
+        if micro % per_step:
+            raise RuntimeError(f"loader state is saved between optimizer steps "
+                               f"({micro % per_step} of {per_step} micro-batches into a step)")
+        if not self.training:
+            raise RuntimeError("evaluation loaders are not resumable; rebuild them instead")
+        # The state is taken at the global-batch boundary, so it is the same on every rank.
+        shadow = self.plan.clone()
+        shadow.skip(micro // per_step * self.geometry.global_batch_size - shadow.state.window)
+        return {"plan": shadow.state_dict(), "global_batch_size": self.geometry.global_batch_size,
+                "steps": micro // per_step, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved step; the DP size and worker count may differ from the saving run."""
+        if state["global_batch_size"] != self.geometry.global_batch_size:
+            raise ValueError(
+                f"training.global_batch_size: checkpoint loader state was saved with "
+                f"{state['global_batch_size']}, this run uses {self.geometry.global_batch_size}"
+            )
+        if not np.allclose(state["weights"], self.weights):
+            raise ValueError(f"data mixture changed since the checkpoint: weights {state['weights']} "
+                             f"-> {self.weights}; resume with the same data sections")
+        self.plan.load_state_dict(state["plan"])
+        # The plan now sits at the first window of step `steps`; count micro-batches from there.
+        self._start_micro = state["steps"] * self.geometry.micro_batches_per_step
+        self._consumed = 0
+
+
+def _parallel_coordinates() -> tuple[int, int, bool]:
+    """(DP rank, DP size, needs data) from Megatron-core's parallel state, else one process."""
+    try:
+        from megatron.core import parallel_state as ps
+    except ImportError:
+        return 0, 1, True
+    if not ps.model_parallel_is_initialized():
+        return 0, 1, True
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), first or last

@@ -1,0 +1,173 @@
+"""Deterministic plan of packed training windows over a weighted mixture of document streams.
+
+The plan works on document *lengths* only, so every data-parallel rank (and every loader
+worker) can compute the whole global sequence of windows cheaply and then read just the
+documents of its own windows.
+
+* **Order within a stream**: a seeded permutation per epoch (``seed, stream, epoch``); a stream
+  that runs out starts its next epoch, so training never stops for data.
+* **Mixing by tokens**: the next document comes from the stream whose share of emitted tokens
+  is furthest below its weight (``argmin emitted_i / weight_i``). Every stream's share stays
+  within one document of its target at all times: the mixture holds over short horizons, not
+  just in expectation.
+* **Packing**: documents are concatenated into one token stream cut into windows of
+  ``seq_length + 1`` tokens with stride ``seq_length`` (consecutive windows share one token, so
+  every token is a label exactly once). A document longer than a window spans several.
+
+The whole state (cursors, emitted counts, the partly used documents, window index) is a small
+JSON-able dict: saving it with a checkpoint resumes the exact same sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+# A piece of a window: (stream, document index, first token, end token) of that document.
+Piece = tuple[int, int, int, int]
+
+
+@dataclass
+class PlanState:
+    window: int = 0                                     # index of the next window to plan
+    epochs: list[int] = field(default_factory=list)    # current epoch of each stream
+    positions: list[int] = field(default_factory=list)  # next position in that epoch's order
+    emitted: list[int] = field(default_factory=list)   # tokens taken from each stream so far
+    pending: list[Piece] = field(default_factory=list)  # pieces not yet fully consumed
+    exhausted: bool = False                             # single-pass plans: no documents left
+
+    def to_dict(self) -> dict:
+        return {"window": self.window, "epochs": list(self.epochs),
+                "positions": list(self.positions), "emitted": list(self.emitted),
+                "pending": [list(p) for p in self.pending], "exhausted": self.exhausted}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlanState":
+        return cls(window=int(data["window"]), epochs=list(data["epochs"]),
+                   positions=list(data["positions"]), emitted=list(data["emitted"]),
+                   pending=[tuple(p) for p in data["pending"]], exhausted=bool(data["exhausted"]))
+
+
+class MixturePlan:
+    """Plans windows of ``window_tokens`` tokens, stride ``window_tokens - 1``."""
+
+    def __init__(self, lengths: Sequence[np.ndarray], weights: Sequence[float],
+                 window_tokens: int, seed: int, shuffle: bool = True,
+                 single_pass: bool = False) -> None:
+        if len(lengths) != len(weights) or not lengths:
+            raise ValueError("need one weight per stream and at least one stream")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+        for i, lens in enumerate(lengths):
+            if weights[i] > 0 and (len(lens) == 0 or int(np.sum(lens)) == 0):
+                raise ValueError(f"stream {i} has weight {weights[i]} but no tokens")
+        if window_tokens < 2:
+            raise ValueError("window_tokens must be >= 2 (seq_length + 1)")
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
+        self.lengths = [np.asarray(x, dtype=np.int64) for x in lengths]
+        self.window_tokens = window_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self.single_pass = single_pass
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        n = len(lengths)
+        self.state = PlanState(epochs=[0] * n, positions=[0] * n, emitted=[0] * n)
+
+    # ------------------------------------------------------------------ documents
+    def _order(self, stream: int, epoch: int) -> np.ndarray:
+        key = (stream, epoch)
+        order = self._orders.get(key)
+        if order is None:
+            n = len(self.lengths[stream])
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, stream, epoch]).permutation(n)
+            else:
+                order = np.arange(n)
+            # Keep only the current epoch of each stream in memory.
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != stream}
+            self._orders[key] = order
+        return order
+
+    def _next_document(self) -> Piece | None:
+        st = self.state
+        candidates = [i for i, w in enumerate(self.weights) if w > 0]
+        if self.single_pass:
+            candidates = [i for i in candidates if st.epochs[i] == 0]
+        if not candidates:
+            return None
+        stream = min(candidates, key=lambda i: (st.emitted[i] / self.weights[i], i))
+        order = self._order(stream, st.epochs[stream])
+        doc = int(order[st.positions[stream]])
+        st.positions[stream] += 1
+        if st.positions[stream] == len(order):
+            st.epochs[stream] += 1
+            st.positions[stream] = 0
+        length = int(self.lengths[stream][doc])
+        st.emitted[stream] += length
+        if length == 0:
+            return self._next_document()
+        return (stream, doc, 0, length)
+
+    # ------------------------------------------------------------------ windows
+    def next_window(self) -> list[Piece] | None:
+        """Pieces of the next window (``window_tokens`` tokens), or None when exhausted."""
+        st = self.state
+        if st.exhausted:
+            return None
+        have = sum(p[3] - p[2] for p in st.pending)
+        while have < self.window_tokens:
+            piece = self._next_document()
+            if piece is None:
+                st.exhausted = True
+                return None
+            st.pending.append(piece)
+            have += piece[3] - piece[2]
+        window: list[Piece] = []
+        need = self.window_tokens
+        for s, d, a, b in st.pending:
+            take = min(need, b - a)
+            window.append((s, d, a, a + take))
+            need -= take
+            if need == 0:
+                break
+        self._advance(self.window_tokens - 1)
+        st.window += 1
+        return window
+
+    def _advance(self, tokens: int) -> None:
+        """Drop ``tokens`` tokens from the front of the pending pieces."""
+        pending = self.state.pending
+        while tokens:
+            s, d, a, b = pending[0]
+            take = min(tokens, b - a)
+            tokens -= take
+            if a + take == b:
+                pending.pop(0)
+            else:
+                pending[0] = (s, d, a + take, b)
+
+    def skip(self, windows: int) -> None:
+        for _ in range(windows):
+            if self.next_window() is None:
+                return
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, data: dict) -> None:
+        state = PlanState.from_dict(data)
+        if len(state.epochs) != len(self.lengths):
+            raise ValueError(f"saved loader state has {len(state.epochs)} streams, "
+                             f"this mixture has {len(self.lengths)}")
+        self.state = state
+
+    def clone(self) -> "MixturePlan":
+        twin = copy.copy(self)
+        twin.state = PlanState.from_dict(self.state.to_dict())
+        twin._orders = dict(self._orders)
+        return twin

@@ -1,0 +1,49 @@
+"""Write small soda-mega datasets straight from token lists (no codec), for loader tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, MDS_COLUMNS
+from soda_mega.data.streaming_compat import streaming_base
+from soda_mega.tokens import VocabLayout
+
+
+def write_split(split_dir: Path, layout: VocabLayout, docs: list[np.ndarray], kind: str,
+                split: str = "train", masks: list[np.ndarray] | None = None,
+                compression: str | None = None, size_limit: int = 1 << 12) -> Path:
+    """MDS shards + soda_meta.json + doc_lengths.npy for ``docs`` (one document each)."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    writer_cls = streaming_base().MDSWriter
+    with writer_cls(out=str(split_dir), columns=MDS_COLUMNS, compression=compression,
+                    size_limit=size_limit) as writer:
+        for i, doc in enumerate(docs):
+            mask = masks[i] if masks else np.ones(len(doc), np.uint8)
+            writer.write({"tokens": np.asarray(doc, np.int32), "loss_mask": mask.astype(np.uint8),
+                          "doc_type": "text_only" if kind == "text" else "speech_only",
+                          "record_id": f"r{i}"})
+    np.save(split_dir / LENGTHS_FILE, np.array([len(d) for d in docs], np.int64))
+    meta = {"format": FORMAT, "split": split, "kind": kind, "vocab_layout": layout.to_dict(),
+            "vocab_fingerprint": layout.fingerprint(), "codec": None,
+            "tokenizer": {"kind": "byte", "path": None, "sha256": None}, "num_docs": len(docs),
+            "doc_types": {}, "tokens": {"total": int(sum(len(d) for d in docs))},
+            "audio_hours": 0.0, "skipped": []}
+    (split_dir / META_FILE).write_text(json.dumps(meta))
+    return split_dir
+
+
+def random_docs(layout: VocabLayout, n: int, lo: int, hi: int, seed: int, kind: str) -> list[np.ndarray]:
+    """Documents ``BOS body EOS``; text bodies use text ids, speech bodies audio ids."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi))
+        if kind == "text":
+            body = rng.integers(0, 256, length)
+        else:
+            body = rng.integers(layout.audio_base, layout.size, length)
+        docs.append(np.concatenate([[layout.bos_id], body, [layout.eos_id]]).astype(np.int32))
+    return docs
