@@ -1,4 +1,9 @@
-"""Write small soda-mega datasets straight from token lists (no codec), for loader tests."""
+"""Synthetic soda-mega datasets written straight from token arrays (no codec, no tokenizer).
+
+For loader tests and benchmarks: the files follow the same contract (:mod:`.schema`) as
+``soda-mega data build`` output, with ``codec: null`` and a ``synthetic`` tokenizer entry so
+they can never be mistaken for real data.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ def write_split(split_dir: Path, layout: VocabLayout, docs: list[np.ndarray], ki
     np.save(split_dir / LENGTHS_FILE, np.array([len(d) for d in docs], np.int64))
     meta = {"format": FORMAT, "split": split, "kind": kind, "vocab_layout": layout.to_dict(),
             "vocab_fingerprint": layout.fingerprint(), "codec": None,
-            "tokenizer": {"kind": "byte", "path": None, "sha256": None}, "num_docs": len(docs),
+            "tokenizer": {"kind": "synthetic", "path": None, "sha256": None}, "num_docs": len(docs),
             "doc_types": {}, "tokens": {"total": int(sum(len(d) for d in docs))},
             "audio_hours": 0.0, "skipped": []}
     (split_dir / META_FILE).write_text(json.dumps(meta))
