@@ -24,3 +24,26 @@ REFERENCE_MODEL_FP32 = {"logits_atol": 1e-4, "logits_rtol": 1e-4}
 # bf16 on GPU vs. the fp32 run of the same weights: bf16 has 8 mantissa bits (~4e-3 relative);
 # through a few layers the mean loss moves by well under 1%.
 BF16_LOSS_RTOL = 1e-2
+
+# Fused kernels (tests/kernels) against an fp64 oracle on the same inputs, cut-cross-entropy's
+# rule: the kernel's error may exceed the error of the plain PyTorch path in the same dtype by
+# at most this much. Loss: max abs error per token (losses are ~5-8 nats); gradients: max abs
+# error / max |oracle|. fp32: both paths accumulate H-long dot products and a V-long sum-exp in
+# fp32 in different orders; observed differences between them are <1e-6, so 1e-5 holds any
+# reordering while a wrong term (a missing z-loss factor, a dropped column tile) costs >1e-3.
+# bf16: the kernel accumulates in fp32 and keeps fp32 logits, while the torch path rounds logits
+# to bf16 (8 bits, ~4e-3 relative), so the kernel is normally *more* accurate (observed: loss
+# 1e-6 vs 2e-2); the gradient slack is one bf16 rounding (2^-8) of the largest gradient, for the
+# bf16 dlogits chunk that feeds the matmuls and the bf16 gradients themselves.
+KERNEL_ORACLE = {
+    "fp32": {"loss": 1e-5, "grad_hidden": 1e-5, "grad_weight": 1e-5},
+    "bf16": {"loss": 1e-3, "grad_hidden": 2.0 ** -8, "grad_weight": 2.0 ** -8},
+}
+
+# A kernel result compared with itself after an exact re-arrangement (more vocabulary splits,
+# smaller row chunks, another TP layout): fp32 summation order only.
+KERNEL_REORDER_FP32 = {"atol": 2e-5, "rtol": 1e-5}
+
+# Deterministic embedding backward in bf16: the fp32 sum of a run of equal ids is rounded to
+# bf16 once, so it is within one bf16 rounding (2^-8 relative) of the exact sum.
+EMBEDDING_BF16_REL = 2.0 ** -8

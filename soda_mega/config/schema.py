@@ -163,12 +163,48 @@ class DataConfig:
     text_fraction: float = fld(0.05, "share of text-only tokens in the mixture (SODA: 5%)", ge=0, le=1)
     reset_at_document: bool = fld(False, "reset positions and block attention at document boundaries")
     num_workers: int = fld(2, "loader worker processes per rank", ge=0)
+    # --- `soda-mega data build` (soda_mega/data/build.py) ---
+    tokenizer: Optional[str] = fld(
+        None, "local HuggingFace tokenizer.json for text (none = the embedded byte-level tokenizer)")
+    mimi_weights: Optional[str] = fld(
+        None, "local Mimi weights file (.safetensors or torch); none = seeded random init, marked "
+              "random_init in the shards (never real tokens); nothing is ever downloaded")
+    mimi_seed: int = fld(0, "seed of the random Mimi used when data.mimi_weights is none", ge=0)
+    doc_types: list[str] = fld(
+        help="documents built from each recording: audio_first, text_first (need a transcript), "
+             "speech_only, semantic_only (codebook 0)",
+        default_factory=lambda: ["audio_first", "text_first"])
+    valid_fraction: float = fld(0.01, "share of recordings / text documents held out in the valid split "
+                                      "(by a hash of the record id)", ge=0, lt=1)
+    build_workers: int = fld(2, "worker processes reading, encoding and tokenizing (0 = in the "
+                                "building process)", ge=0)
+    build_unit_recordings: int = fld(32, "recordings per resumable work unit of a speech build", ge=1)
+    build_unit_text_docs: int = fld(2048, "documents per resumable work unit of a text build", ge=1)
+    shard_size_limit: int = fld(1 << 26, "bytes per MDS shard file before the writer starts the next",
+                                ge=1 << 12)
+    text_split: str = fld("paragraph", "plain-text corpus: one document per blank-line-separated "
+                                       "paragraph, or per line", choices=("paragraph", "line"))
+    codec_device: str = fld("auto", "device that runs Mimi (auto = cuda when available)",
+                            choices=("auto", "cpu", "cuda"))
+    encode_batch_size: int = fld(8, "recordings Mimi encodes together in one padded batch on GPU "
+                                    "(CPU encodes one at a time)", ge=1)
+    encode_chunk_seconds: float = fld(10.0, "audio per Mimi streaming step (bounds memory on long "
+                                            "recordings; rounded to whole 80 ms frames)", gt=0)
 
     def check(self) -> None:
         if self.weights and len(self.weights) != len(self.train):
             raise ConfigError(
                 f"data.weights: {len(self.weights)} weights for {len(self.train)} data.train folders"
             )
+        buildable = ("audio_first", "text_first", "speech_only", "semantic_only")
+        bad = [t for t in self.doc_types if t not in buildable]
+        if bad or not self.doc_types:
+            raise ConfigError(
+                f"data.doc_types: {', '.join(map(repr, bad)) or 'empty list'} not allowed; "
+                f"choose one or more of {', '.join(buildable)}"
+            )
+        if len(set(self.doc_types)) != len(self.doc_types):
+            raise ConfigError("data.doc_types: each type may appear once")
 
 
 @dataclass
@@ -177,8 +213,21 @@ class KernelsConfig:
 
     attention: str = fld("auto", "core attention: flash-attn if installed (auto), else torch SDPA",
                          choices=("auto", "flash", "sdpa"))
-    loss: str = fld("megatron", "output layer + cross-entropy implementation", choices=("megatron",))
-    embedding: str = fld("megatron", "input embedding implementation", choices=("megatron",))
+    # NOTE: "auto" picks the Triton kernels when CUDA is present. It is not the default yet:
+    # the kernels have only run under Triton's CPU interpreter so far (see kernels/).
+    loss: str = fld(
+        "megatron",
+        "output layer + cross-entropy with z-loss: megatron (full logits + vocab_parallel_cross_entropy), "
+        "torch (chunked, no full logits), triton (fused kernel; CUDA, or TRITON_INTERPRET=1 on CPU), "
+        "auto (triton on CUDA, else megatron)",
+        choices=("auto", "triton", "torch", "megatron"),
+    )
+    embedding: str = fld(
+        "torch",
+        "input embedding: torch (Megatron's VocabParallelEmbedding; megatron is an alias), triton "
+        "(fused lookup + modality ids, deterministic backward), auto (triton on CUDA, else torch)",
+        choices=("auto", "triton", "torch", "megatron"),
+    )
 
 
 SECTIONS: dict[str, type] = {

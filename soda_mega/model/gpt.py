@@ -5,6 +5,10 @@ an untied output layer and a vocabulary padded for tensor-parallel divisibility.
 are never predicted: their logits are set to -inf by a hook on the output layer, so they get
 zero probability in the loss, zero gradient, and are never sampled.
 
+Called with ``labels`` and ``loss_mask``, the model returns :class:`~.lm_head.LMLoss` (per-token
+loss with z-loss, per-modality sums and counts) from the loss path of ``kernels.loss``; with
+``labels`` alone, Megatron's per-token cross-entropy ``[b, s]``; with neither, the logits.
+
 Call :func:`soda_mega.parallel.state.initialize` first; :func:`build_model` returns one module
 per virtual pipeline chunk held by this rank (a list of length 1 without interleaving), with
 weights that depend only on the seed and the model shape (:mod:`soda_mega.model.init`).
@@ -26,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from soda_mega.config.schema import SodaConfig
 from soda_mega.model.init import initialize_weights
+from soda_mega.model.lm_head import InterleavedVocabParallelEmbedding, language_model_loss, resolve_impl
 from soda_mega.model.norm import RMSNorm
 from soda_mega.model.spec import qwen3_layer_spec
 from soda_mega.tokens.layout import VocabLayout
@@ -90,13 +95,27 @@ def transformer_config(cfg: SodaConfig, **extra) -> TransformerConfig:
 
 
 class SodaGPTModel(GPTModel):
-    """``GPTModel`` whose padded vocabulary rows are never predicted."""
+    """``GPTModel`` whose padded vocabulary rows are never predicted, with selectable
+    embedding and loss implementations (:mod:`.lm_head`)."""
 
-    def __init__(self, *args, layout: VocabLayout, **kwargs) -> None:
+    def __init__(self, *args, layout: VocabLayout, loss_impl: str = "megatron",
+                 embedding_impl: str = "torch", z_loss: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.layout = layout
+        self.loss_impl, self.z_loss = loss_impl, z_loss
+        if self.pre_process and embedding_impl == "triton":
+            self.embedding.word_embeddings = InterleavedVocabParallelEmbedding.replacing(
+                self.embedding.word_embeddings, self.config, layout)
         if self.post_process:
             self.output_layer.register_forward_hook(self._mask_padded_logits)
+
+    def _postprocess(self, hidden_states, **kwargs):
+        labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
+        inference = kwargs.get("inference_context") is not None and not self.training
+        if (not self.post_process or labels is None or loss_mask is None or inference
+                or kwargs.get("mtp_in_postprocess")):
+            return super()._postprocess(hidden_states, **kwargs)
+        return language_model_loss(self, hidden_states, labels, loss_mask)
 
     def _mask_padded_logits(self, module, inputs, output):
         logits, bias = output
@@ -140,6 +159,9 @@ def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
             rotary_base=cfg.model.rope_theta,
             vp_stage=stage,
             layout=layout,
+            loss_impl=resolve_impl("loss", cfg.kernels.loss),
+            embedding_impl=resolve_impl("embedding", cfg.kernels.embedding),
+            z_loss=cfg.training.z_loss,
         )
         chunks.append(model)
     initialize_weights(chunks, cfg)

@@ -13,6 +13,9 @@ layers) run on CPU tensors:
    no-op (there is nothing to synchronise).
 3. Modules with hard-coded ``device="cuda"`` tensors see a ``torch`` whose factory functions
    map a CUDA device to the CPU.
+4. Megatron's optimizers accept parameters by their ``Tensor.type()`` name
+   (``torch.cuda.FloatTensor`` ...); :func:`cuda_type_names` reports CPU tensors under those
+   names, only while an optimizer is being built or clips gradients.
 
 It is a no-op when CUDA is available, so GPU runs use Megatron-core untouched. Import-order
 note: call :func:`install` before building models; it is idempotent.
@@ -20,6 +23,7 @@ note: call :func:`install` before building models; it is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import types
@@ -35,6 +39,7 @@ _HARDCODED_CUDA_MODULES = (
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like")
 
@@ -110,6 +115,18 @@ def install() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
 
+    # Gradient clipping asserts the CUDA type name of every gradient.
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    clip = moptimizer.clip_grad_by_total_norm_fp32
+
+    @functools.wraps(clip)
+    def _clip(*args, **kwargs):
+        with cuda_type_names():
+            return clip(*args, **kwargs)
+
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip
+
     cpu_torch = _CpuTorch()
     for module_name in _HARDCODED_CUDA_MODULES:
         module = importlib.import_module(module_name)
@@ -117,3 +134,24 @@ def install() -> bool:
 
     _INSTALLED = True
     return True
+
+
+@contextlib.contextmanager
+def cuda_type_names():
+    """While active (CPU only), ``tensor.type()`` names CPU tensors like CUDA ones."""
+    if not needed():
+        yield
+        return
+    original = torch.Tensor.type
+
+    def patched(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if not args and not kwargs and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = patched
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original

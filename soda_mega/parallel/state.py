@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import ParallelConfig
-from soda_mega.parallel import cpu_shims
+from soda_mega.parallel import cpu_shims, megatron_compat
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ def init_distributed(backend: str | None = None) -> None:
 def initialize(parallel: ParallelConfig, seed: int, backend: str | None = None) -> Layout:
     """Create the TP / PP / DP groups of ``parallel`` over the current world and seed RNGs."""
     cpu_shims.install()
+    megatron_compat.install()
     init_distributed(backend)
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel

@@ -5,11 +5,15 @@ returns the *sum* of its masked token losses and its token count, the schedule b
 the sums, and ``finalize_model_grads`` divides the gradients by the token count all-reduced
 over data-parallel ranks (``calculate_per_token_loss``). This makes DP=N exactly equal to one
 process on the N-times larger batch, even when loss masks differ between micro-batches.
+
+The model gets the loss mask too and returns :class:`~soda_mega.model.lm_head.LMLoss`; besides
+``lm loss`` each micro-batch reports ``loss_text`` / ``loss_semantic`` / ``loss_acoustic`` as
+``[sum, count]`` (the per-token loss includes the z-loss term ``training.z_loss * lse^2``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterable, Sequence
 
@@ -19,6 +23,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from soda_mega.config.schema import SodaConfig
+from soda_mega.tokens.layout import LOSS_GROUPS
 
 
 @dataclass
@@ -27,6 +32,8 @@ class StepResult:
 
     loss_sum: float
     num_tokens: int
+    #: loss group (text, semantic, acoustic) -> (loss sum, token count)
+    groups: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -62,15 +69,25 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], cfg: SodaConfig) -> list[Distrib
     return wrapped
 
 
-def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Sum of per-token losses over unmasked positions, their count, and a detached copy."""
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor):
+    """Sum of per-token losses over unmasked positions, their count, and detached reports.
+
+    ``output_tensor`` is the model's ``LMLoss`` (or a plain tuple of its fields, or a bare
+    per-token loss tensor, which reports ``lm loss`` only).
+    """
+    groups = {}
+    if isinstance(output_tensor, tuple):
+        output_tensor, group_loss, group_tokens = output_tensor
+        groups = {f"loss_{name}": torch.stack([group_loss[i].detach().float().clone(),
+                                                group_tokens[i].detach().float()])
+                  for i, name in enumerate(LOSS_GROUPS)}
     mask = loss_mask.reshape(-1).float()
     losses = output_tensor.reshape(-1).float()
     loss_sum = (losses * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     # NOTE: the schedule divides/rescales the returned loss in place, so report a clone.
     report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    return loss_sum, num_tokens, {"lm loss": report, **groups}
 
 
 def lm_forward_step(data_iterator, model):
@@ -81,6 +98,7 @@ def lm_forward_step(data_iterator, model):
         batch["position_ids"],
         batch.get("attention_mask"),
         labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
     )
     return output, partial(masked_token_loss, batch["loss_mask"])
 
@@ -119,7 +137,11 @@ def forward_backward(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    total = torch.zeros(2, dtype=torch.float64)
+    totals: dict[str, torch.Tensor] = {}
     for item in losses:
-        total += item["lm loss"].double()
-    return StepResult(loss_sum=float(total[0]), num_tokens=int(total[1]))
+        for key, value in item.items():
+            totals[key] = totals.get(key, torch.zeros(2, dtype=torch.float64)) + value.double()
+    total = totals.get("lm loss", torch.zeros(2, dtype=torch.float64))
+    groups = {name: (float(totals[f"loss_{name}"][0]), int(totals[f"loss_{name}"][1]))
+              for name in LOSS_GROUPS if f"loss_{name}" in totals}
+    return StepResult(loss_sum=float(total[0]), num_tokens=int(total[1]), groups=groups)

@@ -1,0 +1,268 @@
+"""Vocabulary-parallel embedding lookup that also emits each position's modality.
+
+Math: TP rank r holds rows ``[vocab_start, vocab_start + V_local)`` of the embedding table
+``E`` (``weight``, ``[V_local, H]``). For token ids ``x`` (any shape ``[*]``)::
+
+    out[p] = sum over ranks of ( E[x_p - vocab_start] if x_p is in this rank's range else 0 )
+    modality[p] = 0 text | 1 special | 2 + k audio codebook k | -1 outside the vocabulary
+
+(the codes of ``soda_mega.tokens.Modality``, computed from the layout's numbers, passed as
+ints so this module stays independent of the library). The backward is
+``grad_E[v] = sum_{p: x_p = v} grad_out[p]``.
+
+Why fused: Megatron's ``VocabParallelEmbedding`` makes a range mask, a shifted copy of the
+ids, the gather and a masked zero-fill (several passes over ``[*, H]``), and modality ids
+need another pass over the ids. ``_embedding_fwd_kernel`` does the range check, gather, zero
+fill and modality in one pass; the TP all-reduce follows (the caller may instead
+reduce-scatter for sequence parallelism, as Megatron does).
+
+Deterministic backward: ``torch.embedding``'s CUDA backward and ``index_add_`` use atomics
+whose order varies between runs. Here the local ids are stably sorted (ids of other ranks get
+the sentinel ``V_local`` and sort last), and ``_embedding_bwd_kernel`` runs one program per
+(sorted position, H block): a program that starts a run of equal ids sums that run's gradient
+rows in sorted order in fp32 and writes the row once (in the weight dtype). Same inputs, same
+bits. Rows not looked up get exact zeros. Memory: the ``[N]`` sort keys and permutation;
+nothing of size ``[N, H]`` besides the gradient itself.
+
+NOTE: a run of equal ids is summed serially by one program per H block, so a batch where one
+id repeats thousands of times takes proportionally longer; splitting long runs into fixed
+pieces plus a second deterministic pass is the fix if profiling ever shows it.
+
+Both directions are ``torch.library`` custom ops with fake functions, called from a
+``torch.autograd.Function``; :func:`interleaved_embedding_reference` is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from soda_kernels._vocab_parallel import (
+    check_triton_tensors,
+    group_rank_size,
+    interpreting,
+    reduce_forward,
+    register_group,
+    resolve_group,
+)
+
+
+# ============================================================================ Triton kernels
+@triton.jit
+def _embedding_fwd_kernel(ids_ptr, w_ptr, out_ptr, mod_ptr, N, H, V_local, vocab_start,
+                          text_vocab_size, audio_base, codebook_size, vocab_size,
+                          stride_w, stride_out, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    local = ids - vocab_start
+    inside = (local >= 0) & (local < V_local) & row_ok
+    local = tl.where(inside, local, 0)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    vals = tl.load(w_ptr + local[:, None] * stride_w + cols[None, :],
+                   mask=inside[:, None] & col_ok[None, :], other=0.0)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out, vals, mask=row_ok[:, None] & col_ok[None, :])
+    if pid_h == 0:
+        codebook = (ids - audio_base) // codebook_size  # only used where ids >= audio_base
+        mod = tl.where(ids < text_vocab_size, 0, tl.where(ids < audio_base, 1, 2 + codebook))
+        mod = tl.where((ids < 0) | (ids >= vocab_size), -1, mod)
+        tl.store(mod_ptr + rows, mod.to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def _embedding_bwd_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, N, H, V_local,
+                          stride_g, stride_dw, BLOCK_H: tl.constexpr):
+    i = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    key = tl.load(keys_ptr + i)
+    prev = tl.load(keys_ptr + i - 1, mask=i > 0, other=-1)
+    start = (key != prev) & (key < V_local)
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    j = i
+    go = start
+    while go:
+        row = tl.load(perm_ptr + j).to(tl.int64)
+        acc += tl.load(grad_ptr + row * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
+        j += 1
+        nxt = tl.load(keys_ptr + j, mask=j < N, other=-1)
+        go = nxt == key
+    dst = dw_ptr + key.to(tl.int64) * stride_dw + cols
+    tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=col_ok & start)
+
+
+# ============================================================================ launchers
+def _block_h(h: int, device: torch.device) -> int:
+    return min(triton.next_power_of_2(h), 256 if device.type == "cuda" else 128)
+
+
+def embedding_forward_triton(ids, weight, vocab_start, text_vocab_size, audio_base,
+                             codebook_size, num_codebooks, block_n: Optional[int] = None,
+                             block_h: Optional[int] = None):
+    """Local lookup (zeros outside this rank's rows) and modality ids, flat ``ids [N]``."""
+    check_triton_tensors(ids, weight)
+    n = ids.numel()
+    v_local, h = weight.shape
+    out = torch.empty(n, h, device=weight.device, dtype=weight.dtype)
+    modality = torch.empty(n, device=ids.device, dtype=torch.int8)
+    bn = block_n or (32 if weight.device.type == "cuda" else 64)
+    bh = block_h or _block_h(h, weight.device)
+    vocab_size = audio_base + num_codebooks * codebook_size
+    grid = (triton.cdiv(n, bn), triton.cdiv(h, bh))
+    _embedding_fwd_kernel[grid](ids, weight, out, modality, n, h, v_local, vocab_start,
+                                text_vocab_size, audio_base, codebook_size, vocab_size,
+                                weight.stride(0), out.stride(0), BLOCK_N=bn, BLOCK_H=bh)
+    return out, modality
+
+
+def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
+                              block_h: Optional[int] = None):
+    """Deterministic ``grad_weight [num_rows, H]`` from ``grad [N, H]`` and flat ``ids [N]``."""
+    check_triton_tensors(grad, ids)
+    n, h = grad.shape
+    local = ids.long() - vocab_start
+    keys = torch.where((local >= 0) & (local < num_rows), local, torch.full_like(local, num_rows))
+    keys, perm = torch.sort(keys, stable=True)
+    # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
+    # even); there the kernel writes fp32 and torch rounds.
+    store_dtype = torch.float32 if interpreting() else grad.dtype
+    grad_w = torch.zeros(num_rows, h, device=grad.device, dtype=store_dtype)
+    if n > 0:
+        bh = block_h or _block_h(h, grad.device)
+        _embedding_bwd_kernel[(n, triton.cdiv(h, bh))](keys, perm, grad, grad_w, n, h, num_rows,
+                                                       grad.stride(0), grad_w.stride(0), BLOCK_H=bh)
+    return grad_w.to(grad.dtype)
+
+
+# ============================================================================ custom ops
+@torch.library.custom_op("soda_kernels::embedding_forward", mutates_args=())
+def _embedding_forward(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int,
+                       text_vocab_size: int, audio_base: int, codebook_size: int,
+                       num_codebooks: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, modality = embedding_forward_triton(ids.reshape(-1), weight, vocab_start,
+                                             text_vocab_size, audio_base, codebook_size,
+                                             num_codebooks)
+    grp = resolve_group(group)
+    if grp is not None:
+        dist.all_reduce(out, group=grp)
+    return out.view(*ids.shape, weight.shape[1]), modality.view(ids.shape)
+
+
+@_embedding_forward.register_fake
+def _(ids, weight, vocab_start, text_vocab_size, audio_base, codebook_size, num_codebooks, group):
+    return (weight.new_empty(*ids.shape, weight.shape[1]),
+            ids.new_empty(ids.shape, dtype=torch.int8))
+
+
+@torch.library.custom_op("soda_kernels::embedding_backward", mutates_args=())
+def _embedding_backward(grad: torch.Tensor, ids: torch.Tensor, vocab_start: int,
+                        num_rows: int) -> torch.Tensor:
+    return embedding_backward_triton(grad.reshape(-1, grad.shape[-1]), ids.reshape(-1),
+                                     vocab_start, num_rows)
+
+
+@_embedding_backward.register_fake
+def _(grad, ids, vocab_start, num_rows):
+    return grad.new_empty(num_rows, grad.shape[-1])
+
+
+# ============================================================================ autograd + public
+class InterleavedEmbeddingFunction(torch.autograd.Function):
+    """Forward: fused lookup (+ TP all-reduce). Backward: sorted segment sum (identity over TP,
+    since the all-reduced output is replicated on every rank)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, vocab_start, text_vocab_size, audio_base, codebook_size,
+                num_codebooks, group):
+        out, modality = torch.ops.soda_kernels.embedding_forward(
+            ids, weight, vocab_start, text_vocab_size, audio_base, codebook_size, num_codebooks,
+            group)
+        ctx.save_for_backward(ids)
+        ctx.vocab_start, ctx.num_rows = vocab_start, weight.shape[0]
+        ctx.mark_non_differentiable(modality)
+        return out, modality
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_modality):
+        (ids,) = ctx.saved_tensors
+        grad_w = torch.ops.soda_kernels.embedding_backward(
+            grad_out.contiguous(), ids, ctx.vocab_start, ctx.num_rows)
+        return None, grad_w, None, None, None, None, None, None
+
+
+class EmbeddingOutput(NamedTuple):
+    embeddings: torch.Tensor  # [*, H], weight dtype
+    modality: torch.Tensor    # [*] int8 (soda_mega.tokens.Modality codes)
+
+
+def _resolve(weight, vocab_start, tp_group):
+    rank, _ = group_rank_size(tp_group)
+    return rank * weight.shape[0] if vocab_start is None else vocab_start
+
+
+def interleaved_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    text_vocab_size: int,
+    audio_base: int,
+    codebook_size: int,
+    num_codebooks: int,
+    vocab_start: Optional[int] = None,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> EmbeddingOutput:
+    """Embeddings of ``ids`` from this rank's rows, summed over ``tp_group``, and modalities.
+
+    ``vocab_start`` defaults to ``rank * V_local`` (Megatron's equal split). With
+    ``tp_group=None`` the output holds only this rank's rows (zeros elsewhere), for callers
+    that reduce themselves (e.g. reduce-scatter under sequence parallelism).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V_local, H], got {tuple(weight.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64, got {ids.dtype}")
+    out, modality = InterleavedEmbeddingFunction.apply(
+        ids.contiguous(), weight.contiguous(), int(_resolve(weight, vocab_start, tp_group)),
+        int(text_vocab_size), int(audio_base), int(codebook_size), int(num_codebooks),
+        register_group(tp_group))
+    return EmbeddingOutput(out, modality)
+
+
+# ============================================================================ reference
+def modality_reference(ids, text_vocab_size, audio_base, codebook_size, num_codebooks):
+    ids = ids.long()
+    mod = torch.where(ids < text_vocab_size, 0,
+                      torch.where(ids < audio_base, 1, 2 + torch.div(ids - audio_base, codebook_size,
+                                                                     rounding_mode="floor")))
+    outside = (ids < 0) | (ids >= audio_base + num_codebooks * codebook_size)
+    return torch.where(outside, -1, mod).to(torch.int8)
+
+
+def interleaved_embedding_reference(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    text_vocab_size: int,
+    audio_base: int,
+    codebook_size: int,
+    num_codebooks: int,
+    vocab_start: Optional[int] = None,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> EmbeddingOutput:
+    """Plain PyTorch (Megatron's ``VocabParallelEmbedding`` steps) with autograd."""
+    local = ids.long() - _resolve(weight, vocab_start, tp_group)
+    inside = (local >= 0) & (local < weight.shape[0])
+    rows = weight[torch.where(inside, local, torch.zeros_like(local))]
+    out = torch.where(inside[..., None], rows, torch.zeros_like(rows))
+    out = reduce_forward(out, tp_group)
+    return EmbeddingOutput(out, modality_reference(ids, text_vocab_size, audio_base,
+                                                   codebook_size, num_codebooks))

@@ -1,0 +1,39 @@
+"""The kernel benchmark runs end to end in smoke mode and writes a well-formed, stamped result
+(not timed). A subprocess, because the benchmark must set TRITON_INTERPRET before importing
+the kernels on a CPU machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+
+
+def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = tmp_path.glob("bench_kernels_*_smoke.json")
+    result = json.loads(path.read_text())
+    device = result["provenance"]["device"]["kind"]
+    assert path.name == f"bench_kernels_{device}_smoke.json"
+    assert result["smoke"] is True
+    assert result["provenance"]["device"]["kind"] == device and result["provenance"]["commit"]
+    assert "torch" in result["provenance"]["versions"]
+    timed = [r for r in result["rows"] if "fwd_bwd" in r]
+    assert not [r for r in result["rows"] if "error" in r]
+    for op, impls in (("loss", {"reference", "torch_eager", "megatron", "soda_torch", "soda_triton"}),
+                      ("embedding", {"reference", "torch", "megatron", "soda_triton"})):
+        assert impls <= {r["impl"] for r in timed if r["op"] == op}
+    for r in timed:
+        assert r["fwd"] > 0 and r["bwd"] > 0 and r["fwd_bwd"] >= r["fwd"]
+        if r["op"] == "loss" and r["impl"] != "reference":
+            assert r["loss_rel_diff_vs_reference"] < 1e-5, r
+        if r["impl"] == "soda_triton":
+            assert r["speedup_of_triton"]["fwd_bwd"] == 1.0
+    assert (tmp_path / f"bench_kernels_{device}_smoke.md").read_text().startswith("# bench_kernels")

@@ -1,0 +1,181 @@
+"""Worker for test_tensor_parallel.py: 2 gloo processes, every TP=2 case in one torchrun launch.
+
+Each rank computes the TP=1 result itself (the same seed gives the same full inputs on both
+ranks), then the TP=2 result on its vocabulary shard, and writes the differences to
+``rank<r>.json``:
+
+* fused linear cross-entropy, triton and torch, with z-loss: loss, lse, group statistics,
+  hidden gradient (all-reduced) and weight-gradient shard vs TP=1; the TP=2 reference; and
+  Megatron-core's ``vocab_parallel_cross_entropy`` on this rank's logits (no z-loss). Two
+  vocabularies: 203 real ids over 2 x 102 rows (rank 1 holds one padded row) and 100 real ids
+  over 2 x 102 rows (rank 1 holds only padding).
+* the fused embedding: output and weight-gradient shard vs TP=1.
+* the ``tiny`` model (TP=1, megatron loss, torch embedding) vs TP=2 with both Triton kernels,
+  and vs TP=2 + sequence parallelism with the torch loss and the Triton embedding: loss,
+  per-modality statistics and every gradient shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tolerances
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch.distributed as dist  # noqa: E402
+
+from flce_cases import make_case, run_fused, run_reference  # noqa: E402
+from soda_mega.config import load_config  # noqa: E402
+from soda_mega.config.schema import ParallelConfig  # noqa: E402
+from soda_mega.parallel import state  # noqa: E402
+
+FLCE_CASES = {"uneven": (37, 40, 203, 102), "rank1_all_padding": (21, 24, 100, 102)}
+MODEL_BASE = ["--vocab.codebook_size=16", "--model.seq_length=32", "--training.z_loss=1e-2"]
+MODEL_CASES = {
+    "tp2_triton": ["--parallel.tensor_parallel=2", "--kernels.loss=triton", "--kernels.embedding=triton"],
+    "tp2_sp_torch": ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true",
+                     "--kernels.loss=torch", "--kernels.embedding=triton"],
+}
+
+
+def _max_abs(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def _rel(a, b) -> float:
+    return _max_abs(a, b) / max(float(b.double().abs().max()), 1e-30)
+
+
+def flce_cases(group, rank: int) -> dict:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    out = {}
+    for name, (n, h, n_real, v_local) in FLCE_CASES.items():
+        case = make_case(n, h, 2 * v_local, n_real=n_real, seed=11, scale=3.0)
+        rows = slice(rank * v_local, (rank + 1) * v_local)
+        shard = dict(case, weight=case["weight"][rows].clone())
+        for impl in ("triton", "torch"):
+            one = run_fused(case, impl, z_loss=1e-2)
+            two = run_fused(shard, impl, z_loss=1e-2, tp_group=group)
+            out[f"{name}/{impl}"] = {
+                "loss": _max_abs(two["loss"], one["loss"]),
+                "lse": _max_abs(two["lse"], one["lse"]),
+                "group_loss": _max_abs(two["group_loss"], one["group_loss"]),
+                "group_tokens_equal": bool(torch.equal(two["group_tokens"], one["group_tokens"])),
+                "grad_hidden": _rel(two["grad_hidden"], one["grad_hidden"]),
+                "grad_weight": _rel(two["grad_weight"], one["grad_weight"][rows]),
+            }
+        ref = run_reference(shard, torch.float32, z_loss=1e-2, tp_group=group)
+        one = run_fused(case, "triton", z_loss=1e-2)
+        out[f"{name}/reference"] = {"loss": _max_abs(ref["loss"], one["loss"]),
+                                    "grad_hidden": _rel(ref["grad_hidden"], one["grad_hidden"]),
+                                    "grad_weight": _rel(ref["grad_weight"], one["grad_weight"][rows])}
+        # Megatron on this rank's logits, padded columns at -inf (SodaGPTModel's hook), no z-loss.
+        logits = shard["hidden"] @ shard["weight"].t()
+        logits[:, torch.arange(v_local) + rank * v_local >= n_real] = float("-inf")
+        full = dict(case, loss_mask=torch.ones(n), loss_groups=case["loss_groups"].clamp_min(0))
+        megatron = vocab_parallel_cross_entropy(logits[:, None, :], case["labels"][:, None])[:, 0]
+        ours = run_fused(dict(full, weight=shard["weight"]), "triton", tp_group=group)["loss"]
+        out[f"{name}/megatron"] = {"loss": _max_abs(ours, megatron)}
+    return out
+
+
+def embedding_case(group, rank: int) -> dict:
+    from soda_kernels.interleaved_embedding import interleaved_embedding
+
+    kw = dict(text_vocab_size=258, audio_base=262, codebook_size=16, num_codebooks=8)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(-1, 2 * 195 + 3, (3, 29), generator=g)
+    weight = torch.randn(2 * 195, 40, generator=g)
+    grad = torch.randn(3, 29, 40, generator=g)
+    rows = slice(rank * 195, (rank + 1) * 195)
+    w1, w2 = weight.clone().requires_grad_(), weight[rows].clone().requires_grad_()
+    one = interleaved_embedding(ids, w1, **kw)
+    two = interleaved_embedding(ids, w2, tp_group=group, **kw)
+    one.embeddings.backward(grad)
+    two.embeddings.backward(grad)
+    return {"embedding": {"out": _max_abs(two.embeddings, one.embeddings),
+                          "grad_weight": _max_abs(w2.grad, w1.grad[rows]),
+                          "modality_equal": bool(torch.equal(two.modality, one.modality))}}
+
+
+def _model_run(overrides: list[str], batch: dict):
+    from megatron.core import parallel_state as ps
+
+    from soda_mega.model.gpt import build_model
+    from soda_mega.parallel.sharding import named_local_params
+
+    cfg = load_config(preset="tiny", overrides=MODEL_BASE + overrides)
+    layout = state.initialize(cfg.parallel, cfg.training.seed)
+    (model,) = build_model(cfg)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                loss_mask=batch["loss_mask"])
+    mask = batch["loss_mask"]
+    ((out.token_loss * mask).sum() / mask.sum()).backward()
+    grads = {}
+    for gname, _, param in named_local_params([model]):
+        grad = param.grad
+        # What finalize_model_grads does: TP-replicated norms hold partial gradients.
+        if ((cfg.parallel.sequence_parallel and getattr(param, "sequence_parallel", False))
+                or "q_layernorm" in gname or "k_layernorm" in gname):
+            dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+        grads[gname] = grad
+    state.shutdown(keep_process_group=True)
+    return out, grads, layout
+
+
+def model_cases() -> dict:
+    from soda_mega.parallel.sharding import local_slice
+    from soda_mega.tokens import VocabLayout
+
+    cfg = load_config(preset="tiny", overrides=MODEL_BASE)
+    size = VocabLayout.from_config(cfg.vocab).size
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, size, (2, 33), generator=g)
+    batch = {"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+             "loss_mask": (torch.rand(2, 32, generator=g) > 0.2).float(),
+             "position_ids": torch.arange(32).expand(2, 32).contiguous()}
+    ref_out, ref_grads, _ = _model_run([], batch)
+    results = {}
+    for name, overrides in MODEL_CASES.items():
+        out, grads, layout = _model_run(overrides, batch)
+        errs = {gname: _rel(grad, local_slice(gname, ref_grads[gname], layout.tp_rank, layout.tp,
+                                              grad.shape))
+                for gname, grad in grads.items()}
+        results[name] = {
+            "token_loss": _max_abs(out.token_loss, ref_out.token_loss),
+            "group_loss": _max_abs(out.group_loss, ref_out.group_loss),
+            "group_tokens_equal": bool(torch.equal(out.group_tokens, ref_out.group_tokens)),
+            "grad_rel": max(errs.values()), "worst": max(errs, key=errs.get), "params": len(errs),
+        }
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args()
+    state.initialize(ParallelConfig(tensor_parallel=2), seed=1234)
+    from megatron.core import parallel_state as ps
+
+    group, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+    results = {**flce_cases(group, rank), **embedding_case(group, rank)}
+    state.shutdown(keep_process_group=True)
+    results.update(model_cases())
+    with open(os.path.join(args.out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    state.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
