@@ -230,6 +230,23 @@ class KernelsConfig:
     )
 
 
+@dataclass
+class RunConfig:
+    """Where a run writes, how often it logs, validates and saves, and when it stops."""
+
+    dir: str = fld("runs/soda", "run folder: checkpoints/, metrics.jsonl, tensorboard/, config.yaml")
+    max_steps: Optional[int] = fld(None, "stop after this many optimizer steps (none = the whole token budget)", ge=1)
+    log_interval: int = fld(10, "optimizer steps between log lines", ge=1)
+    eval_interval: int = fld(500, "steps between validation passes (0 = never)", ge=0)
+    eval_batches: int = fld(50, "micro-batches per validation pass and rank (0 = the whole split)", ge=0)
+    save_interval: int = fld(1000, "steps between checkpoints (0 = only at the end)", ge=0)
+    keep_checkpoints: int = fld(3, "newest checkpoints to keep", ge=1)
+    resume: bool = fld(True, "continue from the newest checkpoint in run.dir when there is one")
+    max_bad_steps: int = fld(5, "stop after this many consecutive steps with non-finite loss/gradients", ge=1)
+    peak_tflops: Optional[float] = fld(None, "per-GPU peak bf16 TFLOP/s for MFU (none = look up the GPU model)", gt=0)
+    tensorboard: bool = fld(True, "also write TensorBoard event files")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "vocab": VocabConfig,
@@ -237,6 +254,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "data": DataConfig,
     "kernels": KernelsConfig,
+    "run": RunConfig,
 }
 
 
@@ -250,6 +268,7 @@ class SodaConfig:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     kernels: KernelsConfig = dataclasses.field(default_factory=KernelsConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def validate(self) -> "SodaConfig":
         """Coerce every field to its type, check allowed values, then cross-field rules."""

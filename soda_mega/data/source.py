@@ -68,9 +68,18 @@ class DocumentSource:
     def __init__(self, root: str | Path, split: str = "train",
                  layout: VocabLayout | None = None) -> None:
         root = Path(root)
-        self.split_dir = root / split if (root / split).is_dir() else root
+        if (root / split).is_dir():
+            self.split_dir = root / split
+        elif (root / META_FILE).is_file():
+            self.split_dir = root  # a split folder given directly
+        else:
+            raise DatasetError(f"{root} has no {split!r} split (expected {root / split}); "
+                               "build it with `soda-mega data build`")
         self.name = str(root)
         self.meta = read_meta(self.split_dir)
+        if self.meta["split"] != split:
+            raise DatasetError(f"{self.split_dir} holds the {self.meta['split']!r} split, "
+                               f"not {split!r}: give the dataset root instead")
         if layout is not None:
             diffs = layout_differences(self.meta["vocab_layout"], layout.to_dict())
             if diffs:

@@ -69,10 +69,12 @@ def transformer_config(cfg: SodaConfig, **extra) -> TransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # NOTE: Megatron's own init depends on the layout; soda_mega.model.init fills the
-        # weights instead (same seed -> same model on any TP/PP/VP), so Megatron only allocates.
+        # NOTE: Megatron's own init depends on the layout; soda_mega.model.init overwrites the
+        # weights afterwards (same seed -> same model on any TP/PP/VP). Megatron's init still
+        # runs because it is also where the tensor-parallel attributes (tensor_model_parallel,
+        # partition_dim) are set, which the gradient-norm and clipping code relies on.
         use_cpu_initialization=not on_gpu,
-        perform_initialization=False,
+        perform_initialization=True,
         # Fusions that need CUDA kernels; Megatron's unfused paths are used on CPU.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,

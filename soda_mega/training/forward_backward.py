@@ -93,6 +93,10 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor):
 def lm_forward_step(data_iterator, model):
     """Megatron ``forward_step_func``: next micro-batch through the model, per-token losses."""
     batch = next(data_iterator)
+    if batch is None:
+        # A middle pipeline stage: its input is the previous stage's activations, and the
+        # loader did not read any tokens for it.
+        return model(None, None, None), partial(masked_token_loss, None)
     output = model(
         batch["tokens"],
         batch["position_ids"],

@@ -229,7 +229,7 @@ def test_layout_mismatch_is_refused_with_fields(corpus):
 
 def test_missing_dataset_and_bad_geometry(tmp_path, corpus):
     cfg = load_config(preset="tiny", overrides=[f"--data.train={tmp_path}"])
-    with pytest.raises(DatasetError, match="soda_meta.json is missing"):
+    with pytest.raises(DatasetError, match="has no .train. split"):
         SodaDataLoader(cfg, dp_rank=0, dp_size=1)
     with pytest.raises(ValueError, match="global_batch_size"):
         BatchGeometry(SEQ, 2, 8, 0, 3)

@@ -70,6 +70,15 @@ def split_for_dp(batches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
     return [{k: v[i:i + MICRO_BATCH] for k, v in mine.items()} for i in range(0, per_rank, MICRO_BATCH)]
 
 
+def global_grad_norm(model, cfg) -> float:
+    """The optimizer's gradient norm (what clipping uses), reduced over all ranks."""
+    from soda_mega.training.optimizer import build_optimizer
+
+    optimizer = build_optimizer(model, cfg, peak_lr=1e-3)
+    optimizer.prepare_grads()
+    return float(optimizer.get_grad_norm())
+
+
 def run_reference(path: str) -> None:
     from soda_mega.model.gpt import build_model
     from soda_mega.parallel.sharding import full_weights_single_process, named_local_params
@@ -84,7 +93,7 @@ def run_reference(path: str) -> None:
     result = forward_backward(model, batches, NUM_MICRO, SEQ, MICRO_BATCH)
     grads = {g: p.main_grad.detach().clone() for g, _, p in named_local_params(model)}
     torch.save({"weights": weights, "grads": grads, "batches": batches, "loss": result.loss,
-                "tokens": result.num_tokens}, path)
+                "tokens": result.num_tokens, "grad_norm": global_grad_norm(model, cfg)}, path)
     state.shutdown()
 
 
@@ -113,6 +122,7 @@ def compare_case(name: str, ref: dict) -> dict:
     if split == "dp":
         batches = split_for_dp(batches, layout.dp_rank, layout.dp)
     result = forward_backward(model, batches, len(batches), SEQ, MICRO_BATCH)
+    grad_norm = global_grad_norm(model, cfg)
     grad_errors = {}
     for gname, _, param in named_local_params(model):
         expected = local_slice(gname, ref["grads"][gname], layout.tp_rank, layout.tp, param.shape)
@@ -128,6 +138,7 @@ def compare_case(name: str, ref: dict) -> dict:
         "num_tokens": result.num_tokens,
         "grad_rel_err": grad_errors,
         "init_rel_err": init_err,
+        "grad_norm": grad_norm,
     }
     state.shutdown(keep_process_group=True)
     return out
@@ -151,6 +162,7 @@ def main() -> int:
         print(f"[rank {rank}] {name} done", flush=True)
     with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"reference_loss": ref["loss"], "reference_tokens": ref["tokens"],
+                   "reference_grad_norm": ref["grad_norm"],
                    "results": results}, f, indent=1)
     return 0
 

@@ -47,7 +47,7 @@ def results(tmp_path_factory):
     for rank in ranks:
         for item in rank["results"]:
             by_case.setdefault(item["case"], []).append(item)
-    return ranks[0]["reference_loss"], ranks[0]["reference_tokens"], by_case
+    return ranks[0]["reference_loss"], ranks[0]["reference_tokens"], by_case, ranks[0]["reference_grad_norm"]
 
 
 def _loss_of(items: list[dict], split_over_dp: bool) -> tuple[float, int]:
@@ -62,7 +62,7 @@ def _loss_of(items: list[dict], split_over_dp: bool) -> tuple[float, int]:
 
 @pytest.mark.parametrize("case", [c for c, (_, _, ok) in CASES.items() if ok])
 def test_layout_matches_single_process(results, case):
-    ref_loss, ref_tokens, by_case = results
+    ref_loss, ref_tokens, by_case, ref_norm = results
     items = by_case[case]
     assert len(items) == 2, "both ranks must report"
     loss, tokens = _loss_of(items, split_over_dp=CASES[case][1] == "dp")
@@ -73,6 +73,9 @@ def test_layout_matches_single_process(results, case):
         worst = max(item["grad_rel_err"], key=item["grad_rel_err"].get)
         err = item["grad_rel_err"][worst]
         assert err <= PARALLEL_FP32["grad_rel"], f"{case} rank {item['layout']}: {worst} off by {err:.2e}"
+    # The optimizer's global gradient norm (used for clipping) is layout-independent too.
+    for item in items:
+        assert item["grad_norm"] == pytest.approx(ref_norm, rel=PARALLEL_FP32["grad_rel"])
     # Every parameter of the model must have been compared on some rank.
     compared = set().union(*(item["grad_rel_err"] for item in items))
     reference_names = set().union(*(i["grad_rel_err"] for i in by_case["tp2"]))
@@ -80,13 +83,13 @@ def test_layout_matches_single_process(results, case):
 
 
 def test_same_seed_gives_same_weights_in_every_layout(results):
-    _, _, by_case = results
+    _, _, by_case, _ = results
     for case, items in by_case.items():
         for item in items:
             assert item["init_rel_err"] == 0.0, f"{case}: fresh shards differ from the TP=1 weights"
 
 
 def test_broken_sequence_parallel_is_detected(results):
-    _, _, by_case = results
+    _, _, by_case, _ = results
     worst = max(max(item["grad_rel_err"].values()) for item in by_case["tp2_sp_broken"])
     assert worst > BROKEN_MIN_ERROR

@@ -1,0 +1,313 @@
+"""The pretraining loop: Megatron-core model, schedules, DDP and optimizer; data; checkpoints.
+
+One optimizer step = one global batch of ``training.global_batch_size`` sequences, split into
+micro-batches of ``training.micro_batch_size`` per data-parallel replica (gradient
+accumulation), run through Megatron-core's ``forward_backward_func`` (no pipelining, 1F1B or
+interleaved, chosen from the parallel layout). Before each update the global loss and
+gradient norm are checked: a non-finite step is skipped and reported, and ``run.max_bad_steps``
+of them in a row stop the run with an error.
+
+Everything a resume needs is in the checkpoint (weights, optimizer, loader position, step),
+and weights, data order and schedule are functions of (seed, step) only, so a run killed at
+any moment and restarted from its newest checkpoint continues the same loss trace, also on
+another TP / PP / DP layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from soda_mega.config.loader import dump_config
+from soda_mega.config.schema import SodaConfig
+from soda_mega.data.loader import SodaDataLoader
+from soda_mega.data.source import DatasetError
+from soda_mega.model.accounting import flops_per_token
+from soda_mega.model.gpt import build_model
+from soda_mega.parallel import state
+from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
+from soda_mega.training import checkpoint as ckpt
+from soda_mega.training.forward_backward import StepResult, forward_backward, wrap_ddp
+from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
+from soda_mega.training.optimizer import build_optimizer, inner_optimizers, set_hyperparameters
+from soda_mega.training.schedule import LRSchedule, soda_peak_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+def total_steps(cfg: SodaConfig) -> int:
+    """Optimizer steps that spend ``training.train_tokens`` (at least one)."""
+    per_step = cfg.training.global_batch_size * cfg.model.seq_length
+    return max(1, math.ceil(cfg.training.train_tokens / per_step))
+
+
+def peak_learning_rate(cfg: SodaConfig) -> float:
+    return cfg.training.lr or soda_peak_lr(cfg.training.global_batch_size, cfg.model.hidden_size)
+
+
+def _stats_vector(result: StepResult) -> torch.Tensor:
+    values = [result.loss_sum, float(result.num_tokens)]
+    for name in LOSS_GROUPS:
+        loss, count = result.groups.get(name, (0.0, 0))
+        values += [loss, float(count)]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _stats_dict(vec: torch.Tensor, prefix: str = "") -> dict:
+    out = {f"{prefix}loss": float(vec[0] / vec[1]) if vec[1] > 0 else float("nan"),
+           f"{prefix}tokens": int(vec[1])}
+    for i, name in enumerate(LOSS_GROUPS):
+        loss, count = float(vec[2 + 2 * i]), float(vec[3 + 2 * i])
+        if count > 0:
+            out[f"{prefix}loss_{name}"] = loss / count
+    return out
+
+
+class Trainer:
+    """Builds everything for a run and drives it; ``run()`` trains to the end (or max_steps)."""
+
+    def __init__(self, cfg: SodaConfig) -> None:
+        self.cfg = cfg
+        self.layout = state.initialize(cfg.parallel, cfg.training.seed)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.model = wrap_ddp(build_model(cfg), cfg)
+        self.steps_total = total_steps(cfg)
+        self.peak_lr = peak_learning_rate(cfg)
+        self.schedule = LRSchedule.from_config(cfg.training, self.steps_total, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
+        self.loader = SodaDataLoader(cfg, "train")
+        self.has_valid = True
+        if cfg.run.eval_interval:
+            try:
+                SodaDataLoader(cfg, "valid", num_workers=0)
+            except DatasetError as err:
+                self.has_valid = False
+                if dist.get_rank() == 0:
+                    print(f"soda-mega: validation is off: {err}", flush=True)
+        self.micro_per_step = self.loader.geometry.micro_batches_per_step
+        vocab = VocabLayout.from_config(cfg.vocab)
+        self.flops_per_token = flops_per_token(cfg.model, vocab.size).training
+        self.peak_tflops = peak_tflops(cfg.run.peak_tflops)
+        self.step = 0
+        self.tokens = 0
+        self.bad_steps = 0
+        rank = dist.get_rank()
+        # The last pipeline stage's first TP rank of DP replica 0 holds the loss: it logs.
+        self.is_logger = (self.layout.is_last_stage and self.layout.tp_rank == 0
+                          and self.layout.dp_rank == 0)
+        self.is_reporter = self.layout.is_last_stage and self.layout.tp_rank == 0
+        self.sink = MetricsSink(self.run_dir, self.is_logger, cfg.run.tensorboard, self.steps_total)
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    # ------------------------------------------------------------------ helpers
+    def _global_stats(self, result: StepResult) -> torch.Tensor:
+        """Loss sums/counts of the whole global batch, known on every rank."""
+        vec = _stats_vector(result) if self.is_reporter else torch.zeros(8, dtype=torch.float64)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        vec = vec.to(device)
+        dist.all_reduce(vec)
+        return vec.cpu()
+
+    def _guarded_update(self, loss_finite: bool) -> tuple[bool, float]:
+        """Clip and apply the update unless the loss or the gradient norm is non-finite."""
+        from megatron.core.optimizer import optimizer as moptimizer
+
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        if found_inf or not loss_finite or not math.isfinite(grad_norm):
+            return False, grad_norm
+        clip = self.cfg.training.clip_grad
+        if clip > 0:
+            for opt in inner_optimizers(self.optimizer):
+                params = opt.get_parameters()
+                if params:
+                    # Looked up at call time: the CPU shims wrap this function.
+                    moptimizer.clip_grad_by_total_norm_fp32(params, max_norm=clip,
+                                                            total_norm=grad_norm)
+        return bool(self.optimizer.step_with_ready_grads()), grad_norm
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "bad_steps": self.bad_steps,
+            "loader": self.loader.state_dict(),
+            "schedule": {"peak_lr": self.peak_lr, "total_steps": self.steps_total},
+            "layout": dataclasses.asdict(self.layout),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                    self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints)
+
+    def maybe_resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
+        if path is None:
+            return False
+        saved = json.loads((path / ckpt.STATE_FILE).read_text())
+        check_resumable(saved["config"], self.cfg)
+        trainer_state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.step = trainer_state["step"]
+        self.tokens = trainer_state["tokens"]
+        self.bad_steps = trainer_state["bad_steps"]
+        self.loader.load_state_dict(trainer_state["loader"])
+        if self.is_logger:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            print(f"soda-mega: resumed from {path} at step {self.step}", flush=True)
+        return True
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batches: list) -> dict:
+        lr = self.schedule.lr_at(self.step)
+        set_hyperparameters(self.optimizer, lr, self.cfg.training.weight_decay)
+        start = time.perf_counter()
+        result = forward_backward(self.model, batches, self.micro_per_step,
+                                  self.cfg.model.seq_length, self.cfg.training.micro_batch_size)
+        stats = self._global_stats(result)
+        loss_finite = bool(torch.isfinite(stats).all())
+        updated, grad_norm = self._guarded_update(loss_finite)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        step_tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length
+        self.step += 1
+        self.tokens += step_tokens
+        tokens_per_s = step_tokens / seconds
+        tflops = self.flops_per_token * tokens_per_s / dist.get_world_size() / 1e12
+        record = {"kind": "train", "step": self.step, **_stats_dict(stats), "grad_norm": grad_norm,
+                  "lr": lr, "skipped": not updated, "consumed_tokens": self.tokens,
+                  "step_seconds": seconds, "tokens_per_s": tokens_per_s,
+                  "tflops_per_gpu": tflops, **memory_gib()}
+        if self.peak_tflops:
+            record["mfu"] = tflops / self.peak_tflops
+        return record
+
+    def validate(self) -> dict:
+        """Held-out NLL per token, overall and per loss group (z-loss excluded)."""
+        loader = SodaDataLoader(self.cfg, "valid", num_workers=0)
+        limit = self.cfg.run.eval_batches or None
+        chunks = [getattr(m, "module", m) for m in self.model]
+        saved = [c.z_loss for c in chunks]
+        for chunk in chunks:
+            chunk.z_loss = 0.0
+        for m in self.model:
+            m.eval()
+        totals = StepResult(0.0, 0, {})
+        try:
+            batches = []
+            for i, batch in enumerate(loader):
+                if limit is not None and i >= limit:
+                    break
+                batches.append(batch)
+            # NOTE: every rank must run the same number of micro-batches: use the shortest.
+            count = torch.tensor([len(batches)], dtype=torch.long)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            batches = batches[:int(count)]
+            if batches:
+                totals = forward_backward(self.model, batches, len(batches),
+                                          self.cfg.model.seq_length,
+                                          self.cfg.training.micro_batch_size, forward_only=True)
+        finally:
+            for chunk, z in zip(chunks, saved):
+                chunk.z_loss = z
+            for m in self.model:
+                m.train()
+        stats = self._global_stats(totals)
+        return {"kind": "valid", "step": self.step, **_stats_dict(stats, prefix="valid_")}
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> list[dict]:
+        """Train until the token budget (or ``run.max_steps``) is spent; returns the records."""
+        cfg = self.cfg.run
+        self.maybe_resume()
+        end = min(self.steps_total, cfg.max_steps or self.steps_total)
+        records: list[dict] = []
+        data = iter(self.loader)
+        done_this_run = 0
+        while self.step < end:
+            batches = [next(data) for _ in range(self.micro_per_step)]
+            record = self.train_step(batches)
+            done_this_run += 1
+            records.append(record)
+            if record["skipped"]:
+                self.bad_steps += 1
+                self.sink.console(self.step, f"SKIPPED step: non-finite loss or gradient norm "
+                                  f"(loss {record['loss']}, grad norm {record['grad_norm']}); "
+                                  f"{self.bad_steps} in a row", done_this_run)
+                if self.bad_steps >= cfg.max_bad_steps:
+                    self.sink.write(record)
+                    raise TrainingDiverged(
+                        f"{self.bad_steps} consecutive steps had a non-finite loss or gradient norm "
+                        f"(last at step {self.step}); lower training.lr, check the data, or resume "
+                        f"from an earlier checkpoint in {self.ckpt_dir}")
+            else:
+                self.bad_steps = 0
+            self.sink.write(record)
+            if self.step % cfg.log_interval == 0 or self.step == end:
+                self.sink.console(self.step, _format(record), done_this_run)
+            if self.has_valid and cfg.eval_interval and (
+                    self.step % cfg.eval_interval == 0 or self.step == end):
+                valid = self.validate()
+                self.sink.write(valid)
+                self.sink.console(self.step, _format(valid), done_this_run)
+                records.append(valid)
+            if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == end:
+                path = self.save()
+                if self.is_logger:
+                    print(f"soda-mega: saved {path}", flush=True)
+        self.sink.close()
+        return records
+
+
+def _format(record: dict) -> str:
+    keys = ("loss", "loss_text", "loss_semantic", "loss_acoustic", "valid_loss", "valid_loss_text",
+            "valid_loss_semantic", "valid_loss_acoustic", "grad_norm", "lr", "tokens_per_s",
+            "tflops_per_gpu", "mfu", "gpu_peak_alloc_gib", "host_rss_gib")
+    parts = []
+    for key in keys:
+        if key in record:
+            value = record[key]
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+def check_resumable(saved: dict, cfg: SodaConfig) -> None:
+    """Refuse a checkpoint of another model, vocabulary or batch; name what differs."""
+    current = cfg.to_dict()
+    diffs = []
+    for section in ("model", "vocab"):
+        for key, value in saved[section].items():
+            if current[section].get(key) != value:
+                diffs.append(f"{section}.{key}: checkpoint {value!r} != config {current[section].get(key)!r}")
+    for key in ("global_batch_size", "seed"):
+        if saved["training"][key] != current["training"][key]:
+            diffs.append(f"training.{key}: checkpoint {saved['training'][key]!r} != config "
+                         f"{current['training'][key]!r}")
+    if diffs:
+        raise ValueError("the checkpoint in run.dir belongs to another run: " + "; ".join(diffs)
+                         + " (use another run.dir, or --run.resume=false to start over)")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric records past ``step`` (logged after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
