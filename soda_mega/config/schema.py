@@ -238,7 +238,7 @@ class RunConfig:
     max_steps: Optional[int] = fld(None, "stop after this many optimizer steps (none = the whole token budget)", ge=1)
     log_interval: int = fld(10, "optimizer steps between log lines", ge=1)
     eval_interval: int = fld(500, "steps between validation passes (0 = never)", ge=0)
-    eval_batches: int = fld(50, "micro-batches per validation pass and rank (0 = the whole split)", ge=0)
+    eval_batches: int = fld(50, "micro-batches per validation pass over all DP replicas (0 = the whole split)", ge=0)
     save_interval: int = fld(1000, "steps between checkpoints (0 = only at the end)", ge=0)
     keep_checkpoints: int = fld(3, "newest checkpoints to keep", ge=1)
     resume: bool = fld(True, "continue from the newest checkpoint in run.dir when there is one")

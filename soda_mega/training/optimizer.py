@@ -90,9 +90,14 @@ def build_optimizer(model_chunks, cfg: SodaConfig, peak_lr: float):
     if cfg.training.cautious:
         t = cfg.training
         for opt in inner_optimizers(optimizer):
-            opt.optimizer = CautiousAdamW(opt.optimizer.param_groups, lr=peak_lr,
-                                          betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                          weight_decay=t.weight_decay)
+            cautious = CautiousAdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak_lr,
+                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+            # NOTE: take over Megatron's groups as they are: the distributed optimizer has
+            # already swapped in its fp32 shards, which are views and would fail the leaf
+            # check of a fresh torch optimizer.
+            cautious.param_groups = opt.optimizer.param_groups
+            opt.optimizer = cautious
     set_hyperparameters(optimizer, peak_lr, cfg.training.weight_decay)
     return optimizer
 

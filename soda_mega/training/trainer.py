@@ -199,7 +199,9 @@ class Trainer:
     def validate(self) -> dict:
         """Held-out NLL per token, overall and per loss group (z-loss excluded)."""
         loader = SodaDataLoader(self.cfg, "valid", num_workers=0)
-        limit = self.cfg.run.eval_batches or None
+        # run.eval_batches counts micro-batches over all replicas, dealt round-robin, so every
+        # layout evaluates the same windows.
+        limit = max(1, self.cfg.run.eval_batches // self.layout.dp) if self.cfg.run.eval_batches else None
         chunks = [getattr(m, "module", m) for m in self.model]
         saved = [c.z_loss for c in chunks]
         for chunk in chunks:

@@ -1,0 +1,158 @@
+"""Whole training runs through the CLI: layouts, kill -9 + resume, resharding, divergence.
+
+All runs train the ``tiny`` model on one small synthetic corpus for 6 steps and are compared
+with the single-process run of the same seed through their ``metrics.jsonl`` loss traces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from soda_mega.config import load_config
+from soda_mega.data.synthetic import random_docs, write_split
+from soda_mega.tokens import VocabLayout
+from tolerances import PARALLEL_FP32, TRAINING_TRACE
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 6
+SAVE_AT = 3
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", f"--data.train={corpus / 'speech'},{corpus / 'text'}",
+            f"--run.dir={run_dir}", f"--run.max_steps={STEPS}", f"--run.save_interval={SAVE_AT}",
+            "--run.eval_interval=3", "--run.eval_batches=2", "--run.log_interval=1",
+            "--run.tensorboard=false", "--training.adam_eps=1e-8", *extra]
+
+
+def _train(corpus, run_dir, *extra, procs=1, check=True):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(procs), "-m", "soda_mega.cli"] if procs > 1
+                else [sys.executable, "-m", "soda_mega.cli"])
+    proc = subprocess.run(launcher + _args(corpus, run_dir, *extra), capture_output=True,
+                          text=True, env=_env(), timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def _trace(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    layout = VocabLayout.from_config(load_config(preset="tiny").vocab)
+    for name, kind, n in (("speech", "speech", 120), ("text", "text", 60)):
+        write_split(root / name / "train", layout, random_docs(layout, n, 20, 300, 1, kind), kind)
+        write_split(root / name / "valid", layout, random_docs(layout, 8, 20, 300, 2, kind), kind,
+                    split="valid")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    _train(corpus, run_dir)
+    return run_dir
+
+
+def _assert_same_trace(got, want, rtol, keys=("loss", "grad_norm")):
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=rtol), (key, a["step"], a[key], b[key])
+
+
+def test_reference_run_logs_everything(reference):
+    train = _trace(reference)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    first = train[0]
+    for key in ("loss", "loss_text", "loss_semantic", "loss_acoustic", "grad_norm", "lr",
+                "tokens_per_s", "tflops_per_gpu", "consumed_tokens"):
+        assert key in first, key
+    assert not any(r["skipped"] for r in train)
+    valid = _trace(reference, "valid")
+    assert [r["step"] for r in valid] == [3, 6]
+    assert all(r["valid_loss"] > 0 for r in valid)
+    assert (reference / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+    assert (reference / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("layout", [
+    ["--parallel.tensor_parallel=2"],
+    ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"],
+    ["--parallel.pipeline_parallel=2"],
+    [],  # DP=2 with the distributed optimizer
+], ids=["tp2", "tp2_sp", "pp2", "dp2"])
+def test_two_process_layouts_follow_the_one_process_trace(corpus, reference, tmp_path, layout):
+    _train(corpus, tmp_path, *layout, procs=2)
+    _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["rtol"])
+    _assert_same_trace(_trace(tmp_path, "valid"), _trace(reference, "valid"),
+                       PARALLEL_FP32["loss_rtol"], keys=("valid_loss",))
+
+
+def test_kill_9_then_resume_continues_the_same_trace(corpus, reference, tmp_path):
+    cmd = [sys.executable, "-m", "soda_mega.cli"] + _args(corpus, tmp_path, "--run.save_interval=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "checkpoints" / f"step_{SAVE_AT:08d}").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    assert latest.startswith("step_") and int(latest[5:]) < STEPS, "the kill came too late"
+    _train(corpus, tmp_path, "--run.save_interval=1")
+    _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["resume_rtol"])
+
+
+def test_tp2_checkpoint_resumes_on_one_process(corpus, tmp_path):
+    tp2 = tmp_path / "tp2"
+    _train(corpus, tp2, "--parallel.tensor_parallel=2", procs=2)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tp2 / "checkpoints" / f"step_{SAVE_AT:08d}",
+                    resumed / "checkpoints" / f"step_{SAVE_AT:08d}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{SAVE_AT:08d}")
+    _train(corpus, resumed)
+    got, want = _trace(resumed), _trace(tp2)[SAVE_AT:]
+    # The first step after loading runs the very weights the TP=2 run had at that step.
+    assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=PARALLEL_FP32["loss_rtol"])
+    _assert_same_trace(got, want, TRAINING_TRACE["rtol"])
+
+
+def test_resume_refuses_another_model(corpus, reference, tmp_path):
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    proc = _train(corpus, tmp_path, "--model.num_layers=2", check=False)
+    assert proc.returncode != 0
+    assert "model.num_layers: checkpoint 4 != config 2" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
+    proc = _train(corpus, tmp_path, "--training.lr=1e30", "--training.warmup_fraction=0",
+                  "--run.max_bad_steps=2", "--training.clip_grad=0", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "consecutive steps had a non-finite loss or gradient norm" in proc.stderr
+    trace = _trace(tmp_path)
+    assert [r["skipped"] for r in trace][-2:] == [True, True]
+    assert not trace[0]["skipped"]
