@@ -35,7 +35,11 @@ def run(args) -> int:
         from soda_mega.training.plan import describe_run
 
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(describe_run(cfg, world))
+        try:
+            print(describe_run(cfg, world))
+        except ValueError as err:
+            print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
+            return 2
         return 0
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 
