@@ -156,3 +156,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(corpus, tmp_path):
     trace = _trace(tmp_path)
     assert [r["skipped"] for r in trace][-2:] == [True, True]
     assert not trace[0]["skipped"]
+
+
+def test_fused_torch_loss_path_trains_like_megatron(corpus, reference, tmp_path):
+    """kernels.loss=torch (chunked vocab-parallel CE, never the full logits) follows the same
+    trace as Megatron's loss; the Triton kernels are compared with it at model level under the
+    interpreter in tests/kernels (a CPU training run through the interpreter takes minutes)."""
+    _train(corpus, tmp_path, "--kernels.loss=torch")
+    _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["rtol"])
