@@ -58,3 +58,6 @@ TRAINING_TRACE = {
     # the state round trip through the checkpoint could differ, and it must not.
     "resume_rtol": 1e-6,
 }
+# The committed golden trace of the tiny run vs. a fresh run: same code, but possibly another
+# CPU whose BLAS picks other kernels (AVX2 vs AVX-512 summation order): rounding-level drift.
+TRAINING_TRACE["golden_rtol"] = 1e-4

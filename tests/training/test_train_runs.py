@@ -164,3 +164,20 @@ def test_fused_torch_loss_path_trains_like_megatron(corpus, reference, tmp_path)
     interpreter in tests/kernels (a CPU training run through the interpreter takes minutes)."""
     _train(corpus, tmp_path, "--kernels.loss=torch")
     _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["rtol"])
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden_tiny_trace.json"
+
+
+def test_reference_trace_matches_the_committed_golden_trace(reference):
+    """Any change to initialisation, data order, loss or optimizer shows up here.
+
+    Regenerate deliberately with ``SODA_UPDATE_GOLDEN=1 pytest tests/training -k golden``
+    and explain the change in the commit message.
+    """
+    trace = [{"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"], "lr": r["lr"]}
+             for r in _trace(reference)]
+    if os.environ.get("SODA_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(trace, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    _assert_same_trace(trace, golden, TRAINING_TRACE["golden_rtol"], keys=("loss", "grad_norm", "lr"))
