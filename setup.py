@@ -34,7 +34,12 @@ setup(
     python_requires=">=3.11",
     packages=packages,
     package_dir={"soda_kernels": "kernels"},
-    package_data={"soda_mega.config": ["presets/*.yaml"]},
+    package_data={
+        "soda_mega.config": ["presets/*.yaml"],
+        # the embedded demo corpus (soda-mega data demo): sentences, text corpus, fallback WAVs
+        "soda_mega.data": ["demo_assets/*.txt", "demo_assets/fallback/*.wav",
+                           "demo_assets/fallback/*.jsonl"],
+    },
     include_package_data=True,
     install_requires=["torch>=2.6"] + _requirements("runtime.txt"),
     extras_require={

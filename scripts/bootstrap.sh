@@ -2,6 +2,7 @@
 # One command from a fresh clone: create .venv, install soda-mega and its dependencies
 # (without ever replacing the torch that is there), then run what was asked:
 #   bash scripts/bootstrap.sh test        # the test suite (what CI runs)
+#   bash scripts/bootstrap.sh demo        # the main job: tiny model on the demo corpus, CPU
 #   bash scripts/bootstrap.sh install     # only the environment
 #   bash scripts/bootstrap.sh -- CMD ...  # any command inside the environment
 # Environment: PYTHON (interpreter for the venv, default python3), SODA_VENV (default .venv),
@@ -39,11 +40,33 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[bootstrap] environment ready"
 fi
 
+# espeak-ng synthesises the speech of the demo corpus (`soda-mega data demo`). Best effort:
+# installed only when missing, with apt-get, as root; never fails the bootstrap. Without it the
+# demo falls back to the few WAV files shipped in soda_mega/data/demo_assets/fallback.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[bootstrap] installing espeak-ng (speech for the demo corpus)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null 2>&1; }; } || true
+  fi
+  if ! command -v espeak-ng >/dev/null 2>&1; then
+    echo "[bootstrap] NOTE: espeak-ng is not installed and could not be installed here (needs apt-get" \
+         "and root); \`soda-mega data demo\` will use the shipped WAV files instead"
+  fi
+fi
+
 cmd=${1:-test}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) ;;
   test) exec python -m pytest tests "$@" ;;
+  demo)
+    # The main job on the embedded default: the tiny model on the demo corpus, on CPU.
+    if [ ! -f runs/demo-corpus/speech/train/soda_meta.json ] || [ ! -f runs/demo-corpus/text/train/soda_meta.json ]; then
+      soda-mega data demo runs/demo-corpus
+    fi
+    exec soda-mega train --config launchers/configs/tiny-demo.yaml "$@" ;;
   --) exec "$@" ;;
-  *) echo "usage: bash scripts/bootstrap.sh [test|install|-- CMD...]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/bootstrap.sh [test|demo|install|-- CMD...]" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from soda_mega.config.fields import ConfigError
 
@@ -13,6 +14,8 @@ from soda_mega.config.fields import ConfigError
 COMMANDS = {
     "model": "soda_mega.commands.model_info",
     "config": "soda_mega.commands.show_config",
+    "train": "soda_mega.commands.train",
+    "data": "soda_mega.commands.data",
 }
 
 
@@ -30,7 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_warnings() -> None:
+    # Megatron-core announces at import that Transformer Engine / apex are absent; soda-mega has
+    # its own fallbacks for both, so these lines are noise on every run.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_library_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.overrides = [a for a in extra]

@@ -155,7 +155,7 @@ class TrainingConfig:
 class DataConfig:
     """Where the token streams come from and how they are mixed."""
 
-    train: list[str] = fld(help="MDS dataset folders for training (empty = the built-in demo corpus)",
+    train: list[str] = fld(help="dataset roots for training (built by `soda-mega data build` or `soda-mega data demo`)",
                            default_factory=list)
     valid: list[str] = fld(help="MDS dataset folders held out for validation", default_factory=list)
     weights: list[float] = fld(help="mixture weight per training folder (empty = by token count)",

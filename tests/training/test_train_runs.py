@@ -114,11 +114,13 @@ def test_two_process_layouts_follow_the_one_process_trace(corpus, reference, tmp
 
 def test_kill_9_then_resume_continues_the_same_trace(corpus, reference, tmp_path):
     cmd = [sys.executable, "-m", "soda_mega.cli"] + _args(corpus, tmp_path, "--run.save_interval=1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    # A session of its own, so the kill also takes the checkpoint writer's helper process.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "checkpoints" / f"step_{SAVE_AT:08d}").exists():
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     latest = (tmp_path / "checkpoints" / "latest").read_text()
     assert latest.startswith("step_") and int(latest[5:]) < STEPS, "the kill came too late"

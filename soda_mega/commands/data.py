@@ -1,0 +1,197 @@
+"""``soda-mega data ACTION``: build, demo (and inspect) SODA token datasets.
+
+Each action is a ``register_<action>(actions) -> parser`` function below that sets
+``_data_run`` on its parser; :data:`ACTIONS` lists them in ``--help`` order. A new action
+(``inspect``) is added by writing its register function and appending it to :data:`ACTIONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from soda_mega.commands.show_config import add_config_arguments
+from soda_mega.config import load_config
+
+BUILD_EPILOG = """\
+inputs:
+  --manifest FILE  JSONL, one recording per line:
+                   {"id": ..., "audio": "rel/path.wav", "transcript": "..."}  or
+                   {"audio": ..., "segments": [{"start": 0.0, "end": 2.1, "text": "..."}, ...]}  or
+                   {"codes": "rel/codes.npy", ...}  (pre-encoded [K, T] Mimi codes, no codec run);
+                   paths are relative to the manifest. Builds a "speech" dataset.
+  --text FILE      .jsonl ({"text": ..., "id": optional} per line) or plain UTF-8 text (one
+                   document per blank-line-separated paragraph; --data.text_split=line for one
+                   per line). Builds a "text" dataset.
+output: OUT/train and OUT/valid (MDS shards, soda_meta.json, doc_lengths.npy). An interrupted
+build resumes when rerun with the same command. Bad records are reported, counted in
+soda_meta.json "skipped", and left out. Build settings are the data.* config fields (see
+`soda-mega config --fields`), e.g. --data.valid_fraction=0.02 --data.doc_types=[audio_first,speech_only].
+The embedded demo corpus (espeak-ng speech + a shipped text corpus): `soda-mega data demo OUT`.
+"""
+
+DEMO_EPILOG = """\
+Builds OUT/speech (espeak-ng speech of the shipped sentences, several voices and speeds, three
+sentences per recording, encoded with Mimi: random init unless --mimi-weights) and OUT/text
+(the shipped text corpus), each with train/valid splits, using the tiny preset's vocabulary
+unless --config/--preset say otherwise. Without espeak-ng it says so and uses the few WAV
+files shipped in the repo. The synthesised audio and its manifest stay in OUT/sources.
+"""
+
+
+def _shorthands(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mimi-weights", metavar="PATH",
+                   help="local Mimi weights (= --data.mimi_weights=PATH); without: random init, marked")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="local HuggingFace tokenizer.json (= --data.tokenizer=PATH); without: byte-level")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes (= --data.build_workers=N; 0 = in this process)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a folder that holds another build instead of refusing")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _overrides(args) -> list[str]:
+    overrides = list(args.overrides)
+    if args.mimi_weights:
+        overrides.append(f"--data.mimi_weights={args.mimi_weights}")
+    if args.tokenizer:
+        overrides.append(f"--data.tokenizer={args.tokenizer}")
+    if args.workers is not None:
+        overrides.append(f"--data.build_workers={args.workers}")
+    return overrides
+
+
+def _print_results(args, results) -> None:
+    from soda_mega.data.build import result_dict, summary_lines
+
+    if args.json:
+        print(json.dumps([result_dict(r) for r in results], indent=2))
+        return
+    for r in results:
+        print("\n".join(summary_lines(r)))
+
+
+# ----------------------------------------------------------------- data build
+def register_build(actions) -> argparse.ArgumentParser:
+    p = actions.add_parser(
+        "build", help="audio manifests or text corpora -> SODA documents in MDS shards",
+        description="Encode recordings with Mimi (or take pre-encoded codes), tokenize text, build "
+                    "SODA documents (audio-first / text-first interleaving, speech-only, semantic-only, "
+                    "text-only) and write them as MDS shards with train/valid splits.",
+        epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="dataset folder to create (or resume)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--manifest", action="append", metavar="FILE",
+                       help="recording manifest (JSONL); repeat for several")
+    group.add_argument("--text", action="append", metavar="FILE",
+                       help="text corpus (.jsonl or plain text); repeat for several")
+    add_config_arguments(p)
+    _shorthands(p)
+    p.set_defaults(_data_run=run_build)
+    return p
+
+
+def run_build(args) -> int:
+    from soda_mega.data.build import BuildError, build_dataset
+
+    cfg = load_config(args.config, args.preset, _overrides(args))
+    kind, inputs = ("speech", args.manifest) if args.manifest else ("text", args.text)
+    try:
+        result = build_dataset(args.out, inputs, kind, cfg, overwrite=args.overwrite,
+                               show_progress=not args.quiet)
+    except BuildError as err:
+        print(f"soda-mega data build: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nsoda-mega data build: interrupted; finished work units are kept, rerun the same "
+              f"command to resume", file=sys.stderr)
+        return 130
+    _print_results(args, [result])
+    return 0
+
+
+# ----------------------------------------------------------------- data demo
+def register_demo(actions) -> argparse.ArgumentParser:
+    p = actions.add_parser(
+        "demo", help="build the embedded demo corpus (espeak-ng speech + shipped text)",
+        description="One command, any machine: synthesise the shipped sentences with espeak-ng and "
+                    "build the speech and text demo datasets.",
+        epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", metavar="OUT", help="folder for OUT/speech, OUT/text and OUT/sources")
+    add_config_arguments(p)
+    _shorthands(p)
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N sentences (quick runs)")
+    p.add_argument("--no-espeak", action="store_true",
+                   help="use the shipped WAV files even when espeak-ng is installed")
+    p.set_defaults(_data_run=run_demo)
+    return p
+
+
+def run_demo(args) -> int:
+    from soda_mega.data.build import BuildError
+    from soda_mega.data.demo import build_demo, demo_config
+
+    cfg = demo_config(args.config, args.preset, _overrides(args))
+    try:
+        results = build_demo(args.out, cfg, overwrite=args.overwrite, limit=args.limit,
+                             use_espeak=not args.no_espeak, show_progress=not args.quiet)
+    except BuildError as err:
+        print(f"soda-mega data demo: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nsoda-mega data demo: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    _print_results(args, results)
+    return 0
+
+
+# ----------------------------------------------------------------- registry
+# `data inspect` (soda_mega/data/inspect.py) registers here: append its register function.
+def register_inspect(actions) -> argparse.ArgumentParser:
+    p = actions.add_parser(
+        "inspect", help="counts per modality and document type, hours, one document shown",
+        description="Summarise a built dataset (both splits) and show one document as decoded "
+                    "text, special tokens and audio spans plus its token ids; --wav decodes the "
+                    "document's first audio span back to audio with the dataset's codec.")
+    p.add_argument("path", metavar="PATH", help="dataset root (holding train/ and valid/)")
+    p.add_argument("--sample", type=int, default=0, metavar="I", help="document index to show")
+    p.add_argument("--split", default="train", choices=("train", "valid"))
+    p.add_argument("--wav", metavar="FILE", help="write the first audio span as a 24 kHz WAV")
+    p.add_argument("--mimi-weights", metavar="PATH",
+                   help="Mimi weights for --wav (default: the ones recorded in the dataset)")
+    p.set_defaults(_data_run=run_inspect)
+    return p
+
+
+def run_inspect(args) -> int:
+    from soda_mega.data.inspect import inspect_dataset
+    from soda_mega.data.source import DatasetError
+
+    try:
+        print(inspect_dataset(args.path, sample=args.sample, split=args.split, wav=args.wav,
+                              mimi_weights=args.mimi_weights))
+    except DatasetError as err:
+        print(f"soda-mega data inspect: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+ACTIONS = [register_build, register_demo, register_inspect]
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("data", help="build (and inspect) SODA token datasets",
+                       description="Build SODA token datasets: MDS shards of interleaved audio/text "
+                                   "documents with train/valid splits.")
+    actions = p.add_subparsers(dest="data_action", metavar="ACTION")
+    actions.required = True
+    for register_action in ACTIONS:
+        register_action(actions)
+    return p
+
+
+def run(args) -> int:
+    return int(args._data_run(args) or 0)

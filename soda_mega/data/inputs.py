@@ -1,0 +1,323 @@
+"""Readers for the inputs users have: recording manifests, audio, pre-encoded codes, text corpora.
+
+**Recording manifest** (JSONL, one recording per line; blank lines ignored)::
+
+    {"id": "spk1/utt7", "audio": "wavs/utt7.wav", "transcript": "Hello there."}
+    {"audio": "long/talk.flac", "segments": [{"start": 0.0, "end": 2.4, "text": "Hello."},
+                                              {"start": 2.9, "end": 6.1, "text": "How are you?"}]}
+    {"codes": "codes/utt9.npy", "transcript": "Pre-encoded, skips the codec."}
+    {"audio": "music/untranscribed.wav"}
+
+* ``audio`` or ``codes`` (exactly one): a path relative to the manifest's folder (or absolute).
+  ``codes`` is a ``.npy`` integer array ``[K', T]`` at the codec's frame rate (12.5/s) with
+  ``K' >= K`` (the first K are kept: residual codebooks stay valid when cut) and values in
+  ``[0, codebook_size)``.
+* ``transcript`` (one segment spanning the whole recording) or ``segments`` (``start``/``end``
+  in seconds, ``0 <= start < end``, non-empty ``text``; sorted by start). With neither, only
+  the audio-only document types (speech_only, semantic_only) are built for the recording.
+* ``id``: optional; by default ``<manifest stem>/<audio or codes path as written>``. Ids decide
+  the train/valid split, so they should be stable; a repeated id is skipped.
+
+**Audio** is read with ``sphn`` (Rust symphonia decoders: WAV PCM 8/16/24/32-bit and float,
+FLAC, MP3, Ogg/Vorbis): one reader for every format users have, returning float32
+``[channels, samples]``, where the stdlib ``wave`` module would only cover integer-PCM WAV.
+Unreadable files, zero samples, sample rates below 8 kHz and non-finite samples are bad input.
+A recording is read whole (4 bytes x rate x seconds x channels of memory).
+
+**Text corpus**: ``.jsonl`` / ``.json`` files hold one ``{"text": ..., "id": optional}`` object
+per line; any other file is plain UTF-8 text, one document per blank-line-separated paragraph
+(``data.text_split=paragraph``, the default; the paragraph's lines are joined with newlines)
+or one document per non-empty line (``data.text_split=line``). Default ids are
+``<file name>:<first line number>``. Text corpora are read in byte ranges so that a
+planner can cut a large file into work units without holding it in memory.
+
+Every problem with one record raises :class:`InputError` (or comes back as :class:`Skipped`)
+with a message naming the record; the builder counts and skips it and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+MIN_SAMPLE_RATE = 8000
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+class InputError(ValueError):
+    """One input record is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A bad input record that the build left out."""
+
+    record: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One transcribed stretch of a recording; ``end=None`` runs to the end of the audio."""
+
+    start: float
+    end: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One manifest line: where the audio (or codes) is and what was said."""
+
+    record_id: str
+    where: str  # "<manifest>:<line>", for messages
+    audio: str | None
+    codes: str | None
+    segments: tuple[Segment, ...] | None  # None: untranscribed
+
+
+# ----------------------------------------------------------------- manifests
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{what} must be a finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{what} must be a non-empty string, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{what} is not valid Unicode text ({err.reason} at {err.start})") from None
+    return value.strip()
+
+
+def parse_record(obj, where: str, base: Path, default_prefix: str) -> Recording:
+    """One manifest object -> :class:`Recording` (paths resolved against ``base``)."""
+    if not isinstance(obj, dict):
+        raise InputError(f"a manifest line must be a JSON object, got {type(obj).__name__}")
+    has_audio, has_codes = "audio" in obj, "codes" in obj
+    if has_audio == has_codes:
+        raise InputError("give exactly one of 'audio' (a file) or 'codes' (a .npy file)")
+    key = "audio" if has_audio else "codes"
+    rel = obj[key]
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"'{key}' must be a path string, got {rel!r}")
+    path = str((base / rel).resolve()) if not Path(rel).is_absolute() else rel
+    if "transcript" in obj and "segments" in obj:
+        raise InputError("give either 'transcript' or 'segments', not both")
+    segments: tuple[Segment, ...] | None = None
+    if "transcript" in obj:
+        segments = (Segment(0.0, None, _text(obj["transcript"], "'transcript'")),)
+    elif "segments" in obj:
+        raw = obj["segments"]
+        if not isinstance(raw, list) or not raw:
+            raise InputError("'segments' must be a non-empty list of {start, end, text}")
+        parsed = []
+        for i, seg in enumerate(raw):
+            what = f"segments[{i}]"
+            if not isinstance(seg, dict) or not {"start", "end", "text"} <= set(seg):
+                raise InputError(f"{what} must be an object with start, end and text")
+            start, end = _number(seg["start"], f"{what}.start"), _number(seg["end"], f"{what}.end")
+            if not 0 <= start < end:
+                raise InputError(f"{what}: need 0 <= start < end, got start={start} end={end}")
+            parsed.append(Segment(start, end, _text(seg["text"], f"{what}.text")))
+        segments = tuple(sorted(parsed, key=lambda s: (s.start, s.end)))
+    rid = obj.get("id", f"{default_prefix}/{rel}")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        raise InputError(f"'id' must be a non-empty string or integer, got {rid!r}")
+    return Recording(str(rid), where, path if has_audio else None, None if has_audio else path, segments)
+
+
+def read_manifest(path: str | Path) -> tuple[list[Recording], list[Skipped]]:
+    """All recordings of a JSONL manifest, and the lines that could not be used."""
+    path = Path(path)
+    base = path.resolve().parent
+    recordings: list[Recording] = []
+    skipped: list[Skipped] = []
+    seen: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path.name}:{line_no}"
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise InputError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+                rec = parse_record(obj, where, base, path.stem)
+            except InputError as err:
+                skipped.append(Skipped(where, str(err)))
+                continue
+            if rec.record_id in seen:
+                skipped.append(Skipped(f"{rec.record_id} ({where})",
+                                       f"duplicate record id, first used at {seen[rec.record_id]}; "
+                                       "give each line a unique 'id'"))
+                continue
+            seen[rec.record_id] = where
+            recordings.append(rec)
+    return recordings, skipped
+
+
+# ----------------------------------------------------------------- audio and codes
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Float32 ``[channels, samples]`` and the sample rate; :class:`InputError` when unusable."""
+    import sphn
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"audio file not found: {path}")
+    try:
+        wav, sample_rate = sphn.read(str(path))
+    except Exception as err:  # sphn raises ValueError / OSError with the decoder's message
+        raise InputError(f"cannot decode audio {path.name}: {err}") from None
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 2 or wav.shape[-1] == 0:
+        raise InputError(f"audio {path.name} is empty (0 samples)")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise InputError(f"audio {path.name}: sample rate {sample_rate} Hz is below {MIN_SAMPLE_RATE} Hz")
+    if not np.isfinite(wav).all():
+        raise InputError(f"audio {path.name} has NaN or infinite samples (wrong sample format?)")
+    return wav, int(sample_rate)
+
+
+def load_codes(path: str | Path, num_codebooks: int, codebook_size: int) -> np.ndarray:
+    """Pre-encoded codes ``[K', T]`` from ``.npy`` -> int64 ``[num_codebooks, T]``, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"codes file not found: {path}")
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise InputError(f"cannot read codes {path.name} as a .npy array: {err}") from None
+    if codes.ndim != 2:
+        raise InputError(f"codes {path.name} must be [num_codebooks, frames], got shape {codes.shape}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise InputError(f"codes {path.name} must be integers, got dtype {codes.dtype}")
+    if codes.shape[0] < num_codebooks:
+        raise InputError(f"codes {path.name} have {codes.shape[0]} codebooks; the layout needs "
+                         f"{num_codebooks} (vocab.num_codebooks)")
+    if codes.shape[1] == 0:
+        raise InputError(f"codes {path.name} are empty (0 frames)")
+    codes = codes[:num_codebooks].astype(np.int64)
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= codebook_size:
+        raise InputError(f"codes {path.name} hold values in [{low}, {high}], outside "
+                         f"[0, {codebook_size}) (vocab.codebook_size)")
+    return codes
+
+
+# ----------------------------------------------------------------- text corpora
+@dataclass(frozen=True)
+class TextRange:
+    """A byte range of a text corpus holding whole documents: one work unit's input."""
+
+    path: str
+    fmt: str  # "jsonl" | "paragraph" | "line"
+    start: int
+    end: int
+    first_line: int
+    num_docs: int
+
+
+@dataclass(frozen=True)
+class TextDoc:
+    record_id: str
+    text: str
+
+
+def text_format(path: str | Path, split: str) -> str:
+    """``jsonl`` for .jsonl/.json files, else the plain-text split mode (paragraph | line)."""
+    return "jsonl" if Path(path).suffix.lower() in JSONL_SUFFIXES else split
+
+
+def _raw_docs(f, fmt: str, start: int, end: float, first_line: int
+              ) -> Iterator[tuple[int, int, int, bytes]]:
+    """Documents of a byte range: (first line number, byte offset and line number right after
+    the document, raw bytes). A paragraph ends at the blank line that follows it."""
+    f.seek(start)
+    pos, line_no = start, first_line
+    para: list[bytes] = []
+    para_line = line_no
+    while pos < end:
+        line = f.readline()
+        if not line:
+            break
+        pos += len(line)
+        line_no += 1
+        blank = not line.strip()
+        if fmt == "paragraph":
+            if not blank:
+                if not para:
+                    para_line = line_no - 1
+                para.append(line)
+            elif para:
+                yield para_line, pos, line_no, b"".join(para)
+                para = []
+        elif not blank:
+            yield line_no - 1, pos, line_no, line
+    if para:
+        yield para_line, pos, line_no, b"".join(para)
+
+
+def plan_text(path: str | Path, fmt: str, docs_per_unit: int) -> list[TextRange]:
+    """Cut a corpus into ranges of ``docs_per_unit`` documents (one pass, constant memory)."""
+    path = str(path)
+    ranges: list[TextRange] = []
+    unit_start, unit_line, count = 0, 1, 0
+    with open(path, "rb") as f:
+        for _, pos, next_line, _ in _raw_docs(f, fmt, 0, math.inf, 1):
+            count += 1
+            if count == docs_per_unit:
+                ranges.append(TextRange(path, fmt, unit_start, pos, unit_line, count))
+                unit_start, unit_line, count = pos, next_line, 0
+        if count:
+            ranges.append(TextRange(path, fmt, unit_start, pos, unit_line, count))
+    return ranges
+
+
+def read_text_range(r: TextRange) -> Iterator[TextDoc | Skipped]:
+    """The documents of one range; bad ones (non-UTF-8, bad JSON, no text) as :class:`Skipped`."""
+    name = Path(r.path).name
+    with open(r.path, "rb") as f:
+        for line_no, _, _, raw in _raw_docs(f, r.fmt, r.start, r.end, r.first_line):
+            where = f"{name}:{line_no}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Skipped(where, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})")
+                continue
+            rid = where
+            if r.fmt == "jsonl":
+                try:
+                    obj = json.loads(text)
+                    if not isinstance(obj, dict):
+                        raise InputError("a line must be a JSON object with a 'text' field")
+                    text = _text(obj.get("text"), "'text'")
+                    if "id" in obj:
+                        rid = str(obj["id"])
+                except json.JSONDecodeError as err:
+                    yield Skipped(where, f"not valid JSON ({err.msg} at column {err.colno})")
+                    continue
+                except InputError as err:
+                    yield Skipped(where, str(err))
+                    continue
+            else:
+                text = text.strip()
+                if r.fmt == "paragraph":
+                    text = "\n".join(line.strip() for line in text.splitlines())
+            yield TextDoc(rid, text)

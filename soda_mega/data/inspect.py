@@ -1,0 +1,149 @@
+"""``soda-mega data inspect``: what a built dataset holds, and one document made readable.
+
+Reports per split: documents by type, tokens by modality, hours of audio, skipped inputs, the
+codec (and loudly, whether its weights were random) and the vocabulary layout. One document
+is shown as a sequence of spans: text decoded with the dataset's tokenizer, special tokens by
+name, audio as frame counts per span, followed by its first token ids. With ``--wav`` the
+document's first audio span is decoded back to a WAV file with the codec.
+"""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from soda_mega.data.schema import SPLITS
+from soda_mega.data.source import DatasetError, DocumentSource
+from soda_mega.tokens.layout import Modality, VocabLayout
+
+
+def _tokenizer(meta: dict, layout: VocabLayout):
+    """The dataset's tokenizer when it can be loaded here (else None: ids are shown)."""
+    from soda_mega.data.tokenizer import ByteTokenizer, HFTokenizer
+
+    info = meta.get("tokenizer") or {}
+    if info.get("kind") == "byte":
+        return ByteTokenizer()
+    if info.get("kind") == "hf" and info.get("path") and Path(info["path"]).is_file():
+        return HFTokenizer(info["path"])
+    return None
+
+
+def spans(tokens: np.ndarray, layout: VocabLayout) -> list[tuple[str, np.ndarray]]:
+    """Split a document into runs of one kind: ("text"|"audio"|"special", ids)."""
+    mods = layout.modality(torch.from_numpy(tokens.astype(np.int64))).numpy()
+    kinds = np.where(mods == Modality.TEXT, 0, np.where(mods == Modality.SPECIAL, 1, 2))
+    out: list[tuple[str, np.ndarray]] = []
+    start = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or kinds[i] != kinds[start] or kinds[start] == 1:
+            name = ("text", "special", "audio")[kinds[start]]
+            out.append((name, tokens[start:i]))
+            start = i
+    return out
+
+
+def render_document(tokens: np.ndarray, layout: VocabLayout, tokenizer=None, max_ids: int = 48) -> str:
+    """A one-document view: spans with decoded text / names / frame counts, then raw ids."""
+    names = {layout.special_id(n): n for n in layout.special_tokens}
+    parts = []
+    for kind, ids in spans(tokens, layout):
+        if kind == "special":
+            parts.append(names[int(ids[0])])
+        elif kind == "text":
+            body = [int(i) for i in ids if i not in (layout.bos_id, layout.eos_id)]
+            if len(body) < len(ids):
+                parts += ["<BOS>" if i == layout.bos_id else "<EOS>" for i in ids
+                          if i in (layout.bos_id, layout.eos_id)]
+            if body:
+                text = tokenizer.decode(body) if tokenizer is not None else f"ids {body[:12]}..."
+                parts.append(repr(text))
+        else:
+            cbs = layout.codebook_of(torch.from_numpy(ids.astype(np.int64)))
+            used = sorted(set(cbs.tolist()))
+            frames = len(ids) / max(len(used), 1)
+            parts.append(f"[audio {frames:g} frames x codebooks {used[0]}..{used[-1]}]")
+    shown = " ".join(str(int(i)) for i in tokens[:max_ids])
+    more = f" ... ({len(tokens)} tokens)" if len(tokens) > max_ids else ""
+    return " ".join(parts) + f"\n  ids: {shown}{more}"
+
+
+def first_audio_codes(tokens: np.ndarray, layout: VocabLayout) -> torch.Tensor | None:
+    """Codes ``[K, T]`` of the document's first audio span (whole frames only), or None."""
+    for kind, ids in spans(tokens, layout):
+        if kind == "audio":
+            ids_t = torch.from_numpy(ids.astype(np.int64))
+            k = len(set(layout.codebook_of(ids_t).tolist()))
+            usable = len(ids) // k * k
+            return layout.ids_to_codes(ids_t[:usable], num_codebooks=k)
+    return None
+
+
+def write_wav(path: Path, wav: torch.Tensor, sample_rate: int) -> None:
+    pcm = (wav.detach().float().clamp(-1, 1).numpy().reshape(-1) * 32767).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm.tobytes())
+
+
+def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
+                    wav: str | Path | None = None, mimi_weights: str | None = None) -> str:
+    """The inspection report of the dataset at ``root`` (optionally writing one WAV)."""
+    root = Path(root)
+    lines = [f"dataset {root}"]
+    source = None
+    for name in SPLITS:
+        try:
+            src = DocumentSource(root, name)
+        except DatasetError as err:
+            lines.append(f"  {name}: absent ({err})")
+            continue
+        meta = src.meta
+        tokens = meta["tokens"]
+        lines.append(f"  {name}: {meta['num_docs']} documents, {tokens.get('total', 0):,} tokens, "
+                     f"{meta['audio_hours']:.3f} h of audio, kind {meta['kind']}")
+        lines.append("    documents: " + ", ".join(f"{k} {v}" for k, v in meta["doc_types"].items()))
+        lines.append("    tokens:    " + ", ".join(f"{k} {v:,}" for k, v in tokens.items() if k != "total"))
+        if meta["skipped"]:
+            lines.append(f"    skipped inputs: {len(meta['skipped'])} (first: {meta['skipped'][0]})")
+        if name == split:
+            source = src
+    if source is None:
+        raise DatasetError(f"{root} has no {split!r} split to show a document from")
+    meta = source.meta
+    layout = VocabLayout.from_dict(meta["vocab_layout"])
+    codec = meta.get("codec")
+    if codec:
+        random = codec.get("random_init")
+        lines.append(f"  codec: {codec.get('name')} {codec.get('num_codebooks')} codebooks x "
+                     f"{codec.get('codebook_size')}, weights {codec.get('weights') or 'none'}"
+                     + ("  *** RANDOM-INIT CODEC: these are not real Mimi tokens ***" if random else ""))
+    lines.append(f"  tokenizer: {meta['tokenizer']}")
+    lines.append(f"  vocabulary: {layout.size} ids, fingerprint {meta['vocab_fingerprint']}")
+    if not 0 <= sample < len(source):
+        raise DatasetError(f"--sample {sample} is outside the {split} split's 0..{len(source) - 1}")
+    tokens, _ = source.get(sample)
+    lines.append(f"\ndocument {sample} of {split}:")
+    lines.append("  " + render_document(tokens, layout, _tokenizer(meta, layout)))
+    if wav is not None:
+        codes = first_audio_codes(tokens, layout)
+        if codes is None:
+            lines.append("  (no audio in this document: no WAV written)")
+        else:
+            from soda_mega.data.codec import MimiCodec
+
+            weights = mimi_weights or (codec or {}).get("weights")
+            codec_model = MimiCodec(weights, num_codebooks=codes.shape[0],
+                                    seed=(codec or {}).get("seed", 0))
+            audio = codec_model.decode(codes)
+            write_wav(Path(wav), audio, codec_model.sample_rate)
+            lines.append(f"  wrote {wav}: {codes.shape[1] / codec_model.frame_rate:.2f} s decoded "
+                         f"from {codes.shape[0]} codebooks"
+                         + (" (random-init codec: expect noise)" if codec_model.random_init else ""))
+    return "\n".join(lines)

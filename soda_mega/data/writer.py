@@ -1,0 +1,206 @@
+"""Crash-safe MDS output: one work unit at a time, then a merge into the dataset contract.
+
+A build folder (see :mod:`soda_mega.data.schema` for the parts the loader reads)::
+
+    <root>/.build/plan.json                  fingerprint of inputs + settings, unit count
+    <root>/.build/units/u000007.json         completion marker of unit 7: per-split stats + lengths
+    <root>/<split>/units/u000007/            MDS shards of unit 7 (MDSWriter output)
+    <root>/<split>/index.json                merged index over all units, in unit order
+    <root>/<split>/doc_lengths.npy, soda_meta.json
+
+:class:`UnitWriter` writes a unit's documents into ``units/<name>.tmp-<pid>`` folders, renames
+them into place when the unit is complete and only then writes the marker (atomically), so a
+crash leaves either a finished unit or debris that :func:`clean_partial_units` removes.
+:func:`merge_split` writes the top-level ``index.json`` itself: each unit's shard entries
+with ``units/<name>/`` prefixed to their file names, which is exactly what mosaicml-
+streaming's ``merge_index`` produces, without its cloud-download machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from soda_mega.data.documents import Document
+from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SPLITS
+from soda_mega.data.streaming_compat import streaming_base
+from soda_mega.tokens.layout import VocabLayout
+
+STATE_DIR = ".build"
+UNITS_DIR = "units"
+
+
+def token_counts(layout: VocabLayout, tokens: np.ndarray) -> dict[str, int]:
+    """Tokens per modality: total, text, special, semantic (codebook 0), acoustic (1..K-1)."""
+    t = np.asarray(tokens, dtype=np.int64)
+    sem_lo, sem_hi = layout.codebook_range(0)
+    text = int((t < layout.text_vocab_size).sum())
+    special = int(((t >= layout.special_base) & (t < layout.audio_base)).sum())
+    semantic = int(((t >= sem_lo) & (t < sem_hi)).sum())
+    acoustic = int(((t >= sem_hi) & (t < layout.size)).sum())
+    return {"total": int(t.size), "text": text, "special": special, "semantic": semantic,
+            "acoustic": acoustic}
+
+
+@dataclass
+class SplitStats:
+    """What one split of one unit (or of the whole dataset) holds."""
+
+    num_docs: int = 0
+    num_records: int = 0
+    doc_types: Counter = field(default_factory=Counter)
+    tokens: Counter = field(default_factory=Counter)
+    audio_seconds: float = 0.0
+    lengths: list[int] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def add(self, layout: VocabLayout, doc: Document) -> None:
+        self.num_docs += 1
+        self.doc_types[doc.doc_type] += 1
+        self.tokens.update(token_counts(layout, doc.tokens))
+        self.lengths.append(int(len(doc.tokens)))
+
+    def merge(self, other: "SplitStats") -> None:
+        self.num_docs += other.num_docs
+        self.num_records += other.num_records
+        self.doc_types.update(other.doc_types)
+        self.tokens.update(other.tokens)
+        self.audio_seconds += other.audio_seconds
+        self.lengths += other.lengths
+        self.skipped += other.skipped
+
+    def to_dict(self) -> dict:
+        return {"num_docs": self.num_docs, "num_records": self.num_records,
+                "doc_types": dict(sorted(self.doc_types.items())),
+                "tokens": {k: int(self.tokens.get(k, 0))
+                           for k in ("total", "text", "special", "semantic", "acoustic")},
+                "audio_seconds": self.audio_seconds, "lengths": self.lengths, "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitStats":
+        return cls(d["num_docs"], d["num_records"], Counter(d["doc_types"]), Counter(d["tokens"]),
+                   d["audio_seconds"], list(d["lengths"]), list(d["skipped"]))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def marker_path(root: Path, unit_name: str) -> Path:
+    return root / STATE_DIR / UNITS_DIR / f"{unit_name}.json"
+
+
+class UnitWriter:
+    """MDS writers for one work unit, one per split, committed together."""
+
+    def __init__(self, root: Path, unit_name: str, layout: VocabLayout, size_limit: int) -> None:
+        self.root, self.name, self.layout, self.size_limit = root, unit_name, layout, size_limit
+        self.stats = {s: SplitStats() for s in SPLITS}
+        self._writers: dict[str, object] = {}
+
+    def _tmp_dir(self, split: str) -> Path:
+        return self.root / split / UNITS_DIR / f"{self.name}.tmp-{os.getpid()}"
+
+    def write(self, split: str, doc: Document) -> None:
+        writer = self._writers.get(split)
+        if writer is None:
+            tmp = self._tmp_dir(split)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            writer = streaming_base().MDSWriter(out=str(tmp), columns=MDS_COLUMNS,
+                                                size_limit=self.size_limit)
+            self._writers[split] = writer
+        writer.write({"tokens": doc.tokens.astype(np.int32), "loss_mask": doc.loss_mask.astype(np.uint8),
+                      "doc_type": doc.doc_type, "record_id": doc.record_id})
+        self.stats[split].add(self.layout, doc)
+
+    def commit(self) -> dict:
+        """Close the shards, move them into place, then write the completion marker."""
+        for split, writer in self._writers.items():
+            writer.finish()
+            final = self.root / split / UNITS_DIR / self.name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self._tmp_dir(split), final)
+        marker = {"unit": self.name, "splits": {s: st.to_dict() for s, st in self.stats.items()}}
+        path = marker_path(self.root, self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(marker))
+        return marker
+
+
+def clean_partial_units(root: Path) -> list[str]:
+    """Remove unit folders of unfinished units (temp folders, or renamed but without marker)."""
+    removed = []
+    for split in SPLITS:
+        units = root / split / UNITS_DIR
+        if not units.is_dir():
+            continue
+        for d in sorted(units.iterdir()):
+            if ".tmp" in d.name or not marker_path(root, d.name).is_file():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(f"{split}/{UNITS_DIR}/{d.name}")
+    return removed
+
+
+def remove_merged_files(root: Path) -> None:
+    """Drop the top-level split files, so an unfinished build is never read as a dataset."""
+    for split in SPLITS:
+        for name in ("index.json", META_FILE, LENGTHS_FILE):
+            (root / split / name).unlink(missing_ok=True)
+
+
+def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str, dict],
+                meta_base: dict, extra_skipped: list[dict] = ()) -> dict:
+    """Top-level index.json, doc_lengths.npy and soda_meta.json of one split; returns the meta.
+
+    ``extra_skipped`` are records rejected before any unit ran (bad manifest lines).
+    """
+    split_dir = root / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    total = SplitStats()
+    shards = []
+    for name in unit_names:
+        stats = SplitStats.from_dict(markers[name]["splits"][split])
+        total.merge(stats)
+        unit_dir = split_dir / UNITS_DIR / name
+        index = unit_dir / "index.json"
+        if stats.num_docs == 0:
+            continue
+        if not index.is_file():
+            raise RuntimeError(f"{unit_dir} is missing although unit {name} is marked complete; "
+                               "delete its marker in .build/units/ and rerun the build")
+        for shard in json.loads(index.read_text())["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{UNITS_DIR}/{name}/{shard[key]['basename']}"
+            shards.append(shard)
+    lengths = np.asarray(total.lengths, dtype=np.int64)
+    if sum(s["samples"] for s in shards) != len(lengths):
+        raise RuntimeError(f"{split_dir}: the unit shards hold {sum(s['samples'] for s in shards)} "
+                           f"documents but the markers list {len(lengths)}")
+    meta = {"format": FORMAT, "split": split, **meta_base}
+    meta.update(num_docs=total.num_docs, num_records=total.num_records,
+                doc_types=dict(sorted(total.doc_types.items())),
+                tokens=total.to_dict()["tokens"], audio_hours=total.audio_seconds / 3600.0,
+                skipped=list(extra_skipped) + total.skipped)
+    atomic_write_text(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}, sort_keys=True))
+    atomic_save_npy(split_dir / LENGTHS_FILE, lengths)
+    atomic_write_text(split_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return meta
