@@ -85,7 +85,10 @@ def _embedding_bwd_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, N, H, V_local,
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
     key = tl.load(keys_ptr + i)
-    prev = tl.load(keys_ptr + i - 1, mask=i > 0, other=-1)
+    # NOTE: scalar loads are clamped in range and then selected, rather than masked: a scalar
+    # mask is rejected by Triton's interpreter (3.9) and buys nothing on the GPU.
+    prev = tl.load(keys_ptr + tl.maximum(i - 1, 0))
+    prev = tl.where(i > 0, prev, -1)
     start = (key != prev) & (key < V_local)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     j = i
@@ -94,10 +97,12 @@ def _embedding_bwd_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, N, H, V_local,
         row = tl.load(perm_ptr + j).to(tl.int64)
         acc += tl.load(grad_ptr + row * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
         j += 1
-        nxt = tl.load(keys_ptr + j, mask=j < N, other=-1)
+        nxt = tl.load(keys_ptr + tl.minimum(j, N - 1))
+        nxt = tl.where(j < N, nxt, -1)
         go = nxt == key
-    dst = dw_ptr + key.to(tl.int64) * stride_dw + cols
-    tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=col_ok & start)
+    if start:
+        dst = dw_ptr + key.to(tl.int64) * stride_dw + cols
+        tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ============================================================================ launchers
