@@ -16,8 +16,6 @@ weights that depend only on the seed and the model shape (:mod:`soda_mega.model.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -169,7 +167,3 @@ def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
     initialize_weights(chunks, cfg)
     return chunks
 
-
-def describe(cfg: SodaConfig) -> dict:
-    """Plain-dict summary of the model section (for logs and checkpoints)."""
-    return dataclasses.asdict(cfg.model)
