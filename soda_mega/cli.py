@@ -16,6 +16,8 @@ COMMANDS = {
     "config": "soda_mega.commands.show_config",
     "train": "soda_mega.commands.train",
     "data": "soda_mega.commands.data",
+    "bench": "soda_mega.commands.bench",
+    "profile": "soda_mega.commands.profile",
 }
 
 

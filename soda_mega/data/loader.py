@@ -200,6 +200,7 @@ class SodaDataLoader:
             iterable = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.num_workers,
                 prefetch_factor=2, persistent_workers=False,
+                pin_memory=torch.cuda.is_available(),
             )
         else:
             iterable = dataset

@@ -93,6 +93,9 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor):
 def lm_forward_step(data_iterator, model):
     """Megatron ``forward_step_func``: next micro-batch through the model, per-token losses."""
     batch = next(data_iterator)
+    if batch is not None and torch.cuda.is_available():
+        # The loader yields (pinned) CPU tensors; the copy overlaps with the previous kernels.
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     if batch is None:
         # A middle pipeline stage: its input is the previous stage's activations, and the
         # loader did not read any tokens for it.

@@ -38,6 +38,7 @@ from soda_mega.training.forward_backward import StepResult, forward_backward, wr
 from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
 from soda_mega.training.optimizer import build_optimizer, inner_optimizers, set_hyperparameters
 from soda_mega.training.schedule import LRSchedule, soda_peak_lr
+from soda_mega.utils.telemetry import GpuTelemetry
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,6 +108,9 @@ class Trainer:
                           and self.layout.dp_rank == 0)
         self.is_reporter = self.layout.is_last_stage and self.layout.tp_rank == 0
         self.sink = MetricsSink(self.run_dir, self.is_logger, cfg.run.tensorboard, self.steps_total)
+        # NVML samples of the logging rank's GPU, added to the records every log interval; a
+        # one-line notice and no keys where there is no NVIDIA driver. Started by run().
+        self.telemetry = GpuTelemetry(interval_s=1.0) if self.is_logger else None
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -240,6 +244,8 @@ class Trainer:
         records: list[dict] = []
         data = iter(self.loader)
         done_this_run = 0
+        if self.telemetry is not None:
+            self.telemetry.start()
         while self.step < end:
             batches = [next(data) for _ in range(self.micro_per_step)]
             record = self.train_step(batches)
@@ -258,8 +264,11 @@ class Trainer:
                         f"from an earlier checkpoint in {self.ckpt_dir}")
             else:
                 self.bad_steps = 0
+            log_now = self.step % cfg.log_interval == 0 or self.step == end
+            if log_now and self.telemetry is not None:
+                record.update(self.telemetry.window())
             self.sink.write(record)
-            if self.step % cfg.log_interval == 0 or self.step == end:
+            if log_now:
                 self.sink.console(self.step, _format(record), done_this_run)
             if self.has_valid and cfg.eval_interval and (
                     self.step % cfg.eval_interval == 0 or self.step == end):
@@ -271,6 +280,10 @@ class Trainer:
                 path = self.save()
                 if self.is_logger:
                     print(f"soda-mega: saved {path}", flush=True)
+        if self.telemetry is not None:
+            summary = self.telemetry.stop()
+            if summary:
+                self.sink.write({"kind": "telemetry", "step": self.step, **summary})
         self.sink.close()
         return records
 
@@ -278,7 +291,8 @@ class Trainer:
 def _format(record: dict) -> str:
     keys = ("loss", "loss_text", "loss_semantic", "loss_acoustic", "valid_loss", "valid_loss_text",
             "valid_loss_semantic", "valid_loss_acoustic", "grad_norm", "lr", "tokens_per_s",
-            "tflops_per_gpu", "mfu", "gpu_peak_alloc_gib", "host_rss_gib")
+            "tflops_per_gpu", "mfu", "gpu_peak_alloc_gib", "host_rss_gib", "gpu_util", "gpu_power_w",
+            "gpu_sm_clock_mhz")
     parts = []
     for key in keys:
         if key in record:
