@@ -36,6 +36,8 @@ setup(
     package_dir={"soda_kernels": "kernels"},
     package_data={
         "soda_mega.config": ["presets/*.yaml"],
+        # the IsoFLOP grids of `soda-mega scaling grid --grid NAME`
+        "soda_mega.scaling": ["grids/*.yaml"],
         # the embedded demo corpus (soda-mega data demo): sentences, text corpus, fallback WAVs
         "soda_mega.data": ["demo_assets/*.txt", "demo_assets/fallback/*.wav",
                            "demo_assets/fallback/*.jsonl"],

@@ -18,6 +18,7 @@ COMMANDS = {
     "data": "soda_mega.commands.data",
     "bench": "soda_mega.commands.bench",
     "profile": "soda_mega.commands.profile",
+    "scaling": "soda_mega.commands.scaling",
 }
 
 

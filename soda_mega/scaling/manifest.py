@@ -1,0 +1,126 @@
+"""The sweep manifest: the contract between ``scaling grid`` (writes it) and ``scaling sweep``.
+
+``manifest.json`` holds the grid settings it was made from, the conventions of its numbers,
+one :class:`ManifestRun` per run (with the path of the run's config file, relative to the
+manifest's folder) and the candidate shapes that were dropped, with the reason. It carries the
+provenance stamp of :func:`soda_mega.utils.provenance.write_json` (commit, versions, time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soda_mega.utils.provenance import write_json
+
+FORMAT = "soda-mega-scaling-manifest/1"
+
+N_PARAMS_CONVENTION = ("n_params = non-embedding parameters + the untied output layer over the "
+                       "unpadded vocabulary (SODA's size label); n_params_total adds the input "
+                       "embedding")
+FLOPS_CONVENTION = ("exact = matmul FLOPs per token with full (non-causal) attention at seq_length, "
+                    "LM head over the unpadded vocabulary, training = 3 x forward; "
+                    "6n = 6 * n_params per token")
+
+
+class ManifestError(ValueError):
+    """A manifest file is missing, malformed or of another format."""
+
+
+@dataclass(frozen=True)
+class ManifestRun:
+    """One IsoFLOP run: shape, hyper-parameters, tokens and FLOPs, where its files go."""
+
+    run_id: str
+    budget: float
+    flops_mode: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    seq_length: int
+    batch_size: int
+    micro_batch_size: int
+    steps: int
+    tokens: int
+    lr: float
+    lr_uncapped: float
+    adam_beta1: float
+    adam_beta2: float
+    weight_decay: float
+    n_params: int
+    n_params_total: int
+    n_non_embedding: int
+    tokens_per_param: float
+    flops_per_token_exact: float
+    flops_per_token_6n: float
+    flops_exact: float
+    flops_6n: float
+    budget_error: float
+    exact_over_6n: float
+    config: str
+    run_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded manifest; ``root`` is the folder the relative paths start from."""
+
+    path: Path
+    header: dict[str, Any]
+    runs: list[ManifestRun]
+    dropped: list[dict[str, Any]]
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def config_path(self, run: ManifestRun) -> Path:
+        return self.root / run.config
+
+    def run_dir(self, run: ManifestRun) -> Path:
+        return self.root / run.run_dir
+
+
+def write_manifest(path: str | Path, header: dict[str, Any], runs: list[ManifestRun],
+                   dropped: list[dict[str, Any]]) -> Path:
+    """Write ``manifest.json`` atomically, stamped with provenance."""
+    payload = {"format": FORMAT, **header, "n_params_convention": N_PARAMS_CONVENTION,
+               "flops_convention": FLOPS_CONVENTION, "runs": [r.to_dict() for r in runs],
+               "dropped": dropped}
+    return write_json(path, payload)
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Load and check a manifest; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest (make one with `soda-mega scaling grid --out DIR`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a scaling manifest (format {data.get('format') if isinstance(data, dict) else None!r}, "
+                            f"expected {FORMAT!r})")
+    names = [f.name for f in dataclasses.fields(ManifestRun)]
+    runs = []
+    for i, row in enumerate(data.get("runs", [])):
+        missing = [n for n in names if n not in row]
+        if missing:
+            raise ManifestError(f"{path}: run {i} lacks {', '.join(missing)}")
+        runs.append(ManifestRun(**{n: row[n] for n in names}))
+    ids = [r.run_id for r in runs]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise ManifestError(f"{path}: run ids appear twice: {', '.join(duplicated)}")
+    header = {k: v for k, v in data.items() if k not in ("runs", "dropped")}
+    return Manifest(path=path, header=header, runs=runs, dropped=list(data.get("dropped", [])))
