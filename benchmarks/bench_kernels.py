@@ -339,13 +339,11 @@ def markdown(payload: dict) -> str:
 
 
 def plot(payload: dict, path: Path) -> str:
-    try:
-        import matplotlib
+    from soda_mega.utils.plotting import NOT_INSTALLED, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib not installed: no plot written"
+    plt = pyplot()
+    if plt is None:
+        return NOT_INSTALLED
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, op in zip(axes, ("loss", "embedding")):
         rows = [r for r in payload["rows"] if r["op"] == op and "fwd_bwd" in r]

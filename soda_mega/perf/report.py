@@ -82,13 +82,11 @@ def markdown(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> str:
     """Bar charts of tokens/s per GPU and MFU (vs the measured GEMM peak); returns a note."""
-    try:
-        import matplotlib
+    from soda_mega.utils.plotting import NOT_INSTALLED, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib not installed: no plot written"
+    plt = pyplot()
+    if plt is None:
+        return NOT_INSTALLED
     rows = [r for r in payload["rows"] if r["status"] == "ok"]
     if not rows:
         return "no successful case: no plot written"
