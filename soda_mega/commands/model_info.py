@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 
+from soda_mega.commands.argtypes import positive_int
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
 from soda_mega.model.accounting import (
@@ -40,16 +41,6 @@ from soda_mega.model.accounting import (
     per_rank_parameters,
 )
 from soda_mega.tokens.layout import VocabLayout
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -65,7 +56,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, metavar="N",
                    help="tensor-parallel size (= --parallel.tensor_parallel=N)")
     p.add_argument("--pp", type=int, metavar="N", help="pipeline stages (= --parallel.pipeline_parallel=N)")
-    p.add_argument("--dp", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--dp", type=positive_int, default=1, metavar="N",
                    help="data-parallel size, shards optimizer state with parallel.distributed_optimizer")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from soda_mega.config import preset_names
 from soda_mega.config.fields import ConfigError
+from soda_mega.commands.argtypes import positive_int
 
 GRID_EPILOG = """\
 the rule (SODA_SPEC section 4), for width d and batch B sequences:
@@ -90,15 +91,7 @@ def _band(text: str) -> tuple[float, float]:
 
 
 def _batch(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
-    return value
+    return None if text == "auto" else positive_int(text)
 
 
 # ----------------------------------------------------------------------------- grid
