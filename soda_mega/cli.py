@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": "soda_mega.commands.bench",
     "profile": "soda_mega.commands.profile",
     "scaling": "soda_mega.commands.scaling",
+    "eval": "soda_mega.commands.evaluate",
 }
 
 

@@ -87,7 +87,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
                     keep_last: int = 3) -> Path:
-    """Save model, optimizer, RNG and ``trainer_state`` (JSON-able) as ``step_<step>``."""
+    """Save model, optimizer, RNG and ``trainer_state`` (JSON-able) as ``step_<step>``.
+
+    ``optimizer=None`` writes a weights-only checkpoint (``soda-mega import hf``): it can be
+    evaluated, exported, or start a run through ``run.init_from``, but not resumed.
+    """
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -99,8 +103,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
     _barrier()
     chunks = _unwrap(model)
     sharded = _model_sharded_state_dict(chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(
-        sharded, is_loading=False, metadata=_optimizer_metadata())
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, is_loading=False, metadata=_optimizer_metadata())
     dist_checkpointing.save(sharded, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save({"cpu": torch.get_rng_state(),
@@ -125,10 +130,13 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng: bool = True) -> dict:
     """Load weights (and optimizer state) from ``path`` into this layout; returns trainer state."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
+    if optimizer is not None and state.get("weights_only"):
+        raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
+                         "start a new run from it with --run.init_from")
     chunks = _unwrap(model)
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:
@@ -148,6 +156,8 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank{_rank()}.pt"
+    if not restore_rng:
+        return state
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)

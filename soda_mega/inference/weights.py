@@ -1,0 +1,150 @@
+"""Checkpoints as whole-model weights: read any TP / PP layout into one process, write one back.
+
+Evaluation, generation and the HuggingFace export work on the *full* weights of a model (one
+tensor per parameter, global Megatron names, padded vocabulary rows included). They come from
+a training checkpoint of any layout by loading it into a TP=1, PP=1 model in this process:
+``dist_checkpointing`` reshards on load (the same path a TP=2 run resumed on one GPU takes).
+
+Accepted checkpoint paths: a ``step_N`` folder, a ``checkpoints/`` folder (its ``latest``), or
+a run folder (its ``checkpoints/latest``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from soda_mega.config.fields import ConfigError
+from soda_mega.config.loader import apply_mapping
+from soda_mega.config.schema import ParallelConfig, SodaConfig
+from soda_mega.training import checkpoint as ckpt
+
+
+class CheckpointError(ValueError):
+    """A path that is not a usable soda-mega checkpoint, or one of another model."""
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The ``step_N`` folder that ``path`` (step, checkpoints or run folder) stands for."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or folder")
+    if (path / ckpt.STATE_FILE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = ckpt.latest_checkpoint(root) if (root / ckpt.LATEST).is_file() else None
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"checkpoint {path}: not a soda-mega checkpoint (expected a step_N folder with "
+        f"{ckpt.STATE_FILE}, a checkpoints/ folder with '{ckpt.LATEST}', or a run folder)")
+
+
+def checkpoint_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of the checkpoint ``path`` stands for."""
+    return json.loads((resolve_checkpoint(path) / ckpt.STATE_FILE).read_text())
+
+
+def checkpoint_config(path: str | os.PathLike) -> SodaConfig:
+    """The resolved configuration the checkpoint was written with."""
+    saved = checkpoint_state(path)["config"]
+    cfg = SodaConfig()
+    try:
+        apply_mapping(cfg, saved, f"{resolve_checkpoint(path)}/{ckpt.STATE_FILE}")
+        return cfg.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path}: its configuration does not load: {err}") from None
+
+
+def single_process_config(cfg: SodaConfig) -> SodaConfig:
+    """``cfg`` for one process: TP = PP = 1, plain torch embedding and loss."""
+    return replace(cfg, parallel=ParallelConfig(distributed_optimizer=False, overlap_grad_reduce=False),
+                   kernels=replace(cfg.kernels, loss="megatron", embedding="torch")).validate()
+
+
+def check_same_model(cfg: SodaConfig, expected: SodaConfig, what: str) -> None:
+    """Refuse ``cfg`` unless its model shape and vocabulary equal ``expected``'s."""
+    diffs = []
+    for section in ("model", "vocab"):
+        a, b = getattr(cfg, section).__dict__, getattr(expected, section).__dict__
+        for key, value in b.items():
+            if key != "name" and a.get(key) != value:
+                diffs.append(f"{section}.{key}: {a.get(key)!r} != {value!r}")
+    if diffs:
+        raise CheckpointError(f"{what} is another model: " + "; ".join(diffs))
+
+
+class _OneProcess:
+    """Megatron parallel state for TP = PP = DP = 1 over a world of one, torn down on exit."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self):
+        from soda_mega.parallel import state
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError("whole-model weights are gathered in a single process; run this "
+                               "command without torchrun")
+        self.owned = not dist.is_initialized()
+        state.initialize(ParallelConfig(), self.seed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from soda_mega.parallel import state
+
+        state.shutdown(keep_process_group=not self.owned)
+
+
+def load_full_weights(path: str | os.PathLike) -> tuple[SodaConfig, dict[str, torch.Tensor]]:
+    """(configuration, fp32 full weights by global name) of a checkpoint of any layout."""
+    from soda_mega.model.gpt import build_model
+
+    step = resolve_checkpoint(path)
+    cfg = checkpoint_config(step)
+    one = single_process_config(cfg)
+    with _OneProcess(cfg.training.seed):
+        chunks = build_model(one)
+        ckpt.load_checkpoint(step, chunks, restore_rng=False)
+        full = {k: v.detach().float().clone() for k, v in chunks[0].state_dict().items()
+                if not k.endswith("_extra_state")}
+    return cfg, full
+
+
+def save_full_weights(root: str | os.PathLike, cfg: SodaConfig, full: dict[str, torch.Tensor],
+                      provenance: dict | None = None) -> Path:
+    """Write ``full`` as a weights-only soda-mega checkpoint ``root/step_00000000``.
+
+    The result loads into any TP / PP layout (``run.init_from``, ``soda-mega eval``,
+    ``soda-mega export hf``). Missing or extra tensors and shape mismatches are named.
+    """
+    from soda_mega.model.gpt import build_model
+
+    root = Path(root)
+    if root.is_dir() and any(p.name == ckpt.LATEST or p.name.startswith("step_") for p in root.iterdir()):
+        raise CheckpointError(f"{root} already holds checkpoints; write into an empty or new folder")
+    one = single_process_config(cfg)
+    with _OneProcess(cfg.training.seed):
+        chunks = build_model(one)
+        model = chunks[0]
+        expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        missing = sorted(set(expected) - set(full))
+        extra = sorted(set(full) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"weights do not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {extra[:5]}")
+        bad = [f"{k}: {tuple(full[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+               if tuple(full[k].shape) != tuple(v.shape)]
+        if bad:
+            raise CheckpointError("weights do not fit the model: " + "; ".join(bad[:5]))
+        with torch.no_grad():
+            for name, tensor in expected.items():
+                tensor.copy_(full[name].to(tensor.dtype))
+        trainer_state = {"step": 0, "tokens": 0, "weights_only": True,
+                         "provenance": provenance or {}, "config": cfg.to_dict()}
+        return ckpt.save_checkpoint(root, 0, chunks, None, trainer_state, keep_last=1)
