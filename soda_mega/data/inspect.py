@@ -9,6 +9,7 @@ document's first audio span is decoded back to a WAV file with the codec.
 
 from __future__ import annotations
 
+import os
 import wave
 from pathlib import Path
 
@@ -83,13 +84,17 @@ def first_audio_codes(tokens: np.ndarray, layout: VocabLayout) -> torch.Tensor |
 
 
 def write_wav(path: Path, wav: torch.Tensor, sample_rate: int) -> None:
+    """16-bit mono WAV, written aside and renamed (never a half-written file at ``path``)."""
     pcm = (wav.detach().float().clamp(-1, 1).numpy().reshape(-1) * 32767).astype(np.int16)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as f:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with wave.open(str(tmp), "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(pcm.tobytes())
+    os.replace(tmp, path)
 
 
 def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",

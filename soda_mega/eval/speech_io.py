@@ -1,0 +1,95 @@
+"""Audio and text in and out of a checkpoint's token space, for evaluation and inference.
+
+The codec and tokenizer must be the ones the training data was built with: by default they
+come from the checkpoint's own configuration (``data.mimi_weights``, ``data.mimi_seed``,
+``data.tokenizer``), and either can be overridden. Without Mimi weights the seeded random
+Mimi is used, announced loudly, exactly as the data builder does (its codes mean nothing,
+but they are the codes a model trained on the demo corpus has seen).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from soda_mega.config.schema import SodaConfig
+from soda_mega.data.codec import MimiCodec
+from soda_mega.data.inputs import InputError, load_codes, read_audio
+from soda_mega.data.tokenizer import load_tokenizer
+from soda_mega.tokens.layout import VocabLayout
+
+
+class SpeechIO:
+    """Encode audio files and text to ids; decode generated ids to text and waveforms."""
+
+    def __init__(self, cfg: SodaConfig, mimi_weights: str | None = None, tokenizer: str | None = None,
+                 device: str = "auto") -> None:
+        self.layout = VocabLayout.from_config(cfg.vocab)
+        weights = mimi_weights or cfg.data.mimi_weights
+        tok_path = tokenizer or cfg.data.tokenizer
+        if tok_path and not Path(tok_path).is_file():
+            raise FileNotFoundError(f"text tokenizer {tok_path} (from the checkpoint's data.tokenizer) "
+                                    "does not exist here; pass --tokenizer PATH")
+        self.tokenizer = load_tokenizer(tok_path, self.layout, announce=False)
+        self._codec_args = dict(weights=weights, num_codebooks=self.layout.num_codebooks,
+                                seed=cfg.data.mimi_seed, device=device)
+        self._codec: MimiCodec | None = None
+        if weights is None:
+            print(f"[soda-mega] NOTE: no Mimi weights (--mimi-weights / data.mimi_weights): audio is "
+                  f"encoded and decoded with the seeded random Mimi (seed {cfg.data.mimi_seed}), as the "
+                  "demo corpus was; its audio is not intelligible", file=sys.stderr)
+
+    @property
+    def codec(self) -> MimiCodec:
+        if self._codec is None:  # built on first use: text-only work never pays for it
+            self._codec = MimiCodec(**self._codec_args, warn=False)
+        return self._codec
+
+    # ------------------------------------------------------------------ encode
+    def audio_ids(self, path: str | Path) -> list[int]:
+        """Frame-major audio ids of a WAV/FLAC/... file or of pre-encoded ``.npy`` codes."""
+        path = Path(path)
+        if path.suffix == ".npy":
+            codes = torch.from_numpy(load_codes(path, self.layout.num_codebooks, self.layout.codebook_size))
+        else:
+            wav, rate = read_audio(path)
+            codes = self.codec.encode(wav, rate)
+        if codes.shape[-1] == 0:
+            raise InputError(f"audio {path.name} is shorter than one codec frame")
+        return self.layout.codes_to_ids(codes).tolist()
+
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    # ------------------------------------------------------------------ decode
+    def text(self, ids: Sequence[int]) -> str:
+        """Text of the text ids among ``ids`` (markers and audio ids dropped)."""
+        lay = self.layout
+        keep = [int(i) for i in ids if int(i) < lay.text_vocab_size and int(i) not in (lay.bos_id, lay.eos_id)]
+        return self.tokenizer.decode(keep)
+
+    def codes(self, ids: Sequence[int]) -> torch.Tensor:
+        """Codes ``[K, T]`` of the audio ids among ``ids`` (whole frames only)."""
+        audio = torch.tensor([int(i) for i in ids if int(i) >= self.layout.audio_base], dtype=torch.long)
+        k = self.layout.num_codebooks
+        return self.layout.ids_to_codes(audio[: len(audio) // k * k], num_codebooks=k)
+
+    def waveform(self, ids: Sequence[int]) -> torch.Tensor:
+        """Mono waveform at the codec's rate of the audio ids among ``ids``."""
+        codes = self.codes(ids)
+        if codes.shape[-1] == 0:
+            return torch.zeros(0)
+        return self.codec.decode(codes)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+
+def audio_seconds(layout: VocabLayout, ids: Sequence[int], frame_rate: float = 12.5) -> float:
+    n = int(np.sum(np.asarray(ids) >= layout.audio_base))
+    return n / layout.num_codebooks / frame_rate
