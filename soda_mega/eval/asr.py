@@ -147,8 +147,8 @@ def load_transcriber(spec: str) -> Transcriber:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"--asr {spec!r}: cannot load it ({err})") from None
-    if not hasattr(obj, "transcribe") and callable(obj):
-        obj = obj()
+    if isinstance(obj, type) or (not hasattr(obj, "transcribe") and callable(obj)):
+        obj = obj()  # a class or a factory
     if not callable(getattr(obj, "transcribe", None)):
         raise ValueError(f"--asr {spec!r}: {type(obj).__name__} has no transcribe(paths) method")
     return obj

@@ -80,25 +80,41 @@ def check_same_model(cfg: SodaConfig, expected: SodaConfig, what: str) -> None:
 
 
 class _OneProcess:
-    """Megatron parallel state for TP = PP = DP = 1 over a world of one, torn down on exit."""
+    """Megatron parallel state for TP = PP = DP = 1 over a world of one, for the block only.
+
+    A process group made here is destroyed on exit; Megatron groups that existed before
+    (a caller already set up TP = PP = 1, as the test session does) are rebuilt as they were.
+    """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
     def __enter__(self):
+        from megatron.core import parallel_state as ps
+
         from soda_mega.parallel import state
 
         if dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError("whole-model weights are gathered in a single process; run this "
                                "command without torchrun")
         self.owned = not dist.is_initialized()
+        self.previous = state.current_layout() if ps.model_parallel_is_initialized() else None
+        self.rng = torch.get_rng_state()  # initialize() reseeds; the caller's stream is kept
         state.initialize(ParallelConfig(), self.seed)
         return self
 
     def __exit__(self, *exc) -> None:
+        from megatron.core import parallel_state as ps
+
         from soda_mega.parallel import state
 
         state.shutdown(keep_process_group=not self.owned)
+        torch.set_rng_state(self.rng)
+        if self.previous is not None and not self.owned:
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=self.previous.tp,
+                pipeline_model_parallel_size=self.previous.pp,
+                virtual_pipeline_model_parallel_size=self.previous.vp)
 
 
 def load_full_weights(path: str | os.PathLike) -> tuple[SodaConfig, dict[str, torch.Tensor]]:
