@@ -2,6 +2,8 @@
 
 Each task is a module with ``register(tasks) -> argparse.ArgumentParser`` (adding its own
 parser to ``tasks``) and ``run(args) -> int``; :data:`TASKS` lists them in ``--help`` order.
+A module holding several tasks is named ``module:name`` and has ``register_<name>`` and
+``run_<name>``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,12 @@ from __future__ import annotations
 import importlib
 
 TASKS: dict[str, str] = {
+    "nll": "soda_mega.commands.eval_nll",
+    "pairs": "soda_mega.commands.eval_pairs",
+    "asr": "soda_mega.commands.eval_speech:asr",
+    "tts": "soda_mega.commands.eval_speech:tts",
+    "speech": "soda_mega.commands.eval_speech:speech",
+    "make-tasks": "soda_mega.commands.eval_speech:make_tasks",
 }
 
 
@@ -19,9 +27,12 @@ def register(subparsers):
                     "run folder; any TP/PP layout). `soda-mega eval TASK --help` explains each task.")
     tasks = p.add_subparsers(dest="eval_task", metavar="TASK")
     tasks.required = True
-    for name, module_name in TASKS.items():
+    for spec in TASKS.values():
+        module_name, _, name = spec.partition(":")
         module = importlib.import_module(module_name)
-        module.register(tasks).set_defaults(_eval_run=module.run)
+        reg, run_ = (getattr(module, f"register_{name}"), getattr(module, f"run_{name}")) if name \
+            else (module.register, module.run)
+        reg(tasks).set_defaults(_eval_run=run_)
     return p
 
 

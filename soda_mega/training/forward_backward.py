@@ -13,9 +13,10 @@ The model gets the loss mask too and returns :class:`~soda_mega.model.lm_head.LM
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -90,8 +91,14 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor):
     return loss_sum, num_tokens, {"lm loss": report, **groups}
 
 
-def lm_forward_step(data_iterator, model):
-    """Megatron ``forward_step_func``: next micro-batch through the model, per-token losses."""
+def lm_forward_step(data_iterator, model, *, loss_for: Callable[[dict], Callable] | None = None):
+    """Megatron ``forward_step_func``: next micro-batch through the model, per-token losses.
+
+    ``loss_for(batch)`` makes the micro-batch's loss function (Megatron's ``loss_func``, called
+    on the last stage with the model's :class:`~soda_mega.model.lm_head.LMLoss`); the default
+    is :func:`masked_token_loss` of the batch's loss mask. Bind it with ``functools.partial``:
+    Megatron calls this with two positional arguments.
+    """
     batch = next(data_iterator)
     if batch is not None and torch.cuda.is_available():
         # The loader yields (pinned) CPU tensors; the copy overlaps with the previous kernels.
@@ -107,7 +114,56 @@ def lm_forward_step(data_iterator, model):
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
     )
+    if loss_for is not None:
+        return output, loss_for(batch)
     return output, partial(masked_token_loss, batch["loss_mask"])
+
+
+@contextmanager
+def evaluation_mode(model: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Model chunks (DDP-wrapped or bare) in eval mode, without the z-loss term and without
+    autograd, for held-out NLL: the plain cross-entropy, as reported by every evaluation.
+    Training mode and z-loss are restored on exit."""
+    modules = list(model)
+    chunks = [getattr(m, "module", m) for m in modules]
+    saved = [c.z_loss for c in chunks]
+    for chunk in chunks:
+        chunk.z_loss = 0.0
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for chunk, z in zip(chunks, saved):
+            chunk.z_loss = z
+        for m in modules:
+            m.train()
+
+
+def run_schedule(
+    model: Sequence[torch.nn.Module],
+    batches: Sequence[dict | None],
+    forward_step_func: Callable,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list[dict]:
+    """``batches`` through Megatron's schedule for this layout (no pipelining, 1F1B or
+    interleaved); returns the loss functions' reports of this rank (empty off the last stage).
+    """
+    model = list(model)
+    batches = list(batches)
+    iterators = [iter(batches) for _ in model] if len(model) > 1 else iter(batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=iterators,
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
 
 
 def forward_backward(
@@ -131,19 +187,8 @@ def forward_backward(
     batches = list(micro_batches)
     if len(batches) != num_micro_batches:
         raise ValueError(f"expected {num_micro_batches} micro-batches, got {len(batches)}")
-    if len(model) > 1:
-        iterators = [iter(batches) for _ in model]
-    else:
-        iterators = iter(batches)
-    losses = get_forward_backward_func()(
-        forward_step_func=lm_forward_step,
-        data_iterator=iterators,
-        model=model if len(model) > 1 else model[0],
-        num_microbatches=num_micro_batches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    losses = run_schedule(model, batches, lm_forward_step, seq_length, micro_batch_size,
+                          forward_only)
     totals: dict[str, torch.Tensor] = {}
     for item in losses:
         for key, value in item.items():
