@@ -20,6 +20,9 @@ COMMANDS = {
     "profile": "soda_mega.commands.profile",
     "scaling": "soda_mega.commands.scaling",
     "eval": "soda_mega.commands.evaluate",
+    "translate": "soda_mega.commands.translate",
+    "export": "soda_mega.commands.export",
+    "import": "soda_mega.commands.import_hf",
 }
 
 
@@ -57,6 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"soda-mega: configuration error: {err}", file=sys.stderr)
         return 2
+    except _user_errors() as err:
+        # Bad inputs (a missing file, a checkpoint of another model, a broken manifest): the
+        # message names the problem; a traceback would only hide it.
+        print(f"soda-mega: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from soda_mega.data.inputs import InputError
+    from soda_mega.data.source import DatasetError
+    from soda_mega.eval.manifest import ManifestError
+    from soda_mega.inference.weights import CheckpointError
+
+    return (InputError, DatasetError, ManifestError, CheckpointError)
 
 
 if __name__ == "__main__":
