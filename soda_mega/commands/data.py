@@ -24,6 +24,15 @@ inputs:
   --text FILE      .jsonl ({"text": ..., "id": optional} per line) or plain UTF-8 text (one
                    document per blank-line-separated paragraph; --data.text_split=line for one
                    per line). Builds a "text" dataset.
+  --s2st FILE      JSONL, one speech-to-speech translation pair per line (fine-tuning data):
+                   {"id": ..., "source_audio": "en/1.wav", "source_text": "...",
+                    "target_text": "...", "target_audio": "fr/1.wav"}
+                   (or "source_codes" / "target_codes": pre-encoded .npy codes). Builds an "s2st"
+                   dataset: one document per pair, BOS <|audio_start|> source audio <|audio_end|>
+                   <|text_start|> source text <|text_end|> <|text_start|> target text <|text_end|>
+                   <|audio_start|> target audio <|audio_end|> EOS, with the source part (up to
+                   the target's <|text_start|>) masked out of the loss. Fine-tune on it with
+                   launchers/configs/s2st-finetune.yaml and --training.init_from=CHECKPOINT.
 output: OUT/train and OUT/valid (MDS shards, soda_meta.json, doc_lengths.npy). An interrupted
 build resumes when rerun with the same command. Bad records are reported, counted in
 soda_meta.json "skipped", and left out. Build settings are the data.* config fields (see
@@ -80,7 +89,8 @@ def register_build(actions) -> argparse.ArgumentParser:
         "build", help="audio manifests or text corpora -> SODA documents in MDS shards",
         description="Encode recordings with Mimi (or take pre-encoded codes), tokenize text, build "
                     "SODA documents (audio-first / text-first interleaving, speech-only, semantic-only, "
-                    "text-only) and write them as MDS shards with train/valid splits.",
+                    "text-only, or speech-to-speech translation pairs for fine-tuning) and write them "
+                    "as MDS shards with train/valid splits.",
         epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", metavar="OUT", help="dataset folder to create (or resume)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -88,6 +98,8 @@ def register_build(actions) -> argparse.ArgumentParser:
                        help="recording manifest (JSONL); repeat for several")
     group.add_argument("--text", action="append", metavar="FILE",
                        help="text corpus (.jsonl or plain text); repeat for several")
+    group.add_argument("--s2st", action="append", metavar="FILE",
+                       help="speech-to-speech translation pair manifest (JSONL); repeat for several")
     add_config_arguments(p)
     _shorthands(p)
     p.set_defaults(_data_run=run_build)
@@ -98,7 +110,8 @@ def run_build(args) -> int:
     from soda_mega.data.build import BuildError, build_dataset
 
     cfg = load_config(args.config, args.preset, _overrides(args))
-    kind, inputs = ("speech", args.manifest) if args.manifest else ("text", args.text)
+    kind, inputs = next((k, v) for k, v in (("speech", args.manifest), ("text", args.text),
+                                             ("s2st", args.s2st)) if v)
     try:
         result = build_dataset(args.out, inputs, kind, cfg, overwrite=args.overwrite,
                                show_progress=not args.quiet)

@@ -120,7 +120,16 @@ class TrainingConfig:
     seed: int = fld(1234, "random seed for weights, data order and dropout", ge=0)
     micro_batch_size: int = fld(1, "sequences per micro-batch on one GPU", ge=1)
     global_batch_size: int = fld(512, "sequences per optimizer step over all data-parallel ranks", ge=1)
-    train_tokens: float = fld(500e9, "total training tokens (sets the number of steps)", gt=0)
+    train_tokens: float = fld(500e9, "total training tokens (sets the number of steps unless "
+                                     "training.epochs is set)", gt=0)
+    epochs: Optional[float] = fld(
+        None, "passes over the tokens of the data.train datasets; when set, steps = ceil(epochs x "
+              "their tokens / (global_batch_size x seq_length)) instead of train_tokens", gt=0)
+    init_from: Optional[str] = fld(
+        None, "checkpoint (step_N, checkpoints/ or run folder) whose weights start this run "
+              "(fine-tuning): optimizer, step, schedule and data start fresh; it must be the same "
+              "model and vocabulary (the context length may differ); unused when run.dir holds a "
+              "checkpoint to resume")
     lr: Optional[float] = fld(None, "peak learning rate; none = SODA rule 0.003*sqrt(B/256)*sqrt(1024/d)", gt=0)
     min_lr: float = fld(0.0, "learning rate at the end of the decay", ge=0)
     lr_schedule: str = fld("wsd", "learning-rate schedule", choices=("wsd", "cosine", "constant"))

@@ -1,15 +1,20 @@
 """``soda-mega data build``: inputs -> SODA documents -> MDS shards, in resumable work units.
 
-1. **Plan** (parent): read the manifests (speech) or scan the corpora (text), drop bad lines,
-   and cut the records into fixed work units (``data.build_unit_recordings`` recordings or
-   ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
+Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-only documents),
+``text`` (corpora -> text-only documents) and ``s2st`` (translation-pair manifests -> one
+``s2st`` fine-tuning document per pair, source part masked out of the loss).
+
+1. **Plan** (parent): read the manifests (speech, s2st) or scan the corpora (text), drop bad
+   lines, and cut the records into fixed work units (``data.build_unit_recordings`` recordings
+   or pairs, ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
    fingerprint covers the bytes of the manifests and corpora (not of the audio files a
    manifest names) and every setting that changes the output (not the device, batch size or
    streaming step, which change speed only); it is kept in ``.build/plan.json`` and a folder
    holding another plan is never resumed silently.
 2. **Work** (``data.build_workers`` spawned processes, or in-process for 0): each unit's
    recordings are read, encoded with Mimi (or taken from ``.npy`` codes), tokenized and
-   turned into documents; each record goes to ``train`` or ``valid`` by a hash of its id,
+   turned into documents (both sides of an s2st pair go through the codec in the same
+   batches as recordings do); each record goes to ``train`` or ``valid`` by a hash of its id,
    so both interleaved orders of a recording always land in the same split and the split
    does not depend on input order or worker count. Units are written by
    :class:`~soda_mega.data.writer.UnitWriter` (temp folder, rename, then marker).
@@ -43,9 +48,11 @@ from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, MIMI_FRAME_RATE, MimiCodec, file_sha256,
                                   mimi_metadata, precomputed_codec_metadata, warn_random_init)
-from soda_mega.data.documents import recording_documents, segment_frames, text_document
-from soda_mega.data.inputs import (InputError, Recording, Skipped, TextRange, load_codes,
-                                   plan_text, read_audio, read_manifest, read_text_range, text_format)
+from soda_mega.data.documents import (recording_documents, s2st_document, segment_frames,
+                                      text_document)
+from soda_mega.data.inputs import (InputError, Recording, S2STPair, Skipped, TextRange, load_codes,
+                                   plan_text, read_audio, read_manifest, read_s2st_manifest,
+                                   read_text_range, text_format)
 from soda_mega.data.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
 from soda_mega.data.tokenizer import load_tokenizer
@@ -54,6 +61,9 @@ from soda_mega.data.writer import (STATE_DIR, UnitWriter, atomic_write_text, cle
 from soda_mega.tokens.layout import VocabLayout
 
 PLAN_FILE = "plan.json"
+KINDS = ("speech", "text", "s2st")
+# Kinds whose records hold audio (recordings, translation pairs), planned as manifests.
+AUDIO_KINDS = ("speech", "s2st")
 
 
 class BuildError(RuntimeError):
@@ -166,31 +176,51 @@ def _recording_docs(rec: Recording, codes: np.ndarray, frame_rate: float):
     return docs
 
 
+def _frame_rate() -> float:
+    codec = _STATE["codec"]
+    return codec.frame_rate if codec else MIMI_FRAME_RATE
+
+
+def _batch_size() -> int:
+    codec = _STATE["codec"]
+    return codec.batch_size if codec else 1
+
+
+def _load_codes(sources: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
+    """``(codes [K, T] | InputError, seconds)`` for each ``(audio file, codes file)`` source.
+
+    Pre-encoded codes are read and checked; all audio files of the list are encoded in one
+    :meth:`~soda_mega.data.codec.MimiCodec.encode_batch` call (padded GPU batches of
+    ``data.encode_batch_size``). An unusable source comes back as its ``InputError``.
+    """
+    layout: VocabLayout = _STATE["layout"]
+    loaded: list[list] = []  # [codes | (wav, rate) | InputError, seconds]
+    for audio, codes_path in sources:
+        try:
+            if codes_path is not None:
+                codes = load_codes(codes_path, layout.num_codebooks, layout.codebook_size)
+                loaded.append([codes, codes.shape[1] / _frame_rate()])
+            else:
+                wav, rate = read_audio(audio)
+                loaded.append([(wav, rate), wav.shape[1] / rate])
+        except InputError as err:
+            loaded.append([err, 0.0])
+    todo = [item for item in loaded if isinstance(item[0], tuple)]
+    if todo:
+        encoded = _STATE["codec"].encode_batch([i[0][0] for i in todo], [i[0][1] for i in todo])
+        for item, codes in zip(todo, encoded):
+            item[0] = codes.numpy()
+    return [tuple(item) for item in loaded]
+
+
 def _speech_unit(writer: UnitWriter, recordings: Sequence[Recording]) -> None:
     spec: WorkerSpec = _STATE["spec"]
-    layout: VocabLayout = _STATE["layout"]
-    codec = _STATE["codec"]
-    frame_rate = codec.frame_rate if codec else MIMI_FRAME_RATE
-    batch = codec.batch_size if codec else 1
+    frame_rate = _frame_rate()
+    batch = _batch_size()
     for start in range(0, len(recordings), batch):
         group = recordings[start:start + batch]
-        loaded: list[list] = []  # [recording, codes | (wav, rate) | InputError, seconds]
-        for rec in group:
-            try:
-                if rec.codes is not None:
-                    codes = load_codes(rec.codes, layout.num_codebooks, layout.codebook_size)
-                    loaded.append([rec, codes, codes.shape[1] / frame_rate])
-                else:
-                    wav, rate = read_audio(rec.audio)
-                    loaded.append([rec, (wav, rate), wav.shape[1] / rate])
-            except InputError as err:
-                loaded.append([rec, err, 0.0])
-        todo = [item for item in loaded if isinstance(item[1], tuple)]
-        if todo:
-            encoded = codec.encode_batch([i[1][0] for i in todo], [i[1][1] for i in todo])
-            for item, codes in zip(todo, encoded):
-                item[1] = codes.numpy()
-        for rec, codes, seconds in loaded:
+        sides = _load_codes([(r.audio, r.codes) for r in group])
+        for rec, (codes, seconds) in zip(group, sides):
             split = split_of(rec.record_id, spec.valid_fraction)
             name = f"{rec.record_id} ({rec.where})"
             try:
@@ -206,6 +236,32 @@ def _speech_unit(writer: UnitWriter, recordings: Sequence[Recording]) -> None:
             writer.stats[split].num_records += 1
             writer.stats[split].audio_seconds += seconds
             _report(1, seconds)
+
+
+def _s2st_unit(writer: UnitWriter, pairs: Sequence[S2STPair]) -> None:
+    spec: WorkerSpec = _STATE["spec"]
+    batch = _batch_size()
+    for start in range(0, len(pairs), batch):
+        group = pairs[start:start + batch]
+        sides = _load_codes([side for p in group for side in ((p.source_audio, p.source_codes),
+                                                                (p.target_audio, p.target_codes))])
+        for i, pair in enumerate(group):
+            (src, src_s), (tgt, tgt_s) = sides[2 * i], sides[2 * i + 1]
+            split = split_of(pair.record_id, spec.valid_fraction)
+            try:
+                for side, codes in (("source", src), ("target", tgt)):
+                    if isinstance(codes, InputError):
+                        raise InputError(f"{side}: {codes}")
+                doc = s2st_document(_STATE["layout"], pair.record_id, src,
+                                    _encode_text(pair.source_text), _encode_text(pair.target_text), tgt)
+            except InputError as err:
+                _skip(writer, split, f"{pair.record_id} ({pair.where})", str(err))
+                _report(1, 0.0, 1)
+                continue
+            writer.write(split, doc)
+            writer.stats[split].num_records += 1
+            writer.stats[split].audio_seconds += src_s + tgt_s
+            _report(1, src_s + tgt_s)
 
 
 def _text_unit(writer: UnitWriter, ranges: Sequence[TextRange]) -> None:
@@ -240,7 +296,7 @@ def run_unit(name: str, items: Sequence) -> dict:
     """Build one work unit and mark it complete; returns its marker."""
     spec: WorkerSpec = _STATE["spec"]
     writer = UnitWriter(Path(spec.root), name, _STATE["layout"], spec.shard_size_limit)
-    (_speech_unit if spec.kind == "speech" else _text_unit)(writer, items)
+    {"speech": _speech_unit, "text": _text_unit, "s2st": _s2st_unit}[spec.kind](writer, items)
     return writer.commit()
 
 
@@ -270,11 +326,12 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
     skipped: list[Skipped] = []
     records = 0
     has_audio = False
-    if kind == "speech":
-        recordings: list[Recording] = []
+    if kind in AUDIO_KINDS:
+        read = read_manifest if kind == "speech" else read_s2st_manifest
+        recordings: list = []
         seen: dict[str, str] = {}
         for path in inputs:
-            recs, bad = read_manifest(path)
+            recs, bad = read(path)
             skipped += bad
             for rec in recs:
                 if rec.record_id in seen:
@@ -283,10 +340,14 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
                     continue
                 seen[rec.record_id] = rec.where
                 recordings.append(rec)
-        has_audio = any(r.audio is not None for r in recordings)
+        if kind == "speech":
+            has_audio = any(r.audio is not None for r in recordings)
+            doc_types = list(data.doc_types)
+        else:
+            has_audio = any(p.source_audio is not None or p.target_audio is not None for p in recordings)
+            doc_types = ["s2st"]
         units = _chunks(recordings, data.build_unit_recordings)
         records = len(recordings)
-        doc_types = list(data.doc_types)
     else:
         for path in inputs:
             ranges = plan_text(path, text_format(path, data.text_split), data.build_unit_text_docs)
@@ -295,9 +356,9 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         doc_types = ["text_only"]
     settings = {
         "format": FORMAT, "kind": kind, "vocab_fingerprint": layout.fingerprint(),
-        "tokenizer": tokenizer_meta, "codec": codec_meta(has_audio) if kind == "speech" else None,
+        "tokenizer": tokenizer_meta, "codec": codec_meta(has_audio) if kind in AUDIO_KINDS else None,
         "doc_types": doc_types, "valid_fraction": data.valid_fraction,
-        "unit_size": data.build_unit_recordings if kind == "speech" else data.build_unit_text_docs,
+        "unit_size": data.build_unit_recordings if kind in AUDIO_KINDS else data.build_unit_text_docs,
         "shard_size_limit": data.shard_size_limit,
         "text_split": data.text_split if kind == "text" else None,
         "inputs": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in inputs],
@@ -342,15 +403,17 @@ def _cpu_count() -> int:
 def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg: SodaConfig, *,
                   overwrite: bool = False, workers: int | None = None, show_progress: bool = True,
                   on_unit_done: Callable[[str, int], None] | None = None) -> BuildResult:
-    """Build (or resume) one dataset of ``kind`` (``speech`` from manifests, ``text`` from corpora).
+    """Build (or resume) one dataset of ``kind``: ``speech`` from recording manifests, ``text``
+    from corpora, ``s2st`` from translation-pair manifests.
 
     ``workers`` overrides ``cfg.data.build_workers``. ``on_unit_done(name, completed)`` is called
     in this process after each unit is marked complete (tests use it to interrupt a build).
     """
-    if kind not in ("speech", "text"):
-        raise ValueError(f"kind must be 'speech' or 'text', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not inputs:
-        raise BuildError("no inputs: give --manifest FILE (speech) or --text FILE (text)")
+        raise BuildError("no inputs: give --manifest FILE (speech), --text FILE (text) or "
+                         "--s2st FILE (translation pairs)")
     for path in inputs:
         if not Path(path).is_file():
             raise BuildError(f"input {path} does not exist")
@@ -401,7 +464,7 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
                        batch_size=data.encode_batch_size, seed=data.mimi_seed,
                        weights_sha256=weights_sha) if needs_codec else None,
             threads=max(1, _cpu_count() // n_workers) if n_workers > 1 else 0)
-        done_records = sum(len(items) if kind == "speech" else sum(r.num_docs for r in items)
+        done_records = sum(len(items) if kind in AUDIO_KINDS else sum(r.num_docs for r in items)
                            for name, items in plan.units if name in done) + len(plan.skipped)
         progress = Progress(label, plan.records, done_records, enabled=show_progress)
         if n_workers <= 1:

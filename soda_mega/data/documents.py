@@ -8,12 +8,18 @@ With ``A_i`` the frame-major audio ids of segment ``i`` and ``T_i`` its text ids
 * ``speech_only``: ``BOS <|audio_start|> A <|audio_end|> EOS`` over the whole recording
   (gaps between segments included: it is continuous speech);
 * ``semantic_only``: the same with codebook 0 only (one id per frame);
-* ``text_only``: ``BOS text EOS``.
+* ``text_only``: ``BOS text EOS``;
+* ``s2st`` (fine-tuning, SODA_SPEC section 6), source audio ``SA`` and text ``ST``, target text
+  ``TT`` and audio ``TA``: ``BOS <|audio_start|> SA <|audio_end|> <|text_start|> ST <|text_end|>
+  <|text_start|> TT <|text_end|> <|audio_start|> TA <|audio_end|> EOS``.
 
 A recording with segments yields both interleaved orders; the audio of segment ``[start,
 end)`` seconds is frames ``floor(start * rate) .. ceil(end * rate)`` of the recording's codes
-(every frame that overlaps the segment). Loss masks are all ones for these types (masked
-spans exist only for fine-tuning formats such as ``s2st``).
+(every frame that overlaps the segment). Loss masks are all ones for the pretraining types.
+An ``s2st`` document's mask is 0 over the source part (BOS, the source audio span and the
+source text span with their markers: the instruction, given at inference) and 1 from the
+target text's ``<|text_start|>`` to EOS. The mask is per token; the loader shifts it with the
+labels, so the first target token is learnt from the context of the whole source.
 """
 
 from __future__ import annotations
@@ -120,3 +126,27 @@ def text_document(layout: VocabLayout, record_id: str, text_ids: Sequence[int]) 
     """A ``text_only`` document."""
     tokens = text_only(layout, text_ids)
     return Document("text_only", tokens, np.ones(len(tokens), np.uint8), record_id)
+
+
+def s2st(layout: VocabLayout, source_codes: np.ndarray, source_text: Sequence[int],
+         target_text: Sequence[int], target_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and loss mask of one speech-to-speech translation pair (source part masked)."""
+    if len(source_text) == 0 or len(target_text) == 0:
+        raise ValueError("an s2st document needs non-empty source and target text ids")
+    a0, a1 = [layout.audio_start], [layout.audio_end]
+    t0, t1 = [layout.text_start], [layout.text_end]
+    source = [a0, audio_ids(layout, source_codes), a1, t0, source_text, t1]
+    target = [t0, target_text, t1, a0, audio_ids(layout, target_codes), a1]
+    tokens = _wrap(layout, source + target)
+    prompt = 1 + sum(len(np.asarray(p).reshape(-1)) for p in source)  # BOS + source part
+    mask = np.zeros(len(tokens), np.uint8)
+    mask[prompt:] = 1
+    return tokens, mask
+
+
+def s2st_document(layout: VocabLayout, record_id: str, source_codes: np.ndarray,
+                  source_text: Sequence[int], target_text: Sequence[int],
+                  target_codes: np.ndarray) -> Document:
+    """An ``s2st`` document (see :func:`s2st`)."""
+    tokens, mask = s2st(layout, source_codes, source_text, target_text, target_codes)
+    return Document("s2st", tokens, mask, record_id)

@@ -18,6 +18,19 @@
 * ``id``: optional; by default ``<manifest stem>/<audio or codes path as written>``. Ids decide
   the train/valid split, so they should be stable; a repeated id is skipped.
 
+**S2ST manifest** (JSONL, one speech-to-speech translation pair per line; SODA_SPEC section 6)::
+
+    {"id": "p1", "source_audio": "en/p1.wav", "source_text": "Good morning.",
+     "target_text": "Bonjour.", "target_audio": "fr/p1.wav"}
+    {"source_codes": "codes/p2.en.npy", "source_text": "...", "target_text": "...",
+     "target_codes": "codes/p2.fr.npy"}
+
+* ``source_audio`` or ``source_codes`` and ``target_audio`` or ``target_codes`` (exactly one
+  per side): paths as above, codes as above.
+* ``source_text`` / ``target_text``: non-empty transcripts of the two sides.
+* ``id``: optional; by default ``<manifest stem>/<source path>|<target path>`` (one source may be
+  translated into several targets). Other keys (a language tag, a speaker) are ignored.
+
 **Audio** is read with ``sphn`` (Rust symphonia decoders: WAV PCM 8/16/24/32-bit and float,
 FLAC, MP3, Ogg/Vorbis): one reader for every format users have, returning float32
 ``[channels, samples]``, where the stdlib ``wave`` module would only cover integer-PCM WAV.
@@ -41,12 +54,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
 MIN_SAMPLE_RATE = 8000
 JSONL_SUFFIXES = (".jsonl", ".json")
+T = TypeVar("T")  # a parsed manifest line: Recording or S2STPair
 
 
 class InputError(ValueError):
@@ -84,6 +98,20 @@ class Recording:
     segments: tuple[Segment, ...] | None  # None: untranscribed
 
 
+@dataclass(frozen=True)
+class S2STPair:
+    """One S2ST manifest line: both sides' audio (or codes) and transcripts."""
+
+    record_id: str
+    where: str  # "<manifest>:<line>", for messages
+    source_audio: str | None
+    source_codes: str | None
+    source_text: str
+    target_text: str
+    target_audio: str | None
+    target_codes: str | None
+
+
 # ----------------------------------------------------------------- manifests
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -112,7 +140,7 @@ def parse_record(obj, where: str, base: Path, default_prefix: str) -> Recording:
     rel = obj[key]
     if not isinstance(rel, str) or not rel:
         raise InputError(f"'{key}' must be a path string, got {rel!r}")
-    path = str((base / rel).resolve()) if not Path(rel).is_absolute() else rel
+    path = _resolve(base, rel)
     if "transcript" in obj and "segments" in obj:
         raise InputError("give either 'transcript' or 'segments', not both")
     segments: tuple[Segment, ...] | None = None
@@ -138,11 +166,44 @@ def parse_record(obj, where: str, base: Path, default_prefix: str) -> Recording:
     return Recording(str(rid), where, path if has_audio else None, None if has_audio else path, segments)
 
 
-def read_manifest(path: str | Path) -> tuple[list[Recording], list[Skipped]]:
-    """All recordings of a JSONL manifest, and the lines that could not be used."""
+def _resolve(base: Path, rel: str) -> str:
+    return str((base / rel).resolve()) if not Path(rel).is_absolute() else rel
+
+
+def _audio_or_codes(obj: dict, side: str, base: Path) -> tuple[str | None, str | None, str]:
+    """``(audio path, codes path, path as written)`` of one side of an S2ST pair."""
+    audio_key, codes_key = f"{side}_audio", f"{side}_codes"
+    if (audio_key in obj) == (codes_key in obj):
+        raise InputError(f"give exactly one of '{audio_key}' (a file) or '{codes_key}' (a .npy file)")
+    key = audio_key if audio_key in obj else codes_key
+    rel = obj[key]
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"'{key}' must be a path string, got {rel!r}")
+    path = _resolve(base, rel)
+    return (path, None, rel) if key == audio_key else (None, path, rel)
+
+
+def parse_s2st_record(obj, where: str, base: Path, default_prefix: str) -> S2STPair:
+    """One S2ST manifest object -> :class:`S2STPair` (paths resolved against ``base``)."""
+    if not isinstance(obj, dict):
+        raise InputError(f"an S2ST manifest line must be a JSON object, got {type(obj).__name__}")
+    src_audio, src_codes, src_rel = _audio_or_codes(obj, "source", base)
+    tgt_audio, tgt_codes, tgt_rel = _audio_or_codes(obj, "target", base)
+    source_text = _text(obj.get("source_text"), "'source_text'")
+    target_text = _text(obj.get("target_text"), "'target_text'")
+    rid = obj.get("id", f"{default_prefix}/{src_rel}|{tgt_rel}")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        raise InputError(f"'id' must be a non-empty string or integer, got {rid!r}")
+    return S2STPair(str(rid), where, src_audio, src_codes, source_text, target_text, tgt_audio, tgt_codes)
+
+
+def _read_jsonl(path: str | Path, parse: Callable[[object, str, Path, str], T]
+                ) -> tuple[list[T], list[Skipped]]:
+    """``parse(obj, where, base, stem)`` of every non-blank line of a JSONL manifest; lines that
+    are not UTF-8, not JSON, rejected by ``parse`` or repeat an earlier id come back as skipped."""
     path = Path(path)
     base = path.resolve().parent
-    recordings: list[Recording] = []
+    records: list[T] = []
     skipped: list[Skipped] = []
     seen: dict[str, str] = {}
     with open(path, "rb") as f:
@@ -159,7 +220,7 @@ def read_manifest(path: str | Path) -> tuple[list[Recording], list[Skipped]]:
                     obj = json.loads(text)
                 except json.JSONDecodeError as err:
                     raise InputError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-                rec = parse_record(obj, where, base, path.stem)
+                rec = parse(obj, where, base, path.stem)
             except InputError as err:
                 skipped.append(Skipped(where, str(err)))
                 continue
@@ -169,8 +230,18 @@ def read_manifest(path: str | Path) -> tuple[list[Recording], list[Skipped]]:
                                        "give each line a unique 'id'"))
                 continue
             seen[rec.record_id] = where
-            recordings.append(rec)
-    return recordings, skipped
+            records.append(rec)
+    return records, skipped
+
+
+def read_manifest(path: str | Path) -> tuple[list[Recording], list[Skipped]]:
+    """All recordings of a JSONL manifest, and the lines that could not be used."""
+    return _read_jsonl(path, parse_record)
+
+
+def read_s2st_manifest(path: str | Path) -> tuple[list[S2STPair], list[Skipped]]:
+    """All pairs of a JSONL S2ST manifest, and the lines that could not be used."""
+    return _read_jsonl(path, parse_s2st_record)
 
 
 # ----------------------------------------------------------------- audio and codes

@@ -11,6 +11,12 @@ Everything a resume needs is in the checkpoint (weights, optimizer, loader posit
 and weights, data order and schedule are functions of (seed, step) only, so a run killed at
 any moment and restarted from its newest checkpoint continues the same loss trace, also on
 another TP / PP / DP layout.
+
+Fine-tuning (``training.init_from``) starts a new run from another run's weights: only the
+model weights are taken (any layout, also weights-only checkpoints); optimizer moments, step,
+schedule and data position start fresh. Once the fine-tune has saved a checkpoint of its own,
+a restart resumes from that, never from the initial weights again. ``training.epochs`` sizes a
+run by passes over its datasets instead of a token budget.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import math
 import os
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -28,13 +35,16 @@ import torch.distributed as dist
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.source import DatasetError
+from soda_mega.data.source import DatasetError, DocumentSource
+from soda_mega.inference.weights import (CheckpointError, check_same_model, checkpoint_config,
+                                         checkpoint_state, resolve_checkpoint)
 from soda_mega.model.accounting import flops_per_token
 from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
 from soda_mega.training import checkpoint as ckpt
-from soda_mega.training.forward_backward import StepResult, forward_backward, wrap_ddp
+from soda_mega.training.forward_backward import (StepResult, evaluation_mode, forward_backward,
+                                                  wrap_ddp)
 from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
 from soda_mega.training.optimizer import build_optimizer, inner_optimizers, set_hyperparameters
 from soda_mega.training.schedule import LRSchedule, soda_peak_lr
@@ -45,10 +55,68 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
-def total_steps(cfg: SodaConfig) -> int:
-    """Optimizer steps that spend ``training.train_tokens`` (at least one)."""
+def dataset_tokens(cfg: SodaConfig) -> int:
+    """Tokens in the train splits of ``data.train`` (from their document lengths only)."""
+    layout = VocabLayout.from_config(cfg.vocab)
+    return sum(DocumentSource(root, "train", layout).num_tokens for root in cfg.data.train)
+
+
+def total_steps(cfg: SodaConfig, train_tokens: int | None = None) -> int:
+    """Optimizer steps of the run (at least one): ``training.train_tokens`` worth, or with
+    ``training.epochs`` that many passes over the datasets' ``train_tokens`` (read from
+    ``data.train`` when not given)."""
     per_step = cfg.training.global_batch_size * cfg.model.seq_length
-    return max(1, math.ceil(cfg.training.train_tokens / per_step))
+    epochs = cfg.training.epochs
+    if epochs is None:
+        return max(1, math.ceil(cfg.training.train_tokens / per_step))
+    if train_tokens is None:
+        train_tokens = dataset_tokens(cfg)
+    # NOTE: exact rational arithmetic: 5 epochs of exactly 10 steps' worth is 50 steps, not 51.
+    return max(1, math.ceil(Fraction(str(epochs)) * train_tokens / per_step))
+
+
+def initial_checkpoint(path: str, cfg: SodaConfig) -> Path:
+    """The ``step_N`` folder ``training.init_from`` stands for, once it is known to hold this
+    run's model: refuses another model or vocabulary, naming the fields. The context length
+    (``model.seq_length``: RoPE has no weights) and ``model.init_std`` may differ: SODA
+    fine-tunes at 2048 tokens a model pretrained at 4096."""
+    step_dir = resolve_checkpoint(path)
+    source = checkpoint_config(step_dir)
+    expected = dataclasses.replace(source, model=dataclasses.replace(
+        source.model, seq_length=cfg.model.seq_length, init_std=cfg.model.init_std))
+    try:
+        check_same_model(cfg, expected, f"training.init_from={path}")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (this run's value != the checkpoint's); start from a checkpoint "
+                              f"of this model, or set the model and vocab sections to the "
+                              f"checkpoint's ({step_dir / ckpt.STATE_FILE})") from None
+    return step_dir
+
+
+def load_initial_weights(path: str, cfg: SodaConfig, model, optimizer) -> str:
+    """Weights of checkpoint ``path`` (see :func:`initial_checkpoint`) into ``model`` (this
+    run's TP / PP layout), then into the optimizer's fp32 main weights; returns a line saying
+    where they came from.
+
+    NOTE: a mixed-precision optimizer keeps fp32 main copies of bf16 weights (the distributed
+    optimizer: fp32 shards of every weight); loading the model alone would leave them at the
+    random init, and the first update would copy them back over the loaded weights.
+    ``reload_model_params`` copies the loaded weights into them (for bf16 weights they are
+    the bf16 values, as Megatron-LM's ``--finetune`` does; with fp32 weights they are exact).
+    """
+    step_dir = initial_checkpoint(path, cfg)
+    ckpt.load_checkpoint(step_dir, model, optimizer=None, restore_rng=False)
+    optimizer.reload_model_params()
+    saved = checkpoint_state(step_dir)
+    if saved.get("weights_only"):
+        origin = "weights-only checkpoint"
+        provenance = saved.get("provenance") or {}
+        if provenance:
+            origin += " (" + ", ".join(f"{k} {v}" for k, v in sorted(provenance.items())) + ")"
+    else:
+        origin = f"step {saved['step']} ({saved['tokens']:,} tokens) of a {cfg.model.name} run"
+    return (f"initialised the weights from {step_dir}: {origin}; optimizer, step, schedule and "
+            f"data start fresh")
 
 
 def peak_learning_rate(cfg: SodaConfig) -> float:
@@ -81,12 +149,19 @@ class Trainer:
         self.layout = state.initialize(cfg.parallel, cfg.training.seed)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.training.init_from and not (cfg.run.resume and ckpt.latest_checkpoint(self.ckpt_dir)):
+            initial_checkpoint(cfg.training.init_from, cfg)  # a wrong model fails before any work
         self.model = wrap_ddp(build_model(cfg), cfg)
-        self.steps_total = total_steps(cfg)
+        self.loader = SodaDataLoader(cfg, "train")
+        data_tokens = sum(s.num_tokens for s in self.loader.sources)
+        self.steps_total = total_steps(cfg, data_tokens)
+        if cfg.training.epochs is not None and dist.get_rank() == 0:
+            print(f"soda-mega: {cfg.training.epochs:g} epochs of {data_tokens:,} tokens = "
+                  f"{self.steps_total} steps of {cfg.training.global_batch_size} x "
+                  f"{cfg.model.seq_length} tokens", flush=True)
         self.peak_lr = peak_learning_rate(cfg)
         self.schedule = LRSchedule.from_config(cfg.training, self.steps_total, self.peak_lr)
         self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
-        self.loader = SodaDataLoader(cfg, "train")
         self.has_valid = True
         if cfg.run.eval_interval:
             try:
@@ -171,7 +246,19 @@ class Trainer:
         self.loader.load_state_dict(trainer_state["loader"])
         if self.is_logger:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            print(f"soda-mega: resumed from {path} at step {self.step}", flush=True)
+            unused = (f" (training.init_from={self.cfg.training.init_from} is not used: the run "
+                      f"continues from its own checkpoint)" if self.cfg.training.init_from else "")
+            print(f"soda-mega: resumed from {path} at step {self.step}{unused}", flush=True)
+        return True
+
+    def maybe_init_from(self) -> bool:
+        """Start from ``training.init_from``'s weights (a fresh run only: see :meth:`run`)."""
+        path = self.cfg.training.init_from
+        if not path:
+            return False
+        line = load_initial_weights(path, self.cfg, self.model, self.optimizer)
+        if self.is_logger:
+            print(f"soda-mega: {line}", flush=True)
         return True
 
     # ------------------------------------------------------------------ steps
@@ -206,14 +293,8 @@ class Trainer:
         # run.eval_batches counts micro-batches over all replicas, dealt round-robin, so every
         # layout evaluates the same windows.
         limit = max(1, self.cfg.run.eval_batches // self.layout.dp) if self.cfg.run.eval_batches else None
-        chunks = [getattr(m, "module", m) for m in self.model]
-        saved = [c.z_loss for c in chunks]
-        for chunk in chunks:
-            chunk.z_loss = 0.0
-        for m in self.model:
-            m.eval()
         totals = StepResult(0.0, 0, {})
-        try:
+        with evaluation_mode(self.model):
             batches = []
             for i, batch in enumerate(loader):
                 if limit is not None and i >= limit:
@@ -227,11 +308,6 @@ class Trainer:
                 totals = forward_backward(self.model, batches, len(batches),
                                           self.cfg.model.seq_length,
                                           self.cfg.training.micro_batch_size, forward_only=True)
-        finally:
-            for chunk, z in zip(chunks, saved):
-                chunk.z_loss = z
-            for m in self.model:
-                m.train()
         stats = self._global_stats(totals)
         return {"kind": "valid", "step": self.step, **_stats_dict(stats, prefix="valid_")}
 
@@ -239,7 +315,8 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train until the token budget (or ``run.max_steps``) is spent; returns the records."""
         cfg = self.cfg.run
-        self.maybe_resume()
+        if not self.maybe_resume():
+            self.maybe_init_from()
         end = min(self.steps_total, cfg.max_steps or self.steps_total)
         records: list[dict] = []
         data = iter(self.loader)
