@@ -171,6 +171,10 @@ class DataConfig:
                                default_factory=list)
     text_fraction: float = fld(0.05, "share of text-only tokens in the mixture (SODA: 5%)", ge=0, le=1)
     reset_at_document: bool = fld(False, "reset positions and block attention at document boundaries")
+    packing: str = fld("split", "how documents fill the seq_length+1 windows: split (concatenated and "
+                                "cut, every token used: pretraining) or whole (a document is never cut; "
+                                "windows are padded, longer documents left out: fine-tuning)",
+                       choices=("split", "whole"))
     num_workers: int = fld(2, "loader worker processes per rank", ge=0)
     # --- `soda-mega data build` (soda_mega/data/build.py) ---
     tokenizer: Optional[str] = fld(

@@ -20,6 +20,7 @@ every ``num_workers``-th micro-batch; the DataLoader returns them round-robin, i
 from __future__ import annotations
 
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.mixture import MixturePlan, Piece
+from soda_mega.data.mixture import PAD_STREAM, MixturePlan, Piece
 from soda_mega.data.source import DocumentSource
 from soda_mega.tokens.layout import VocabLayout
 
@@ -89,9 +90,13 @@ class WindowAssembler:
     def window(self, pieces: Sequence[Piece]) -> tuple[np.ndarray, ...]:
         tokens, masks, docs, pos = [], [], [], []
         for k, (s, d, a, b) in enumerate(pieces):
-            doc_tokens, doc_mask = self.sources[s].get(d)
-            tokens.append(doc_tokens[a:b])
-            masks.append(doc_mask[a:b])
+            if s == PAD_STREAM:  # whole-document packing: filler, never a label
+                tokens.append(np.full(b - a, self.layout.eos_id, dtype=np.int32))
+                masks.append(np.zeros(b - a, dtype=np.uint8))
+            else:
+                doc_tokens, doc_mask = self.sources[s].get(d)
+                tokens.append(doc_tokens[a:b])
+                masks.append(doc_mask[a:b])
             docs.append(np.full(b - a, k, dtype=np.int32))
             pos.append(np.arange(a, b, dtype=np.int64))
         return (np.concatenate(tokens), np.concatenate(masks), np.concatenate(docs),
@@ -182,13 +187,34 @@ class SodaDataLoader:
                                       cfg.training.global_batch_size, dp_rank, dp_size)
         self.plan = MixturePlan([s.lengths for s in self.sources], weights,
                                 cfg.model.seq_length + 1, seed=cfg.training.seed,
-                                shuffle=self.training, single_pass=not self.training)
+                                shuffle=self.training, single_pass=not self.training,
+                                whole_documents=cfg.data.packing == "whole")
+        self.too_long = 0  # documents whole-document packing leaves out
+        if cfg.data.packing == "whole":
+            self.too_long = sum(int((s.lengths > cfg.model.seq_length + 1).sum()) for s in self.sources)
+            if self.too_long:
+                total = sum(len(s) for s in self.sources)
+                print(f"[soda-mega data] data.packing=whole: {self.too_long} of {total} {split} "
+                      f"documents are longer than model.seq_length + 1 = {cfg.model.seq_length + 1} "
+                      "tokens and are left out", file=sys.stderr, flush=True)
         self.assembler = WindowAssembler(self.sources, self.layout, cfg.data.reset_at_document)
         self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
         self.needs_data = needs_data
         self.weights = weights
         self._start_micro = 0
         self._consumed = 0
+
+    def epoch_tokens(self) -> int:
+        """Tokens one pass over the training datasets takes: the documents' tokens, or with
+        ``data.packing=whole`` the windows of one pass (padding included) x seq_length."""
+        if not self.plan.whole_documents:
+            return sum(s.num_tokens for s in self.sources)
+        one_pass = MixturePlan(self.plan.lengths, self.weights, self.plan.window_tokens,
+                               seed=0, shuffle=False, single_pass=True, whole_documents=True)
+        windows = 0
+        while one_pass.next_window() is not None:
+            windows += 1
+        return windows * (self.plan.window_tokens - 1)
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, torch.Tensor] | None]:

@@ -10,9 +10,15 @@ documents of its own windows.
   is furthest below its weight (``argmin emitted_i / weight_i``). Every stream's share stays
   within one document of its target at all times: the mixture holds over short horizons, not
   just in expectation.
-* **Packing**: documents are concatenated into one token stream cut into windows of
-  ``seq_length + 1`` tokens with stride ``seq_length`` (consecutive windows share one token, so
-  every token is a label exactly once). A document longer than a window spans several.
+* **Packing** (``whole_documents=False``, pretraining): documents are concatenated into one
+  token stream cut into windows of ``seq_length + 1`` tokens with stride ``seq_length``
+  (consecutive windows share one token, so every token is a label exactly once). A document
+  longer than a window spans several.
+* **Whole documents** (``whole_documents=True``, fine-tuning): a document is never cut. Each
+  window takes documents in plan order while they fit and is filled up with a padding piece
+  (:data:`PAD_STREAM`; loss mask 0); a document that does not fit starts the next window.
+  Documents longer than a window are left out (the loader counts and reports them), so an
+  S2ST pair never loses its source part to the previous window.
 
 The whole state (cursors, emitted counts, the partly used documents, window index) is a small
 JSON-able dict: saving it with a checkpoint resumes the exact same sequence.
@@ -28,6 +34,8 @@ import numpy as np
 
 # A piece of a window: (stream, document index, first token, end token) of that document.
 Piece = tuple[int, int, int, int]
+# Stream index of padding pieces (whole-document packing): (PAD_STREAM, -1, 0, n) is n pads.
+PAD_STREAM = -1
 
 
 @dataclass
@@ -56,7 +64,7 @@ class MixturePlan:
 
     def __init__(self, lengths: Sequence[np.ndarray], weights: Sequence[float],
                  window_tokens: int, seed: int, shuffle: bool = True,
-                 single_pass: bool = False) -> None:
+                 single_pass: bool = False, whole_documents: bool = False) -> None:
         if len(lengths) != len(weights) or not lengths:
             raise ValueError("need one weight per stream and at least one stream")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -73,6 +81,12 @@ class MixturePlan:
         self.seed = seed
         self.shuffle = shuffle
         self.single_pass = single_pass
+        self.whole_documents = whole_documents
+        if whole_documents:
+            for i, lens in enumerate(self.lengths):
+                if weights[i] > 0 and not (lens <= window_tokens).any():
+                    raise ValueError(f"stream {i}: every document is longer than a window of "
+                                     f"{window_tokens} tokens; nothing to train on whole")
         self._orders: dict[tuple[int, int], np.ndarray] = {}
         n = len(lengths)
         self.state = PlanState(epochs=[0] * n, positions=[0] * n, emitted=[0] * n)
@@ -107,9 +121,9 @@ class MixturePlan:
             st.epochs[stream] += 1
             st.positions[stream] = 0
         length = int(self.lengths[stream][doc])
+        if length == 0 or (self.whole_documents and length > self.window_tokens):
+            return self._next_document()  # empty, or too long to be kept whole: left out
         st.emitted[stream] += length
-        if length == 0:
-            return self._next_document()
         return (stream, doc, 0, length)
 
     # ------------------------------------------------------------------ windows
@@ -118,6 +132,8 @@ class MixturePlan:
         st = self.state
         if st.exhausted:
             return None
+        if self.whole_documents:
+            return self._next_whole_window()
         have = sum(p[3] - p[2] for p in st.pending)
         while have < self.window_tokens:
             piece = self._next_document()
@@ -135,6 +151,31 @@ class MixturePlan:
             if need == 0:
                 break
         self._advance(self.window_tokens - 1)
+        st.window += 1
+        return window
+
+    def _next_whole_window(self) -> list[Piece] | None:
+        """Whole documents while they fit, then padding; the misfit waits in ``pending``."""
+        st = self.state
+        window: list[Piece] = []
+        room = self.window_tokens
+        while True:
+            piece = st.pending.pop(0) if st.pending else self._next_document()
+            if piece is None:
+                if not window:
+                    st.exhausted = True
+                    return None
+                break
+            size = piece[3] - piece[2]
+            if size > room:
+                st.pending.insert(0, piece)
+                break
+            window.append(piece)
+            room -= size
+            if room == 0:
+                break
+        if room:
+            window.append((PAD_STREAM, -1, 0, room))
         st.window += 1
         return window
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.source import DatasetError, DocumentSource
+from soda_mega.data.source import DatasetError
 from soda_mega.inference.weights import (CheckpointError, check_same_model, checkpoint_config,
                                          checkpoint_state, resolve_checkpoint)
 from soda_mega.model.accounting import flops_per_token
@@ -56,9 +56,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def dataset_tokens(cfg: SodaConfig) -> int:
-    """Tokens in the train splits of ``data.train`` (from their document lengths only)."""
-    layout = VocabLayout.from_config(cfg.vocab)
-    return sum(DocumentSource(root, "train", layout).num_tokens for root in cfg.data.train)
+    """Tokens of one pass over the train splits of ``data.train`` (document lengths only;
+    with ``data.packing=whole`` the padded windows, see :meth:`SodaDataLoader.epoch_tokens`)."""
+    loader = SodaDataLoader(cfg, "train", dp_rank=0, dp_size=1, needs_data=False, num_workers=0)
+    return loader.epoch_tokens()
 
 
 def total_steps(cfg: SodaConfig, train_tokens: int | None = None) -> int:
@@ -153,7 +154,7 @@ class Trainer:
             initial_checkpoint(cfg.training.init_from, cfg)  # a wrong model fails before any work
         self.model = wrap_ddp(build_model(cfg), cfg)
         self.loader = SodaDataLoader(cfg, "train")
-        data_tokens = sum(s.num_tokens for s in self.loader.sources)
+        data_tokens = self.loader.epoch_tokens()  # with data.packing=whole: padded windows
         self.steps_total = total_steps(cfg, data_tokens)
         if cfg.training.epochs is not None and dist.get_rank() == 0:
             print(f"soda-mega: {cfg.training.epochs:g} epochs of {data_tokens:,} tokens = "

@@ -251,3 +251,57 @@ def test_plan_rejects_bad_weights():
         MixturePlan([np.array([3, 4])], [-1.0], 8, seed=0)
     with pytest.raises(ValueError, match="no tokens"):
         MixturePlan([np.array([3]), np.array([], dtype=np.int64)], [1.0, 1.0], 8, seed=0)
+
+
+# ------------------------------------------------------------------ whole-document packing
+def test_whole_packing_never_cuts_a_document_and_pads_with_masked_filler():
+    lengths = [np.array([5, 9, 3, 12, 4, 4, 20, 2])]
+    plan = MixturePlan(lengths, [1.0], 10, seed=0, shuffle=False, single_pass=True,
+                       whole_documents=True)
+    windows = []
+    while (w := plan.next_window()) is not None:
+        windows.append(w)
+    for w in windows:
+        assert sum(b - a for _, _, a, b in w) == 10
+        assert all(a == 0 and b == lengths[0][d] for s, d, a, b in w if s >= 0)  # whole docs
+    kept = [d for w in windows for s, d, _, _ in w if s >= 0]
+    assert kept == [0, 1, 2, 4, 5, 7]  # each document that fits, once, in order; 12 and 20 left out
+
+
+def test_whole_packing_loader_masks_padding_resumes_and_counts_epochs(corpus, capsys):
+    root, layout, docs = corpus
+    cfg = _cfg(corpus, "--data.packing=whole", "--data.reset_at_document=true",
+               f"--data.train={root / 'speechA'}")
+    loader = SodaDataLoader(cfg, dp_rank=0, dp_size=1, needs_data=True)
+    too_long = sum(len(d) > SEQ + 1 for d in docs["speechA"])
+    assert loader.too_long == too_long > 0
+    assert f"{too_long} of 60 train documents are longer" in capsys.readouterr().err
+    batches = _take(loader, 8)  # two optimizer steps of 4 micro-batches
+    whole = {tuple(d) for d in docs["speechA"]}
+    for b in batches:
+        for row in range(b["tokens"].shape[0]):
+            tokens = torch.cat([b["tokens"][row, :1], b["labels"][row]]).numpy()
+            mask = b["loss_mask"][row].numpy()
+            # the window is whole documents (BOS ... EOS) then EOS filler with loss mask 0
+            starts = np.flatnonzero(tokens == layout.bos_id)
+            ends = [int(np.flatnonzero(tokens[s:] == layout.eos_id)[0]) + s for s in starts]
+            for s, e in zip(starts, ends):
+                assert tuple(tokens[s:e + 1]) in whole
+            filler = ends[-1] + 1  # mask[j] belongs to label tokens[j + 1]
+            assert (tokens[filler:] == layout.eos_id).all()
+            assert (mask[filler - 1:] == 0).all() and (mask[:filler - 1] == 1).all()
+    state = loader.state_dict()
+    again = SodaDataLoader(cfg, dp_rank=0, dp_size=1, needs_data=True)
+    again.load_state_dict(state)
+    reference = _take(SodaDataLoader(cfg, dp_rank=0, dp_size=1, needs_data=True), 10)
+    for a, b in zip(reference[8:], _take(again, 2), strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    # one epoch = the windows of one pass, padding included
+    windows = MixturePlan([loader.sources[0].lengths], [1.0], SEQ + 1, 0, shuffle=False,
+                          single_pass=True, whole_documents=True)
+    count = 0
+    while windows.next_window() is not None:
+        count += 1
+    fitting = sum(len(d) for d in docs["speechA"] if len(d) <= SEQ + 1)
+    assert loader.epoch_tokens() == count * SEQ and count * (SEQ + 1) >= fitting > (count - 1) * (SEQ + 1) / 2

@@ -247,3 +247,5 @@ def test_launcher_configs_hold_the_soda_s2st_recipe():
     for cfg in (full, tiny):
         t = cfg.training
         assert (t.lr, t.lr_schedule, t.min_lr, t.epochs, t.init_from) == (2e-5, "cosine", 0.0, 5.0, None)
+        # a pair is never cut from its source, and attends only to itself
+        assert (cfg.data.packing, cfg.data.reset_at_document) == ("whole", True)
