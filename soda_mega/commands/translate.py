@@ -31,6 +31,9 @@ def register(subparsers):
     p.add_argument("--top-k", type=int, default=0, help="top-k cut (0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=2000, metavar="N",
                    help="most generated tokens (both texts and the target audio; 100 audio tokens = 1 s)")
+    p.add_argument("--max-text-tokens", type=int, default=256, metavar="N",
+                   help="close a text span at this many tokens, so a model that loops in the "
+                        "source or target text still reaches the target speech (default 256)")
     return p
 
 
@@ -50,7 +53,7 @@ def run(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     print(f"[soda-mega translate] {len(prompts)} recording(s) with {path}", file=sys.stderr, flush=True)
     gens = generate(decoder, prompts, args.max_new_tokens, sampling, plan=["text", "text", "audio"],
-                    seed=args.seed, batch_size=args.batch_size)
+                    seed=args.seed, batch_size=args.batch_size, max_text_tokens=args.max_text_tokens)
     out = Path(args.out)
     rows = []
     for src, gen in zip(args.audio, gens):

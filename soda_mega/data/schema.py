@@ -31,7 +31,7 @@ DOC_TYPES = ("audio_first", "text_first", "speech_only", "semantic_only", "text_
 # soda_meta.json keys (all required):
 #   format            FORMAT
 #   split             "train" | "valid"
-#   kind              "speech" | "text"   (mixture group of the whole dataset)
+#   kind              "speech" | "text" | "s2st"   (mixture group: "text", or speech for the others)
 #   vocab_layout      VocabLayout.to_dict();  vocab_fingerprint: VocabLayout.fingerprint()
 #   codec             {"name", "sample_rate", "frame_rate", "num_codebooks", "codebook_size",
 #                      "weights" (path or null), "weights_sha256" (or null),

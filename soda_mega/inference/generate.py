@@ -32,10 +32,12 @@ class Generation:
 def generate(decoder: SodaDecoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = GREEDY, stop_ids: Sequence[int] = (), structured: bool = True,
              plan: Sequence[str] | None = None, audio_codebooks: int | None = None,
-             seed: int = 0, batch_size: int | None = None) -> list[Generation]:
+             seed: int = 0, batch_size: int | None = None,
+             max_text_tokens: int | None = None) -> list[Generation]:
     """Continue each prompt; returns one :class:`Generation` per prompt, in order.
 
-    ``batch_size`` splits many prompts into batches (default: all at once).
+    ``batch_size`` splits many prompts into batches (default: all at once);
+    ``max_text_tokens`` closes text spans at that length (structured decoding only).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -45,12 +47,13 @@ def generate(decoder: SodaDecoder, prompts: Sequence[Sequence[int]], max_new_tok
     generator = torch.Generator(device="cpu").manual_seed(seed)
     for first in range(0, len(prompts), size):
         out += _generate_batch(decoder, prompts[first:first + size], max_new_tokens, sampling,
-                               set(stop_ids), structured, plan, audio_codebooks, generator)
+                               set(stop_ids), structured, plan, audio_codebooks, generator,
+                               max_text_tokens)
     return out
 
 
 def _generate_batch(decoder, prompts, max_new_tokens, sampling, stop_ids, structured, plan,
-                    audio_codebooks, generator) -> list[Generation]:
+                    audio_codebooks, generator, max_text_tokens) -> list[Generation]:
     layout = decoder.layout
     bad = [t for p in prompts for t in p if not 0 <= t < layout.size]
     if bad:
@@ -59,7 +62,8 @@ def _generate_batch(decoder, prompts, max_new_tokens, sampling, stop_ids, struct
     batch = len(prompts)
     tracker = None
     if structured:
-        tracker = StructureTracker(layout, batch, audio_codebooks, plan, decoder.device)
+        tracker = StructureTracker(layout, batch, audio_codebooks, plan, decoder.device,
+                                   max_text_tokens)
         tracker.observe_prompt(tokens, pad)
     cache = decoder.new_cache(pad, tokens.shape[1] + max_new_tokens)
     logits = decoder(tokens, cache=cache, last_only=True)

@@ -21,7 +21,9 @@ finished           EOS (the row is padding after its EOS)
 
 So generated audio spans always hold whole frames with every id in its codebook, and always
 decode. An optional span ``plan`` (e.g. ``["text", "text", "audio"]`` for translation) forces
-the opener of each next span and ends the row with EOS after the last one.
+the opener of each next span and ends the row with EOS after the last one, and
+``max_text_tokens`` closes a text span that has grown that long (a model stuck repeating
+itself still gets to the spans after it).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class StructureTracker:
     """Grammar state of each row of a batch, advanced token by token."""
 
     def __init__(self, layout: VocabLayout, batch: int, audio_codebooks: int | None = None,
-                 plan: Sequence[str] | None = None, device: str | torch.device = "cpu") -> None:
+                 plan: Sequence[str] | None = None, device: str | torch.device = "cpu",
+                 max_text_tokens: int | None = None) -> None:
         self.layout = layout
         self.k = audio_codebooks or layout.num_codebooks
         if not 1 <= self.k <= layout.num_codebooks:
@@ -53,6 +56,10 @@ class StructureTracker:
         self.state = torch.full((batch,), BETWEEN, dtype=torch.long, device=self.device)
         # spans of the plan already opened, per row (only used with a plan)
         self.opened = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if max_text_tokens is not None and max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be >= 1, got {max_text_tokens}")
+        self.max_text_tokens = max_text_tokens
+        self.span_length = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.table = self._allowed_table().to(self.device)
 
     def _allowed_table(self) -> torch.Tensor:
@@ -77,6 +84,12 @@ class StructureTracker:
     def allowed(self) -> torch.Tensor:
         """``[B, V]`` boolean mask of the ids each row may emit next."""
         mask = self.table[self.state]
+        if self.max_text_tokens is not None:
+            full = (self.state == TEXT) & (self.span_length >= self.max_text_tokens)
+            if full.any():
+                close = torch.zeros_like(mask)
+                close[:, self.layout.text_end] = True
+                mask = torch.where(full[:, None], close, mask)
         if self.plan is not None:
             between = self.state == BETWEEN
             if between.any():
@@ -108,16 +121,18 @@ class StructureTracker:
         new = torch.where(t == lay.bos_id, BETWEEN, new)
         opens = (s == BETWEEN) & ((t == lay.text_start) | (t == lay.audio_start))
         self.opened = self.opened + opens.long()
+        self.span_length = torch.where(new == s, self.span_length + 1, torch.zeros_like(self.span_length))
         self.state = new
 
     def observe_prompt(self, tokens: torch.Tensor, pad: torch.Tensor) -> None:
         """Feed left-padded prompts ``[B, T]`` (padding ignored)."""
         for j in range(tokens.shape[1]):
-            keep = self.state.clone(), self.opened.clone()
+            keep = self.state.clone(), self.opened.clone(), self.span_length.clone()
             self.observe(tokens[:, j])
             padded = (j < pad).to(self.device)
             self.state = torch.where(padded, keep[0], self.state)
             self.opened = torch.where(padded, keep[1], self.opened)
+            self.span_length = torch.where(padded, keep[2], self.span_length)
         # The plan counts spans opened after the prompt.
         self.opened.zero_()
 

@@ -136,7 +136,7 @@ def save_full_weights(root: str | os.PathLike, cfg: SodaConfig, full: dict[str, 
                       provenance: dict | None = None) -> Path:
     """Write ``full`` as a weights-only soda-mega checkpoint ``root/step_00000000``.
 
-    The result loads into any TP / PP layout (``run.init_from``, ``soda-mega eval``,
+    The result loads into any TP / PP layout (``training.init_from``, ``soda-mega eval``,
     ``soda-mega export hf``). Missing or extra tensors and shape mismatches are named.
     """
     from soda_mega.model.gpt import build_model

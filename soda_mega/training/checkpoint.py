@@ -90,7 +90,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
     """Save model, optimizer, RNG and ``trainer_state`` (JSON-able) as ``step_<step>``.
 
     ``optimizer=None`` writes a weights-only checkpoint (``soda-mega import hf``): it can be
-    evaluated, exported, or start a run through ``run.init_from``, but not resumed.
+    evaluated, exported, or start a run through ``training.init_from``, but not resumed.
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -136,7 +136,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng:
     state = json.loads((path / STATE_FILE).read_text())
     if optimizer is not None and state.get("weights_only"):
         raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
-                         "start a new run from it with --run.init_from")
+                         "start a new run from it with --training.init_from")
     chunks = _unwrap(model)
     sharded = _model_sharded_state_dict(chunks)
     if optimizer is not None:

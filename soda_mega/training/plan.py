@@ -449,7 +449,8 @@ def describe_run(cfg: SodaConfig, world_size: int) -> str:
         + (" + sequence parallel" if p.sequence_parallel else ""),
         f"global batch {t.global_batch_size} x {cfg.model.seq_length} tokens = "
         f"{per_replica} micro-batches of {t.micro_batch_size} per replica per step",
-        f"steps {steps} for {t.train_tokens:.3g} tokens; peak lr {peak_learning_rate(cfg):.3g} "
+        (f"steps {steps} for {t.epochs:g} epochs" if t.epochs is not None
+         else f"steps {steps} for {t.train_tokens:.3g} tokens") + f"; peak lr {peak_learning_rate(cfg):.3g} "
         f"({t.lr_schedule}, warmup {t.warmup_fraction:.0%}, decay {t.decay_fraction:.0%} "
         f"{t.decay_shape})",
         "",

@@ -159,3 +159,18 @@ def test_sampling_is_seeded_and_follows_the_distribution(decoder, layout):
     draws = torch.stack([choose(logits, Sampling(temperature=1.0), generator=gen) for _ in range(4000)])
     freq = torch.bincount(draws[:, 0], minlength=3).double() / 4000
     torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.03, rtol=0)
+
+
+def test_max_text_tokens_closes_runaway_text_spans(decoder, layout):
+    from soda_mega.inference.spans import split_spans
+
+    prompt = [layout.bos_id, layout.audio_start, *_audio(layout, 2), layout.audio_end]
+    gen = generate(decoder, [prompt] * 3, max_new_tokens=200, sampling=Sampling(temperature=1.0),
+                   plan=["text", "text", "audio"], seed=5, max_text_tokens=4)
+    for g in gen:
+        spans = split_spans(layout, g.tokens)
+        texts = [ids for kind, ids in spans if kind == "text"]
+        assert len(texts) == 2 and all(len(t) <= 4 for t in texts)
+        assert spans[2][0] == "audio" and not violations(layout, prompt + g.tokens)
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        StructureTracker(layout, 1, max_text_tokens=0)
