@@ -134,11 +134,9 @@ class SodaDecoder(torch.nn.Module):
             cache.values[layer_idx][:, :, start:start + t] = v
             k = cache.keys[layer_idx][:, :, :start + t]
             v = cache.values[layer_idx][:, :, :start + t]
-        group = self.heads // self.kv_heads
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        # GQA without copying the cache: SDPA maps query head h to KV head h // group.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim),
+                                             enable_gqa=self.heads != self.kv_heads)
         return out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim) @ layer.wo.T
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None,

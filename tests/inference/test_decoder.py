@@ -88,3 +88,24 @@ def test_cache_overflow_is_refused(decoder):
     cache = decoder.new_cache(torch.zeros(1, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="KV cache holds 4 positions"):
         decoder(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_matches_fp32_and_generates_in_slot(checkpoint):
+    from soda_mega.inference.generate import generate
+    from soda_mega.inference.sampling import Sampling
+    from soda_mega.inference.structure import violations
+    from tolerances import DECODER_BF16_LOGPROB_ATOL
+
+    cfg, full = load_full_weights(checkpoint)
+    cpu = SodaDecoder(cfg, full).eval()
+    gpu = SodaDecoder(cfg, full, device="cuda", dtype=torch.bfloat16).eval()
+    tokens = _tokens(cpu.layout, 4, 64, seed=3)
+    with torch.no_grad():
+        want = torch.log_softmax(cpu(tokens).double(), -1)
+        got = torch.log_softmax(gpu(tokens).double(), -1).cpu()
+    assert (got - want).abs().max() < DECODER_BF16_LOGPROB_ATOL
+    lay = cpu.layout
+    prompt = [lay.bos_id, lay.audio_start]
+    for g in generate(gpu, [prompt] * 8, 160, Sampling(temperature=2.0), seed=0):
+        assert not violations(lay, prompt + g.tokens)
