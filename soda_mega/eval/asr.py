@@ -44,14 +44,14 @@ def load_utterances(path, speech: SpeechIO, skip_bad: bool = False) -> tuple[lis
     manifest = read_manifest(path, required=("audio", "text"), paths=("audio",),
                              optional_paths=("prompt_audio",), skip_bad=skip_bad)
     out = []
-    for item in manifest.items:
-        try:
-            out.append(Utterance(item.id, speech.audio_ids(item["audio"]), str(item["text"]),
-                                 item["audio"], item.fields))
-        except InputError as err:
+    encoded = speech.audio_ids_many([item["audio"] for item in manifest.items])
+    for item, ids in zip(manifest.items, encoded):
+        if isinstance(ids, InputError):
             if not skip_bad:
-                raise InputError(f"{item.where} ({item.id}): {err}") from None
-            manifest.skipped.append({"item": item.id, "where": item.where, "reason": str(err)})
+                raise InputError(f"{item.where} ({item.id}): {ids}") from None
+            manifest.skipped.append({"item": item.id, "where": item.where, "reason": str(ids)})
+            continue
+        out.append(Utterance(item.id, ids, str(item["text"]), item["audio"], item.fields))
     if not out:
         raise InputError(f"manifest {path}: no usable utterance")
     return out, manifest

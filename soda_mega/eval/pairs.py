@@ -74,22 +74,23 @@ def load_pairs(path, speech: SpeechIO, max_tokens: int, skip_bad: bool = False
                ) -> tuple[list[tuple[str, list[int], list[int]]], Manifest]:
     """Encoded (id, positive ids, negative ids); unusable audio raises or is skipped."""
     manifest = read_manifest(path, required=FIELDS, paths=FIELDS, skip_bad=skip_bad)
+    encoded = speech.audio_ids_many([item[key] for item in manifest.items for key in FIELDS])
     pairs = []
-    for item in manifest.items:
+    for n, item in enumerate(manifest.items):
         try:
-            encoded = []
-            for key in FIELDS:
-                ids = speech.audio_ids(item[key])
+            sides = encoded[2 * n: 2 * n + 2]
+            for key, ids in zip(FIELDS, sides):
+                if isinstance(ids, InputError):
+                    raise InputError(f"{key}: {ids}")
                 if len(ids) + 3 > max_tokens:
                     raise InputError(f"{key}: {len(ids) + 3} tokens exceed the model's context of "
                                      f"{max_tokens} (model.seq_length); shorten the audio")
-                encoded.append(ids)
         except InputError as err:
             if not skip_bad:
                 raise InputError(f"{item.where} ({item.id}): {err}") from None
             manifest.skipped.append({"item": item.id, "where": item.where, "reason": str(err)})
             continue
-        pairs.append((item.id, encoded[0], encoded[1]))
+        pairs.append((item.id, sides[0], sides[1]))
     return pairs, manifest
 
 

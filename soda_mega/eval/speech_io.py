@@ -62,6 +62,36 @@ class SpeechIO:
             raise InputError(f"audio {path.name} is shorter than one codec frame")
         return self.layout.codes_to_ids(codes).tolist()
 
+    def audio_ids_many(self, paths: Sequence[str | Path], chunk: int = 64,
+                       progress: bool = True) -> list[list[int] | InputError]:
+        """:meth:`audio_ids` of many files, encoded in padded batches (the codec's batch size
+        on GPU), ``chunk`` files in memory at a time; a file that cannot be used gives its
+        :class:`InputError` in its place."""
+        results: list[list[int] | InputError | None] = [None] * len(paths)
+        for start in range(0, len(paths), chunk):
+            wavs, rates, index = [], [], []
+            for i in range(start, min(start + chunk, len(paths))):
+                path = Path(paths[i])
+                try:
+                    if path.suffix == ".npy":
+                        results[i] = self.audio_ids(path)
+                        continue
+                    wav, rate = read_audio(path)
+                except InputError as err:
+                    results[i] = err
+                    continue
+                wavs.append(wav)
+                rates.append(rate)
+                index.append(i)
+            if wavs:
+                for i, codes in zip(index, self.codec.encode_batch(wavs, rates)):
+                    results[i] = (self.layout.codes_to_ids(codes).tolist() if codes.shape[-1] else
+                                  InputError(f"audio {Path(paths[i]).name} is shorter than one codec frame"))
+            if progress and len(paths) > chunk:
+                done = min(start + chunk, len(paths))
+                print(f"[soda-mega eval] encoded {done}/{len(paths)} recordings", file=sys.stderr, flush=True)
+        return results  # type: ignore[return-value]
+
     def text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 

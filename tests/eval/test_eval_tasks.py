@@ -194,3 +194,19 @@ def test_bad_inputs_are_named(checkpoint, tasks, tmp_path, capsys):
     # not a checkpoint
     assert cli(["eval", "pairs", str(tmp_path), str(manifest)]) == 2
     assert "not a soda-mega checkpoint" in capsys.readouterr().err
+
+
+def test_batched_encoding_equals_one_file_at_a_time(checkpoint, tasks):
+    from soda_mega.data.inputs import InputError
+    from soda_mega.eval.speech_io import SpeechIO
+    from soda_mega.inference.weights import checkpoint_config
+
+    speech = SpeechIO(checkpoint_config(checkpoint))
+    root = tasks.utterances.parent
+    paths = [root / json.loads(l)["audio"] for l in tasks.utterances.read_text().splitlines()[:3]]
+    paths.append(root / "missing.wav")
+    single = [speech.audio_ids(p) for p in paths[:3]]
+    speech.codec.configure(chunk_seconds=10.0, batch_size=3)  # padded batches, as on a GPU
+    many = speech.audio_ids_many(paths, chunk=2)
+    assert many[:3] == single and len({len(s) for s in single}) > 1
+    assert isinstance(many[3], InputError) and "missing.wav" in str(many[3])
