@@ -1,12 +1,21 @@
-"""Shared pytest set-up: GPU-marked tests skip cleanly on machines without CUDA."""
+"""Shared pytest set-up: GPU-marked tests skip cleanly on machines without CUDA; on CPU,
+Triton kernels run through Triton's interpreter."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-import pytest
 import torch
+
+# NOTE: Triton decides at import time whether its own language functions (tl.zeros, ...) are
+# interpreted; test modules of other folders import triton (through Megatron-core) while they
+# are collected, before tests/kernels/conftest.py is read. So the interpreter is chosen here,
+# before anything imports triton. Nothing but the Triton kernels can run Triton on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Test helper modules (tolerances, workers) live next to the tests.
 sys.path.insert(0, os.path.dirname(__file__))
