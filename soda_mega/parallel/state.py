@@ -81,6 +81,7 @@ def initialize(parallel: ParallelConfig, seed: int, backend: str | None = None) 
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+        _destroy_subgroups()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
@@ -114,5 +115,23 @@ def shutdown(keep_process_group: bool = False) -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized() and not keep_process_group:
+    if not dist.is_initialized():
+        return
+    if keep_process_group:
+        _destroy_subgroups()
+    else:
         dist.destroy_process_group()
+
+
+def _destroy_subgroups() -> None:
+    """Destroy every process group but the default one.
+
+    NOTE: ``destroy_model_parallel`` only forgets Megatron's subgroups; each gloo group keeps
+    its threads polling, so a process that builds layouts again and again (tests, ``eval``
+    after ``import``, several trainers) would pile them up.
+    """
+    from torch.distributed.distributed_c10d import GroupMember, _world
+
+    for group in list(_world.pg_map):
+        if group is not GroupMember.WORLD:
+            dist.destroy_process_group(group)
