@@ -9,7 +9,6 @@ Megatron's loss, nor the bucket code is trusted by it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from soda_mega.eval.nll import bucket_names, bucket_stats
 from soda_mega.inference.decoder import SodaDecoder
 from soda_mega.inference.weights import save_full_weights
 from soda_mega.tokens import VocabLayout
+from launch_env import clean_env
 from tolerances import PARALLEL_FP32, REFERENCE_NLL_FP32
 
 SEED = 3
@@ -183,9 +183,7 @@ def test_parallel_layouts_give_the_one_process_report(checkpoint, corpus, tmp_pa
         assert rc == 0, err
         reference[name] = json.loads(out)
     assert reference["valid"]["windows"] % 3 == 0 and reference["valid"]["windows"] // 3 % 2 == 1
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = clean_env()
     worker = Path(__file__).with_name("nll_layouts_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(worker), str(tmp_path), *(f"{n}={a}" for n, a in layouts.items()), "--",

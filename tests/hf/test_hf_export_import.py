@@ -9,7 +9,6 @@ same tensors bit for bit, and import -> export must give the original weights ba
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from soda_mega.hf.importer import import_hf
 from soda_mega.hf.tokenizer_files import audio_token, build_tokenizer, write_tokenizer_files
 from soda_mega.inference.weights import checkpoint_config, load_full_weights
 from soda_mega.tokens.layout import VocabLayout
+from launch_env import clean_env
 from tolerances import HF_EXPORT_FP32
 
 transformers = pytest.importorskip("transformers")
@@ -169,9 +169,7 @@ def test_run_with_an_hf_tokenizer_exports_and_imports_it(tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_tp2_checkpoint_exports_the_same_tensors(ckpt, exported, tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = clean_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(TP2_WORKER), str(ckpt), str(tmp_path / "tp2")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from launch_env import clean_env
 from tolerances import BROKEN_MIN_ERROR, PARALLEL_FP32
 
 WORKER = os.path.join(os.path.dirname(__file__), "equivalence_worker.py")
@@ -27,9 +28,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _run(cmd: list[str], timeout: int = 600) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = clean_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from soda_mega.data.build import build_dataset
 from soda_mega.data.loader import SodaDataLoader
 from soda_mega.data.schema import LENGTHS_FILE
 from soda_mega.inference.weights import CheckpointError, load_full_weights
+from launch_env import clean_env
 from tolerances import REFERENCE_NLL_FP32, TRAINING_TRACE
 
 SEQ, GBS, MBS = 128, 8, 4
@@ -27,10 +27,7 @@ EPOCHS = 0.5
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+    return clean_env()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 from soda_mega.config import load_config
 from soda_mega.data.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
+from launch_env import clean_env
 from tolerances import PARALLEL_FP32, TRAINING_TRACE
 
 pytestmark = pytest.mark.distributed
@@ -29,10 +30,7 @@ SAVE_AT = 3
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+    return clean_env()
 
 
 def _args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
