@@ -48,7 +48,7 @@ def run(args) -> int:
 
     decoder, speech, path = load(args)
     layout = decoder.layout
-    sources = [speech.audio_ids(a) for a in args.audio]
+    sources = speech.audio_ids_many(args.audio, strict=True)
     prompts = [s2st_prompt(layout, ids) for ids in sources]
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     print(f"[soda-mega translate] {len(prompts)} recording(s) with {path}", file=sys.stderr, flush=True)

@@ -132,7 +132,7 @@ class ModelASR:
     def transcribe(self, paths: Sequence[Path], items: Sequence[tuple[str, str]] | None = None) -> list[str]:
         """``items``: (id, reference text) of each file, kept out of its examples."""
         items = list(items) if items is not None else [("", None)] * len(paths)
-        audios = [self.speech.audio_ids(p) for p in paths]
+        audios = self.speech.audio_ids_many(paths, strict=True)
         shots = [shots_for(i, text, self.candidates, self.shots) for i, text in items]
         return transcribe_ids(self.decoder, self.speech, audios, shots, self.max_new_tokens,
                               self.batch_size)

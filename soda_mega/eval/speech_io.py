@@ -52,21 +52,13 @@ class SpeechIO:
     # ------------------------------------------------------------------ encode
     def audio_ids(self, path: str | Path) -> list[int]:
         """Frame-major audio ids of a WAV/FLAC/... file or of pre-encoded ``.npy`` codes."""
-        path = Path(path)
-        if path.suffix == ".npy":
-            codes = torch.from_numpy(load_codes(path, self.layout.num_codebooks, self.layout.codebook_size))
-        else:
-            wav, rate = read_audio(path)
-            codes = self.codec.encode(wav, rate)
-        if codes.shape[-1] == 0:
-            raise InputError(f"audio {path.name} is shorter than one codec frame")
-        return self.layout.codes_to_ids(codes).tolist()
+        return self.audio_ids_many([path], progress=False, strict=True)[0]  # type: ignore[return-value]
 
-    def audio_ids_many(self, paths: Sequence[str | Path], chunk: int = 64,
-                       progress: bool = True) -> list[list[int] | InputError]:
-        """:meth:`audio_ids` of many files, encoded in padded batches (the codec's batch size
-        on GPU), ``chunk`` files in memory at a time; a file that cannot be used gives its
-        :class:`InputError` in its place."""
+    def audio_ids_many(self, paths: Sequence[str | Path], chunk: int = 64, progress: bool = True,
+                       strict: bool = False) -> list[list[int] | InputError]:
+        """Audio ids of many files, encoded in padded batches (the codec's batch size on GPU),
+        ``chunk`` files in memory at a time. A file that cannot be used gives its
+        :class:`InputError` in its place, or raises it with ``strict``."""
         results: list[list[int] | InputError | None] = [None] * len(paths)
         for start in range(0, len(paths), chunk):
             wavs, rates, index = [], [], []
@@ -74,7 +66,8 @@ class SpeechIO:
                 path = Path(paths[i])
                 try:
                     if path.suffix == ".npy":
-                        results[i] = self.audio_ids(path)
+                        codes = load_codes(path, self.layout.num_codebooks, self.layout.codebook_size)
+                        results[i] = self._ids(path, torch.from_numpy(codes))
                         continue
                     wav, rate = read_audio(path)
                 except InputError as err:
@@ -85,12 +78,20 @@ class SpeechIO:
                 index.append(i)
             if wavs:
                 for i, codes in zip(index, self.codec.encode_batch(wavs, rates)):
-                    results[i] = (self.layout.codes_to_ids(codes).tolist() if codes.shape[-1] else
-                                  InputError(f"audio {Path(paths[i]).name} is shorter than one codec frame"))
+                    results[i] = self._ids(Path(paths[i]), codes)
             if progress and len(paths) > chunk:
                 done = min(start + chunk, len(paths))
                 print(f"[soda-mega eval] encoded {done}/{len(paths)} recordings", file=sys.stderr, flush=True)
+        if strict:
+            for result in results:
+                if isinstance(result, InputError):
+                    raise result
         return results  # type: ignore[return-value]
+
+    def _ids(self, path: Path, codes: torch.Tensor) -> list[int] | InputError:
+        if codes.shape[-1] == 0:
+            return InputError(f"audio {path.name} is shorter than one codec frame")
+        return self.layout.codes_to_ids(codes).tolist()
 
     def text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
