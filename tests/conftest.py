@@ -39,3 +39,23 @@ def megatron_one_process():
     layout = state.initialize(ParallelConfig(), seed=1234)
     yield layout
     state.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto, its own process) on 127.0.0.1 for the whole session.
+
+    The endpoint and dummy credentials are exported into this process's environment (which
+    mosaicml-streaming and boto3 read) and given to subprocesses by ``s3_server.env()``."""
+    from s3_server import CREDENTIALS, start_s3_server
+
+    server = start_s3_server()
+    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "S3_ENDPOINT_URL"]}
+    os.environ.update(CREDENTIALS, S3_ENDPOINT_URL=server.endpoint)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

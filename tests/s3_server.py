@@ -1,0 +1,107 @@
+"""A real S3-compatible HTTP server on 127.0.0.1 for the tests (moto in server mode).
+
+The server runs as its own process (``python -m moto.server``), so the code under test talks
+to it over HTTP exactly as it would to a cloud bucket: through boto3 and mosaicml-streaming's
+storage layer, configured by the environment variables streaming already reads
+(``S3_ENDPOINT_URL`` and the usual AWS ones). Subprocesses launched by a test (the CLI,
+torchrun workers) inherit those variables through :func:`S3Server.env`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+# Dummy credentials: moto accepts any; they keep boto3 from looking for real ones.
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    """A running moto server; ``endpoint`` is its URL."""
+
+    process: subprocess.Popen
+    endpoint: str
+    _client: object = field(default=None, repr=False)
+
+    def env(self, base: dict | None = None) -> dict:
+        """``base`` (default: this process's environment) plus the endpoint and credentials."""
+        env = dict(os.environ if base is None else base)
+        env.update(CREDENTIALS, S3_ENDPOINT_URL=self.endpoint)
+        return env
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint,
+                                        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                                        region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
+        return self._client
+
+    def new_bucket(self, prefix: str = "soda") -> str:
+        """Create an empty bucket with a unique name and return it."""
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        out = []
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            out += [obj["Key"] for obj in page.get("Contents", [])]
+        return sorted(out)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_s3_server(timeout_s: float = 60.0) -> S3Server:
+    """Start ``moto.server`` on a free loopback port and wait until it answers."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, **CREDENTIALS},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"moto server exited with code {proc.returncode}: {err[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"moto server did not listen on {endpoint} within {timeout_s} s")
+    server = S3Server(proc, endpoint)
+    server.client.list_buckets()  # answers over HTTP
+    return server
