@@ -258,6 +258,12 @@ class RunConfig:
     max_bad_steps: int = fld(5, "stop after this many consecutive steps with non-finite loss/gradients", ge=1)
     peak_tflops: Optional[float] = fld(None, "per-GPU peak bf16 TFLOP/s for MFU (none = look up the GPU model)", gt=0)
     tensorboard: bool = fld(True, "also write TensorBoard event files")
+    wandb_project: Optional[str] = fld(None, "Weights & Biases project to log the metric records to "
+                                       "(none = no W&B; needs the `wandb` package; WANDB_MODE=offline "
+                                       "logs under run.dir/wandb without network)")
+    wandb_entity: Optional[str] = fld(None, "W&B entity (team or user) of the project (none = your default)")
+    wandb_name: Optional[str] = fld(None, "W&B display name of the run (none = W&B picks one)")
+    wandb_tags: list[str] = fld(help="W&B tags of the run", default_factory=list)
 
 
 SECTIONS: dict[str, type] = {

@@ -1,4 +1,4 @@
-"""Training metrics: throughput / MFU arithmetic and the console + JSONL + TensorBoard sink.
+"""Training metrics: throughput / MFU arithmetic and the console + JSONL + TensorBoard (+ W&B) sink.
 
 MFU = achieved model FLOP/s per GPU / the GPU's peak dense bf16 FLOP/s. Model FLOPs per token
 are the exact count of :func:`soda_mega.model.accounting.flops_per_token` (forward + backward,
@@ -9,12 +9,13 @@ GPU's name read through nvidia-ml-py and the table below (spec-sheet dense bf16 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from soda_mega.training.wandb_log import WandbLogger, scalars
 
 # Dense (non-sparse) bf16 tensor-core peaks from the vendors' spec sheets, TFLOP/s.
 PEAK_BF16_TFLOPS = {
@@ -82,6 +83,7 @@ class MetricsSink:
         self.path = run_dir / "metrics.jsonl"
         self._jsonl = None  # opened at the first record, after a resume has truncated the file
         self._tb = None
+        self._wandb: WandbLogger | None = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,10 +104,16 @@ class MetricsSink:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            for key, value in scalars(record).items():
+                self._tb.add_scalar(key, value, record["step"])
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
+
+    def open_wandb(self, run_cfg, config: dict, resumed: bool) -> None:
+        """Also log to Weights & Biases when ``run.wandb_project`` is set (logging rank only)."""
+        if self.enabled:
+            self._wandb = WandbLogger.open(self.path.parent, run_cfg, config, resumed)
 
     def console(self, step: int, text: str, steps_done_this_run: int) -> None:
         if not self.enabled:
@@ -121,6 +129,8 @@ class MetricsSink:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _hms(seconds: float) -> str:

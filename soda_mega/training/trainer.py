@@ -321,6 +321,8 @@ class Trainer:
         end = min(self.steps_total, cfg.max_steps or self.steps_total)
         records: list[dict] = []
         data = iter(self.loader)
+        # After the loader's worker processes are forked: wandb must not be inherited by them.
+        self.sink.open_wandb(cfg, self.cfg.to_dict(), resumed=self.step > 0)
         done_this_run = 0
         if self.telemetry is not None:
             self.telemetry.start()
