@@ -239,7 +239,7 @@ def phase_pytest(ctx: Context) -> None:
         ["tests/training/test_memory_plan.py"] if ctx.smoke else gpu_test_files())
     # Only the files with gpu-marked tests are collected: a module of another test folder
     # that imports something the GPU host lacks must not stop these.
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={xml}", *targets]
     try:
         import pytest_timeout  # noqa: F401
@@ -345,14 +345,15 @@ def phase_kernels(ctx: Context) -> None:
     base = ["--smoke"] if smoke else ["--iters", "5", "--warmup", "2"]
     dtype = torch.float32 if smoke else torch.bfloat16
     ctx.payload.update(dtype=str(dtype).replace("torch.", ""), notes={})
-    last = None  # (seconds, tokens * hidden) of the last shape
+    rates = []  # seconds per (tokens x hidden) of each finished shape; the first holds compiles
     for n, h, tp in kernel_shapes(smoke):
         case = f"loss N={n} H={h} TP={tp}"
-        if last is not None:
-            need = 1.3 * last[0] * (n * h) / last[1]
-            if need > ctx.remaining():
-                ctx.skip(case, f"needs ~{need:.0f} s, {ctx.remaining():.0f} s left")
-                continue
+        # The fastest rate so far predicts the next shape (compilation inflates the first ones);
+        # the parent's hard stop is the backstop for a shape that overruns anyway.
+        need = 1.2 * min(rates) * n * h if len(rates) >= 2 else (3 if smoke else 10)
+        if need > ctx.remaining():
+            ctx.skip(case, f"needs ~{need:.0f} s, {ctx.remaining():.0f} s left")
+            continue
         t0 = time.time()
         args = bk.parse_args(base + ["--skip", "reference"] if not smoke else base)
         args.tokens, args.hidden, args.tp = [n], [h], [tp]
@@ -366,7 +367,7 @@ def phase_kernels(ctx: Context) -> None:
         for r in rows:
             ctx.payload["rows"].append(r)
         ctx.save()
-        last = (time.time() - t0, n * h)
+        rates.append((time.time() - t0) / (n * h))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     seen = set()

@@ -479,8 +479,8 @@ def readme_section(payload: Optional[dict], source: str = "") -> str:
     """The README's performance section for a converted result (None: no GPU result yet)."""
     lines = [BEGIN]
     if payload is None:
-        lines += ["No GPU campaign has run yet: every GPU figure below is a target, not a "
-                  "measurement. `benchmarks/gpu_campaign.py` is prepared and smoke-tested on CPU "
+        lines += ["No GPU campaign has run yet: none of the targets below has been measured. "
+                  "`benchmarks/gpu_campaign.py` is prepared and smoke-tested on CPU "
                   "(see `benchmarks/README.md`).", "",
                   "| target | status |", "|---|---|"]
         lines += [f"| {statement} | not measured |" for _, statement in TARGETS]
