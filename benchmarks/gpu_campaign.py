@@ -8,17 +8,21 @@ the others' results (and its own partial ones) in place:
 env                 GPU, driver, versions; bf16 8192^3 matmul peak and device-to-device copy
                     bandwidth, measured in this run
 pytest              ``pytest -m gpu`` (bf16 full-shape kernel tests, decoder, memory planner)
-kernels             fused loss vs torch eager / torch.compile / Megatron / Liger / CCE, and the
-                    embedding vs torch (+ a separate modality pass), at SODA shapes
-                    (``benchmarks/bench_kernels.py`` functions)
-throughput          ``Trainer.train_step`` of soda-135m / 1.7b / 600m / 4b, kernels triton vs
-                    megatron: tokens/s, TFLOP/s, MFU (``soda_mega/perf/throughput.py``)
+kernels             the loss baselines (torch eager, torch.compile, Megatron, Liger, CCE) and the
+                    embedding baselines (torch, Megatron, torch + a separate modality pass) at
+                    SODA shapes (``benchmarks/bench_kernels.py`` functions)
+kernels_triton      the fused Triton loss and embedding at the same shapes
+throughput          ``Trainer.train_step`` of soda-135m / 1.7b / 600m / 4b with the megatron
+                    kernels: tokens/s, TFLOP/s, MFU (``soda_mega/perf/throughput.py``)
+throughput_triton   the same with the triton kernels
 planner             the memory plan's prediction vs ``max_memory_allocated`` of each run above
 profile             a short ``torch.profiler`` breakdown of soda-1.7b
 megatron_newest     information only: does the newest megatron-core import and train a step
 ==================  =========================================================================
 
-A phase gets its budget plus whatever earlier phases left unused, never more than the
+The Triton kernels have never run on a GPU, so they run in processes of their own: a sticky
+CUDA error there cannot void the baselines. A phase gets its budget plus whatever earlier
+phases left unused, never more than the
 campaign's ``--total-s``; inside a phase, cases are skipped cleanly (and listed as skipped)
 when the time left will not hold them. Adding a phase is one :func:`register` line: a Python
 function run in a child process, or an external command (``{python}``, ``{out}`` and
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -332,7 +337,17 @@ def _modality_pass_row(bk, torch, args, dtype, dev, n: int, h: int) -> dict:
             "impl": "torch+modality", **m}
 
 
-def phase_kernels(ctx: Context) -> None:
+#: the fused kernels; every other implementation of bench_kernels.py is a baseline
+SODA_IMPLS = ("soda_triton",)
+EMBEDDING_BASELINES = ("reference", "torch", "megatron")
+
+
+def phase_kernels(ctx: Context, which: str) -> None:
+    """``which`` = "baselines" (every implementation but the Triton kernels) or "triton".
+
+    The two run in separate processes: a Triton kernel that has never run on this GPU can
+    leave a sticky CUDA error that would void every later measurement of its process.
+    """
     import torch
 
     from soda_mega.config.schema import ParallelConfig
@@ -344,7 +359,16 @@ def phase_kernels(ctx: Context) -> None:
     smoke = ctx.smoke
     base = ["--smoke"] if smoke else ["--iters", "5", "--warmup", "2"]
     dtype = torch.float32 if smoke else torch.bfloat16
-    ctx.payload.update(dtype=str(dtype).replace("torch.", ""), notes={})
+    if which == "triton":
+        loss_names = list(bk.loss_methods(torch, ["torch_compile"])[0]) + ["torch_compile", "liger", "cce"]
+        loss_skip = [n for n in loss_names if n not in SODA_IMPLS]
+        emb_skip = list(EMBEDDING_BASELINES)
+    else:
+        # the fp32 reference is minutes at full shapes on a GPU; torch eager is the comparison
+        loss_skip = list(SODA_IMPLS) + ([] if smoke else ["reference"])
+        emb_skip = list(SODA_IMPLS)
+    ctx.payload.update(dtype=str(dtype).replace("torch.", ""), which=which,
+                       skipped_impls={"loss": loss_skip, "embedding": emb_skip})
     rates = []  # seconds per (tokens x hidden) of each finished shape; the first holds compiles
     for n, h, tp in kernel_shapes(smoke):
         case = f"loss N={n} H={h} TP={tp}"
@@ -355,7 +379,7 @@ def phase_kernels(ctx: Context) -> None:
             ctx.skip(case, f"needs ~{need:.0f} s, {ctx.remaining():.0f} s left")
             continue
         t0 = time.time()
-        args = bk.parse_args(base + ["--skip", "reference"] if not smoke else base)
+        args = bk.parse_args(base + ["--skip", *loss_skip])
         args.tokens, args.hidden, args.tp = [n], [h], [tp]
         try:
             rows, notes = bk.run_loss(torch, args, dtype, dev)
@@ -363,7 +387,8 @@ def phase_kernels(ctx: Context) -> None:
             rows, notes = [{"op": "loss", "tokens": n, "hidden": h, "tp": tp, "impl": "*",
                             "error": f"{type(err).__name__}: {err}"[:400]}], {}
             traceback.print_exc()
-        ctx.payload["notes"].update(notes)
+        if which == "baselines":  # (the notes say which baselines are not installed)
+            ctx.payload["notes"].update(notes)
         for r in rows:
             ctx.payload["rows"].append(r)
         ctx.save()
@@ -379,19 +404,20 @@ def phase_kernels(ctx: Context) -> None:
         if ctx.remaining() < (3 if smoke else 8):
             ctx.skip(case, f"{ctx.remaining():.0f} s left")
             continue
-        args = bk.parse_args(base)
+        args = bk.parse_args(base + ["--skip", *emb_skip])
         args.tokens, args.hidden = [n], [h]
         try:
             rows, notes = bk.run_embedding(torch, args, dtype, dev)
-            rows.append(_modality_pass_row(bk, torch, args, dtype, dev, n, h))
+            if which == "baselines":
+                rows.append(_modality_pass_row(bk, torch, args, dtype, dev, n, h))
         except Exception as err:  # noqa: BLE001
             rows, notes = [{"op": "embedding", "tokens": n, "hidden": h, "impl": "*",
                             "error": f"{type(err).__name__}: {err}"[:400]}], {}
             traceback.print_exc()
-        ctx.payload["notes"].update({f"embedding/{k}": v for k, v in notes.items()})
+        if which == "baselines":
+            ctx.payload["notes"].update({f"embedding/{k}": v for k, v in notes.items()})
         ctx.payload["rows"] += rows
         ctx.save()
-    bk.add_ratios(ctx.payload["rows"])
     ctx.payload["status"] = "partial" if ctx.payload["skipped"] else "complete"
     ctx.save()
     state.shutdown()
@@ -399,7 +425,6 @@ def phase_kernels(ctx: Context) -> None:
 
 # ----------------------------------------------------------------------------- (d) throughput
 THROUGHPUT_PRESETS = ("soda-135m", "soda-1.7b", "soda-600m", "soda-4b")
-THROUGHPUT_VARIANTS = ("triton", "megatron")
 
 
 def fitting_settings(name: str, args, capacity: float) -> tuple[object, list[str]]:
@@ -424,7 +449,9 @@ def fitting_settings(name: str, args, capacity: float) -> tuple[object, list[str
     return cfg, notes
 
 
-def phase_throughput(ctx: Context) -> None:
+def phase_throughput(ctx: Context, variants: tuple[str, ...]) -> None:
+    """``Trainer.train_step`` of each preset with the kernel ``variants`` (one process per
+    variant group, for the reason :func:`phase_kernels` gives)."""
     import tempfile
 
     import torch
@@ -438,7 +465,7 @@ def phase_throughput(ctx: Context) -> None:
     cuda = torch.cuda.is_available()
     smoke = ctx.smoke
     args = argparse.Namespace(
-        smoke=smoke, presets=None, variants=list(THROUGHPUT_VARIANTS),
+        smoke=smoke, presets=None, variants=list(variants),
         steps=1 if smoke else 4, warmup=1 if smoke else 2, accum=2 if smoke else 4,
         micro_batch=None, recompute=None, peak_tflops=None, gemm_n=None,
         configs_dir=REPO / "launchers" / "configs", out_dir=None, no_plot=True)
@@ -471,6 +498,12 @@ def phase_throughput(ctx: Context) -> None:
                 if ctx.remaining() < floor:
                     ctx.skip(case, f"{ctx.remaining():.0f} s left, a case needs ~{floor} s")
                     continue
+                reason = throughput.variant_unavailable(variant)
+                if reason:
+                    row = throughput.run_case(name, variant, base, notes, args, 1, [], tmp,
+                                              telemetry, gemm, spec_peak)
+                    ctx.add(row)
+                    continue
                 if key not in corpora:
                     need = base.training.global_batch_size * (base.model.seq_length + 1) * 4
                     corpora[key] = harness.synthetic_corpus(
@@ -483,7 +516,6 @@ def phase_throughput(ctx: Context) -> None:
                 print(throughput._progress(row), flush=True)
                 ctx.add(row)
     telemetry.close()
-    ctx.payload["comparisons"] = throughput.comparisons(ctx.payload["rows"])
     ctx.payload["status"] = "partial" if ctx.payload["skipped"] else "complete"
     ctx.save()
 
@@ -491,13 +523,13 @@ def phase_throughput(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- (e) planner
 def phase_planner(ctx: Context) -> None:
     """The memory plan against ``max_memory_allocated`` for every run of the throughput phase."""
-    result = ctx.result("throughput")
-    if result is None:
+    results = [r for r in (ctx.result("throughput"), ctx.result("throughput_triton")) if r]
+    if not results:
         ctx.payload["status"] = "complete"
         ctx.payload["notes"]["throughput"] = "no throughput result: nothing to compare"
         ctx.save()
         return
-    for r in result["rows"]:
+    for r in (row for res in results for row in res["rows"]):
         mem = r.get("memory") or {}
         pred, meas = mem.get("predicted_allocated_gib"), mem.get("measured_peak_allocated_gib")
         row = {"case": r["case"], "variant": r["variant"], "status": r["status"],
@@ -662,11 +694,15 @@ def phase_megatron_newest(ctx: Context) -> None:
 
 # ----------------------------------------------------------------------------- the phases
 register(Phase("env", 25, 30, "GPU, driver, versions; matmul peak; copy bandwidth", run=phase_env))
-register(Phase("pytest", 75, 60, "pytest -m gpu", run=phase_pytest))
-register(Phase("kernels", 160, 90, "fused loss and embedding vs baselines at SODA shapes",
-               run=phase_kernels))
-register(Phase("throughput", 180, 90, "Trainer.train_step per preset, triton vs megatron: MFU",
-               run=phase_throughput))
+register(Phase("pytest", 70, 60, "pytest -m gpu", run=phase_pytest))
+register(Phase("kernels", 100, 60, "loss and embedding baselines at SODA shapes (torch, "
+               "torch.compile, Megatron, Liger, CCE)", run=functools.partial(phase_kernels, which="baselines")))
+register(Phase("kernels_triton", 60, 60, "the fused Triton loss and embedding at the same shapes",
+               run=functools.partial(phase_kernels, which="triton")))
+register(Phase("throughput", 90, 60, "Trainer.train_step per preset, megatron kernels: MFU",
+               run=functools.partial(phase_throughput, variants=("megatron",))))
+register(Phase("throughput_triton", 90, 45, "Trainer.train_step per preset, triton kernels: MFU",
+               run=functools.partial(phase_throughput, variants=("triton",))))
 register(Phase("planner", 10, 20, "memory plan vs max_memory_allocated", run=phase_planner))
 register(Phase("profile", 45, 60, "torch.profiler breakdown of soda-1.7b", run=phase_profile))
 register(Phase("megatron_newest", 45, 60, "newest megatron-core: import + one step (information)",

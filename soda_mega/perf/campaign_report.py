@@ -94,6 +94,22 @@ def is_smoke(data: dict) -> bool:
     return bool(data["campaign"].get("smoke")) or provenance(data)["device"].get("kind") != "cuda"
 
 
+def kernel_rows(phases: dict) -> list[dict]:
+    """Rows of the kernel phases (baselines and the Triton kernels run in separate processes)."""
+    return [r for name in ("kernels", "kernels_triton") for r in phases.get(name, {}).get("rows", [])]
+
+
+def throughput_rows(phases: dict) -> list[dict]:
+    return [r for name in ("throughput", "throughput_triton")
+            for r in phases.get(name, {}).get("rows", [])]
+
+
+def _triton_speedups(rows: list[dict]) -> dict:
+    """(op, tokens, hidden, vocab_local) -> soda_triton's fwd_bwd seconds."""
+    return {(r["op"], r.get("tokens"), r.get("hidden"), r.get("vocab_local")): r["fwd_bwd"]
+            for r in rows if r.get("impl") == "soda_triton" and r.get("fwd_bwd")}
+
+
 # ----------------------------------------------------------------------------- targets
 def _target(tid: str, status: str, value=None, detail: str = "", per_case=None) -> dict:
     statement = dict(TARGETS)[tid]
@@ -187,9 +203,9 @@ def evaluate_targets(data: dict) -> list[dict]:
                                                   "times, nothing is measured about a GPU")
                 for tid, _ in TARGETS]
     phases = data["phases"]
-    krows = phases.get("kernels", {}).get("rows", [])
+    krows = kernel_rows(phases)
     loss, emb = _by_shape(krows, "loss"), _by_shape(krows, "embedding")
-    trows = phases.get("throughput", {}).get("rows", [])
+    trows = throughput_rows(phases)
     return [
         _ratio_target("loss_vs_eager", loss, ("torch_eager",), 2.0),
         _ratio_target("loss_vs_liger_cce", loss, ("liger", "cce"), 1.3),
@@ -256,7 +272,11 @@ def markdown(data: dict) -> str:
         note = (p.get("reason") or "").strip().replace("\n", " ").replace("|", "/")[-160:]
         lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', 0):.1f} | "
                      f"{p.get('budget_s', 0):.0f} | {note} |")
-    for name in ("kernels", "throughput", "planner", "pytest", "profile", "megatron_newest"):
+    if "kernels" in phases or "kernels_triton" in phases:
+        lines += [""] + _md_kernels(phases)
+    if "throughput" in phases or "throughput_triton" in phases:
+        lines += [""] + _md_throughput(phases)
+    for name in ("planner", "pytest", "profile", "megatron_newest"):
         if name in phases:
             lines += [""] + globals()[f"_md_{name}"](phases[name])
     for name, payload in phases.items():
@@ -266,13 +286,16 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _md_kernels(p: dict) -> list[str]:
-    lines = [f"## Kernels ({p.get('dtype')})", "",
+def _md_kernels(phases: dict) -> list[str]:
+    rows = kernel_rows(phases)
+    dtype = next((phases[n].get("dtype") for n in ("kernels", "kernels_triton") if n in phases), "")
+    tri = _triton_speedups(rows)
+    lines = [f"## Kernels ({dtype})", "",
              "| op | shape | impl | fwd ms | bwd ms | fwd+bwd ms | peak MiB | triton speedup | "
              "value rel. diff vs eager |", "|---|---|---|---|---|---|---|---|---|"]
     eager = {(r.get("tokens"), r.get("hidden"), r.get("vocab_local")): r.get("value")
-             for r in p.get("rows", []) if r.get("impl") == "torch_eager" and "value" in r}
-    for r in p.get("rows", []):
+             for r in rows if r.get("impl") == "torch_eager" and "value" in r}
+    for r in rows:
         if r.get("op") not in ("loss", "embedding"):
             continue
         if "error" in r:
@@ -280,15 +303,16 @@ def _md_kernels(p: dict) -> list[str]:
                          f"{r['error'][:80].replace('|', '/')} | | | | | |")
             continue
         peak = "" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.0f}"
-        sp = (r.get("speedup_of_triton") or {}).get("fwd_bwd")
+        t = tri.get((r["op"], r.get("tokens"), r.get("hidden"), r.get("vocab_local")))
+        sp = r["fwd_bwd"] / t if t and r.get("fwd_bwd") else None
         ref = eager.get((r.get("tokens"), r.get("hidden"), r.get("vocab_local")))
         diff = "" if r["op"] != "loss" or not ref or r.get("value") is None else \
             f"{abs(r['value'] - ref) / abs(ref):.1e}"
         lines.append(f"| {r['op']} | {_shape(r)} | {r['impl']} | {_ms(r.get('fwd'))} | "
                      f"{_ms(r.get('bwd'))} | {_ms(r.get('fwd_bwd'))} | {peak} | "
                      f"{'' if sp is None else f'{sp:.2f}x'} | {diff} |")
-    if p.get("notes"):
-        lines += [""] + [f"- {k}: {v}" for k, v in p["notes"].items()]
+    for name in ("kernels", "kernels_triton"):
+        lines += [f"- {name}: {k}: {v}" for k, v in (phases.get(name, {}).get("notes") or {}).items()]
     return lines
 
 
@@ -296,15 +320,19 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def _md_throughput(p: dict) -> list[str]:
+def _md_throughput(phases: dict) -> list[str]:
+    p = phases.get("throughput") or phases.get("throughput_triton")
     g = p.get("matmul_peak") or {}
     lines = ["## Training step (one GPU)", "",
              f"MFU against the spec peak ({p.get('spec_peak_tflops')} TFLOP/s) and the matmul peak "
              f"measured here ({g.get('tflops', 0):.3g} TFLOP/s); model FLOPs with full attention, "
              "recomputation not counted.", "",
-             "| preset | variant | micro-batch x accum | recompute | tokens/s | TFLOP/s | MFU spec | "
-             "MFU measured | peak GiB pred / meas | status |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in p.get("rows", []):
+             "| preset | variant | micro-batch x accum | recompute | tokens/s | vs megatron | TFLOP/s | "
+             "MFU spec | MFU measured | peak GiB pred / meas | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    tps = {(r["case"], r["variant"]): r["tokens_per_s_per_gpu"] for r in throughput_rows(phases)
+           if r.get("status") == "ok"}
+    for r in throughput_rows(phases):
         s = r.get("settings", {})
         mem = r.get("memory") or {}
         memtxt = (f"{mem['predicted_allocated_gib']:.1f} / {mem['measured_peak_allocated_gib']:.1f}"
@@ -312,12 +340,14 @@ def _md_throughput(p: dict) -> list[str]:
                   f"{mem['predicted_allocated_gib']:.1f} / -" if mem.get("predicted_allocated_gib") else "")
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | {r['variant']} | {s.get('micro_batch_size')} x "
-                         f"{s.get('micro_batches_per_step')} | {s.get('recompute')} | | | | | {memtxt} | "
+                         f"{s.get('micro_batches_per_step')} | {s.get('recompute')} | | | | | | {memtxt} | "
                          f"{r.get('status')}: {str(r.get('reason', ''))[:100].replace('|', '/')} |")
             continue
+        base = tps.get((r["case"], "megatron"))
+        vs = f"{r['tokens_per_s_per_gpu'] / base:.2f}x" if base else ""
         lines.append(f"| {r['case']} | {r['variant']} | {s.get('micro_batch_size')} x "
                      f"{s.get('micro_batches_per_step')} | {s.get('recompute')} | "
-                     f"{r['tokens_per_s_per_gpu']:,.0f} | {r['model_tflops_per_gpu']:.3g} | "
+                     f"{r['tokens_per_s_per_gpu']:,.0f} | {vs} | {r['model_tflops_per_gpu']:.3g} | "
                      f"{_pct(r.get('mfu_vs_spec_peak'))} | {_pct(r.get('mfu_vs_measured_gemm'))} | "
                      f"{memtxt} | ok |")
     return lines
@@ -381,7 +411,7 @@ def plot(data: dict, path: Path) -> Optional[str]:
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    loss = _by_shape(data["phases"].get("kernels", {}).get("rows", []), "loss")
+    loss = _by_shape(kernel_rows(data["phases"]), "loss")
     labels, impls = [], sorted({i for v in loss.values() for i in v if not i.startswith("_")})
     for key in sorted(loss, key=lambda k: tuple(x or 0 for x in k)):
         labels.append(f"{key[0]}x{key[1]}\nV{key[2]}")
@@ -396,7 +426,7 @@ def plot(data: dict, path: Path) -> Optional[str]:
     ax.legend(fontsize=6)
     ax.set_title("loss (lower is better)")
     ax = axes[1]
-    rows = [r for r in data["phases"].get("throughput", {}).get("rows", []) if r.get("status") == "ok"]
+    rows = [r for r in throughput_rows(data["phases"]) if r.get("status") == "ok"]
     names = [f"{r['case']}\n{r['variant']}" for r in rows]
     spec = [r.get("mfu_vs_spec_peak") or 0 for r in rows]
     meas = [r.get("mfu_vs_measured_gemm") or 0 for r in rows]
@@ -496,7 +526,7 @@ def readme_section(payload: Optional[dict], source: str = "") -> str:
               "", "| target | status | value | detail |", "|---|---|---|---|"]
     for t in payload["targets"]:
         lines.append(f"| {t['target']} | **{t['status']}** | {_fmt_value(t)} | {t['detail']} |")
-    rows = [r for r in payload["phases"].get("throughput", {}).get("rows", []) if r.get("status") == "ok"]
+    rows = [r for r in throughput_rows(payload["phases"]) if r.get("status") == "ok"]
     if rows:
         lines += ["", "| preset | kernels | tokens/s per GPU | TFLOP/s | MFU (spec) | MFU (measured matmul) |",
                   "|---|---|---|---|---|---|"]

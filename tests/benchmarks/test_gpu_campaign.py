@@ -54,20 +54,24 @@ def test_every_phase_runs_in_smoke(smoke):
     assert env["provenance"]["device"]["kind"] == "cpu" and env["status"] == "complete"
     assert env["matmul_peak"]["tflops"] > 0 and env["copy_bandwidth"]["gb_per_s"] > 0
 
-    kernels = json.loads((out / "kernels.json").read_text())
-    assert not [r for r in kernels["rows"] if "error" in r]
-    timed = {(r["op"], r["impl"]) for r in kernels["rows"] if "fwd_bwd" in r}
+    krows = [r for name in ("kernels", "kernels_triton")
+             for r in json.loads((out / f"{name}.json").read_text())["rows"]]
+    assert not [r for r in krows if "error" in r]
+    assert {r["impl"] for r in json.loads((out / "kernels_triton.json").read_text())["rows"]
+            if "fwd_bwd" in r} == {"soda_triton"}
+    timed = {(r["op"], r["impl"]) for r in krows if "fwd_bwd" in r}
     assert {("loss", "soda_triton"), ("loss", "torch_eager"), ("loss", "megatron"),
             ("embedding", "soda_triton"), ("embedding", "torch"),
             ("embedding", "torch+modality")} <= timed
-    assert {r["tp"] for r in kernels["rows"] if r["op"] == "loss"} == {1, 2}
+    assert {r["tp"] for r in krows if r["op"] == "loss"} == {1, 2}
 
-    rows = {r["variant"]: r for r in json.loads((out / "throughput.json").read_text())["rows"]}
+    rows = {r["variant"]: r for name in ("throughput", "throughput_triton")
+            for r in json.loads((out / f"{name}.json").read_text())["rows"]}
     assert rows["megatron"]["status"] == "ok" and rows["megatron"]["tokens_per_s_per_gpu"] > 0
     assert rows["triton"]["status"] == "skipped" and "CUDA" in rows["triton"]["reason"]
     planner = json.loads((out / "planner.json").read_text())["rows"]
-    assert [r["variant"] for r in planner] == ["triton", "megatron"]
-    assert planner[1]["predicted_allocated_gib"] > 0 and "within_10pct" not in planner[1]
+    assert [r["variant"] for r in planner] == ["megatron", "triton"]
+    assert planner[0]["predicted_allocated_gib"] > 0 and "within_10pct" not in planner[0]
 
     pytest_phase = json.loads((out / "pytest.json").read_text())
     assert pytest_phase["returncode"] == 0 and pytest_phase["counts"]["skipped"] > 0
@@ -235,5 +239,6 @@ def test_help_lists_the_phases():
     proc = subprocess.run([sys.executable, str(CAMPAIGN), "--help"], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0
-    for name in ("env", "pytest", "kernels", "throughput", "planner", "profile", "megatron_newest"):
+    for name in ("env", "pytest", "kernels", "kernels_triton", "throughput", "throughput_triton",
+                 "planner", "profile", "megatron_newest"):
         assert f"{name}:" in proc.stdout
