@@ -843,10 +843,8 @@ def campaign(args) -> int:
         _write_state(out, state, args.bundle, start)
     state["finished_utc"] = _utc(time.time())
     _write_state(out, state, args.bundle, start)
-    summary = (out / "summary.md").read_text()
     print(campaign_report.targets_text(campaign_report.load(out)), flush=True)
     print(f"[campaign] wrote {out}" + (f" and {args.bundle}" if args.bundle else ""), flush=True)
-    del summary
     return 0 if all(p["status"] in ("ok", "partial") for p in state["phases"]) else 1
 
 
