@@ -86,8 +86,7 @@ tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -
        | awk '{s += $1} END {print s + 0}')
 wheels=$(find "$DEST" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
 total=$((tree + wheels))
-printf '[gpu-wheels] working tree %.1f MiB + wheels %.1f MiB = %.1f MiB (limit 64 MiB)\n' \
-  "$(echo "$tree / 1048576" | bc -l)" "$(echo "$wheels / 1048576" | bc -l)" "$(echo "$total / 1048576" | bc -l)"
+awk -v t="$tree" -v w="$wheels" 'BEGIN {printf "[gpu-wheels] working tree %.1f MiB + wheels %.1f MiB = %.1f MiB (limit 64 MiB)\n", t / 1048576, w / 1048576, (t + w) / 1048576}'
 if [ "$total" -gt "$LIMIT" ]; then
   echo "[gpu-wheels] too large for one device call" >&2
   exit 1

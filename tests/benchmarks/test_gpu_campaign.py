@@ -37,7 +37,7 @@ def smoke(tmp_path_factory):
     out, bundle = root / "work", root / "device_out" / "campaign.tar.gz"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(CAMPAIGN), "--smoke", "--out", str(out),
-                           "--bundle", str(bundle)], capture_output=True, text=True, timeout=600,
+                           "--bundle", str(bundle)], capture_output=True, text=True, timeout=1200,
                           env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, bundle, proc.stdout
@@ -49,7 +49,8 @@ def test_every_phase_runs_in_smoke(smoke):
     module = _campaign_module()
     assert camp["smoke"] is True
     assert [p["name"] for p in camp["phases"]] == list(module.PHASES)
-    assert {p["name"]: p["status"] for p in camp["phases"]} == {n: "ok" for n in module.PHASES}
+    bad = {p["name"]: (p["status"], p.get("reason")) for p in camp["phases"] if p["status"] != "ok"}
+    assert not bad, bad
     env = json.loads((out / "env.json").read_text())
     assert env["provenance"]["device"]["kind"] == "cpu" and env["status"] == "complete"
     assert env["matmul_peak"]["tflops"] > 0 and env["copy_bandwidth"]["gb_per_s"] > 0
