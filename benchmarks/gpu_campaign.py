@@ -745,7 +745,7 @@ def run_phase(phase: Phase, out: Path, smoke: bool, timeout: float, options: dic
     if phase.command is not None:
         (out / phase.name).mkdir(parents=True, exist_ok=True)
         fill = {"python": sys.executable, "out": str(out), "phase_dir": str(out / phase.name)}
-        cmd = [part.format(**fill) for part in phase.command] + (list(phase.smoke_args) if smoke else [])
+        cmd = [_fill(part, fill) for part in phase.command] + (list(phase.smoke_args) if smoke else [])
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase.name, "--out", str(out),
                "--deadline", f"{started + max(1.0, timeout - min(10.0, 0.1 * timeout)):.3f}",
@@ -762,6 +762,8 @@ def run_phase(phase: Phase, out: Path, smoke: bool, timeout: float, options: dic
             rc = None
     record["seconds"] = time.time() - started
     record["returncode"] = rc
+    if phase.command is not None:
+        collect_command_results(out, phase.name, rc)
     result_path = out / f"{phase.name}.json"
     inner = json.loads(result_path.read_text()).get("status") if result_path.is_file() else None
     if rc is None:
@@ -775,6 +777,36 @@ def run_phase(phase: Phase, out: Path, smoke: bool, timeout: float, options: dic
     if inner == "partial" and rc == 0:
         record["reason"] = "some cases were skipped for time (listed in the phase's result)"
     return record
+
+
+def _fill(part: str, values: dict) -> str:
+    """``{python}``, ``{out}``, ``{phase_dir}`` replaced; other braces left alone."""
+    for key, value in values.items():
+        part = part.replace("{" + key + "}", value)
+    return part
+
+
+def collect_command_results(out: Path, name: str, rc: Optional[int]) -> None:
+    """``<name>.json`` for a command phase: what it wrote into its folder, its JSON and markdown
+    results inlined (so the summary and the converted results carry them)."""
+    from soda_mega.utils.provenance import write_json
+
+    folder = out / name
+    payload = {"phase": name, "status": "complete" if rc == 0 else "error", "returncode": rc,
+               "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+               "results": {}, "markdown": {}}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.stat().st_size > 256_000:
+            continue
+        rel = str(path.relative_to(folder))
+        try:
+            if path.suffix == ".json":
+                payload["results"][rel] = json.loads(path.read_text())
+            elif path.suffix == ".md":
+                payload["markdown"][rel] = path.read_text()
+        except (OSError, ValueError) as err:
+            payload["results"][rel] = f"unreadable: {err}"
+    write_json(out / f"{name}.json", payload)
 
 
 def _tail(path: Path, n: int) -> str:

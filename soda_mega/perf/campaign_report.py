@@ -279,6 +279,12 @@ def markdown(data: dict) -> str:
     for name in ("planner", "pytest", "profile", "megatron_newest"):
         if name in phases:
             lines += [""] + globals()[f"_md_{name}"](phases[name])
+    for name, payload in phases.items():  # phases registered as external commands
+        if "files" in payload and "markdown" in payload:
+            lines += ["", f"## {name}", "", f"return code {payload.get('returncode')}; files: "
+                      + (", ".join(f"`{f}`" for f in payload["files"]) or "none")]
+            for rel, text in payload["markdown"].items():
+                lines += ["", f"`{rel}`:", "", re.sub(r"(?m)^#", "###", text.strip())[:6000]]
     for name, payload in phases.items():
         if payload.get("skipped"):
             lines += ["", f"Skipped in `{name}`:"] + [f"- {s['case']}: {s['reason']}"

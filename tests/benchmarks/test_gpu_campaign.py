@@ -115,7 +115,8 @@ def test_failing_hanging_and_late_phases_leave_the_others(tmp_path):
     module.register(module.Phase("hangs", 2, 2, "sleeps", command=("{python}", "-c",
                                                                    "import time; time.sleep(60)")))
     module.register(module.Phase("writes", 30, 30, "writes into its folder", command=(
-        "{python}", "-c", "import pathlib, sys; pathlib.Path(sys.argv[1], 'x.txt').write_text('1')",
+        "{python}", "-c", "import pathlib, sys; d = pathlib.Path(sys.argv[1]); "
+        "(d / 'r.json').write_text('{\"tokens_per_s\": 7}'); (d / 'r.md').write_text('# codec\\n| a |')",
         "{phase_dir}")))
     with pytest.raises(ValueError, match="twice"):
         module.register(module.Phase("fails", 1, 1, "again", command=("true",)))
@@ -126,7 +127,10 @@ def test_failing_hanging_and_late_phases_leave_the_others(tmp_path):
     phases = {p["name"]: p for p in json.loads((tmp_path / "c" / "campaign.json").read_text())["phases"]}
     assert phases["fails"]["status"] == "error" and "boom" in phases["fails"]["reason"]
     assert phases["hangs"]["status"] == "timeout" and phases["hangs"]["seconds"] < 15
-    assert phases["writes"]["status"] == "ok" and (tmp_path / "c" / "writes" / "x.txt").is_file()
+    assert phases["writes"]["status"] == "ok"
+    writes = json.loads((tmp_path / "c" / "writes.json").read_text())
+    assert writes["files"] == ["r.json", "r.md"] and writes["results"]["r.json"] == {"tokens_per_s": 7}
+    assert "### codec\n| a |" in (tmp_path / "c" / "summary.md").read_text()
     assert phases["planner"]["status"] == "ok"  # no throughput result: says so, does not fail
     planner = json.loads((tmp_path / "c" / "planner.json").read_text())
     assert "no throughput result" in planner["notes"]["throughput"]
