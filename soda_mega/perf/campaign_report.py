@@ -428,9 +428,9 @@ def plot(data: dict, path: Path) -> Optional[str]:
         ax.bar([x + i / (len(impls) + 1) for x in range(len(labels))], vals,
                width=1 / (len(impls) + 1), label=impl)
     ax.set_xticks(range(len(labels)), labels, fontsize=6)
-    ax.set_ylabel("fused loss fwd+bwd ms")
+    ax.set_ylabel("loss fwd+bwd ms")
     ax.legend(fontsize=6)
-    ax.set_title("loss (lower is better)")
+    ax.set_title("loss implementations, fwd+bwd (lower is better)")
     ax = axes[1]
     rows = [r for r in throughput_rows(data["phases"]) if r.get("status") == "ok"]
     names = [f"{r['case']}\n{r['variant']}" for r in rows]
