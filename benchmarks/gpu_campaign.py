@@ -692,18 +692,18 @@ def phase_megatron_newest(ctx: Context) -> None:
 
 # ----------------------------------------------------------------------------- the phases
 register(Phase("env", 25, 150, "GPU, driver, versions; matmul peak; copy bandwidth", run=phase_env))
-register(Phase("pytest", 70, 150, "pytest -m gpu", run=phase_pytest))
-register(Phase("kernels", 100, 150, "loss and embedding baselines at SODA shapes (torch, "
+register(Phase("pytest", 55, 150, "pytest -m gpu", run=phase_pytest))
+register(Phase("kernels", 95, 150, "loss and embedding baselines at SODA shapes (torch, "
                "torch.compile, Megatron, Liger, CCE)", run=functools.partial(phase_kernels, which="baselines")))
-register(Phase("kernels_triton", 60, 150, "the fused Triton loss and embedding at the same shapes",
+register(Phase("kernels_triton", 80, 150, "the fused Triton loss and embedding at the same shapes",
                run=functools.partial(phase_kernels, which="triton")))
-register(Phase("throughput", 90, 150, "Trainer.train_step per preset, megatron kernels: MFU",
+register(Phase("throughput", 85, 150, "Trainer.train_step per preset, megatron kernels: MFU",
                run=functools.partial(phase_throughput, variants=("megatron",))))
-register(Phase("throughput_triton", 90, 150, "Trainer.train_step per preset, triton kernels: MFU",
+register(Phase("throughput_triton", 85, 150, "Trainer.train_step per preset, triton kernels: MFU",
                run=functools.partial(phase_throughput, variants=("triton",))))
 register(Phase("planner", 10, 60, "memory plan vs max_memory_allocated", run=phase_planner))
-register(Phase("profile", 45, 150, "torch.profiler breakdown of soda-1.7b", run=phase_profile))
-register(Phase("megatron_newest", 45, 150, "newest megatron-core: import + one step (information)",
+register(Phase("profile", 50, 150, "torch.profiler breakdown of soda-1.7b", run=phase_profile))
+register(Phase("megatron_newest", 30, 150, "newest megatron-core: import + one step (information)",
                run=phase_megatron_newest))
 
 
