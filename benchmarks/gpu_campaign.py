@@ -457,6 +457,7 @@ def phase_throughput(ctx: Context, variants: tuple[str, ...]) -> None:
     from soda_mega.perf import harness, throughput
     from soda_mega.perf.gemm import matmul_peak
     from soda_mega.training.metrics import peak_tflops
+    from soda_mega.training.plan import plan_memory
     from soda_mega.utils.telemetry import GpuTelemetry
 
     cuda = torch.cuda.is_available()
@@ -491,9 +492,11 @@ def phase_throughput(ctx: Context, variants: tuple[str, ...]) -> None:
             key = json.dumps(base.vocab.__dict__, sort_keys=True, default=str)
             for variant in args.variants:
                 case = f"{name} {variant}"
-                floor = 5 if smoke else 25
+                # building the model draws every weight on the host CPU (~0.1 s per 1e7
+                # numbers, soda_mega/model/init.py), then warm-up and timed steps
+                floor = 5 if smoke else 15 + 12e-9 * plan_memory(base, 1).worst.parameters
                 if ctx.remaining() < floor:
-                    ctx.skip(case, f"{ctx.remaining():.0f} s left, a case needs ~{floor} s")
+                    ctx.skip(case, f"{ctx.remaining():.0f} s left, the case needs ~{floor:.0f} s")
                     continue
                 reason = throughput.variant_unavailable(variant)
                 if reason:
