@@ -212,7 +212,7 @@ def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
     grad_w = torch.zeros(num_rows, h, device=grad.device, dtype=store_dtype)
     if n > 0:
         bh = block_h or _bwd_block_h(h, grad.device)
-        piece = piece or _piece(grad.device)
+        piece = piece or max(16, min(_piece(grad.device), triton.next_power_of_2(n)))
         pieces = triton.cdiv(n, piece)
         partial = torch.empty(2, pieces, h, device=grad.device, dtype=torch.float32)
         grid = (pieces, triton.cdiv(h, bh))
