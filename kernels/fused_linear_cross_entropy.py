@@ -546,6 +546,32 @@ def backward_extra_bytes(n_active: int, h: int, vocab_slice: int, dtype: torch.d
     return extra
 
 
+def cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, vocab_slice: int,
+               main_grad: bool = False) -> dict:
+    """FLOPs and DRAM bytes of one forward + backward of this design, next to the ideal.
+
+    ``flops``: the four ``2 N_a H V`` matmuls (forward logits, recomputed logits, grad_W,
+    grad_h); ``ideal_flops`` = ``6 N H V``, what a loss that kept its logits would need.
+    ``bytes``: every launch reads each operand once and writes each output once (a perfectly
+    tiled kernel; weight re-reads across row tiles served by L2): the row gathers, ``W``
+    twice in the backward and once in the forward, ``dlogits`` written once and read twice,
+    ``h_a`` read twice per slice, the fp32 ``grad_h`` accumulator read-modify-written per
+    slice, ``grad_W`` written once (``main_grad``: read and written in fp32).
+    ``ideal_bytes``: read ``W`` and ``h`` once, write ``grad_W`` and ``grad_h`` once.
+    """
+    slices = triton.cdiv(n_valid, max(1, min(vocab_slice, n_valid))) if n_valid else 0
+    gather = n * h * elt + n_active * h * elt
+    forward = gather + n_active * h * elt + n_valid * h * elt
+    grad_w = n_valid * h * (8 if main_grad else elt)
+    backward = (gather + 2 * slices * n_active * h * elt + 2 * n_valid * h * elt
+                + 3 * n_active * n_valid * elt + grad_w
+                + max(0, 2 * slices - 1) * n_active * h * 4 + n_active * h * 4 + n * h * elt)
+    return {"flops": 8 * n_active * h * n_valid, "ideal_flops": 6 * n * h * n_valid,
+            "bytes": forward + backward,
+            "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt)),
+            "slices": slices}
+
+
 def _n_valid(weight: torch.Tensor, vocab_start: int, num_real_vocab: int) -> int:
     return max(0, min(weight.shape[0], num_real_vocab - vocab_start))
 
