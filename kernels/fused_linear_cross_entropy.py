@@ -140,10 +140,14 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
     fp32 on CUDA: ``"tf32"`` when torch's CUDA matmuls may use TF32
     (``torch.backends.cuda.matmul.allow_tf32`` or ``fp32_precision == "tf32"``), else
-    ``"ieee"``; the torch path gets the same from cuBLAS. CPU: ``"ieee"``. bf16 / fp16: the
-    setting is ignored by Triton (products are exact, accumulation is fp32).
+    ``"ieee"``; the torch path gets the same from cuBLAS. CPU: ``"ieee"``. bf16 / fp16:
+    Triton's default ``"tf32"``, which only governs fp32 operands: 16-bit operands always
+    multiply on tensor cores with fp32 accumulation (the interpreter's upcast bf16 values fit
+    TF32 exactly).
     """
-    if dtype != torch.float32 or device.type != "cuda":
+    if dtype != torch.float32:
+        return "tf32"
+    if device.type != "cuda":
         return "ieee"
     m = torch.backends.cuda.matmul
     tf32 = bool(m.allow_tf32) or getattr(m, "fp32_precision", "none") == "tf32"
@@ -705,7 +709,7 @@ def fuses_main_grad(weight: torch.Tensor) -> bool:
     main_grad = getattr(weight, "main_grad", None)
     return (isinstance(weight, torch.nn.Parameter) and hasattr(weight, "grad_added_to_main_grad")
             and isinstance(main_grad, torch.Tensor) and main_grad.dtype == torch.float32
-            and main_grad.shape == weight.shape)
+            and main_grad.shape == weight.shape and weight.is_contiguous())
 
 
 class LinearCrossEntropyOutput(NamedTuple):

@@ -140,7 +140,7 @@ def test_one_precision_policy():
         m.allow_tf32 = True
         assert dot_precision(torch.float32, cuda) == "tf32"
         assert dot_precision(torch.float32, cpu) == "ieee"  # CPU matmuls never use TF32
-        assert dot_precision(torch.bfloat16, cuda) == "ieee"  # ignored: bf16 sums in fp32
+        assert dot_precision(torch.bfloat16, cuda) == "tf32"  # only governs fp32 operands
     finally:
         m.allow_tf32 = saved[0]
         if saved[1] is not None:
