@@ -465,7 +465,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # NOTE: a torch without mm(out_dtype=) on CUDA: exact upcast, slower
     return a.float() @ b.float()  # CPU: exact products, fp32 sums (slice-sized upcasts)
 
 
@@ -493,7 +496,8 @@ def lse_partials_torch(hidden, weight, labels, vocab_start: int, n_valid: int, v
     return m, s, t
 
 
-def grad_logits_torch(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss: float, out):
+def grad_logits_torch(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss: float, out,
+                      **_):
     WORK.add("dlogits", h_a.shape[0], w_slice.shape[0], h_a.shape[1])
     x = _mm_f32(h_a, w_slice.t())
     x.sub_(lse_a[:, None]).exp_().mul_((g_a * (1.0 + 2.0 * z_loss * lse_a))[:, None])
@@ -605,7 +609,7 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
         for i, v0 in enumerate(range(0, n_valid, s)):
             w_s = weight[v0:min(v0 + s, n_valid)]
             dl = dl_buf[:, :w_s.shape[0]]
-            fill(h_a, w_s, labels_a, lse_a, g_a, vocab_start + v0, z_loss, dl)
+            fill(h_a, w_s, labels_a, lse_a, g_a, vocab_start + v0, z_loss, dl, key_v=n_valid)
             mm(dl.t(), h_a, grad_weight[v0:v0 + w_s.shape[0]], accumulate, name="grad_weight",
                key_h=h, key_v=n_valid)
             mm(dl, w_s, acc, i > 0, name="grad_hidden", key_h=h, key_v=n_valid)
