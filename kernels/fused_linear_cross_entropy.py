@@ -269,20 +269,23 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
-    b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
+    rk = tl.arange(0, BLOCK_K)
+    # NOTE: pointers advanced by BLOCK_K each step (64-bit pointer arithmetic, no int32
+    # offset overflow) rather than recomputed from k: in this form Triton's pipeliner turns
+    # the loads into multi-stage async copies (checked with soda_kernels.compile_check).
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        a = tl.load(a_rows + rk.to(tl.int64)[None, :] * stride_ak,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_cols + rk.to(tl.int64)[:, None] * stride_bk,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)  # NOTE: see _logits_tile (interpreter bf16 tl.dot)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     c_ok = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -541,9 +544,12 @@ def backward_extra_bytes(n_active: int, h: int, vocab_slice: int, dtype: torch.d
     (``N_a S e``) + O(N_a) vectors; ``impl="torch"`` adds its fp32 logits slice (``4 N_a S``)
     and, for bf16/fp16 on CPU, fp32 upcasts of ``h_a`` and of a weight slice and the fp32
     ``[S, H]`` / ``[N_a, H]`` matmul results. Under ``TRITON_INTERPRET`` bf16 outputs pass through
-    fp32 copies of one slice (``4 N_a S + 4 S H``).
+    fp32 copies of one slice (``4 N_a S + 4 S H``). For ``impl="triton"`` ``N_a`` is rounded
+    up to a multiple of 64, the padding of :func:`row_multiple` on CUDA.
     """
     e = torch.empty((), dtype=dtype).element_size()
+    if impl == "triton":
+        n_active += -n_active % 64
     extra = n_active * h * (e + 4) + n_active * vocab_slice * e + 64 * n_active
     if impl == "torch":
         extra += 4 * n_active * vocab_slice
@@ -584,6 +590,14 @@ def _n_valid(weight: torch.Tensor, vocab_start: int, num_real_vocab: int) -> int
     return max(0, min(weight.shape[0], num_real_vocab - vocab_start))
 
 
+def row_multiple(device: torch.device, impl: str) -> int:
+    """Compacted rows are padded (zero rows, zero gradient) to a multiple of this: on CUDA
+    the Triton matmuls then see a row count divisible by 16, which Triton's JIT specialises
+    on and its pipeliner needs to turn the masked loads into async copies (without it the
+    ``grad_W`` matmul, whose reduction runs over the rows, is not software-pipelined)."""
+    return 64 if impl == "triton" and device.type == "cuda" and not interpreting() else 1
+
+
 def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate: bool,
               z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
               vocab_slice: int) -> torch.Tensor:
@@ -592,7 +606,8 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
     n_a, h = idx.numel(), hidden.shape[1]
     if not accumulate:
         grad_weight[n_valid:].zero_()  # padded rows are never predicted
-    acc = torch.empty(n_a, h, device=hidden.device, dtype=torch.float32)
+    pad = -n_a % row_multiple(hidden.device, impl)
+    acc = torch.empty(n_a + pad, h, device=hidden.device, dtype=torch.float32)
     if n_a == 0 or n_valid == 0:
         acc.zero_()
         if not accumulate:
@@ -601,11 +616,15 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
         h_a = hidden.index_select(0, idx)
         labels_a, lse_a = labels.index_select(0, idx), lse.index_select(0, idx)
         g_a = grad_loss.index_select(0, idx).float()
+        if pad:  # zero rows with zero upstream gradient: their dlogits rows are exact zeros
+            h_a = torch.cat([h_a, h_a.new_zeros(pad, h)])
+            labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
+            lse_a, g_a = torch.cat([lse_a, lse_a.new_zeros(pad)]), torch.cat([g_a, g_a.new_zeros(pad)])
         triton_impl = impl == "triton"
         fill = grad_logits_triton if triton_impl else grad_logits_torch
         mm = matmul_triton if triton_impl else matmul_torch
         s = min(vocab_slice, n_valid)
-        dl_buf = torch.empty(n_a, s, device=hidden.device, dtype=weight.dtype)
+        dl_buf = torch.empty(n_a + pad, s, device=hidden.device, dtype=weight.dtype)
         for i, v0 in enumerate(range(0, n_valid, s)):
             w_s = weight[v0:min(v0 + s, n_valid)]
             dl = dl_buf[:, :w_s.shape[0]]
@@ -613,6 +632,7 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
             mm(dl.t(), h_a, grad_weight[v0:v0 + w_s.shape[0]], accumulate, name="grad_weight",
                key_h=h, key_v=n_valid)
             mm(dl, w_s, acc, i > 0, name="grad_hidden", key_h=h, key_v=n_valid)
+    acc = acc[:n_a]
     if group is not None:
         dist.all_reduce(acc, group=group)
     grad_h = torch.zeros_like(hidden)

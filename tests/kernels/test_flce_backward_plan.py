@@ -16,6 +16,7 @@ from soda_kernels.fused_linear_cross_entropy import (
     dot_precision,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
+    row_multiple,
 )
 from tolerances import KERNEL_ORACLE, KERNEL_REORDER_FP32
 
@@ -48,10 +49,11 @@ def test_ninety_percent_masked_rows_never_reach_a_matmul(device, impl):
     result = run_fused(case, impl, z_loss=1e-2, vocab_slice=64)
     names = [c[0] for c in WORK.calls]
     assert names.count("lse") == 1 and names.count("dlogits") == 3  # 150 columns, 3 slices
+    padded = 20 + (-20 % row_multiple(torch.device(device), impl))  # 64 on CUDA, else 20
     for name, m, cols, k in WORK.calls:
         rows = k if name == "grad_weight" else m  # grad_W = dlogits^T h: rows are the K dim
-        assert rows == 20, (name, m, cols, k)
-    assert WORK.flops == 8 * 20 * h * v  # forward logits + 3 backward matmuls, 10% of rows
+        assert rows == (20 if name == "lse" else padded), (name, m, cols, k)
+    assert WORK.flops == 2 * 20 * h * v + 6 * padded * h * v  # 10% of the rows (+ padding)
     oracle = run_reference(case, torch.float64, z_loss=1e-2)
     plain = run_reference(case, torch.float32, z_loss=1e-2)
     ours, theirs = errors(result, oracle), errors(plain, oracle)
@@ -129,6 +131,21 @@ def test_backward_is_bitwise_repeatable_and_slicing_only_reorders(device, impl):
     for key in ("grad_hidden", "grad_weight"):
         torch.testing.assert_close(first[key], one_slice[key], **KERNEL_REORDER_FP32)
     assert (first["grad_weight"][290:] == 0).all()
+
+
+def test_padding_the_compacted_rows_changes_nothing(device, monkeypatch):
+    """On CUDA the compacted rows are padded with zero rows (row_multiple); forced here."""
+    import soda_kernels.fused_linear_cross_entropy as flce
+
+    case = make_case(37, 40, 203, n_real=190, device=device, scale=3.0)
+    plain = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
+    monkeypatch.setattr(flce, "row_multiple", lambda device, impl: 16)
+    WORK.reset()
+    padded = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
+    n_a = int(((case["loss_mask"] != 0) & (case["loss_groups"] >= 0)).sum())
+    assert [c[3] for c in WORK.calls if c[0] == "grad_weight"] == [n_a + (-n_a % 16)] * 3
+    for key in ("loss", "grad_hidden", "grad_weight"):
+        torch.testing.assert_close(padded[key], plain[key], rtol=0, atol=0)
 
 
 def test_main_grad_fusion_can_be_turned_off():
