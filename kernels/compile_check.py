@@ -9,7 +9,9 @@ the SM has. It says nothing about speed.
     TRITON_INTERPRET=0 python -m soda_kernels.compile_check --all    # every autotune config
 
 Prints one JSON line per compiled (kernel, dtype, config): the shared memory the compiler
-allocated and the estimate the autotune pruning uses (``None`` where it has none).
+allocated, the estimate the autotune pruning uses (``None`` where it has none), and the
+number of async global-to-shared copies in the main loop (> 0: the loop is software-
+pipelined, loads overlapping the tensor-core work).
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ SMEM_PER_BLOCK_SM90 = 227 * 1024  # H100 / H200: opt-in shared memory per thread
 
 
 def _compile(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    """(shared bytes, async copies in the TTGIR) of ``fn`` compiled as the JIT would at run
+    time: pointers and integer arguments marked divisible by 16 (torch allocations, H, the
+    slice width and the padded row count are; see ``row_multiple``), unit strides constant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and (types[name].startswith("*") or types[name] == "i32")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-    return kernel.metadata.shared
+    return kernel.metadata.shared, kernel.asm["ttgir"].count("async_copy_global_to_local")
 
 
 def cases(all_configs: bool):
@@ -53,8 +60,13 @@ def cases(all_configs: bool):
                    t_ptr="*fp32", N="i32", H="i32", n_valid="i32", vocab_start="i32",
                    splits="i32", stride_h="i32", stride_w="i32")
         for name, fn, types, configs, dims, extra in (
-                ("matmul", flce._matmul_kernel, mm, flce._MATMUL_CONFIGS,
-                 ("BLOCK_M", "BLOCK_K", "BLOCK_N"), {"ACCUMULATE": True}),
+                # grad_W = dlogits^T h_a (A transposed) and grad_h = dlogits W (A row-major)
+                ("matmul_grad_weight", flce._matmul_kernel, mm, flce._MATMUL_CONFIGS,
+                 ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+                 {"ACCUMULATE": True, "stride_am": 1, "stride_bn": 1, "stride_cn": 1}),
+                ("matmul_grad_hidden", flce._matmul_kernel, mm, flce._MATMUL_CONFIGS,
+                 ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+                 {"ACCUMULATE": True, "stride_ak": 1, "stride_bn": 1, "stride_cn": 1}),
                 ("grad_logits", flce._grad_logits_kernel, dl, flce._DLOGITS_CONFIGS,
                  ("BLOCK_N", "BLOCK_H", "BLOCK_V"), {}),
                 ("lse_partials", flce._lse_partials_kernel, lse, flce._LSE_CONFIGS,
@@ -92,10 +104,12 @@ def main(argv=None) -> int:
     failed = 0
     for name, dt, fn, types, consts, (warps, stages), est in cases(args.all):
         row = {"kernel": name, "dtype": dt, "config": {k: v for k, v in consts.items()
-                                                      if k.isupper() and k != "PRECISION"},
+                                                      if k.isupper() and k != "PRECISION"
+                                                      or k.startswith("stride")},
                "num_warps": warps, "num_stages": stages, "smem_estimate": est}
         try:
-            row["smem"] = _compile(fn, types, consts, warps, stages, args.arch)
+            row["smem"], row["async_copies"] = _compile(fn, types, consts, warps, stages,
+                                                        args.arch)
             row["fits"] = row["smem"] <= SMEM_PER_BLOCK_SM90
         except Exception as err:  # noqa: BLE001 - reported per kernel
             row["error"] = f"{type(err).__name__}: {err}"[:500]
