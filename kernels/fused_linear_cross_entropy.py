@@ -70,7 +70,12 @@ IEEE fp32); bf16 / fp16 inputs multiply in their dtype with fp32 accumulation ev
 
 Tuning: on CUDA each kernel is a ``triton.autotune`` over a small pruned Hopper-oriented
 space keyed on ``(H, V_local, dtypes)`` (not on N, which changes with the mask), with grouped
-("swizzled") program order so programs running together share weight tiles in L2; under
+("swizzled") program order in the backward kernels so programs running together share
+weight tiles in L2 (the forward grid runs all row tiles of one vocabulary split together,
+which streams the same weight columns at the same time). The compacted rows are padded to a
+multiple of 64 on CUDA so the matmuls' main loops are software-pipelined;
+:mod:`soda_kernels.compile_check` verifies lowering, shared memory and pipelining for sm_90
+without a GPU. Under
 ``TRITON_INTERPRET`` (CPU) the kernels run with one fixed small configuration. A tuned config
 is chosen per process (``cache_results`` keeps it on disk): bits are repeatable for a fixed
 config, not across a re-tune that picks another tile shape.
