@@ -16,8 +16,15 @@ computed without z-loss, which not every baseline supports.
 Shapes (SODA, issue 4): N in {8192, 16384} tokens, H in {512, 1024, 2048, 2560}, V = 144,644
 and the TP=2 / TP=4 shards of the padded vocabulary (rank 0: all rows real).
 
+The same run records, per loss shape, the fused design's FLOPs and DRAM bytes per
+micro-batch next to the ``6 N H V`` ideal (``loss_cost`` rows), and one peak-memory
+comparison (``loss_memory`` row, ``--memory-shape``, default N=2048, H=512, V=144,644): the
+fused loss vs materialised logits vs the logits-free minimum (weights + their gradient +
+hidden + its gradient + one vocabulary slice), as ratios. On CPU the peaks come from torch's
+CPU allocator events (``torch.profiler``), on CUDA from ``max_memory_allocated``.
+
     python benchmarks/bench_kernels.py                # GPU, full grid, bf16
-    python benchmarks/bench_kernels.py --smoke        # seconds on CPU (Triton interpreter)
+    python benchmarks/bench_kernels.py --smoke        # ~1-2 min on CPU (Triton interpreter)
 
 Writes ``bench_kernels_<device>[_smoke].json`` (stamped with device, driver, versions and
 commit), a markdown table and, if matplotlib is importable, a plot into ``--out-dir``.
@@ -50,7 +57,14 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--iters", type=int, default=10, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--only", choices=["loss", "embedding"], help="run one of the two benchmarks")
+    p.add_argument("--only", choices=["loss", "embedding", "memory"],
+                   help="run one of the benchmarks (loss timing, embedding timing, loss memory)")
+    p.add_argument("--memory-shape", type=int, nargs=3, metavar=("N", "H", "V"),
+                   default=[2048, 512, SODA_VOCAB],
+                   help="shape of the loss peak-memory comparison (fused vs materialised logits "
+                        "vs the logits-free minimum); fp32 on CPU, --dtype on GPU")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="leave out the loss peak-memory comparison (it takes ~1 min on CPU)")
     p.add_argument("--skip", nargs="*", default=[], help="implementations to leave out")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -154,7 +168,7 @@ def loss_methods(torch, skip):
 def run_loss(torch, args, dtype, device) -> tuple[list[dict], dict]:
     from soda_mega.tokens import VocabLayout
 
-    from soda_kernels.fused_linear_cross_entropy import default_chunk_rows
+    from soda_kernels.fused_linear_cross_entropy import backward_extra_bytes, default_vocab_slice
 
     methods, notes = loss_methods(torch, args.skip)
     rows = []
@@ -192,15 +206,119 @@ def run_loss(torch, args, dtype, device) -> tuple[list[dict], dict]:
                         None if ref_value is None else abs(m["value"] - ref_value) / abs(ref_value))
                     rows.append({"op": "loss", **shape, "impl": name, **m})
                 # Peak is measured above the inputs (weights, hidden) already allocated, so the
-                # issue's "weights + gradients + one chunk" becomes: gradients + one dlogits
-                # chunk + the fp32 grad_W accumulator (non-fp32 weights only).
+                # budget is: the two gradients + the backward's stated temporaries (compacted
+                # rows, fp32 grad_h accumulator, one dlogits slice).
                 elt = torch.finfo(dtype).bits // 8
-                chunk = default_chunk_rows(n, h, v_local) * v_local * elt
-                budget = (v_local + n) * h * elt + chunk
-                budget += v_local * h * 4 if dtype != torch.float32 else 0
+                cols = default_vocab_slice(h, v_local, device)
+                budget = (v_local + n) * h * elt + backward_extra_bytes(n, h, cols, dtype, "triton")
                 rows.append({"op": "loss_memory_budget", **shape, "budget_above_inputs_bytes": budget})
                 del hidden, weight, labels
     return rows, notes
+
+
+def cost_rows(torch, args) -> list[dict]:
+    """FLOPs and DRAM bytes per micro-batch of the fused loss (all tokens active), next to the
+    ``6 N H V`` ideal, for the benchmark's shapes (``--smoke``: the SODA grid in bf16), with
+    the GPU's vocabulary slice and with the gradient added into an fp32 ``main_grad``."""
+    from soda_mega.tokens import VocabLayout
+
+    from soda_kernels.fused_linear_cross_entropy import cost_model, default_vocab_slice
+
+    tokens, hidden, tps = (([8192, 16384], [512, 1024, 2048, 2560], [1, 2, 4]) if args.smoke
+                           else (args.tokens, args.hidden, args.tp))
+    elt = 4 if args.dtype == "fp32" and not args.smoke else 2
+    layout = VocabLayout.soda_default()
+    rows = []
+    for tp in tps:
+        v_local = SODA_VOCAB if tp == 1 else layout.padded_size(tp, 128) // tp
+        for n in tokens:
+            for h in hidden:
+                cols = default_vocab_slice(h, v_local, torch.device("cuda"))
+                cost = cost_model(n, n, h, v_local, elt, cols, main_grad=True)
+                rows.append({"op": "loss_cost", "tokens": n, "hidden": h, "vocab_local": v_local,
+                             "tp": tp, "bytes_per_element": elt, "vocab_slice": cols, **cost,
+                             "flops_over_ideal": cost["flops"] / cost["ideal_flops"],
+                             "bytes_over_ideal": cost["bytes"] / cost["ideal_bytes"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- loss memory
+def cpu_peak_bytes(torch, fn) -> int:
+    """Peak bytes held by torch's CPU allocator while ``fn`` runs, above what it held before.
+
+    Read from the profiler's allocator events (``profile_memory=True``: every allocation and
+    free of torch's CPU allocator, with its running total); tracemalloc would not see torch's
+    allocations and RSS would include the allocator's caching and the interpreter's own
+    memory. The same method checks the training memory plan (tests/training).
+    """
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = [e["args"] for e in json.loads(path.read_text())["traceEvents"]
+                  if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    base = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - base
+
+
+def run_memory(torch, args, dtype, device) -> tuple[list[dict], dict]:
+    """Peak memory of one forward + backward at ``--memory-shape`` (all tokens active):
+    fused loss vs materialised logits (``h @ W^T`` + ``F.cross_entropy``) vs the logits-free
+    minimum ``W + grad_W + hidden + grad_hidden + one [N, S] slice``. The peaks include the
+    inputs (created inside the measured region). On CPU the fused loss runs ``impl="torch"``:
+    the same plan and buffers as the Triton path, whose interpreter would take hours here."""
+    import torch.nn.functional as F
+
+    from soda_kernels.fused_linear_cross_entropy import default_vocab_slice, fused_linear_cross_entropy
+
+    n, h, v = args.memory_shape
+    impl = "triton" if device.type == "cuda" else "torch"
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+        weight = torch.randn(v, h, generator=g).mul_(h ** -0.5).to(device, dtype).requires_grad_()
+        return hidden, weight, torch.randint(0, v, (n,), generator=g).to(device)
+
+    def fused():
+        hidden, weight, labels = make()
+        fused_linear_cross_entropy(hidden, weight, labels, impl=impl).loss.sum().backward()
+
+    def materialised():
+        hidden, weight, labels = make()
+        F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="sum").backward()
+
+    def peak(fn):
+        if device.type != "cuda":
+            return cpu_peak_bytes(torch, fn)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    elt = torch.finfo(dtype).bits // 8
+    cols = default_vocab_slice(h, v, device)
+    minimum = (2 * v * h + 2 * n * h + n * cols) * elt
+    peaks = {"fused": peak(fused), "materialised": peak(materialised)}
+    row = {"op": "loss_memory", "tokens": n, "hidden": h, "vocab_local": v, "impl": impl,
+           "dtype": str(dtype).replace("torch.", ""), "vocab_slice": cols,
+           "method": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                      else "torch CPU allocator events (torch.profiler, profile_memory=True)"),
+           "peak_bytes": peaks, "logits_free_minimum_bytes": minimum,
+           "fused_over_minimum": peaks["fused"] / minimum,
+           "materialised_over_minimum": peaks["materialised"] / minimum,
+           "materialised_over_fused": peaks["materialised"] / peaks["fused"],
+           "target_fused_over_minimum": 1.2}
+    row["fused_target_met"] = row["fused_over_minimum"] <= row["target_fused_over_minimum"]
+    return [row], {}
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -330,6 +448,33 @@ def markdown(payload: dict) -> str:
         lines.append(f"| {r['op']} | {r['tokens']} | {r['hidden']} | {r['vocab_local']} | {r['impl']} | "
                      f"{r['fwd'] * 1e3:.2f} | {r['bwd'] * 1e3:.2f} | {r['fwd_bwd'] * 1e3:.2f} | {peak} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    costs = [r for r in payload["rows"] if r["op"] == "loss_cost"]
+    if costs:
+        lines += ["", "Fused loss, one micro-batch (all tokens active, grad_W into fp32 main_grad; "
+                  "analytic: `soda_kernels.fused_linear_cross_entropy.cost_model`, "
+                  f"{costs[0]['bytes_per_element']} bytes per element, GPU slice):", "",
+                  "| N | H | V_local | TP | slice | GFLOP | ideal 6NHV GFLOP | x ideal | GB moved | "
+                  "ideal GB | x ideal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in costs:
+            lines.append(f"| {r['tokens']} | {r['hidden']} | {r['vocab_local']} | {r['tp']} | "
+                         f"{r['vocab_slice']} | "
+                         f"{r['flops'] / 1e9:.1f} | {r['ideal_flops'] / 1e9:.1f} | "
+                         f"{r['flops_over_ideal']:.2f} | {r['bytes'] / 1e9:.2f} | "
+                         f"{r['ideal_bytes'] / 1e9:.2f} | {r['bytes_over_ideal']:.2f} |")
+    for r in payload["rows"]:
+        if r["op"] == "loss_memory":
+            mib = {k: v / 2**20 for k, v in r["peak_bytes"].items()}
+            lines += ["", f"Loss peak memory at N={r['tokens']}, H={r['hidden']}, "
+                      f"V={r['vocab_local']} ({r['dtype']}, {r['method']}; fused impl "
+                      f"{r['impl']}, slice {r['vocab_slice']}):", "",
+                      f"- fused {mib['fused']:.0f} MiB = {r['fused_over_minimum']:.3f}x the "
+                      f"logits-free minimum ({r['logits_free_minimum_bytes'] / 2**20:.0f} MiB: "
+                      f"W + grad_W + hidden + grad_hidden + one slice); target <= "
+                      f"{r['target_fused_over_minimum']}x: "
+                      f"{'met' if r['fused_target_met'] else 'NOT met'}",
+                      f"- materialised logits {mib['materialised']:.0f} MiB = "
+                      f"{r['materialised_over_minimum']:.2f}x the minimum, "
+                      f"{r['materialised_over_fused']:.2f}x the fused loss"]
     targets = [t for t in payload["targets"] if "op" in t]
     if targets:
         lines += ["", "Targets (issue 4):", ""] + [f"- {t}" for t in targets]
@@ -383,12 +528,16 @@ def main(argv=None) -> int:
     rows, notes = [], {}
     if args.only in (None, "loss"):
         r, n = run_loss(torch, args, dtype, device)
-        rows += r
+        rows += r + cost_rows(torch, args)
         notes.update(n)
     if args.only in (None, "embedding"):
         r, n = run_embedding(torch, args, dtype, device)
         rows += r
         notes.update({f"embedding/{k}": v for k, v in n.items()})
+    if args.only == "memory" or (args.only is None and not args.skip_memory):
+        mem_dtype = dtype if device.type == "cuda" else torch.float32
+        r, _ = run_memory(torch, args, mem_dtype, device)
+        rows += r
     add_ratios(rows)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,17 +16,25 @@ need another pass over the ids. ``_embedding_fwd_kernel`` does the range check, 
 fill and modality in one pass; the TP all-reduce follows (the caller may instead
 reduce-scatter for sequence parallelism, as Megatron does).
 
-Deterministic backward: ``torch.embedding``'s CUDA backward and ``index_add_`` use atomics
-whose order varies between runs. Here the local ids are stably sorted (ids of other ranks get
-the sentinel ``V_local`` and sort last), and ``_embedding_bwd_kernel`` runs one program per
-(sorted position, H block): a program that starts a run of equal ids sums that run's gradient
-rows in sorted order in fp32 and writes the row once (in the weight dtype). Same inputs, same
-bits. Rows not looked up get exact zeros. Memory: the ``[N]`` sort keys and permutation;
-nothing of size ``[N, H]`` besides the gradient itself.
+Deterministic backward with bounded work per program: the local ids are stably sorted (ids
+of other ranks get the sentinel ``V_local`` and sort last) and cut into fixed pieces of
+``piece`` sorted positions (64 on a GPU). ``_embedding_bwd_pieces_kernel`` runs one program per
+(piece, H block) and sums the gradient rows of each run of equal ids in the piece in fp32
+(a segmented sum done as one exact 0/1 matmul): a run that starts and ends inside the piece
+is written to its row directly; the part of a run that crosses a piece boundary becomes a partial sum (``tail`` of the piece where the
+run starts, ``head`` of each later piece it covers). ``_embedding_bwd_merge_kernel`` then
+completes each crossing run from the piece where it starts: its tail plus the heads of the
+following pieces, in piece order. Every program touches at most ``piece`` gradient rows (the
+merge, ``run length / piece`` partials), so an id repeated thousands of times (silence codes,
+specials) no longer makes one program walk the whole run; the summation order is fixed, so
+the same inputs give the same bits. Rows not looked up get exact zeros. Memory: the ``[N]``
+sort keys and permutation and two fp32 ``[N / piece, H]`` partial buffers.
 
-NOTE: a run of equal ids is summed serially by one program per H block, so a batch where one
-id repeats thousands of times takes proportionally longer; splitting long runs into fixed
-pieces plus a second deterministic pass is the fix if profiling ever shows it.
+For comparison: torch's own CUDA embedding backward (``embedding_dense_backward_cuda``) is
+also sort-based and deterministic for more than 3072 indices, the SODA case (8k-16k tokens
+per micro-batch), so determinism is not what this kernel adds over it; ``index_add_`` on
+CUDA does use atomics. Benchmarks compare against torch's backward as it is
+(``benchmarks/bench_kernels.py``).
 
 Both directions are ``torch.library`` custom ops with fake functions, called from a
 ``torch.autograd.Function``; :func:`interleaved_embedding_reference` is plain PyTorch.
@@ -78,31 +86,82 @@ def _embedding_fwd_kernel(ids_ptr, w_ptr, out_ptr, mod_ptr, N, H, V_local, vocab
 
 
 @triton.jit
-def _embedding_bwd_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, N, H, V_local,
-                          stride_g, stride_dw, BLOCK_H: tl.constexpr):
-    i = tl.program_id(0)
+def _embedding_bwd_pieces_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, head_ptr, tail_ptr,
+                                 N, H, V_local, stride_g, stride_dw, stride_p,
+                                 PIECE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One piece of ``PIECE`` sorted positions: whole runs to ``dw``, crossing runs to partials.
+
+    Segmented sum as one matmul: ``S[r] = sum_j [run_j == r] G[j]`` with ``run_j`` the
+    piece-local run index (a prefix sum of run starts), an exact 0/1 matrix and fp32 IEEE
+    accumulation in a fixed order.
+    """
+    c = tl.program_id(0)
     pid_h = tl.program_id(1)
     cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
-    key = tl.load(keys_ptr + i)
+    lo = c * PIECE
+    pos = lo + tl.arange(0, PIECE)
+    inside = pos < N
+    key = tl.load(keys_ptr + pos, mask=inside, other=-2)
+    prev = tl.load(keys_ptr + pos - 1, mask=inside & (pos > lo), other=-2)
+    start = ((key != prev) | (pos == lo)) & inside
+    run = tl.cumsum(start.to(tl.int32), axis=0) - 1
+    rows = tl.load(perm_ptr + pos, mask=inside, other=0).to(tl.int64)
+    g = tl.load(grad_ptr + rows[:, None] * stride_g + cols[None, :],
+                mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    r = tl.arange(0, PIECE)
+    member = (run[None, :] == r[:, None]) & inside[None, :]  # [run r, position j]
+    sums = tl.dot(member.to(tl.float32), g, input_precision="ieee")
+    run_key = tl.sum(tl.where(member & start[None, :], key[None, :], 0), axis=1)
+    n_runs = tl.max(run, axis=0) + 1
+    hi = tl.minimum(lo + PIECE, N)
     # NOTE: scalar loads are clamped in range and then selected, rather than masked: a scalar
     # mask is rejected by Triton's interpreter (3.9) and buys nothing on the GPU.
-    prev = tl.load(keys_ptr + tl.maximum(i - 1, 0))
-    prev = tl.where(i > 0, prev, -1)
-    start = (key != prev) & (key < V_local)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    j = i
-    go = start
-    while go:
-        row = tl.load(perm_ptr + j).to(tl.int64)
-        acc += tl.load(grad_ptr + row * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
-        j += 1
-        nxt = tl.load(keys_ptr + tl.minimum(j, N - 1))
-        nxt = tl.where(j < N, nxt, -1)
-        go = nxt == key
-    if start:
-        dst = dw_ptr + key.to(tl.int64) * stride_dw + cols
-        tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=col_ok)
+    before = tl.load(keys_ptr + tl.maximum(lo - 1, 0))
+    before = tl.where(lo > 0, before, -1)
+    after = tl.load(keys_ptr + tl.minimum(hi, N - 1))
+    after = tl.where(hi < N, after, -1)
+    head = (r == 0) & (run_key == before)            # started in an earlier piece
+    tail = (r == n_runs - 1) & (run_key == after) & ~head  # continues into the next piece
+    whole = (r < n_runs) & ~head & ~tail & (run_key < V_local)
+    ok = col_ok[None, :]
+    part = c * stride_p + cols[None, :] + r[:, None] * 0
+    tl.store(head_ptr + part, sums, mask=head[:, None] & ok)
+    tl.store(tail_ptr + part, sums, mask=tail[:, None] & ok)
+    tl.store(dw_ptr + run_key.to(tl.int64)[:, None] * stride_dw + cols[None, :],
+             sums.to(dw_ptr.dtype.element_ty), mask=whole[:, None] & ok)
+
+
+@triton.jit
+def _embedding_bwd_merge_kernel(keys_ptr, dw_ptr, head_ptr, tail_ptr, N, H, V_local,
+                                stride_dw, stride_p, PIECE: tl.constexpr,
+                                BLOCK_H: tl.constexpr):
+    """Per piece whose last run starts in it and crosses its end: tail + following heads."""
+    c = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    lo = c * PIECE
+    hi = tl.minimum(lo + PIECE, N)
+    key = tl.load(keys_ptr + hi - 1)
+    after = tl.load(keys_ptr + tl.minimum(hi, N - 1))
+    after = tl.where(hi < N, after, -1)
+    before = tl.load(keys_ptr + tl.maximum(lo - 1, 0))
+    before = tl.where(lo > 0, before, -1)
+    first = tl.load(keys_ptr + lo)
+    starts_here = (first != key) | (before != key)
+    if (key == after) & starts_here & (key < V_local):
+        acc = tl.load(tail_ptr + c * stride_p + cols, mask=col_ok, other=0.0)
+        d = c + 1
+        go = True
+        while go:
+            acc += tl.load(head_ptr + d * stride_p + cols, mask=col_ok, other=0.0)
+            end = tl.minimum((d + 1) * PIECE, N)
+            nxt = tl.load(keys_ptr + tl.minimum(end, N - 1))
+            go = (end < N) & (nxt == key)
+            d += 1
+        tl.store(dw_ptr + key.to(tl.int64) * stride_dw + cols, acc.to(dw_ptr.dtype.element_ty),
+                 mask=col_ok)
 
 
 # ============================================================================ launchers
@@ -129,8 +188,18 @@ def embedding_forward_triton(ids, weight, vocab_start, text_vocab_size, audio_ba
     return out, modality
 
 
+def _piece(device: torch.device) -> int:
+    """Sorted positions per backward program: the bound on its work (a [piece, piece] x
+    [piece, BLOCK_H] matmul). Small on the GPU (registers), large in the interpreter."""
+    return 64 if device.type == "cuda" else 512
+
+
+def _bwd_block_h(h: int, device: torch.device) -> int:
+    return max(16, min(triton.next_power_of_2(h), 64 if device.type == "cuda" else 128))
+
+
 def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
-                              block_h: Optional[int] = None):
+                              block_h: Optional[int] = None, piece: Optional[int] = None):
     """Deterministic ``grad_weight [num_rows, H]`` from ``grad [N, H]`` and flat ``ids [N]``."""
     check_triton_tensors(grad, ids)
     n, h = grad.shape
@@ -142,9 +211,18 @@ def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
     store_dtype = torch.float32 if interpreting() else grad.dtype
     grad_w = torch.zeros(num_rows, h, device=grad.device, dtype=store_dtype)
     if n > 0:
-        bh = block_h or _block_h(h, grad.device)
-        _embedding_bwd_kernel[(n, triton.cdiv(h, bh))](keys, perm, grad, grad_w, n, h, num_rows,
-                                                       grad.stride(0), grad_w.stride(0), BLOCK_H=bh)
+        bh = block_h or _bwd_block_h(h, grad.device)
+        piece = piece or max(16, min(_piece(grad.device), triton.next_power_of_2(n)))
+        pieces = triton.cdiv(n, piece)
+        partial = torch.empty(2, pieces, h, device=grad.device, dtype=torch.float32)
+        grid = (pieces, triton.cdiv(h, bh))
+        _embedding_bwd_pieces_kernel[grid](keys, perm, grad, grad_w, partial[0], partial[1],
+                                           n, h, num_rows, grad.stride(0), grad_w.stride(0),
+                                           partial.stride(1), PIECE=piece, BLOCK_H=bh)
+        if pieces > 1:
+            _embedding_bwd_merge_kernel[(pieces - 1, triton.cdiv(h, bh))](
+                keys, grad_w, partial[0], partial[1], n, h, num_rows, grad_w.stride(0),
+                partial.stride(1), PIECE=piece, BLOCK_H=bh)
     return grad_w.to(grad.dtype)
 
 

@@ -7,8 +7,8 @@ Loss (``kernels.loss``), from the final hidden states ``[s, b, h]`` and labels /
 megatron   ``output_layer`` -> full logits ``[s, b, V_local]`` (padded rows at -inf) ->
            Megatron's ``vocab_parallel_cross_entropy``; the z-term from a vocab-parallel
            logsumexp of the same logits
-torch      :func:`soda_kernels.fused_linear_cross_entropy` with ``impl="torch"``: chunked
-           plain PyTorch, never the full logits
+torch      :func:`soda_kernels.fused_linear_cross_entropy` with ``impl="torch"``: the same
+           plan in plain PyTorch (vocabulary slices), never the full logits
 triton     the same function with the fused Triton kernels
 auto       triton when CUDA is available, else megatron
 =========  ==========================================================================
@@ -16,6 +16,12 @@ auto       triton when CUDA is available, else megatron
 Embedding (``kernels.embedding``): ``torch`` (alias ``megatron``) is Megatron's
 ``VocabParallelEmbedding``; ``triton`` swaps in :class:`InterleavedVocabParallelEmbedding`,
 same parameter and reductions, lookup by :func:`soda_kernels.interleaved_embedding`.
+
+The fused paths (``torch`` / ``triton``) skip tokens with loss mask 0 before any matmul, and
+under Megatron DDP add the output layer's weight gradient straight into its fp32
+``main_grad`` (gradient-accumulation fusion: no bf16 gradient, no second weight-sized buffer;
+the ``megatron`` path keeps Megatron's ``ColumnParallelLinear`` behaviour). See
+:mod:`soda_kernels.fused_linear_cross_entropy` for the plan, memory and precision policy.
 
 Every loss path returns :class:`LMLoss`: the masked per-token loss and, per loss group
 (text, semantic, acoustic: :data:`soda_mega.tokens.LOSS_GROUPS`, from the labels' ids), the
@@ -116,7 +122,7 @@ def language_model_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor
     out = fused_linear_cross_entropy(
         hidden_states.reshape(s * b, h), model.output_layer.weight, labels_sb.reshape(-1),
         mask_sb.reshape(-1), groups_sb.reshape(-1), z_loss=model.z_loss,
-        num_real_vocab=layout.size, tp_group=group, impl=model.loss_impl)
+        num_real_vocab=layout.size, tp_group=group, impl=model.loss_impl, fuse_main_grad=True)
     return LMLoss(out.loss.view(s, b).t(), out.group_loss, out.group_tokens)
 
 

@@ -193,6 +193,90 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, 
     gradient) while the kept tensors are freed one by one; the output layer's weight gradient
     (``e V h``) arrives after the logit gradients are gone.
 
+    Fused (``torch`` / ``triton``, :mod:`soda_kernels.fused_linear_cross_entropy`), all
+    tokens counted as active (masked ones are compacted away and only lower this): ``lse`` (4
+    bytes per token) is kept. The forward holds the compacted rows (``e n h``) and, on the
+    torch path, one fp32 ``[n, S]`` logits slice (``S`` = the op's vocabulary slice; CPU bf16
+    adds fp32 upcasts of the rows and of a weight slice). The backward holds the compacted
+    rows, the fp32 ``grad_h`` accumulator (``4 n h``) and one ``[n, S]`` dlogits slice
+    (``e``), plus the torch path's fp32 logits slice, and at the end ``grad_hidden``
+    (``e n h``, and its cast from fp32 for bf16). The weight gradient goes straight into DDP's
+    fp32 ``main_grad``: no weight-sized buffer. Under sequence parallelism the hidden states
+    are first gathered to the full sequence (``e h`` per token, kept).
+    """
+    m, p = cfg.model, cfg.parallel
+    e = _e(cfg)
+    u = 4 if e != 4 else 0
+    tp = p.tensor_parallel
+    sp = tp if p.sequence_parallel else 1
+    h = m.hidden_size
+    q = m.num_attention_heads * m.head_dim / tp
+    k = m.num_kv_heads * m.head_dim / tp
+    f = m.ffn_hidden_size / tp
+    heads, kv_heads = m.num_attention_heads / tp, m.num_kv_heads / tp
+    terms = {
+        "norms": 2 * ((4 + e) * h + 4) / sp,
+        "linear_in": 2 * e * h / sp,
+        "qkv_out": e * (q + 2 * k),
+        "q_norm": (4 * q + e * q + 4 * heads) if m.qk_norm else 0.0,
+        "k_norm": (u * k + e * k + 4 * kv_heads) if m.qk_norm else 0.0,
+        "attention": e * q + e * k + e * q + 4 * heads,
+        "mlp": (3 if target == "cuda" else 5) * e * f,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def rope_table_bytes(cfg: SodaConfig) -> float:
+    """RoPE's cos / sin tables ``[s, 1, 1, head_dim]`` that each layer builds for the query and
+    for the key and keeps for backward: ``4 e s d`` bytes per layer and micro-batch."""
+    return 4 * _e(cfg) * cfg.model.seq_length * cfg.model.head_dim
+
+
+def layer_stored_bytes(cfg: SodaConfig, target: str = "cuda") -> float:
+    """Bytes per token one layer keeps between its forward and backward, after recompute."""
+    m, p = cfg.model, cfg.parallel
+    sp = p.tensor_parallel if p.sequence_parallel else 1
+    terms = layer_activation_terms(cfg, target)
+    mode = cfg.training.recompute
+    if mode == "full":
+        return _e(cfg) * m.hidden_size / sp
+    if mode == "selective":
+        return terms["total"] - 4 * m.num_attention_heads / p.tensor_parallel
+    return terms["total"]
+
+
+def layer_backward_working_bytes(cfg: SodaConfig, tokens: int) -> float:
+    """Gradient tensors alive while one layer runs its backward (bytes, one micro-batch).
+
+    Residual-stream gradients (2 x ``e h / sp``), the fc1-output and fc2-input gradients
+    (``e 3f``) per token, plus the largest weight gradient (fc1, ``e * h * 2f``) before
+    Megatron DDP adds it into ``main_grad`` and frees it.
+    """
+    m, p = cfg.model, cfg.parallel
+    e = _e(cfg)
+    tp = p.tensor_parallel
+    sp = tp if p.sequence_parallel else 1
+    f = m.ffn_hidden_size / tp
+    return tokens * e * (2 * m.hidden_size / sp + 3 * f) + e * m.hidden_size * 2 * f
+
+
+def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, float]:
+    """Bytes of the output layer + loss for one micro-batch on the last stage.
+
+    ``held``: kept from the loss forward to its backward, with the final norm's saved tensors
+    and output; ``forward_extra`` / ``backward_extra``: transient peaks above ``held``. Per
+    logit element (``V`` = local padded vocabulary), from the order of allocations in the code
+    (checked against the CPU allocator's trace in tests/training/test_memory_plan.py):
+
+    ``megatron``: the logits ``e``; with z-loss the logsumexp upcasts them (``u``), shifts
+    (``4``) and keeps ``exp`` (``4``); the cross-entropy upcasts (``u``; in fp32 it works on
+    the logits themselves) and turns that copy into the softmax in place (``4``, kept). So
+    ``held = 4 + 4z`` and the forward peaks at ``e + u + 8z``. Backward: one new gradient of
+    ``e`` bytes at a time (the bf16 cast of a branch gradient, or in fp32 the z-branch ``exp``
+    gradient) while the kept tensors are freed one by one; the output layer's weight gradient
+    (``e V h``) arrives after the logit gradients are gone.
+
     Fused (``torch`` / ``triton``, :mod:`soda_kernels.fused_linear_cross_entropy`): ``lse`` (4
     bytes per token) is kept. The torch forward holds the fp32 logits, shifted logits and exp
     of one ``[chunk, V]`` chunk (``12``); Triton keeps O(N). The backward holds ``grad_hidden``
@@ -221,17 +305,20 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, 
         backward = max(e * logits, e * logits + weight_grad - held)
         return {"impl": impl, "held": final_norm + held,
                 "forward_extra": max(0.0, peak_fwd - held), "backward_extra": backward}
-    from soda_kernels.fused_linear_cross_entropy import default_chunk_rows
+    import torch
 
-    rows_total = tokens * sp  # the fused op sees the full sequence under SP
+    from soda_kernels.fused_linear_cross_entropy import default_vocab_slice
+
+    n = tokens * sp  # the fused op sees the full sequence under SP
     v_valid = max(1, min(v_local, layout.size))
-    chunk = min(default_chunk_rows(rows_total, h, v_valid), rows_total) * v_valid
-    gathered = rows_total * e * h if p.sequence_parallel else 0.0
-    held = final_norm + rows_total * 4 + gathered
-    forward = 12 * chunk if impl == "torch" else 0.0
-    base = rows_total * e * h + 4 * v_local * h + e * chunk
-    moments = [20 * chunk if impl == "torch" else 0.0, (e + u) * v_local * h,
-               weight_grad if u else 0.0]
+    cols = default_vocab_slice(h, v_valid, torch.device("cpu" if target == "cpu" else "cuda"))
+    gathered = n * e * h if p.sequence_parallel else 0.0
+    held = final_norm + n * 4 + gathered
+    upcast = (n * h + cols * h) * 4 if (u and target == "cpu") else 0.0
+    torch_slice = 4 * n * cols + upcast if impl == "torch" else 0.0
+    forward = e * n * h + torch_slice
+    base = e * n * h + 4 * n * h + e * n * cols
+    moments = [torch_slice, e * n * h * (2 if u else 1)]
     return {"impl": impl, "held": held, "forward_extra": forward,
             "backward_extra": base + max(moments)}
 
@@ -373,6 +460,14 @@ def plan_memory(cfg: SodaConfig, world_size: int = 1,
             if loss_peak > working:
                 working, source = loss_peak, f"{loss['impl']} loss"
         fb = sum(static.values()) + activations + buffers + held + working
+        if first and a.target == "cpu":
+            # NOTE: on gloo the gradient reduce-scatter copies the whole gradient buffer
+            # (CPU allocator trace), started from the embedding weight's post-accumulate hook
+            # while that gradient (e V_shard h) is alive; activations are gone by then. It
+            # sets the CPU peak once the fused loss writes its gradient into main_grad.
+            sync = static["grads"] + e * vocab_shard
+            if sum(static.values()) + sync > fb:
+                fb, working, source = sum(static.values()) + sync, sync, "gradient sync (gloo)"
         opt = optimizer_transient(cfg, row["total"], largest, dp, a.target)
         opt_peak = sum(static.values()) + opt
         stages.append(StagePlan(

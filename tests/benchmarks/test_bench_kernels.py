@@ -36,4 +36,21 @@ def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
             assert r["loss_rel_diff_vs_reference"] < 1e-5, r
         if r["impl"] == "soda_triton":
             assert r["speedup_of_triton"]["fwd_bwd"] == 1.0
-    assert (tmp_path / f"bench_kernels_{device}_smoke.md").read_text().startswith("# bench_kernels")
+    md = (tmp_path / f"bench_kernels_{device}_smoke.md").read_text()
+    assert md.startswith("# bench_kernels")
+    # Accounting: the fused design's FLOPs are 8 N H V (4/3 of the 6 N H V ideal) at SODA shapes.
+    costs = [r for r in result["rows"] if r["op"] == "loss_cost"]
+    assert {(r["tokens"], r["hidden"], r["tp"]) for r in costs} >= {(16384, 2048, 1), (8192, 512, 4)}
+    for r in costs:
+        assert r["flops"] == 8 * r["tokens"] * r["hidden"] * r["vocab_local"]
+        assert r["flops_over_ideal"] == 8 / 6 and r["bytes"] > r["ideal_bytes"] > 0
+    # Peak memory at N=2048, H=512, V=144,644 fp32 (issue 13): fused <= 1.2x the logits-free
+    # minimum, materialised logits far above it.
+    (mem,) = [r for r in result["rows"] if r["op"] == "loss_memory"]
+    assert (mem["tokens"], mem["hidden"], mem["vocab_local"]) == (2048, 512, 144_644)
+    minimum = mem["logits_free_minimum_bytes"]
+    assert minimum >= 2 * 144_644 * 512 * 4  # W and grad_W at least
+    assert mem["peak_bytes"]["fused"] >= 2 * 144_644 * 512 * 4
+    assert mem["fused_over_minimum"] <= 1.2 and mem["fused_target_met"]
+    assert mem["materialised_over_fused"] > 3
+    assert "logits-free minimum" in md

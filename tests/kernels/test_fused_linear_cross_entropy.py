@@ -116,13 +116,13 @@ def test_group_statistics(device):
     torch.testing.assert_close(result["group_loss"].sum(), result["loss"].sum())
 
 
-def test_vocab_splits_and_row_chunks_are_exact_rearrangements(device):
+def test_vocab_splits_and_slices_are_exact_rearrangements(device):
     case = make_case(37, 40, 203, n_real=190, device=device)
     h, w, y = case["hidden"], case["weight"], case["labels"]
     small = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
     one = lse_partials_triton(h, w, y, 0, 190, splits=1)
     many = lse_partials_triton(h, w, y, 0, 190, splits=5, blocks=small)
-    plain = lse_partials_torch(h, w, y, 0, 190, chunk_rows=8)
+    plain = lse_partials_torch(h, w, y, 0, 190, vocab_slice=48)
     for a, b, c in zip(one, many, plain):
         torch.testing.assert_close(a, b, **KERNEL_REORDER_FP32)
         torch.testing.assert_close(a, c, **KERNEL_REORDER_FP32)
@@ -130,21 +130,25 @@ def test_vocab_splits_and_row_chunks_are_exact_rearrangements(device):
     shifted = lse_partials_triton(h, w, y + 1000, 1000, 190)
     torch.testing.assert_close(shifted[2], one[2], rtol=0, atol=0)
     whole = run_fused(case, "triton", z_loss=1e-2)
-    chunked = run_fused(case, "triton", z_loss=1e-2, chunk_rows=8)
-    for key in ("grad_hidden", "grad_weight"):
-        torch.testing.assert_close(chunked[key], whole[key], **KERNEL_REORDER_FP32)
+    for impl in ("triton", "torch"):
+        sliced = run_fused(case, impl, z_loss=1e-2, vocab_slice=48)  # 4 slices, the last short
+        for key in ("loss", "grad_hidden", "grad_weight"):
+            torch.testing.assert_close(sliced[key], whole[key], **KERNEL_REORDER_FP32)
 
 
 def test_grad_logits_kernel_matches_torch(device):
     case = make_case(37, 40, 203, n_real=190, device=device)
     h, w, y = case["hidden"], case["weight"], case["labels"]
-    m, s, _ = lse_partials_torch(h, w, y, 0, 190, chunk_rows=64)
+    m, s, _ = lse_partials_torch(h, w, y, 0, 190, vocab_slice=64)
     lse = m + torch.log(s)
     g = torch.rand(37) * (case["loss_mask"] != 0)
-    a = grad_logits_triton(h, w, y, lse, g, 0, 190, 0.03, torch.empty(37, 190))
-    b = grad_logits_torch(h, w, y, lse, g, 0, 190, 0.03, torch.empty(37, 190))
+    # The slice [50, 150) of the weight: labels are compared with global ids.
+    a = grad_logits_triton(h, w[50:150], y, lse, g, 50, 0.03, torch.empty(37, 100))
+    b = grad_logits_torch(h, w[50:150], y, lse, g, 50, 0.03, torch.empty(37, 100))
     torch.testing.assert_close(a, b, **KERNEL_REORDER_FP32)
     assert (a[g == 0] == 0).all()
+    hit = (y >= 50) & (y < 150) & (g != 0)
+    assert (a[hit, (y[hit] - 50)] < 0).all()
 
 
 def test_matches_megatron_vocab_parallel_cross_entropy(megatron_one_process, device):

@@ -121,3 +121,42 @@ def test_soda_shapes_on_gpu():
     grad = torch.randn(ids.numel(), 2048, device="cuda", dtype=torch.bfloat16)
     first = embedding_backward_triton(grad, ids.view(-1), 0, layout.size)
     assert torch.equal(first, embedding_backward_triton(grad, ids.view(-1), 0, layout.size))
+
+
+def test_one_id_repeated_20000_times_is_split_into_bounded_pieces(device):
+    """A silence-code-like id 20,000 times among 500 others: the pieces kernel and the
+    ordered merge give the exact sum (fp32 rounding only), the same bits twice, and the same
+    result whatever the piece size (only rounding differs)."""
+    n, h, rows = 20_500, 24, 300
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, rows, (n,), generator=g)
+    ids[torch.randperm(n, generator=g)[:20_000]] = 17
+    ids[:3] = torch.tensor([-1, rows, rows + 5])  # outside this shard: no gradient
+    grad = torch.randn(n, h, generator=g).to(device)
+    ids = ids.to(device)
+    exact = torch.zeros(rows, h, dtype=torch.float64, device=device)
+    inside = (ids >= 0) & (ids < rows)
+    exact.index_add_(0, ids[inside], grad[inside].double())
+    ours = embedding_backward_triton(grad, ids, 0, rows)
+    assert torch.equal(ours, embedding_backward_triton(grad, ids, 0, rows))
+    small = embedding_backward_triton(grad, ids, 0, rows, piece=128)  # 161 pieces
+    scale = exact.abs().max()
+    for out in (ours, small):
+        assert float((out.double() - exact).abs().max() / scale) < 1e-6
+    untouched = torch.ones(rows, dtype=torch.bool, device=device)
+    untouched[ids[inside]] = False
+    assert (ours[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("piece", [16, 32])
+def test_runs_crossing_piece_boundaries(device, piece):
+    """Runs that start, end or sit exactly on piece boundaries, sentinel ids at the end."""
+    lengths = [1, piece - 1, piece, piece + 1, 2 * piece, 3, 3 * piece + 2, 1]
+    ids = torch.cat([torch.full((k,), i) for i, k in enumerate(lengths)])
+    ids = torch.cat([ids, torch.full((piece + 3,), 99)])  # another rank's ids, sorted last
+    grad = torch.rand(ids.numel(), 20, generator=torch.Generator().manual_seed(1)) + 0.5
+    ids, grad = ids.to(device), grad.to(device)
+    out = embedding_backward_triton(grad, ids, 0, len(lengths), piece=piece)
+    exact = torch.zeros(len(lengths), 20, dtype=torch.float64, device=device)
+    exact.index_add_(0, ids[ids < len(lengths)], grad[ids < len(lengths)].double())
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)

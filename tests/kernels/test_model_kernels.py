@@ -113,3 +113,29 @@ def test_kernel_choices_resolve(monkeypatch):
             resolve_impl("loss", "triton")
     with pytest.raises(ConfigError, match="kernels.loss"):
         load_config(preset="tiny", overrides=["--kernels.loss=liger"])
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_grad_reduce"])
+def test_four_micro_batches_accumulate_in_main_grad(megatron_one_process, overlap):
+    """Megatron DDP, 4 micro-batches: the fused loss adds the output layer's gradient straight
+    into its fp32 main_grad; every main_grad equals the megatron-loss run's."""
+    from soda_mega.model.gpt import build_model
+    from soda_mega.training.forward_backward import forward_backward, wrap_ddp
+
+    grads = {}
+    for loss in ("megatron", "triton"):
+        cfg = load_config(preset="tiny", overrides=[
+            *SMALL, f"--kernels.loss={loss}", "--training.z_loss=1e-2",
+            f"--parallel.overlap_grad_reduce={str(overlap).lower()}"])
+        model = wrap_ddp(build_model(cfg), cfg)
+        forward_backward(model, [_batch(cfg, seed=s) for s in range(4)], 4, 32, 2)
+        module = model[0].module
+        weight = module.output_layer.weight
+        assert weight.grad is None
+        assert weight.grad_added_to_main_grad == (loss == "triton")
+        grads[loss] = {n: p.main_grad.detach().clone() for n, p in module.named_parameters()}
+    assert grads["triton"].keys() == grads["megatron"].keys()
+    for name, grad in grads["triton"].items():
+        ref = grads["megatron"][name]
+        err = float((grad - ref).abs().max() / ref.abs().max())
+        assert err <= PARALLEL_FP32["grad_rel"], f"{name}: {err:.2e}"
