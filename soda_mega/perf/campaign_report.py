@@ -483,6 +483,10 @@ def convert(src: str | os.PathLike, results_dir: str | os.PathLike = RESULTS) ->
                          "(give --results-dir elsewhere)")
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(data)
+    started = data["campaign"].get("started_utc", "")
+    existing = results_dir / f"{stem}.json"
+    if existing.is_file() and json.loads(existing.read_text())["campaign"].get("started_utc") != started:
+        stem += "_" + started[11:16].replace(":", "")  # a second campaign the same day keeps both
     payload = _json_safe({"benchmark": "gpu_campaign", "smoke": is_smoke(data),
                           "provenance": provenance(data), "targets": evaluate_targets(data),
                           "campaign": data["campaign"], "phases": data["phases"]})

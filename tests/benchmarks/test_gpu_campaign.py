@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -104,7 +105,14 @@ def test_smoke_converts_to_labelled_files_never_into_results(smoke, tmp_path):
     assert "megatron-core" in payload["provenance"]["versions"]
     assert [t["status"] for t in payload["targets"]] == [cr.NOT_MEASURED] * len(cr.TARGETS)
     assert "CPU SMOKE RUN" in next(p for p in written if p.suffix == ".md").read_text()
-    assert cr.convert(out, tmp_path / "from_folder")  # the folder reads like the bundle
+    assert cr.convert(out, tmp_path) == written  # the same campaign again: the same files
+    camp = json.loads((out / "campaign.json").read_text())
+    later = tmp_path / "later"
+    shutil.copytree(out, later)
+    camp["started_utc"] = camp["started_utc"][:11] + "23:59:00+00:00"
+    (later / "campaign.json").write_text(json.dumps(camp))
+    (again,) = [p for p in cr.convert(later, tmp_path) if p.suffix == ".json"]
+    assert again.stem.endswith("_2359") and len(list(tmp_path.glob("smoke_cpu_*.json"))) == 2
     assert cr.newest_result(tmp_path) is None  # a smoke result never feeds the README
 
 
