@@ -64,7 +64,7 @@ def parse_args(argv):
                    help="shape of the loss peak-memory comparison (fused vs materialised logits "
                         "vs the logits-free minimum); fp32 on CPU, --dtype on GPU")
     p.add_argument("--skip-memory", action="store_true",
-                   help="leave out the loss peak-memory comparison (it takes ~1 min on CPU)")
+                   help="leave out the loss peak-memory comparison (20-60 s on CPU)")
     p.add_argument("--skip", nargs="*", default=[], help="implementations to leave out")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)

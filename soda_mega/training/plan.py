@@ -52,11 +52,13 @@ copy of a bf16 tensor (4 in bf16, 0 in fp32, where ``.float()`` returns the same
    flight (``e * n * h / sp`` each; Megatron's ``deallocate_pipeline_outputs`` is off).
 4. **Loss** (last stage), :func:`loss_terms`: ``kernels.loss=megatron`` keeps fp32 softmax
    (4 bytes per logit) and, with z-loss, the fp32 ``exp`` of the logsumexp (4), and peaks higher
-   while the logits are upcast; the fused paths keep ``lse`` only, and their backward holds a
-   ``[chunk, V]`` buffer, the fp32 ``grad_W`` accumulator and the returned ``grad_W``.
+   while the logits are upcast; the fused paths keep ``lse`` only, and their backward holds
+   the compacted rows, an fp32 ``grad_h`` accumulator and one ``[n, S]`` vocabulary slice (the
+   weight gradient goes straight into ``main_grad``).
 5. **Working set** on top of the stored activations: the larger of the loss transients and one
    layer's backward (gradients of the residual stream, of the fc1 output and fc2 input, and
-   the weight gradients Megatron DDP adds into ``main_grad`` and frees).
+   the weight gradients Megatron DDP adds into ``main_grad`` and frees); on CPU also the
+   gloo gradient sync's copy of the gradient buffer, with the embedding gradient alive.
 6. **Optimizer step** (a separate, later peak): torch AdamW's foreach path allocates one fp32
    temporary the size of the local shard (CUDA); the per-tensor path one per parameter (CPU);
    cautious Adam about three per parameter.
