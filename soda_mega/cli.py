@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
 from soda_mega.config.fields import ConfigError
+from soda_mega.errors import (EXIT_FAILURE, EXIT_USER_ERROR, STATUS_FILE_ENV, SodaUserError)
 
 # sub-command name -> module in soda_mega.commands; each module has
 # ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
@@ -55,25 +57,47 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
+    code = EXIT_FAILURE  # an exception that escapes below (traceback printed by Python)
+    try:
+        code = _run_command(args)
+    finally:
+        write_status(code)
+    return code
+
+
+def _run_command(args) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as err:
         print(f"soda-mega: configuration error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except _user_errors() as err:
         # Bad inputs (a missing file, a checkpoint of another model, a broken manifest): the
         # message names the problem; a traceback would only hide it.
         print(f"soda-mega: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from soda_mega.data.inputs import InputError
-    from soda_mega.data.source import DatasetError
-    from soda_mega.eval.manifest import ManifestError
+    # NOTE: CheckpointError is named until it derives from SodaUserError like the others.
     from soda_mega.inference.weights import CheckpointError
 
-    return (InputError, DatasetError, ManifestError, CheckpointError)
+    return (SodaUserError, CheckpointError)
+
+
+def write_status(code: int) -> None:
+    """Record the exit code in ``$SODA_MEGA_STATUS_FILE`` (global rank 0 only; atomic), for the
+    launchers: torchrun turns any failed worker into exit 1."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if not path or os.environ.get("RANK", "0") != "0":
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"exit_code={code}\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"soda-mega: could not write {STATUS_FILE_ENV}={path}: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

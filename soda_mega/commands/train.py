@@ -8,6 +8,8 @@ import sys
 
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
+from soda_mega.config.fields import ConfigError
+from soda_mega.config.schema import check_run_layout
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -31,16 +33,21 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.preset, args.overrides)
+    world = (args.world_size if args.dry_run and args.world_size
+             else int(os.environ.get("WORLD_SIZE", "1")))
+    check_run_layout(cfg, world)
     if args.dry_run:
         from soda_mega.training.plan import describe_run
 
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         try:
             print(describe_run(cfg, world))
         except ValueError as err:
             print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
             return 2
         return 0
+    if not cfg.data.train:
+        raise ConfigError("data.train: no datasets given; set --data.train=DIR[,DIR...] to folders "
+                          "built by `soda-mega data build` or `soda-mega data demo`")
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 
     try:
