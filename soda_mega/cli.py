@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import warnings
 
 from soda_mega.config.fields import ConfigError
-from soda_mega.errors import (EXIT_FAILURE, EXIT_USER_ERROR, STATUS_FILE_ENV, SodaUserError)
+from soda_mega.errors import EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, write_status
 
 # sub-command name -> module in soda_mega.commands; each module has
 # ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
@@ -83,21 +82,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from soda_mega.inference.weights import CheckpointError
 
     return (SodaUserError, CheckpointError)
-
-
-def write_status(code: int) -> None:
-    """Record the exit code in ``$SODA_MEGA_STATUS_FILE`` (global rank 0 only; atomic), for the
-    launchers: torchrun turns any failed worker into exit 1."""
-    path = os.environ.get(STATUS_FILE_ENV)
-    if not path or os.environ.get("RANK", "0") != "0":
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(f"exit_code={code}\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        print(f"soda-mega: could not write {STATUS_FILE_ENV}={path}: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ can subclass it.
 
 from __future__ import annotations
 
+import os
+import sys
+
 EXIT_OK = 0
 EXIT_FAILURE = 1        # an unexpected error (traceback printed); a launcher may restart the run
 EXIT_USER_ERROR = 2     # a SodaUserError: fix the named file / field / value, then rerun
@@ -27,3 +30,18 @@ STATUS_FILE_ENV = "SODA_MEGA_STATUS_FILE"
 
 class SodaUserError(Exception):
     """A failure the user can fix; the message names the file, field or value."""
+
+
+def write_status(code: int, *, any_rank: bool = False) -> None:
+    """Record ``code`` in ``$SODA_MEGA_STATUS_FILE`` when it is set (atomically), from global
+    rank 0 only unless ``any_rank`` (the watchdog: whichever rank hangs first says so)."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if not path or (not any_rank and os.environ.get("RANK", "0") != "0"):
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"exit_code={code}\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"soda-mega: could not write {STATUS_FILE_ENV}={path}: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import check_run_layout
+from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -48,11 +49,16 @@ def run(args) -> int:
     if not cfg.data.train:
         raise ConfigError("data.train: no datasets given; set --data.train=DIR[,DIR...] to folders "
                           "built by `soda-mega data build` or `soda-mega data demo`")
+    from soda_mega.training.preemption import TrainingPreempted
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 
     try:
         Trainer(cfg).run()
     except TrainingDiverged as err:
         print(f"soda-mega: training stopped: {err}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
+    except TrainingPreempted as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"soda-mega: preempted: {err} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
