@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -61,8 +60,10 @@ class StepWatchdog:
             self._deadline = time.monotonic() + self.timeout_s
             self._step = step
             self._cond.notify()
+        # NOTE: file descriptor 2, not sys.stderr, which a caller may have replaced by an object
+        # without a file descriptor.
         faulthandler.dump_traceback_later(self.timeout_s + self.grace_s + BACKSTOP_S, exit=True,
-                                          file=sys.stderr)
+                                          file=2)
 
     def stop(self) -> None:
         if not self.timeout_s or self._thread is None:
@@ -108,7 +109,7 @@ class StepWatchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
             where = f"stacks in {path}"
         except OSError as err:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            faulthandler.dump_traceback(file=2, all_threads=True)
             where = f"could not write {path} ({err}); stacks on stderr"
         os.write(2, (f"soda-mega: watchdog: rank {self.rank}: step {step} made no progress for "
                      f"run.step_timeout_s={self.timeout_s:g} s; {where}; exiting with code "

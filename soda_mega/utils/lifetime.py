@@ -36,21 +36,29 @@ import sys
 import threading
 
 _PR_SET_PDEATHSIG = 1
-# hook installed; main thread of this process; thread and pid that fork (set before each fork)
-_state = {"hook": False, "main": None, "forker": None, "parent": None}
+# hook installed; main thread of this process; thread and pid that fork (set before each fork);
+# libc's prctl (None: not looked up yet, False: not available)
+_state = {"hook": False, "main": None, "forker": None, "parent": None, "prctl": None}
 _manager = None  # the adopted Megatron results-queue manager (kept alive with the process)
+
+
+def _prctl():
+    """libc's ``prctl``, looked up once. NOTE: looked up in the parent, before it forks: a
+    ``dlopen`` in a child forked from a multi-threaded process can deadlock on the loader lock
+    another thread held at the fork."""
+    if _state.get("prctl") is None and sys.platform.startswith("linux"):
+        try:
+            _state["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            _state["prctl"] = False
+    return _state.get("prctl") or None
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux); exit now if
     the parent is already gone. Returns False where the call is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
     # NOTE: the parent may have died between fork and prctl; then the signal never comes.
     expected = _state["parent"]
@@ -85,6 +93,7 @@ def children_die_with_this_process() -> None:
     # NOTE: the forking thread's ident is taken in the parent; in the child the forking thread
     # becomes the main thread, so comparing there would always match.
     _state["main"] = threading.main_thread().ident
+    _prctl()
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_child_check)
     _state["hook"] = True
 
