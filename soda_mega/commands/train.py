@@ -23,6 +23,12 @@ def register(sub) -> argparse.ArgumentParser:
             "newest checkpoint in run.dir unless --run.resume=false. Under torchrun every process "
             "runs this same command; the TP/PP sizes come from the parallel section and data "
             "parallelism takes the remaining ranks."),
+        epilog=(
+            "exit codes: 0 finished; 1 unexpected error (traceback); 2 bad configuration or input "
+            "(one line naming the field, file or value); 3 diverged (run.max_bad_steps); 4 stopped "
+            "by SIGUSR1 / SIGTERM after finishing the step and saving it (rerun to resume); 5 the "
+            "watchdog: a step took longer than run.step_timeout_s (Python stacks of every rank in "
+            "run.dir/stacks/)."),
     )
     add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true",
