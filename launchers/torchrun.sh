@@ -43,11 +43,12 @@ run_once() {
     --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
     -m soda_mega.cli train --config "$CONFIG" "$@" &
   local pid=$! rc
-  # Signals to this script go on to torchrun (a foreground child would never see them).
-  for sig in TERM USR1 INT HUP; do trap "kill -s $sig $pid 2>/dev/null" "$sig"; done
+  # SIGTERM / SIGUSR1 sent to this script go on to torchrun (a foreground child would never see
+  # them). NOTE: not SIGINT: Ctrl-C reaches torchrun from the terminal already.
+  for sig in TERM USR1; do trap "kill -s $sig $pid 2>/dev/null" "$sig"; done
   wait "$pid"; rc=$?
   while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
-  trap - TERM USR1 INT HUP
+  trap - TERM USR1
   local code
   code=$(sed -n 's/^exit_code=//p' "$SODA_MEGA_STATUS_FILE")
   return "${code:-$rc}"
