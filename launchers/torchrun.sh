@@ -45,7 +45,7 @@ run_once() {
   local pid=$! rc
   # SIGTERM / SIGUSR1 sent to this script go on to torchrun (a foreground child would never see
   # them). NOTE: not SIGINT: Ctrl-C reaches torchrun from the terminal already.
-  for sig in TERM USR1; do trap "kill -s $sig $pid 2>/dev/null" "$sig"; done
+  for sig in TERM USR1; do trap "stopping=1; kill -s $sig $pid 2>/dev/null" "$sig"; done
   wait "$pid"; rc=$?
   while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
   trap - TERM USR1
@@ -55,6 +55,7 @@ run_once() {
 }
 
 attempt=0
+stopping=0  # set when this script got SIGTERM / SIGUSR1: stop, never restart
 while :; do
   export SODA_MEGA_ATTEMPT=$attempt
   run_once "$@"; code=$?
@@ -64,13 +65,15 @@ while :; do
     3) echo "soda-mega: stopped: the loss diverged (see the message above)" >&2 ;;
     4) echo "soda-mega: stopped by a signal after saving; rerun the same command to resume" >&2 ;;
     *) if [ "$code" -eq 5 ]; then what="a step hung (Python stacks in run.dir/stacks/)";
+       elif [ "$code" -gt 128 ]; then what="training was killed by signal $((code - 128))";
        else what="training crashed (exit $code)"; fi
-       if [ "$attempt" -lt "${MAX_RESTARTS:-3}" ]; then
+       if [ "$stopping" -eq 0 ] && [ "$attempt" -lt "${MAX_RESTARTS:-3}" ]; then
          attempt=$((attempt + 1))
          echo "soda-mega: $what; restart $attempt of ${MAX_RESTARTS:-3} from the newest checkpoint" >&2
          continue
        fi
-       echo "soda-mega: $what; no restarts left (MAX_RESTARTS=${MAX_RESTARTS:-3})" >&2 ;;
+       if [ "$stopping" -eq 1 ]; then echo "soda-mega: $what after a stop signal; not restarted" >&2
+       else echo "soda-mega: $what; no restarts left (MAX_RESTARTS=${MAX_RESTARTS:-3})" >&2; fi ;;
   esac
   exit "$code"
 done
