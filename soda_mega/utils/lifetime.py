@@ -109,9 +109,10 @@ def adopt_megatron_writer_queue() -> None:
 
     NOTE: ``megatron.core.dist_checkpointing.strategies.filesystem_async`` (0.16) makes one
     ``multiprocessing`` manager per process on the first save (spawned: a fresh interpreter,
-    which no fork hook reaches) and keeps its queue in a module global. Creating that queue
-    first, through the module's own getter, keeps Megatron's code path and only adds the
-    initializer. A Megatron without the getter is left alone.
+    which no fork hook reaches) and keeps its queue in a module global. Its getter is replaced
+    by one that starts the same spawned manager with :func:`helper_process_init` as the
+    initializer; the rest of Megatron's code path is unchanged. A Megatron without that getter
+    is left alone.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
