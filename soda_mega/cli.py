@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from soda_mega.config.fields import ConfigError
+from soda_mega.errors import EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, write_status
 
 # sub-command name -> module in soda_mega.commands; each module has
 # ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
@@ -55,25 +56,32 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
+    code = EXIT_FAILURE  # an exception that escapes below (traceback printed by Python)
+    try:
+        code = _run_command(args)
+    finally:
+        write_status(code)
+    return code
+
+
+def _run_command(args) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as err:
         print(f"soda-mega: configuration error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except _user_errors() as err:
         # Bad inputs (a missing file, a checkpoint of another model, a broken manifest): the
         # message names the problem; a traceback would only hide it.
         print(f"soda-mega: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from soda_mega.data.inputs import InputError
-    from soda_mega.data.source import DatasetError
-    from soda_mega.eval.manifest import ManifestError
+    # NOTE: CheckpointError is named until it derives from SodaUserError like the others.
     from soda_mega.inference.weights import CheckpointError
 
-    return (InputError, DatasetError, ManifestError, CheckpointError)
+    return (SodaUserError, CheckpointError)
 
 
 if __name__ == "__main__":

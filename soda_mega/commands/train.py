@@ -8,6 +8,9 @@ import sys
 
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
+from soda_mega.config.fields import ConfigError
+from soda_mega.config.schema import check_run_layout
+from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -20,6 +23,12 @@ def register(sub) -> argparse.ArgumentParser:
             "newest checkpoint in run.dir unless --run.resume=false. Under torchrun every process "
             "runs this same command; the TP/PP sizes come from the parallel section and data "
             "parallelism takes the remaining ranks."),
+        epilog=(
+            "exit codes: 0 finished; 1 unexpected error (traceback); 2 bad configuration or input "
+            "(one line naming the field, file or value); 3 diverged (run.max_bad_steps); 4 stopped "
+            "by SIGUSR1 / SIGTERM after finishing the step and saving it (rerun to resume); 5 the "
+            "watchdog: a step took longer than run.step_timeout_s (Python stacks of every rank in "
+            "run.dir/stacks/)."),
     )
     add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true",
@@ -31,21 +40,31 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.preset, args.overrides)
+    world = (args.world_size if args.dry_run and args.world_size
+             else int(os.environ.get("WORLD_SIZE", "1")))
+    check_run_layout(cfg, world)
     if args.dry_run:
         from soda_mega.training.plan import describe_run
 
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         try:
             print(describe_run(cfg, world))
         except ValueError as err:
             print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
             return 2
         return 0
+    if not cfg.data.train:
+        raise ConfigError("data.train: no datasets given; set --data.train=DIR[,DIR...] to folders "
+                          "built by `soda-mega data build` or `soda-mega data demo`")
+    from soda_mega.training.preemption import TrainingPreempted
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 
     try:
         Trainer(cfg).run()
     except TrainingDiverged as err:
         print(f"soda-mega: training stopped: {err}", file=sys.stderr)
-        return 3
+        return EXIT_DIVERGED
+    except TrainingPreempted as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"soda-mega: preempted: {err} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

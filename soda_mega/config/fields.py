@@ -14,8 +14,10 @@ import types
 import typing
 from typing import Any, Sequence
 
+from soda_mega.errors import SodaUserError
 
-class ConfigError(ValueError):
+
+class ConfigError(SodaUserError, ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
 
 

@@ -91,6 +91,12 @@ class ParallelConfig:
     sequence_parallel: bool = fld(False, "shard norms/dropout activations over the TP group (needs TP > 1)")
     distributed_optimizer: bool = fld(True, "shard optimizer state over data-parallel ranks (ZeRO-1)")
     overlap_grad_reduce: bool = fld(True, "overlap the data-parallel gradient reduction with backward")
+    init_timeout_s: float = fld(
+        1800.0, "seconds every rank waits at start-up for the others to join torch.distributed "
+                "(rendezvous and process-group creation)", gt=0)
+    collective_timeout_s: float = fld(
+        1800.0, "seconds a collective (all-reduce, all-gather, barrier, ...) may wait for the other "
+                "ranks before it fails (torch.distributed and Megatron's process groups)", gt=0)
 
     def check(self, model: ModelConfig) -> None:
         tp, pp = self.tensor_parallel, self.pipeline_parallel
@@ -111,6 +117,11 @@ class ParallelConfig:
             raise ConfigError("parallel.virtual_pipeline: needs parallel.pipeline_parallel >= 2")
         if self.sequence_parallel and tp < 2:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tensor_parallel >= 2")
+        if self.sequence_parallel and model.seq_length % tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel: model.seq_length={model.seq_length} must be a multiple "
+                f"of parallel.tensor_parallel={tp} (each TP rank holds an equal slice of the sequence)"
+            )
 
 
 @dataclass
@@ -264,6 +275,10 @@ class RunConfig:
     wandb_entity: Optional[str] = fld(None, "W&B entity (team or user) of the project (none = your default)")
     wandb_name: Optional[str] = fld(None, "W&B display name of the run (none = W&B picks one)")
     wandb_tags: list[str] = fld(help="W&B tags of the run", default_factory=list)
+    step_timeout_s: Optional[float] = fld(
+        1800.0, "watchdog: seconds one loop iteration (data, step, logging, validation, checkpoint) "
+                "may take; past it every rank writes its Python stacks to run.dir/stacks/ and the "
+                "run exits with code 5 so the launcher restarts it (none = no watchdog)", gt=0)
 
 
 SECTIONS: dict[str, type] = {
@@ -302,3 +317,21 @@ class SodaConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_run_layout(cfg: SodaConfig, world_size: int) -> None:
+    """Checks that need the number of ranks (known at launch, not in the config): TP x PP must
+    divide it, and the global batch must split into whole micro-batches per data-parallel
+    replica."""
+    p, t = cfg.parallel, cfg.training
+    model_ranks = p.tensor_parallel * p.pipeline_parallel
+    if world_size < 1 or world_size % model_ranks:
+        raise ConfigError(
+            f"parallel.tensor_parallel x parallel.pipeline_parallel: world size {world_size} is not "
+            f"a multiple of TP x PP = {model_ranks}")
+    dp = world_size // model_ranks
+    if t.global_batch_size % (dp * t.micro_batch_size):
+        raise ConfigError(
+            f"training.global_batch_size: {t.global_batch_size} must be a multiple of "
+            f"training.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
+            f"(world {world_size} / TP x PP {model_ranks})")

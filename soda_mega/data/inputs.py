@@ -58,12 +58,14 @@ from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
+from soda_mega.errors import SodaUserError
+
 MIN_SAMPLE_RATE = 8000
 JSONL_SUFFIXES = (".jsonl", ".json")
 T = TypeVar("T")  # a parsed manifest line: Recording or S2STPair
 
 
-class InputError(ValueError):
+class InputError(SodaUserError, ValueError):
     """One input record is unusable; the message says which and why."""
 
 

@@ -31,6 +31,7 @@ from soda_mega.config.schema import SodaConfig
 from soda_mega.data.mixture import PAD_STREAM, MixturePlan, Piece
 from soda_mega.data.source import DocumentSource
 from soda_mega.tokens.layout import VocabLayout
+from soda_mega.utils.lifetime import helper_process_init
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,8 @@ class SodaDataLoader:
                 dataset, batch_size=None, num_workers=self.num_workers,
                 prefetch_factor=2, persistent_workers=False,
                 pin_memory=torch.cuda.is_available(),
+                # Workers end with this process and leave SIGTERM / SIGUSR1 to it (it saves).
+                worker_init_fn=helper_process_init,
             )
         else:
             iterable = dataset

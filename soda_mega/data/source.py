@@ -19,10 +19,11 @@ import numpy as np
 
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, META_KEYS
 from soda_mega.data.streaming_compat import streaming_module
+from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
 
 
-class DatasetError(ValueError):
+class DatasetError(SodaUserError, ValueError):
     """A dataset folder is missing, malformed, or does not fit the model."""
 
 

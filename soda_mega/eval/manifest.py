@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from soda_mega.errors import SodaUserError
 
-class ManifestError(ValueError):
+
+class ManifestError(SodaUserError, ValueError):
     """The manifest is missing, unreadable, or has items that cannot be evaluated."""
 
 

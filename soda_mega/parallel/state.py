@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import ParallelConfig
 from soda_mega.parallel import cpu_shims, megatron_compat
+from soda_mega.utils import lifetime
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Initialise torch.distributed once: from torchrun's env, else as a single process."""
+def init_distributed(backend: str | None = None, init_timeout_s: float = 1800.0,
+                     collective_timeout_s: float = 1800.0) -> None:
+    """Initialise torch.distributed once: from torchrun's env, else as a single process.
+
+    ``init_timeout_s`` bounds the rendezvous (every rank waiting for the others to join, and
+    the key-value store the process groups are created through); ``collective_timeout_s``
+    bounds each collective of the default group (``parallel.init_timeout_s`` and
+    ``parallel.collective_timeout_s``)."""
     if dist.is_initialized():
         return
     if backend is None:
@@ -55,20 +63,30 @@ def init_distributed(backend: str | None = None) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" in os.environ:
-        dist.init_process_group(backend=backend)
-        return
-    # NOTE: a plain process (tests, CLI) gets a private one-rank group. The rendezvous address
-    # is passed explicitly instead of exported, so child processes (e.g. a torchrun launched
-    # from a test) never inherit a RANK / MASTER_PORT that points at this process.
-    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                            rank=0, world_size=1)
+        url, rank, world = "env://", -1, -1
+    else:
+        # NOTE: a plain process (tests, CLI) gets a private one-rank group. The rendezvous
+        # address is passed explicitly instead of exported, so child processes (e.g. a torchrun
+        # launched from a test) never inherit a RANK / MASTER_PORT that points at this process.
+        url, rank, world = f"tcp://127.0.0.1:{_free_port()}", 0, 1
+    # NOTE: init_process_group(timeout=...) would use one timeout for both; rendezvous first
+    # with the init timeout, then hand the store over with the collective timeout (the same
+    # steps init_process_group takes itself).
+    init_timeout = timedelta(seconds=init_timeout_s)
+    store, rank, world = next(dist.rendezvous(url, rank, world, timeout=init_timeout))
+    store.set_timeout(init_timeout)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=collective_timeout_s))
 
 
 def initialize(parallel: ParallelConfig, seed: int, backend: str | None = None) -> Layout:
     """Create the TP / PP / DP groups of ``parallel`` over the current world and seed RNGs."""
     cpu_shims.install()
     megatron_compat.install()
-    init_distributed(backend)
+    # Helper processes (DataLoader workers, Megatron's checkpoint writers) end with this one.
+    lifetime.children_die_with_this_process()
+    lifetime.adopt_megatron_writer_queue()
+    init_distributed(backend, parallel.init_timeout_s, parallel.collective_timeout_s)
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -86,6 +104,7 @@ def initialize(parallel: ParallelConfig, seed: int, backend: str | None = None) 
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        distributed_timeout_minutes=parallel.collective_timeout_s / 60,
     )
     # NOTE: Megatron offsets the seed per PP stage and per TP rank for dropout; weights made with
     # use_cpu_initialization come from the default generator, seeded identically everywhere.

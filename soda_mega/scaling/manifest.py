@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from soda_mega.errors import SodaUserError
 from soda_mega.utils.provenance import write_json
 
 FORMAT = "soda-mega-scaling-manifest/1"
@@ -26,7 +27,7 @@ FLOPS_CONVENTION = ("exact = matmul FLOPs per token with full (non-causal) atten
                     "6n = 6 * n_params per token")
 
 
-class ManifestError(ValueError):
+class ManifestError(SodaUserError, ValueError):
     """A manifest file is missing, malformed or of another format."""
 
 

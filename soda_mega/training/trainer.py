@@ -43,11 +43,14 @@ from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
 from soda_mega.training import checkpoint as ckpt
+from soda_mega.training import faults
 from soda_mega.training.forward_backward import (StepResult, evaluation_mode, forward_backward,
                                                   wrap_ddp)
 from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
 from soda_mega.training.optimizer import build_optimizer, inner_optimizers, set_hyperparameters
+from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted
 from soda_mega.training.schedule import LRSchedule, soda_peak_lr
+from soda_mega.training.watchdog import StepWatchdog
 from soda_mega.utils.telemetry import GpuTelemetry
 
 
@@ -314,7 +317,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> list[dict]:
-        """Train until the token budget (or ``run.max_steps``) is spent; returns the records."""
+        """Train until the token budget (or ``run.max_steps``) is spent; returns the records.
+
+        SIGUSR1 / SIGTERM stop it after the current step with a checkpoint
+        (:class:`TrainingPreempted`); an iteration longer than ``run.step_timeout_s`` ends the
+        process (:mod:`.watchdog`)."""
+        preemption = PreemptionFlag().install()
+        watchdog = StepWatchdog(self.cfg.run.step_timeout_s, self.run_dir, dist.get_rank())
+        try:
+            return self._train(preemption, watchdog)
+        finally:
+            watchdog.stop()
+            preemption.restore()
+
+    def _train(self, preemption: PreemptionFlag, watchdog: StepWatchdog) -> list[dict]:
         cfg = self.cfg.run
         if not self.maybe_resume():
             self.maybe_init_from()
@@ -327,7 +343,9 @@ class Trainer:
         if self.telemetry is not None:
             self.telemetry.start()
         while self.step < end:
+            watchdog.arm(self.step + 1)
             batches = [next(data) for _ in range(self.micro_per_step)]
+            faults.inject(self.step + 1, dist.get_rank())
             record = self.train_step(batches)
             done_this_run += 1
             records.append(record)
@@ -360,12 +378,23 @@ class Trainer:
                 path = self.save()
                 if self.is_logger:
                     print(f"soda-mega: saved {path}", flush=True)
+            if self.step < end and (signal_name := preemption.agreed()):
+                self._stop_on_signal(signal_name, saved=bool(
+                    cfg.save_interval and self.step % cfg.save_interval == 0))
         if self.telemetry is not None:
             summary = self.telemetry.stop()
             if summary:
                 self.sink.write({"kind": "telemetry", "step": self.step, **summary})
         self.sink.close()
         return records
+
+    def _stop_on_signal(self, signal_name: str, saved: bool) -> None:
+        """Every rank agreed to stop after this step: save it (unless just saved), then raise."""
+        path = ckpt.step_dir(self.ckpt_dir, self.step) if saved else self.save()
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        self.sink.close()
+        raise TrainingPreempted(signal_name, self.step, path)
 
 
 def _format(record: dict) -> str:

@@ -1,10 +1,13 @@
-"""Launcher configs and dry runs: every preset resolves to a valid layout on 8-GPU nodes."""
+"""Launcher configs and dry runs: every preset resolves to a valid layout on 8-GPU nodes; the
+launchers report the trainer's exit code and requeue a run that saved on SIGUSR1 (slurm.sbatch
+under a stand-in srun / scontrol)."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,81 @@ def test_slurm_script_parses():
     assert proc.returncode == 0, proc.stderr
     text = (ROOT / "launchers" / "slurm.sbatch").read_text()
     assert "--requeue" in text and "rdzv-endpoint" in text and "scontrol requeue" in text
+
+
+def _fake_slurm(tmp_path: Path) -> Path:
+    """`srun` that runs its command here and `scontrol` that answers `show hostnames` and
+    records `requeue`: enough of SLURM to run slurm.sbatch's logic on one machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                  'exec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = show ]; then echo localhost; exit 0; fi\n'
+        f'echo "$@" >> {tmp_path / "scontrol.log"}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+def _launch_env(tmp_path: Path, **extra: str) -> dict:
+    from launch_env import clean_env
+
+    config = tmp_path / "config.yaml"
+    config.write_text("preset: tiny\n")
+    return {**clean_env(), "CONFIG": str(config), "PYTHON": sys.executable, **extra}
+
+
+@pytest.mark.distributed
+def test_slurm_script_requeues_a_run_that_saved_on_sigusr1(tmp_path, tiny_corpus):
+    bin_dir = _fake_slurm(tmp_path)
+    env = _launch_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                      SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", GPUS_PER_NODE="1",
+                      MASTER_PORT=str(_free_port()),
+                      SODA_MEGA_STATUS_FILE=str(tmp_path / "status"),
+                      SODA_MEGA_FAULT="signal:0:2:SIGUSR1")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "slurm.sbatch"), *tiny_corpus,
+                           f"--run.dir={run_dir}", "--run.max_steps=5", "--run.eval_interval=0",
+                           "--run.tensorboard=false"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 4, (proc.stdout + proc.stderr)[-4000:]
+    assert "requeueing job 4242" in proc.stdout
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+@pytest.mark.distributed
+def test_torchrun_launcher_reports_a_batch_that_does_not_split_over_data_parallel(tmp_path,
+                                                                                tiny_corpus):
+    """2 workers (DP=2) with a global batch of 7: refused at start-up with exit 2, naming the
+    field, not a Megatron traceback reported by torchrun as exit 1."""
+    env = _launch_env(tmp_path, NGPUS="2")
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), *tiny_corpus,
+                           f"--run.dir={tmp_path / 'run'}", "--training.global_batch_size=7",
+                           "--training.micro_batch_size=1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    assert ("configuration error: training.global_batch_size: 7 must be a multiple of "
+            "training.micro_batch_size=1 x data-parallel size 2") in proc.stderr
+    assert "stopped: bad configuration or input" in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> list[str]:
+    from soda_mega.data.synthetic import random_docs, write_split
+    from soda_mega.tokens import VocabLayout
+
+    root = tmp_path_factory.mktemp("corpus")
+    layout = VocabLayout.from_config(load_config(preset="tiny").vocab)
+    for name, kind, n in (("speech", "speech", 60), ("text", "text", 30)):
+        write_split(root / name / "train", layout, random_docs(layout, n, 20, 300, 1, kind), kind)
+    return [f"--data.train={root / 'speech'},{root / 'text'}"]

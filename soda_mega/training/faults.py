@@ -1,0 +1,50 @@
+"""Fault injection for tests: make one rank misbehave at a chosen step (never set in real runs).
+
+``SODA_MEGA_FAULT`` holds one or more faults separated by ``;``, each
+``ACTION:RANK:STEP:ARG[:ATTEMPT]`` (RANK is the global rank, STEP the step being computed,
+counted from 1; with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
+sets to its restart count, equals it, so a restarted run gets past the fault):
+
+- ``sleep:1:3:600``: rank 1 sleeps 600 s inside step 3 (a hung rank, for the watchdog);
+- ``signal:1:3:SIGUSR1``: rank 1 sends itself SIGUSR1 inside step 3 (a preemption notice that
+  reaches one rank only, mid-step).
+
+The trainer calls :func:`inject` once per step, after the step's micro-batches are read and
+before its forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ENV = "SODA_MEGA_FAULT"
+ACTIONS = ("sleep", "signal")
+
+
+def parse(text: str) -> list[tuple[str, int, int, str, int | None]]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        parts = item.split(":")
+        if len(parts) not in (4, 5) or parts[0] not in ACTIONS:
+            raise ValueError(f"{ENV}: {item!r} is not ACTION:RANK:STEP:ARG[:ATTEMPT] with ACTION "
+                             f"one of {', '.join(ACTIONS)}")
+        attempt = int(parts[4]) if len(parts) == 5 else None
+        faults.append((parts[0], int(parts[1]), int(parts[2]), parts[3], attempt))
+    return faults
+
+
+def inject(step: int, rank: int) -> None:
+    text = os.environ.get(ENV)
+    if not text:
+        return
+    attempt_now = int(os.environ.get("SODA_MEGA_ATTEMPT", "0"))
+    for action, fault_rank, fault_step, arg, attempt in parse(text):
+        if (fault_rank, fault_step) != (rank, step) or attempt not in (None, attempt_now):
+            continue
+        os.write(2, f"soda-mega: {ENV}: rank {rank} step {step}: {action} {arg}\n".encode())
+        if action == "sleep":
+            time.sleep(float(arg))
+        else:
+            os.kill(os.getpid(), getattr(signal, arg))

@@ -1,0 +1,142 @@
+"""Helper processes never outlive the process that started them.
+
+A trainer starts helper processes: DataLoader workers (forked), Megatron's checkpoint writer
+processes (forked) and the ``multiprocessing`` manager that collects their results (spawned,
+a fresh interpreter), which in turn keeps ``multiprocessing``'s resource tracker alive. When the
+trainer is killed with SIGKILL (OOM killer, a scheduler, a user), nothing tells them: the
+manager and the tracker lived on for minutes (~290 MB).
+
+Linux's ``PR_SET_PDEATHSIG`` asks the kernel to send a signal to a process when its parent
+dies; :func:`die_with_parent` sets it (SIGKILL) in the calling process. It is installed
+
+- in every process forked from the main thread, by an ``os.register_at_fork`` hook
+  (:func:`children_die_with_this_process`);
+- in Megatron's spawned results-queue manager, which is created here with
+  :func:`die_with_parent` as its initializer instead of by Megatron
+  (:func:`adopt_megatron_writer_queue`);
+
+and the resource tracker exits by itself once every process holding its pipe is gone.
+
+NOTE: the kernel sends the signal when the *thread* that forked the child exits, so the hook
+only marks children forked from the main thread (whose end is the process's end).
+
+Helper processes also ignore the stop signals SIGTERM and SIGUSR1 (:func:`ignore_stop_signals`):
+torchrun and SLURM send them to the whole process group, and the trainer answers them by
+finishing its step and saving, which needs its helpers alive (a DataLoader worker killed by
+SIGTERM makes the trainer fail with "DataLoader worker exited unexpectedly"). They end with the
+trainer instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+
+_PR_SET_PDEATHSIG = 1
+# hook installed; main thread of this process; thread and pid that fork (set before each fork);
+# libc's prctl (None: not looked up yet, False: not available)
+_state = {"hook": False, "main": None, "forker": None, "parent": None, "prctl": None}
+_manager = None  # the adopted Megatron results-queue manager (kept alive with the process)
+
+
+def _prctl():
+    """libc's ``prctl``, looked up once. NOTE: looked up in the parent, before it forks: a
+    ``dlopen`` in a child forked from a multi-threaded process can deadlock on the loader lock
+    another thread held at the fork."""
+    if _state.get("prctl") is None and sys.platform.startswith("linux"):
+        try:
+            _state["prctl"] = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            _state["prctl"] = False
+    return _state.get("prctl") or None
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux); exit now if
+    the parent is already gone. Returns False where the call is not available."""
+    prctl = _prctl()
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    # NOTE: the parent may have died between fork and prctl; then the signal never comes.
+    expected = _state["parent"]
+    if expected is not None and os.getppid() != expected:
+        os._exit(1)
+    return True
+
+
+def ignore_stop_signals() -> None:
+    """SIGTERM and SIGUSR1 are for the trainer (it saves and exits); a helper ends with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def helper_process_init(*_args) -> None:
+    """Initializer of a helper process (``worker_init_fn`` of a DataLoader, a manager's
+    initializer): dies with its parent, leaves the stop signals to it."""
+    die_with_parent()
+    ignore_stop_signals()
+
+
+def _before_fork() -> None:
+    _state["forker"] = threading.get_ident()
+    _state["parent"] = os.getpid()
+
+
+def children_die_with_this_process() -> None:
+    """Every process later forked from this process's main thread gets SIGKILL when this process
+    dies (idempotent)."""
+    if _state["hook"] or not hasattr(os, "register_at_fork"):
+        return
+    # NOTE: the forking thread's ident is taken in the parent; in the child the forking thread
+    # becomes the main thread, so comparing there would always match.
+    _state["main"] = threading.main_thread().ident
+    _prctl()
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_child_check)
+    _state["hook"] = True
+
+
+def _after_fork_child_check() -> None:
+    if _state["forker"] == _state["main"]:
+        die_with_parent()
+
+
+def adopt_megatron_writer_queue() -> None:
+    """Create Megatron's checkpoint-writer results queue here, in a manager process that dies
+    with this one.
+
+    NOTE: ``megatron.core.dist_checkpointing.strategies.filesystem_async`` (0.16) makes one
+    ``multiprocessing`` manager per process on the first save (spawned: a fresh interpreter,
+    which no fork hook reaches) and keeps its queue in a module global. Its getter is replaced
+    by one that starts the same spawned manager with :func:`helper_process_init` as the
+    initializer; the rest of Megatron's code path is unchanged. A Megatron without that getter
+    is left alone.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    original = getattr(fsa, "_get_write_results_queue", None)
+    if original is None or getattr(original, "_soda_adopted", False):
+        return
+
+    def get_write_results_queue():
+        global _manager
+        if fsa._results_queue is None:
+            import multiprocessing as mp
+            from multiprocessing.managers import SyncManager
+
+            _manager = SyncManager(ctx=mp.get_context("spawn"))
+            _manager.start(initializer=_spawned_helper_init, initargs=(os.getpid(),))
+            fsa._results_queue = _manager.Queue()
+        return fsa._results_queue
+
+    get_write_results_queue._soda_adopted = True
+    fsa._get_write_results_queue = get_write_results_queue
+
+
+def _spawned_helper_init(parent_pid: int) -> None:
+    _state["parent"] = parent_pid
+    helper_process_init()
