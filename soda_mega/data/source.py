@@ -158,6 +158,7 @@ class DocumentSource:
         self._readers: dict[int, object] = {}
         self._verified: set[int] = set()
         self._bad_shards: dict[int, str] = {}
+        self._bad_seen: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[int] = set()
         self._lock = threading.Lock()
@@ -396,9 +397,11 @@ class DocumentSource:
             message = f"{where}: {reason}"
         if not self.skip_bad:
             raise DatasetError(message + "; set data.skip_bad_documents=true to skip bad documents")
-        self.bad_documents += 1
-        print(f"[soda-mega data] skipped (data.skip_bad_documents, {self.bad_documents} so far in "
-              f"this process): {message}", file=sys.stderr, flush=True)
+        if idx not in self._bad_seen:  # each bad document is reported and counted once
+            self._bad_seen.add(idx)
+            self.bad_documents += 1
+            print(f"[soda-mega data] skipped (data.skip_bad_documents, {self.bad_documents} so far "
+                  f"in this process): {message}", file=sys.stderr, flush=True)
         length = int(self.lengths[idx])
         return (np.full(length, self.layout.eos_id, dtype=np.int32), np.zeros(length, dtype=np.uint8))
 
@@ -406,7 +409,8 @@ class DocumentSource:
     def __getstate__(self):
         # Readers, threads and the memory map stay behind; a worker reopens the map (shared pages).
         state = dict(self.__dict__)
-        for key in ("_readers", "_verified", "_bad_shards", "_pool", "_inflight", "_lock", "lengths"):
+        for key in ("_readers", "_verified", "_bad_shards", "_bad_seen", "_pool", "_inflight",
+                    "_lock", "lengths"):
             state.pop(key, None)
         return state
 
