@@ -291,6 +291,11 @@ class SodaDataLoader:
                 self._position.skip(self.geometry.global_batch_size)
             yield batch
 
+    def close(self) -> None:
+        """Let this process's background shard prefetches finish."""
+        for source in self.sources:
+            source.close()
+
     # ------------------------------------------------------------------ resume
     def datasets(self) -> list[dict]:
         """Identity of the loaded datasets (saved with the state, checked on resume)."""

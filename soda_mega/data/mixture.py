@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soda_mega.data.order import StreamOrder
+from soda_mega.data.order import StreamOrder, read_range
 
 # A piece of a window: (stream, document index, first token, end token) of that document.
 Piece = tuple[int, int, int, int]
@@ -212,10 +212,10 @@ class MixturePlan:
 
 
 def _total(lengths, chunk: int = 1 << 22) -> int:
-    return sum(int(np.asarray(lengths[a:a + chunk], dtype=np.int64).sum())
+    return sum(int(read_range(lengths, a, a + chunk).sum())
                for a in range(0, len(lengths), chunk))
 
 
 def _any_at_most(lengths, limit: int, chunk: int = 1 << 22) -> bool:
-    return any(bool((np.asarray(lengths[a:a + chunk]) <= limit).any())
+    return any(bool((read_range(lengths, a, a + chunk) <= limit).any())
                for a in range(0, len(lengths), chunk))

@@ -15,7 +15,7 @@ serve a whole run. ``window=0`` is one block of all shards: the global shuffle, 
 Only the current blocks are materialised (their document ids and a prefix sum of their
 lengths); the per-shard token totals give the block offsets. Every lookup is therefore
 ``O(log shards + block)``, never ``O(history)``, and memory per rank is ``O(shards + block)``.
-Lengths may be a read-only memory map: only the blocks in use are touched.
+Lengths may be a :class:`LengthsFile`: only the blocks in use are read.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _KEEP_EPOCHS = 2
 _KEEP_BLOCKS = 4
 
 
-def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 22) -> np.ndarray:
+def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 20) -> np.ndarray:
     """Tokens per shard, reading ``lengths`` (possibly a memory map) a chunk at a time."""
     counts = np.asarray(counts, dtype=np.int64)
     totals = np.zeros(len(counts), dtype=np.int64)
@@ -40,7 +40,7 @@ def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 2
     shard = 0
     for a in range(0, int(starts[-1]), chunk):
         b = min(a + chunk, int(starts[-1]))
-        part = np.asarray(lengths[a:b], dtype=np.int64)
+        part = read_range(lengths, a, b)
         prefix = np.concatenate([[0], np.cumsum(part)])
         while shard < len(counts) and starts[shard] < b:
             lo, hi = max(starts[shard], a) - a, min(starts[shard + 1], b) - a
@@ -48,20 +48,76 @@ def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 2
             if starts[shard + 1] > b:
                 break
             shard += 1
-    _drop_pages(lengths)
     return totals
 
 
-def _drop_pages(lengths) -> None:
-    """Tell the kernel a memory-mapped array's pages are not needed (keeps RSS O(window))."""
-    mm = getattr(lengths, "_mmap", None)
-    if mm is not None:
-        try:
-            import mmap
+def read_range(lengths, a: int, b: int) -> np.ndarray:
+    """``lengths[a:b]`` as int64, from an array or a :class:`LengthsFile`."""
+    if isinstance(lengths, LengthsFile):
+        return lengths.read(a, b)
+    return np.asarray(lengths[a:b], dtype=np.int64)
 
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (AttributeError, OSError, ValueError):
-            pass
+
+class LengthsFile:
+    """``doc_lengths.npy`` read on demand with ``pread``: nothing of it is held or mapped by the
+    process, and the node's page cache (one copy per node) is shared by every rank and worker.
+
+    The header is parsed by ``np.load(mmap_mode="r")``. Reads do not go through that map: on
+    current kernels a fault on a file map can map a whole large folio (up to 2 MB), so touching
+    one block's lengths would pin ~100 MB of the file in each process's RSS."""
+
+    def __init__(self, path) -> None:
+        array = np.load(path, mmap_mode="r")
+        self.path = str(path)
+        self.dtype = array.dtype
+        self.offset = int(array.offset)
+        self.shape = array.shape
+        self.ndim = array.ndim
+        del array
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def _file(self) -> int:
+        import os
+
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._pid = os.getpid()
+        return self._fd
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        import os
+
+        a, b = max(0, int(a)), min(len(self), int(b))
+        if b <= a:
+            return np.zeros(0, dtype=np.int64)
+        size = self.dtype.itemsize
+        raw = os.pread(self._file(), (b - a) * size, self.offset + a * size)
+        if len(raw) != (b - a) * size:
+            raise EOFError(f"{self.path}: short read at entry {a} (the file is truncated)")
+        return np.frombuffer(raw, dtype=self.dtype).astype(np.int64)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            return self.read(start, stop)[::step]
+        k = int(key)
+        k = k + len(self) if k < 0 else k
+        if not 0 <= k < len(self):
+            raise IndexError(f"document {k} outside 0..{len(self) - 1}")
+        return int(self.read(k, k + 1)[0])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.read(0, len(self))
+        return out if dtype is None else out.astype(dtype)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"] = state["_pid"] = None
+        return state
 
 
 class StreamOrder:
@@ -121,13 +177,13 @@ class StreamOrder:
                               ) if len(shards) else np.zeros(0, np.int64)
         if self.shuffle and len(docs):
             rng = np.random.default_rng([self.seed, self.stream, epoch, block + 1])
-            docs = docs[rng.permutation(len(docs))]
-        lens = np.asarray(self.lengths[np.sort(docs)], dtype=np.int64) if len(docs) else docs
-        # lengths in block order without a fancy index on the memory map in random order
-        order = np.argsort(docs, kind="stable")
-        block_lens = np.empty_like(lens)
-        block_lens[order] = lens
-        hit = (docs, np.concatenate([[0], np.cumsum(block_lens)]))
+            perm = rng.permutation(len(docs))
+            docs = docs[perm]
+        lens = (np.concatenate([read_range(self.lengths, self.starts[s], self.starts[s + 1])
+                                for s in shards]) if len(shards) else np.zeros(0, np.int64))
+        if self.shuffle and len(docs):
+            lens = lens[perm]
+        hit = (docs, np.concatenate([[0], np.cumsum(lens)]))
         self._blocks[key] = hit
         self.blocks_built += 1
         while len(self._blocks) > _KEEP_BLOCKS:

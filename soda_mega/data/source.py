@@ -1,8 +1,8 @@
 """Random access to the documents of one built split (MDS shards + soda_meta.json + lengths),
 from a local folder or from object storage (``s3://``, ``gs://``, ``oci://``, ``hf://``, ...).
 
-The loader plans packing from ``doc_lengths.npy`` alone (memory-mapped: a node's ranks and
-workers share its pages, and only the blocks in use are touched) and then reads only the
+The loader plans packing from ``doc_lengths.npy`` alone (read on demand from the node's page
+cache, which its ranks and workers share; only the blocks in use are read) and then reads only the
 documents its rank needs, straight from the MDS shard files through mosaicml-streaming's shard
 readers. It does not use ``StreamingDataset``: that class takes its world from
 ``RANK``/``WORLD_SIZE`` (soda-mega's data-parallel rank comes from Megatron's parallel state)
@@ -33,7 +33,7 @@ import numpy as np
 
 from soda_mega.data.cache import (CacheError, MissingRemoteFile, NodeCache, check_hashes,
                                   is_remote, unique_tmp)
-from soda_mega.data.order import shard_totals
+from soda_mega.data.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, META_KEYS
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
@@ -83,10 +83,10 @@ def read_meta(split_dir: Path, shown: str | None = None) -> dict:
     return meta
 
 
-def _load_lengths(path: Path, shown: str) -> np.ndarray:
-    """``doc_lengths.npy`` memory-mapped (read-only), validated."""
+def _load_lengths(path: Path, shown: str) -> LengthsFile:
+    """``doc_lengths.npy``, read on demand (see :class:`.order.LengthsFile`), validated."""
     try:
-        lengths = np.load(path, mmap_mode="r")
+        lengths = LengthsFile(path)
     except FileNotFoundError as err:
         raise DatasetError(f"{shown} is missing") from err
     except (ValueError, OSError, EOFError) as err:
@@ -152,6 +152,8 @@ class DocumentSource:
             self._check_local_shards()
         self.identity = {"name": self.name, "split": split, "index": self._index_sha}
         self.bad_documents = 0   # documents replaced by filler (data.skip_bad_documents)
+        self.reads = 0           # documents read by this process
+        self.waits = 0           # of them, reads that had to fetch their shard first (cache misses)
         self._fresh()
 
     def _fresh(self) -> None:
@@ -261,7 +263,7 @@ class DocumentSource:
         return self.shards[shard_idx]["raw_data"]["basename"]
 
     def count_longer_than(self, limit: int, chunk: int = 1 << 22) -> int:
-        return sum(int((np.asarray(self.lengths[a:a + chunk]) > limit).sum())
+        return sum(int((read_range(self.lengths, a, a + chunk) > limit).sum())
                    for a in range(0, len(self.lengths), chunk))
 
     # ------------------------------------------------------------------ shard files
@@ -323,6 +325,12 @@ class DocumentSource:
         for s in todo:
             self._pool.submit(self._prefetch_one, s)
 
+    def close(self) -> None:
+        """Wait for background prefetches to end (they only fill the cache)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def _prefetch_one(self, shard_idx: int) -> None:
         try:
             self.local_shard(shard_idx)
@@ -335,6 +343,8 @@ class DocumentSource:
     def _reader(self, shard_idx: int):
         reader = self._readers.get(shard_idx)
         if reader is None:
+            if not (self.files_dir / self.shard_name(shard_idx)).exists():
+                self.waits += 1
             self.local_shard(shard_idx)
             fmt = streaming_module("format")
             reader = fmt.reader_from_json(str(self.files_dir), None, self.shards[shard_idx])
@@ -367,11 +377,13 @@ class DocumentSource:
         return tokens, mask
 
     def _read(self, shard_idx: int, local_idx: int) -> dict:
+        self.reads += 1
         reader = self._reader(shard_idx)
         try:
             return reader.get_item(local_idx)
         except FileNotFoundError:
             # Evicted from the node's cache since it was fetched: fetch it again, once.
+            self.waits += 1
             self.local_shard(shard_idx)
             return reader.get_item(local_idx)
 
@@ -410,13 +422,12 @@ class DocumentSource:
         # Readers, threads and the memory map stay behind; a worker reopens the map (shared pages).
         state = dict(self.__dict__)
         for key in ("_readers", "_verified", "_bad_shards", "_bad_seen", "_pool", "_inflight",
-                    "_lock", "lengths"):
+                    "_lock"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.lengths = np.load(self._lengths_path, mmap_mode="r")
         self._fresh()
 
 

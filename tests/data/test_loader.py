@@ -91,7 +91,7 @@ def test_mixture_proportions_within_one_percent(corpus):
     loader = SodaDataLoader(cfg, dp_rank=0, dp_size=1, needs_data=False)
     plan = loader.plan
     counts = np.zeros(3)
-    longest = max(int(s.lengths.max()) for s in loader.sources)
+    longest = max(int(np.asarray(s.lengths).max()) for s in loader.sources)
     for w in range(3000):
         pieces = plan.window(w)
         for s, _, a, b in pieces:

@@ -72,6 +72,7 @@ def test_s3_gives_the_local_batches_with_eviction_resume_and_dp_change(remote, t
     cfg = _cfg(urls, cache, f"--data.cache_limit={limit}")
     first = SodaDataLoader(cfg, dp_rank=0, dp_size=1, needs_data=True)
     got = _take(first, 8)  # two steps
+    first.close()  # background prefetches done
     node = first.sources[0].cache
     assert node.evicted > 0 and node.usage() <= limit
     state = first.state_dict()
@@ -82,6 +83,7 @@ def test_s3_gives_the_local_batches_with_eviction_resume_and_dp_change(remote, t
                                 dp_rank=rank, dp_size=2, needs_data=True)
         loader.load_state_dict(state)
         ranks.append(_take(loader, 4))
+        loader.close()
     for step in range(2):
         want = torch.cat([b["tokens"] for b in reference[8 + 4 * step:12 + 4 * step]])
         have = torch.cat([b["tokens"] for r in ranks for b in r[2 * step:2 * step + 2]])
