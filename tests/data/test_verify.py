@@ -157,3 +157,24 @@ def test_compressed_local_shards_are_decompressed_into_the_cache_only(dataset, t
     assert not list((tmp_path / "cache").rglob("*.tmp"))
     index = json.loads((root / "train" / "index.json").read_text())
     assert index["shards"][0]["raw_data"]["hashes"]
+
+
+def test_inspect_verify_names_every_damaged_shard_and_document(dataset, layout, capsys):
+    from soda_mega.cli import main
+
+    good = dataset("good", hashes=["xxh64"])
+    assert main(["data", "inspect", str(good), "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    docs = random_docs(layout, 30, 10, 60, 3, "speech")
+    docs[5] = docs[5].copy()
+    docs[5][1] = -3
+    bad = dataset("bad", docs=docs, hashes=["xxh64"])
+    shard = bad / "train" / "shard.00001.mds"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["data", "inspect", str(bad), "--verify"]) == 2
+    out = capsys.readouterr().out
+    assert "shard shard.00000.mds, document 5: token id -3" in out
+    assert "shard shard.00001.mds" in out and "xxh64" in out
+    assert "2 problem(s) found" in out
