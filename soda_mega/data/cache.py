@@ -117,7 +117,7 @@ class NodeCache:
         cache = getattr(self._local, "downloaders", None)
         if cache is None:
             cache = self._local.downloaders = {}
-        scheme = remote.split("://", 1)[0]
+        scheme = (os.getpid(), remote.split("://", 1)[0])  # clients are not shared across a fork
         if scheme not in cache:
             cache[scheme] = storage.CloudDownloader.get(remote)
         return cache[scheme]

@@ -101,8 +101,20 @@ def open_sources(roots, split: str, layout: VocabLayout | None, data_cfg) -> lis
     """The splits of ``roots`` with one node cache configured by the ``data`` config section."""
     cache = NodeCache(data_cfg.cache_dir, data_cfg.cache_limit, data_cfg.download_timeout,
                       data_cfg.download_retries)
-    return [DocumentSource(r, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
-                           prefetch_threads=data_cfg.prefetch_threads) for r in roots]
+    sources = [DocumentSource(r, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
+                              prefetch_threads=data_cfg.prefetch_threads) for r in roots]
+    cached = [s for s in sources if s.remote or s.shards[0].get("compression")]
+    if cache.limit and cached:
+        # The plan reads one block of shuffle_window shards per dataset and prefetches the next.
+        window = data_cfg.shuffle_window or max(len(s.shards) for s in cached)
+        need = sum(2 * min(window, len(s.shards)) * max(x["raw_data"]["bytes"] for x in s.shards)
+                   for s in cached)
+        if cache.limit < need:
+            print(f"[soda-mega data] data.cache_limit={cache.limit} is below the ~{need} bytes of "
+                  f"two blocks of data.shuffle_window={data_cfg.shuffle_window} shards per remote "
+                  "dataset: shards will be fetched again and again (raise the limit or lower "
+                  "the window)", file=sys.stderr, flush=True)
+    return sources
 
 
 class DocumentSource:
@@ -164,6 +176,7 @@ class DocumentSource:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: set[int] = set()
         self._lock = threading.Lock()
+        self._pool_pid = os.getpid()
 
     # ------------------------------------------------------------------ opening
     def _open_local(self, root: Path, split: str) -> None:
@@ -316,6 +329,9 @@ class DocumentSource:
         """Fetch these shards into the node's cache in background threads (remote or compressed)."""
         if not self.prefetch_threads or (not self.remote and not self.shards[0].get("compression")):
             return
+        if self._pool_pid != os.getpid():  # a forked loader worker: threads and locks are not inherited
+            self._pool, self._inflight, self._lock = None, set(), threading.Lock()
+            self._pool_pid = os.getpid()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="soda-prefetch")
@@ -422,7 +438,7 @@ class DocumentSource:
         # Readers, threads and the memory map stay behind; a worker reopens the map (shared pages).
         state = dict(self.__dict__)
         for key in ("_readers", "_verified", "_bad_shards", "_bad_seen", "_pool", "_inflight",
-                    "_lock"):
+                    "_lock", "_pool_pid"):
             state.pop(key, None)
         return state
 
