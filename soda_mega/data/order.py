@@ -20,6 +20,7 @@ Lengths may be a :class:`LengthsFile`: only the blocks in use are read.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Sequence
 
@@ -81,16 +82,12 @@ class LengthsFile:
         return int(self.shape[0])
 
     def _file(self) -> int:
-        import os
-
         if self._fd is None or self._pid != os.getpid():
             self._fd = os.open(self.path, os.O_RDONLY)
             self._pid = os.getpid()
         return self._fd
 
     def read(self, a: int, b: int) -> np.ndarray:
-        import os
-
         a, b = max(0, int(a)), min(len(self), int(b))
         if b <= a:
             return np.zeros(0, dtype=np.int64)

@@ -178,3 +178,23 @@ def test_inspect_verify_names_every_damaged_shard_and_document(dataset, layout, 
     assert "shard shard.00000.mds, document 5: token id -3" in out
     assert "shard shard.00001.mds" in out and "xxh64" in out
     assert "2 problem(s) found" in out
+
+
+def test_training_on_a_damaged_document_exits_2_naming_it(dataset, layout, tmp_path):
+    import subprocess
+    import sys
+
+    from launch_env import clean_env
+
+    docs = random_docs(layout, 30, 10, 60, 3, "speech")
+    masks = [np.ones(len(d), np.uint8) for d in docs]
+    masks[6] = masks[6].copy()
+    masks[6][1] = 7
+    root = dataset(docs=docs, masks=masks)
+    cmd = [sys.executable, "-m", "soda_mega.cli", "train", "--preset", "tiny", f"--data.train={root}",
+           f"--run.dir={tmp_path / 'run'}", "--run.max_steps=12", "--run.eval_interval=0",
+           "--run.save_interval=0", "--run.tensorboard=false", f"--model.seq_length={SEQ}",
+           "--training.global_batch_size=8", "--training.micro_batch_size=2", "--data.num_workers=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "shard shard.00000.mds, document 6: loss mask value 7" in proc.stderr
