@@ -11,7 +11,7 @@ import torch
 
 from soda_mega.config import load_config
 from soda_mega.data.loader import BatchGeometry, SodaDataLoader
-from soda_mega.data.mixture import MixturePlan, PlanState
+from soda_mega.data.mixture import MixturePlan
 from soda_mega.data.source import DatasetError
 from soda_mega.data.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
