@@ -155,3 +155,21 @@ def test_corrupted_shard_is_caught_by_its_hash_or_skipped(remote, s3_server, tmp
         del os.environ["SODA_MEGA_CACHE"]
     out = capsys.readouterr().out
     assert "shard shard.00001.mds" in out and "xxh64" in out and "1 problem(s) found" in out
+
+
+def test_unreachable_server_is_retried_then_named(s3_server, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from soda_mega.data.cache import CacheError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    cache = NodeCache(tmp_path, timeout=2, retries=1)
+    start = time.monotonic()
+    with pytest.raises(CacheError, match=r"could not download s3://b/x/shard\.00000\.mds after 2 attempts"):
+        cache.fetch("s3://b/x/shard.00000.mds", tmp_path / "x" / "shard.00000.mds")
+    assert time.monotonic() - start < 60
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "x" / "shard.00000.mds").exists()
