@@ -168,6 +168,10 @@ class NodeCache:
                 self.hits += 1
                 _touch(local)
                 return local
+            # Whoever holds the lock is the only writer of this file on the node: temporaries of
+            # it that exist now were left by a killed process.
+            for stale in local.parent.glob(f"{local.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
             tmp = unique_tmp(local)
             try:
                 produce(tmp)
