@@ -156,7 +156,7 @@ class DocumentSource:
                                f"the shards hold {sum(self.shard_counts)} samples")
         if not len(self.lengths):
             raise DatasetError(f"{self.where}: the {split} split holds no documents")
-        self.shard_tokens = shard_totals(self.lengths, self.shard_counts)
+        self.shard_tokens = self._shard_tokens()
         if not int(self.shard_tokens.sum()):
             raise DatasetError(f"{self.where}: the {split} split holds no tokens")
         self._starts = np.cumsum([0] + self.shard_counts).tolist()
@@ -243,6 +243,28 @@ class DocumentSource:
         self.meta = read_meta(self.files_dir, f"{url}/{META_FILE}")
         self.lengths = _load_lengths(self.files_dir / LENGTHS_FILE, f"{url}/{LENGTHS_FILE}")
         self._lengths_path = self.files_dir / LENGTHS_FILE
+
+    def _shard_tokens(self) -> np.ndarray:
+        """Tokens per shard: one pass over ``doc_lengths.npy`` per node, kept in the node cache
+        (every later rank, worker and run of the node reads a few KB instead)."""
+        st = os.stat(self._lengths_path)
+        key = _short(f"{self._index_sha}:{os.path.realpath(self._lengths_path)}:{st.st_size}:"
+                     f"{st.st_mtime_ns}")
+        path = self.cache.root / "shard-tokens" / f"{key}.npy"
+
+        def produce(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, shard_totals(self.lengths, self.shard_counts))
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.cache.publish(path, produce)
+            totals = np.load(path)
+            if totals.shape == (len(self.shard_counts),):
+                return totals.astype(np.int64)
+        except (OSError, ValueError):  # an unwritable cache: compute it here
+            pass
+        return shard_totals(self.lengths, self.shard_counts)
 
     def _check_local_shards(self) -> None:
         """A deleted shard is named at open, not at its first read hours later."""
