@@ -59,3 +59,15 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """The data loader's node cache (decompressed shards, remote files, shard token totals) in
+    the session's temporary folder, also for the subprocesses tests launch."""
+    if "SODA_MEGA_CACHE" in os.environ:
+        yield
+        return
+    os.environ["SODA_MEGA_CACHE"] = str(tmp_path_factory.mktemp("soda-mega-cache"))
+    yield
+    os.environ.pop("SODA_MEGA_CACHE", None)

@@ -169,12 +169,18 @@ def register_inspect(actions) -> argparse.ArgumentParser:
         description="Summarise a built dataset (both splits) and show one document as decoded "
                     "text, special tokens and audio spans plus its token ids; --wav decodes the "
                     "document's first audio span back to audio with the dataset's codec.")
-    p.add_argument("path", metavar="PATH", help="dataset root (holding train/ and valid/)")
+    p.add_argument("path", metavar="PATH", help="dataset root (holding train/ and valid/); a local "
+                   "folder or a remote URL (s3://, gs://, oci://, hf://)")
     p.add_argument("--sample", type=int, default=0, metavar="I", help="document index to show")
     p.add_argument("--split", default="train", choices=("train", "valid"))
     p.add_argument("--wav", metavar="FILE", help="write the first audio span as a 24 kHz WAV")
     p.add_argument("--mimi-weights", metavar="PATH",
                    help="Mimi weights for --wav (default: the ones recorded in the dataset)")
+    p.add_argument("--verify", action="store_true",
+                   help="read every shard and document of both splits: shard hashes (when the "
+                        "index has them), token ids inside the vocabulary layout, loss masks in "
+                        "{0,1}, lengths; names each damaged shard or document and exits with 2 "
+                        "if any")
     p.set_defaults(_data_run=run_inspect)
     return p
 
@@ -183,6 +189,12 @@ def run_inspect(args) -> int:
     from soda_mega.data.inspect import inspect_dataset
     from soda_mega.data.source import DatasetError
 
+    if args.verify:
+        from soda_mega.data.inspect import verify_dataset
+
+        report, problems = verify_dataset(args.path)
+        print(report)
+        return 2 if problems else 0
     try:
         print(inspect_dataset(args.path, sample=args.sample, split=args.split, wav=args.wav,
                               mimi_weights=args.mimi_weights))

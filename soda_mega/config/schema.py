@@ -187,6 +187,28 @@ class DataConfig:
                                 "windows are padded, longer documents left out: fine-tuning)",
                        choices=("split", "whole"))
     num_workers: int = fld(2, "loader worker processes per rank", ge=0)
+    shuffle_window: int = fld(
+        64, "training order: shards are shuffled, and documents are shuffled within blocks of this "
+            "many consecutive shards (per dataset), so a node reads from a window of shards at a "
+            "time and a cache a fraction of the dataset's size serves a whole run; 0 = one global "
+            "shuffle of all documents (needs memory per rank in proportion to the documents)", ge=0)
+    cache_dir: Optional[str] = fld(
+        None, "node-local folder caching remote shards (s3://, gs://, oci://, hf:// datasets) and "
+              "decompressed shards, shared by the node's ranks and workers (none = "
+              "$SODA_MEGA_CACHE, else $TMPDIR/soda-mega-<uid>/data-cache)")
+    cache_limit: int = fld(0, "bytes of shards the node cache may hold before the least recently "
+                              "used are evicted (0 = no limit); keep it above a few shuffle "
+                              "windows of shards", ge=0)
+    download_timeout: float = fld(60.0, "seconds one attempt to download a remote file may take", gt=0)
+    download_retries: int = fld(3, "further attempts after a failed download (with back-off); a "
+                                   "file missing on the server fails at once", ge=0)
+    prefetch_threads: int = fld(2, "background threads per loader process that fetch the shards "
+                                   "of the next step into the node cache (0 = fetch on first read)",
+                                ge=0)
+    skip_bad_documents: bool = fld(
+        False, "a damaged shard or document (hash mismatch, ids outside the vocabulary, mask not "
+               "0/1, unreadable) is replaced by masked-out filler and counted, instead of stopping "
+               "the run with exit 2")
     # --- `soda-mega data build` (soda_mega/data/build.py) ---
     tokenizer: Optional[str] = fld(
         None, "local HuggingFace tokenizer.json for text (none = the embedded byte-level tokenizer)")

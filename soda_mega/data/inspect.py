@@ -4,7 +4,9 @@ Reports per split: documents by type, tokens by modality, hours of audio, skippe
 codec (and loudly, whether its weights were random) and the vocabulary layout. One document
 is shown as a sequence of spans: text decoded with the dataset's tokenizer, special tokens by
 name, audio as frame counts per span, followed by its first token ids. With ``--wav`` the
-document's first audio span is decoded back to a WAV file with the codec.
+document's first audio span is decoded back to a WAV file with the codec. ``--verify``
+(:func:`verify_dataset`) reads every shard and document of both splits and names every
+damaged one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soda_mega.data.cache import is_remote
 from soda_mega.data.schema import SPLITS
-from soda_mega.data.source import DatasetError, DocumentSource
+from soda_mega.data.source import DatasetError, DocumentSource, MissingSplitError
 from soda_mega.tokens.layout import Modality, VocabLayout
 
 
@@ -100,7 +103,7 @@ def write_wav(path: Path, wav: torch.Tensor, sample_rate: int) -> None:
 def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
                     wav: str | Path | None = None, mimi_weights: str | None = None) -> str:
     """The inspection report of the dataset at ``root`` (optionally writing one WAV)."""
-    root = Path(root)
+    root = str(root) if is_remote(str(root)) else Path(root)
     lines = [f"dataset {root}"]
     source = None
     for name in SPLITS:
@@ -152,3 +155,61 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
                          f"from {codes.shape[0]} codebooks"
                          + (" (random-init codec: expect noise)" if codec_model.random_init else ""))
     return "\n".join(lines)
+
+
+def verify_dataset(root: str | Path, cache_dir: str | None = None,
+                   max_listed: int = 20) -> tuple[str, int]:
+    """Check every shard (against the index's hashes when present) and every document (ids in
+    the dataset's vocabulary layout, masks in {0, 1}, lengths as ``doc_lengths.npy`` says) of
+    both splits. Returns (report, number of problems); each problem is named by split, shard
+    and document."""
+    from soda_mega.data.cache import NodeCache
+
+    lines = [f"verify {root}"]
+    problems: list[str] = []
+    found = 0
+    for name in SPLITS:
+        try:
+            src = DocumentSource(root, name, cache=NodeCache(cache_dir) if cache_dir else None)
+        except MissingSplitError as err:
+            lines.append(f"  {name}: absent ({err})")
+            continue
+        except DatasetError as err:
+            problems.append(f"{name}: {err}")
+            continue
+        found += 1
+        hashed = sum(1 for s in src.shards if s["raw_data"].get("hashes"))
+        bad_before = len(problems)
+        meta = src.meta
+        if meta.get("num_docs") != len(src):
+            problems.append(f"{name}: soda_meta.json says {meta.get('num_docs')} documents, "
+                            f"doc_lengths.npy holds {len(src)}")
+        total = int(meta.get("tokens", {}).get("total", src.num_tokens))
+        if total != src.num_tokens:
+            problems.append(f"{name}: soda_meta.json says {total} tokens, doc_lengths.npy sums "
+                            f"to {src.num_tokens}")
+        for shard in range(len(src.shards)):
+            try:
+                src.local_shard(shard)
+            except DatasetError as err:
+                problems.append(f"{name}: {err}")
+                continue
+            for idx in range(src._starts[shard], src._starts[shard + 1]):
+                try:
+                    src.get(idx)
+                except DatasetError as err:
+                    problems.append(f"{name}: {err}".replace(
+                        "; set data.skip_bad_documents=true to skip bad documents", ""))
+        lines.append(f"  {name}: {len(src.shards)} shards ({hashed} with hashes, checked), "
+                     f"{len(src)} documents, {src.num_tokens:,} tokens: "
+                     + ("OK" if len(problems) == bad_before else
+                        f"{len(problems) - bad_before} problem(s)"))
+        src.close()
+    if not found and not problems:
+        problems.append(f"{root} holds no split (train/ or valid/)")
+    for p in problems[:max_listed]:
+        lines.append(f"  BAD {p}")
+    if len(problems) > max_listed:
+        lines.append(f"  ... and {len(problems) - max_listed} more")
+    lines.append("verify: " + ("OK" if not problems else f"{len(problems)} problem(s) found"))
+    return "\n".join(lines), len(problems)

@@ -1,20 +1,25 @@
 """Rank-aware, resumable, packed, weighted-mixture loader of SODA token windows.
 
-Every rank computes the same global plan of windows (:mod:`.mixture`) from document lengths
-and keeps the windows of its data-parallel replica: global batch ``g`` holds windows
-``[g*B, (g+1)*B)``, and DP rank ``r`` takes its contiguous ``B/dp`` of them, split into
-micro-batches. So:
+Every rank computes the same global plan of windows from document lengths and keeps the
+windows of its data-parallel replica: global batch ``g`` holds windows ``[g*B, (g+1)*B)``, and
+DP rank ``r`` takes its contiguous ``B/dp`` of them, split into micro-batches. Split-packed
+training uses the closed-form :class:`.steps.StepPlan` (a rank computes only its own steps;
+the state is the step number); whole-document packing and validation the sequential
+:class:`.mixture.MixturePlan`. So:
 
 * DP replicas get disjoint windows; all TP ranks (and pipeline stages) of one replica compute
   identical batches without any communication; pipeline stages that need no tokens (the
   middle ones) plan but never read.
 * The data order does not depend on the parallel layout or the number of loader workers, so a
   run resumed on another DP size or with other workers sees the same windows.
-* ``state_dict()`` is the plan state at the last consumed global-batch boundary; loading it
-  resumes the exact same sequence.
+* ``state_dict()`` is the position at the last consumed global-batch boundary, in ``O(1)``
+  (the step number; for whole-document packing the sequential plan's counters, advanced as
+  steps are consumed), plus the identity of the datasets; loading it resumes the exact same
+  sequence and refuses other datasets.
 
-Worker processes (``torch.utils.data.DataLoader``) each plan the whole sequence and read
-every ``num_workers``-th micro-batch; the DataLoader returns them round-robin, i.e. in order.
+Worker processes (``torch.utils.data.DataLoader``) read every ``num_workers``-th micro-batch;
+the DataLoader returns them round-robin, i.e. in order. Before a step's micro-batches are read,
+the shards of the next step are prefetched into the node's cache (remote datasets).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import torch
 
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.mixture import PAD_STREAM, MixturePlan, Piece
-from soda_mega.data.source import DocumentSource
+from soda_mega.data.order import StreamOrder
+from soda_mega.data.source import DatasetError, DocumentSource, open_sources
+from soda_mega.data.steps import StepPlan
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils.lifetime import helper_process_init
 
@@ -103,6 +110,12 @@ class WindowAssembler:
         return (np.concatenate(tokens), np.concatenate(masks), np.concatenate(docs),
                 np.concatenate(pos))
 
+    def prefetch(self, shards: Sequence[set[int]]) -> None:
+        """Start fetching these shards (per source) into the node's cache, in the background."""
+        for source, wanted in zip(self.sources, shards):
+            if wanted:
+                source.prefetch(sorted(wanted))
+
     def micro_batch(self, windows: Sequence[Sequence[Piece]]) -> dict[str, torch.Tensor]:
         parts = [self.window(w) for w in windows]
         tokens = torch.from_numpy(np.stack([p[0] for p in parts]).astype(np.int64))
@@ -130,8 +143,8 @@ class WindowAssembler:
 class _MicroBatches(torch.utils.data.IterableDataset):
     """This rank's micro-batches from ``start_micro`` on; worker k yields those with j % W == k."""
 
-    def __init__(self, plan: MixturePlan, assembler: WindowAssembler, geometry: BatchGeometry,
-                 start_micro: int, single_pass: bool, read: bool) -> None:
+    def __init__(self, plan: MixturePlan | StepPlan, assembler: WindowAssembler,
+                 geometry: BatchGeometry, start_micro: int, single_pass: bool, read: bool) -> None:
         super().__init__()
         self.plan = plan
         self.assembler = assembler
@@ -151,6 +164,9 @@ class _MicroBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if isinstance(self.plan, StepPlan):
+            yield from self._steps(worker, workers)
+            return
         plan = self.plan.clone()
         for micro in itertools.count(self.start_micro):
             wanted = self._windows(micro)
@@ -164,9 +180,32 @@ class _MicroBatches(torch.utils.data.IterableDataset):
                 continue
             yield self.assembler.micro_batch(windows) if self.read else None
 
+    def _steps(self, worker: int, workers: int):
+        """Closed-form plan: micro-batch j of this rank is a fixed slice of step j // per_step."""
+        g, plan = self.geometry, self.plan
+        per_step = g.micro_batches_per_step
+        per_replica = g.global_batch_size // g.dp_size
+        prefetched = -1
+        for micro in itertools.count(self.start_micro):
+            if micro % workers != worker:
+                continue
+            step, m = divmod(micro, per_step)
+            if not self.read:
+                yield None
+                continue
+            if prefetched < step + 1:  # the next step's shards, while this one is read
+                B = g.global_batch_size
+                self.assembler.prefetch(plan.shards((step + 1) * B, (step + 2) * B))
+                prefetched = step + 1
+            first = step * g.global_batch_size + g.dp_rank * per_replica + m * g.micro_batch_size
+            windows = [plan.window(k) for k in range(first, first + g.micro_batch_size)]
+            yield self.assembler.micro_batch(windows)
+
 
 class SodaDataLoader:
     """Iterates this rank's micro-batches forever (training) or once (``split='valid'``)."""
+
+    PLAN_VERSION = 2  # the closed-form, shard-aware plan (states of version 1 cannot resume)
 
     def __init__(self, cfg: SodaConfig, split: str = "train", *, dp_rank: int | None = None,
                  dp_size: int | None = None, needs_data: bool | None = None,
@@ -179,20 +218,31 @@ class SodaDataLoader:
         self.layout = VocabLayout.from_config(cfg.vocab)
         roots = list(cfg.data.train) + (list(cfg.data.valid) if split == "valid" else [])
         if not roots:
-            raise ValueError("data.train: no datasets given (build one with `soda-mega data build`)")
-        self.sources = [DocumentSource(r, split, self.layout) for r in roots]
+            raise DatasetError("data.train: no datasets given (build one with `soda-mega data build`)")
+        self.sources = open_sources(roots, split, self.layout, cfg.data)
         self.training = split == "train"
         weights = mixture_weights(self.sources, cfg.data.weights if self.training else (),
                                   cfg.data.text_fraction)
         self.geometry = BatchGeometry(cfg.model.seq_length, cfg.training.micro_batch_size,
                                       cfg.training.global_batch_size, dp_rank, dp_size)
-        self.plan = MixturePlan([s.lengths for s in self.sources], weights,
-                                cfg.model.seq_length + 1, seed=cfg.training.seed,
-                                shuffle=self.training, single_pass=not self.training,
-                                whole_documents=cfg.data.packing == "whole")
+        self.seed = cfg.training.seed
+        self.shuffle_window = cfg.data.shuffle_window
+        whole = cfg.data.packing == "whole"
+        orders = [StreamOrder(s.lengths, s.shard_counts, self.seed, i,
+                              self.shuffle_window if self.training else 0, shuffle=self.training,
+                              totals=s.shard_tokens)
+                  for i, s in enumerate(self.sources)]
+        if self.training and not whole:
+            self.plan: MixturePlan | StepPlan = StepPlan(
+                orders, weights, cfg.model.seq_length, cfg.training.global_batch_size)
+        else:
+            self.plan = MixturePlan([s.lengths for s in self.sources], weights,
+                                    cfg.model.seq_length + 1, seed=self.seed,
+                                    shuffle=self.training, single_pass=not self.training,
+                                    whole_documents=whole, orders=orders)
         self.too_long = 0  # documents whole-document packing leaves out
-        if cfg.data.packing == "whole":
-            self.too_long = sum(int((s.lengths > cfg.model.seq_length + 1).sum()) for s in self.sources)
+        if whole:
+            self.too_long = sum(s.count_longer_than(cfg.model.seq_length + 1) for s in self.sources)
             if self.too_long:
                 total = sum(len(s) for s in self.sources)
                 print(f"[soda-mega data] data.packing=whole: {self.too_long} of {total} {split} "
@@ -204,14 +254,18 @@ class SodaDataLoader:
         self.weights = weights
         self._start_micro = 0
         self._consumed = 0
+        # Sequential plans: a copy advanced one global batch per consumed step, so that
+        # state_dict() is a snapshot (O(1)), never a replay of the history.
+        self._position = self.plan.clone() if isinstance(self.plan, MixturePlan) else None
 
     def epoch_tokens(self) -> int:
         """Tokens one pass over the training datasets takes: the documents' tokens, or with
         ``data.packing=whole`` the windows of one pass (padding included) x seq_length."""
-        if not self.plan.whole_documents:
+        if isinstance(self.plan, StepPlan) or not self.plan.whole_documents:
             return sum(s.num_tokens for s in self.sources)
         one_pass = MixturePlan(self.plan.lengths, self.weights, self.plan.window_tokens,
-                               seed=0, shuffle=False, single_pass=True, whole_documents=True)
+                               seed=0, shuffle=False, single_pass=True, whole_documents=True,
+                               shard_counts=[s.shard_counts for s in self.sources])
         windows = 0
         while one_pass.next_window() is not None:
             windows += 1
@@ -233,13 +287,28 @@ class SodaDataLoader:
             )
         else:
             iterable = dataset
+        per_step = self.geometry.micro_batches_per_step
         for batch in iterable:
             self._consumed += 1
+            if self._position is not None and self.training and self._consumed % per_step == 0:
+                self._position.skip(self.geometry.global_batch_size)
             yield batch
 
+    def close(self) -> None:
+        """Let this process's background shard prefetches finish."""
+        for source in self.sources:
+            source.close()
+
     # ------------------------------------------------------------------ resume
+    def datasets(self) -> list[dict]:
+        """Identity of the loaded datasets (saved with the state, checked on resume)."""
+        return [s.identity for s in self.sources]
+
     def state_dict(self) -> dict:
-        """Loader position at the last global-batch boundary (save only at step boundaries)."""
+        """Loader position at the last global-batch boundary (save only at step boundaries).
+
+        ``O(1)``: the step number (closed-form plan) or a snapshot of the sequential plan's
+        counters, which advance as steps are consumed; nothing is replayed."""
         per_step = self.geometry.micro_batches_per_step
         micro = self._start_micro + self._consumed
         if micro % per_step:
@@ -247,26 +316,58 @@ class SodaDataLoader:
                                f"({micro % per_step} of {per_step} micro-batches into a step)")
         if not self.training:
             raise RuntimeError("evaluation loaders are not resumable; rebuild them instead")
-        # The state is taken at the global-batch boundary, so it is the same on every rank.
-        shadow = self.plan.clone()
-        shadow.skip(micro // per_step * self.geometry.global_batch_size - shadow.state.window)
-        return {"plan": shadow.state_dict(), "global_batch_size": self.geometry.global_batch_size,
-                "steps": micro // per_step, "weights": self.weights}
+        state = {"version": self.PLAN_VERSION, "global_batch_size": self.geometry.global_batch_size,
+                 "steps": micro // per_step, "weights": self.weights, "seed": self.seed,
+                 "shuffle_window": self.shuffle_window, "seq_length": self.geometry.seq_length,
+                 "datasets": self.datasets()}
+        if self._position is not None:
+            state["plan"] = self._position.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved step; the DP size and worker count may differ from the saving run."""
+        if state.get("version") != self.PLAN_VERSION:
+            raise DatasetError(
+                "checkpoint loader state was saved by an older soda-mega data plan (version "
+                f"{state.get('version', 1)}, this one is {self.PLAN_VERSION}); its data order "
+                "cannot be continued exactly: resume with the soda-mega that saved it")
         if state["global_batch_size"] != self.geometry.global_batch_size:
             raise ValueError(
                 f"training.global_batch_size: checkpoint loader state was saved with "
                 f"{state['global_batch_size']}, this run uses {self.geometry.global_batch_size}"
             )
+        for key, now in (("seq_length", self.geometry.seq_length), ("seed", self.seed),
+                         ("shuffle_window", self.shuffle_window)):
+            if state[key] != now:
+                field = {"seq_length": "model.seq_length", "seed": "training.seed",
+                         "shuffle_window": "data.shuffle_window"}[key]
+                raise ValueError(f"{field}: checkpoint loader state was saved with {state[key]}, "
+                                 f"this run uses {now}; the data order would differ")
+        _check_same_datasets(state["datasets"], self.datasets())
         if not np.allclose(state["weights"], self.weights):
             raise ValueError(f"data mixture changed since the checkpoint: weights {state['weights']} "
                              f"-> {self.weights}; resume with the same data sections")
-        self.plan.load_state_dict(state["plan"])
-        # The plan now sits at the first window of step `steps`; count micro-batches from there.
+        if self._position is not None:
+            self.plan.load_state_dict(state["plan"])
+            self._position = self.plan.clone()
+        # Count micro-batches from the first one of step `steps`.
         self._start_micro = state["steps"] * self.geometry.micro_batches_per_step
         self._consumed = 0
+
+
+def _check_same_datasets(saved: list[dict], now: list[dict]) -> None:
+    """Refuse to resume on other datasets, naming them (same paths with other contents too)."""
+    if [d["index"] for d in saved] == [d["index"] for d in now]:
+        return
+    lines = []
+    for i in range(max(len(saved), len(now))):
+        a = saved[i] if i < len(saved) else None
+        b = now[i] if i < len(now) else None
+        if a is None or b is None or a["index"] != b["index"]:
+            lines.append(f"#{i}: saved {a['name'] + ' (index ' + a['index'][:12] + ')' if a else 'nothing'}"
+                         f", now {b['name'] + ' (index ' + b['index'][:12] + ')' if b else 'nothing'}")
+    raise DatasetError("the checkpoint's loader state was saved with other datasets; resume with "
+                       "the same data.train (same contents) or start a new run: " + "; ".join(lines))
 
 
 def _parallel_coordinates() -> tuple[int, int, bool]:

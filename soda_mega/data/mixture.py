@@ -4,8 +4,9 @@ The plan works on document *lengths* only, so every data-parallel rank (and ever
 worker) can compute the whole global sequence of windows cheaply and then read just the
 documents of its own windows.
 
-* **Order within a stream**: a seeded permutation per epoch (``seed, stream, epoch``); a stream
-  that runs out starts its next epoch, so training never stops for data.
+* **Order within a stream**: a seeded, shard-aware order per epoch (:class:`.order.StreamOrder`:
+  shuffled shards, documents shuffled within blocks of ``shuffle_window`` shards, computed
+  lazily); a stream that runs out starts its next epoch, so training never stops for data.
 * **Mixing by tokens**: the next document comes from the stream whose share of emitted tokens
   is furthest below its weight (``argmin emitted_i / weight_i``). Every stream's share stays
   within one document of its target at all times: the mixture holds over short horizons, not
@@ -21,7 +22,9 @@ documents of its own windows.
   S2ST pair never loses its source part to the previous window.
 
 The whole state (cursors, emitted counts, the partly used documents, window index) is a small
-JSON-able dict: saving it with a checkpoint resumes the exact same sequence.
+JSON-able dict: saving it with a checkpoint resumes the exact same sequence. This sequential
+plan serves validation (one pass) and whole-document packing; split-packed training uses the
+closed-form :class:`.steps.StepPlan`, which jumps to any step without replaying.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from soda_mega.data.order import StreamOrder, read_range
 
 # A piece of a window: (stream, document index, first token, end token) of that document.
 Piece = tuple[int, int, int, int]
@@ -64,19 +69,21 @@ class MixturePlan:
 
     def __init__(self, lengths: Sequence[np.ndarray], weights: Sequence[float],
                  window_tokens: int, seed: int, shuffle: bool = True,
-                 single_pass: bool = False, whole_documents: bool = False) -> None:
+                 single_pass: bool = False, whole_documents: bool = False,
+                 shard_counts: Sequence[Sequence[int]] | None = None, shuffle_window: int = 0,
+                 orders: Sequence[StreamOrder] | None = None) -> None:
         if len(lengths) != len(weights) or not lengths:
             raise ValueError("need one weight per stream and at least one stream")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
         for i, lens in enumerate(lengths):
-            if weights[i] > 0 and (len(lens) == 0 or int(np.sum(lens)) == 0):
+            if weights[i] > 0 and (len(lens) == 0 or _total(lens) == 0):
                 raise ValueError(f"stream {i} has weight {weights[i]} but no tokens")
         if window_tokens < 2:
             raise ValueError("window_tokens must be >= 2 (seq_length + 1)")
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
-        self.lengths = [np.asarray(x, dtype=np.int64) for x in lengths]
+        self.lengths = list(lengths)
         self.window_tokens = window_tokens
         self.seed = seed
         self.shuffle = shuffle
@@ -84,28 +91,18 @@ class MixturePlan:
         self.whole_documents = whole_documents
         if whole_documents:
             for i, lens in enumerate(self.lengths):
-                if weights[i] > 0 and not (lens <= window_tokens).any():
+                if weights[i] > 0 and not _any_at_most(lens, window_tokens):
                     raise ValueError(f"stream {i}: every document is longer than a window of "
                                      f"{window_tokens} tokens; nothing to train on whole")
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
+        if orders is None:
+            orders = [StreamOrder(lens, None if shard_counts is None else shard_counts[i], seed, i,
+                                  shuffle_window, shuffle) for i, lens in enumerate(self.lengths)]
+        self.orders = list(orders)
+        self.windows_planned = 0  # work counter (tests, benchmarks)
         n = len(lengths)
         self.state = PlanState(epochs=[0] * n, positions=[0] * n, emitted=[0] * n)
 
     # ------------------------------------------------------------------ documents
-    def _order(self, stream: int, epoch: int) -> np.ndarray:
-        key = (stream, epoch)
-        order = self._orders.get(key)
-        if order is None:
-            n = len(self.lengths[stream])
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, stream, epoch]).permutation(n)
-            else:
-                order = np.arange(n)
-            # Keep only the current epoch of each stream in memory.
-            self._orders = {k: v for k, v in self._orders.items() if k[0] != stream}
-            self._orders[key] = order
-        return order
-
     def _next_document(self) -> Piece | None:
         st = self.state
         candidates = [i for i, w in enumerate(self.weights) if w > 0]
@@ -114,10 +111,10 @@ class MixturePlan:
         if not candidates:
             return None
         stream = min(candidates, key=lambda i: (st.emitted[i] / self.weights[i], i))
-        order = self._order(stream, st.epochs[stream])
-        doc = int(order[st.positions[stream]])
+        order = self.orders[stream]
+        doc = order.doc_at(st.epochs[stream], st.positions[stream])
         st.positions[stream] += 1
-        if st.positions[stream] == len(order):
+        if st.positions[stream] == order.num_docs:
             st.epochs[stream] += 1
             st.positions[stream] = 0
         length = int(self.lengths[stream][doc])
@@ -132,6 +129,7 @@ class MixturePlan:
         st = self.state
         if st.exhausted:
             return None
+        self.windows_planned += 1
         if self.whole_documents:
             return self._next_whole_window()
         have = sum(p[3] - p[2] for p in st.pending)
@@ -210,5 +208,14 @@ class MixturePlan:
     def clone(self) -> "MixturePlan":
         twin = copy.copy(self)
         twin.state = PlanState.from_dict(self.state.to_dict())
-        twin._orders = dict(self._orders)
         return twin
+
+
+def _total(lengths, chunk: int = 1 << 22) -> int:
+    return sum(int(read_range(lengths, a, a + chunk).sum())
+               for a in range(0, len(lengths), chunk))
+
+
+def _any_at_most(lengths, limit: int, chunk: int = 1 << 22) -> bool:
+    return any(bool((read_range(lengths, a, a + chunk) <= limit).any())
+               for a in range(0, len(lengths), chunk))

@@ -1,30 +1,54 @@
-"""Random access to the documents of one built split (MDS shards + soda_meta.json + lengths).
+"""Random access to the documents of one built split (MDS shards + soda_meta.json + lengths),
+from a local folder or from object storage (``s3://``, ``gs://``, ``oci://``, ``hf://``, ...).
 
-The loader plans packing from ``doc_lengths.npy`` alone and then reads only the documents its
-rank needs, straight from the MDS shard files through mosaicml-streaming's shard readers. It
-does not use ``StreamingDataset``: that class takes its world from ``RANK``/``WORLD_SIZE``
-(soda-mega's data-parallel rank comes from Megatron's parallel state) and coordinates workers
-through shared memory, which a crashed run can leave behind. Compressed shards are
-decompressed once, next to the archive, with an atomic rename.
+The loader plans packing from ``doc_lengths.npy`` alone (read on demand from the node's page
+cache, which its ranks and workers share; only the blocks in use are read) and then reads only the
+documents its rank needs, straight from the MDS shard files through mosaicml-streaming's shard
+readers. It does not use ``StreamingDataset``: that class takes its world from
+``RANK``/``WORLD_SIZE`` (soda-mega's data-parallel rank comes from Megatron's parallel state)
+and coordinates workers through shared memory, which a crashed run can leave behind.
+
+Remote splits are fetched through streaming's downloaders into the node's cache
+(:mod:`.cache`: one download per file per node, verified, published atomically, evicted least
+recently used first). Compressed shards are decompressed into that cache too, never beside
+the source. Data is checked when it is read: shard bytes against the index's hashes when it
+carries them, every document for token ids inside the vocabulary layout and loss masks in
+{0, 1}. A damaged shard or document is named (dataset, shard, document) in a
+:class:`DatasetError`, or with ``data.skip_bad_documents`` replaced by masked-out filler of the
+same length (no token of it is trained on) and counted.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from soda_mega.data.cache import (CacheError, MissingRemoteFile, NodeCache, check_hashes,
+                                  is_remote, unique_tmp)
+from soda_mega.data.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, META_KEYS
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
 
+INDEX_FILE = "index.json"
+
 
 class DatasetError(SodaUserError, ValueError):
-    """A dataset folder is missing, malformed, or does not fit the model."""
+    """A user-facing data error: a dataset, shard or document is missing, malformed, damaged,
+    or does not fit the model. The message names it; the CLI prints it and exits with 2."""
+
+
+class MissingSplitError(DatasetError):
+    """The dataset has no such split (e.g. no ``valid/``): validation can be switched off."""
 
 
 def layout_differences(dataset: dict, model: dict) -> list[str]:
@@ -36,102 +60,425 @@ def layout_differences(dataset: dict, model: dict) -> list[str]:
     return diffs
 
 
-def read_meta(split_dir: Path) -> dict:
-    path = split_dir / META_FILE
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{what} is not valid JSON (truncated or damaged?): {err}") from err
+
+
+def read_meta(split_dir: Path, shown: str | None = None) -> dict:
+    path = Path(split_dir) / META_FILE
+    shown = shown or str(path)
     if not path.is_file():
         raise DatasetError(f"{split_dir} is not a soda-mega dataset split: {META_FILE} is missing "
                            "(build one with `soda-mega data build`)")
-    meta = json.loads(path.read_text())
+    meta = _read_json(path, shown)
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{shown}: expected a JSON object")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
-        raise DatasetError(f"{path}: missing keys {', '.join(missing)}")
+        raise DatasetError(f"{shown}: missing keys {', '.join(missing)}")
     if meta["format"] != FORMAT:
-        raise DatasetError(f"{path}: format {meta['format']!r}, this soda-mega reads {FORMAT!r}")
+        raise DatasetError(f"{shown}: format {meta['format']!r}, this soda-mega reads {FORMAT!r}")
     return meta
 
 
-def _ensure_raw_shard(split_dir: Path, shard: dict) -> None:
-    """Decompress a compressed shard next to its archive (atomic; once per machine)."""
-    raw = split_dir / shard["raw_data"]["basename"]
-    if raw.exists() or not shard.get("compression"):
-        return
-    compression = streaming_module("compression")
-    archive = split_dir / shard["zip_data"]["basename"]
-    data = compression.decompress(shard["compression"], archive.read_bytes())
-    tmp = raw.with_name(raw.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, raw)
+def _load_lengths(path: Path, shown: str) -> LengthsFile:
+    """``doc_lengths.npy``, read on demand (see :class:`.order.LengthsFile`), validated."""
+    try:
+        lengths = LengthsFile(path)
+    except FileNotFoundError as err:
+        raise DatasetError(f"{shown} is missing") from err
+    except (ValueError, OSError, EOFError) as err:
+        raise DatasetError(f"{shown} is not a valid .npy array (truncated or damaged?): {err}") from err
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise DatasetError(f"{shown}: expected a 1-D integer array, got {lengths.dtype} "
+                           f"with shape {lengths.shape}")
+    return lengths
+
+
+def open_sources(roots, split: str, layout: VocabLayout | None, data_cfg) -> list["DocumentSource"]:
+    """The splits of ``roots`` with one node cache configured by the ``data`` config section."""
+    cache = NodeCache(data_cfg.cache_dir, data_cfg.cache_limit, data_cfg.download_timeout,
+                      data_cfg.download_retries)
+    sources = [DocumentSource(r, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
+                              prefetch_threads=data_cfg.prefetch_threads) for r in roots]
+    cached = [s for s in sources if s.remote or s.shards[0].get("compression")]
+    if cache.limit and cached:
+        # The plan reads one block of shuffle_window shards per dataset and prefetches the next.
+        window = data_cfg.shuffle_window or max(len(s.shards) for s in cached)
+        need = sum(2 * min(window, len(s.shards)) * max(x["raw_data"]["bytes"] for x in s.shards)
+                   for s in cached)
+        if cache.limit < need:
+            print(f"[soda-mega data] data.cache_limit={cache.limit} is below the ~{need} bytes of "
+                  f"two blocks of data.shuffle_window={data_cfg.shuffle_window} shards per remote "
+                  "dataset: shards will be fetched again and again (raise the limit or lower "
+                  "the window)", file=sys.stderr, flush=True)
+    return sources
 
 
 class DocumentSource:
     """One split of one built dataset: its metadata, document lengths and documents."""
 
-    def __init__(self, root: str | Path, split: str = "train",
-                 layout: VocabLayout | None = None) -> None:
-        root = Path(root)
-        if (root / split).is_dir():
-            self.split_dir = root / split
-        elif (root / META_FILE).is_file():
-            self.split_dir = root  # a split folder given directly
-        else:
-            raise DatasetError(f"{root} has no {split!r} split (expected {root / split}); "
-                               "build it with `soda-mega data build`")
+    def __init__(self, root: str | Path, split: str = "train", layout: VocabLayout | None = None,
+                 *, cache: NodeCache | None = None, skip_bad: bool = False,
+                 prefetch_threads: int = 2) -> None:
         self.name = str(root)
-        self.meta = read_meta(self.split_dir)
+        self.split = split
+        self.cache = cache or NodeCache()
+        self.skip_bad = skip_bad
+        self.prefetch_threads = prefetch_threads
+        self.remote = is_remote(self.name)
+        if self.remote:
+            self._open_remote(self.name.rstrip("/"), split)
+        else:
+            self._open_local(Path(root), split)
         if self.meta["split"] != split:
-            raise DatasetError(f"{self.split_dir} holds the {self.meta['split']!r} split, "
+            raise DatasetError(f"{self.where} holds the {self.meta['split']!r} split, "
                                f"not {split!r}: give the dataset root instead")
         if layout is not None:
             diffs = layout_differences(self.meta["vocab_layout"], layout.to_dict())
             if diffs:
                 raise DatasetError(
-                    f"{self.split_dir} was built for another vocabulary layout than the model's; "
+                    f"{self.where} was built for another vocabulary layout than the model's; "
                     f"rebuild it or change the vocab section: {'; '.join(diffs)}"
                 )
-        self.lengths = np.load(self.split_dir / LENGTHS_FILE).astype(np.int64)
-        index = json.loads((self.split_dir / "index.json").read_text())
-        self._shards = index["shards"]
-        counts = [s["samples"] for s in self._shards]
-        if sum(counts) != len(self.lengths):
-            raise DatasetError(f"{self.split_dir}: {LENGTHS_FILE} has {len(self.lengths)} entries but "
-                               f"the shards hold {sum(counts)} samples")
-        self._starts = np.cumsum([0] + counts).tolist()
-        self._readers: dict[int, object] = {}
+        try:
+            self.layout = layout or VocabLayout.from_dict(self.meta["vocab_layout"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise DatasetError(f"{self.where}/{META_FILE}: bad vocab_layout: {err}") from err
+        self.shards = self.index.get("shards") if isinstance(self.index, dict) else None
+        if not isinstance(self.shards, list):
+            raise DatasetError(f"{self.where}/{INDEX_FILE}: no shard list (not an MDS index)")
+        self.shard_counts = [int(s["samples"]) for s in self.shards]
+        if sum(self.shard_counts) != len(self.lengths):
+            raise DatasetError(f"{self.where}: {LENGTHS_FILE} has {len(self.lengths)} entries but "
+                               f"the shards hold {sum(self.shard_counts)} samples")
+        if not len(self.lengths):
+            raise DatasetError(f"{self.where}: the {split} split holds no documents")
+        self.shard_tokens = self._shard_tokens()
+        if not int(self.shard_tokens.sum()):
+            raise DatasetError(f"{self.where}: the {split} split holds no tokens")
+        self._starts = np.cumsum([0] + self.shard_counts).tolist()
+        if not self.remote:
+            self._check_local_shards()
+        self.identity = {"name": self.name, "split": split, "index": self._index_sha}
+        self.bad_documents = 0   # documents replaced by filler (data.skip_bad_documents)
+        self.reads = 0           # documents read by this process
+        self.waits = 0           # of them, reads that had to fetch their shard first (cache misses)
+        self._fresh()
 
+    def _fresh(self) -> None:
+        self._readers: dict[int, object] = {}
+        self._verified: set[int] = set()
+        self._bad_shards: dict[int, str] = {}
+        self._bad_seen: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool_pid = os.getpid()
+
+    # ------------------------------------------------------------------ opening
+    def _open_local(self, root: Path, split: str) -> None:
+        if (root / split).is_dir():
+            split_dir = root / split
+        elif (root / META_FILE).is_file():
+            split_dir = root  # a split folder given directly
+        else:
+            raise MissingSplitError(f"{root} has no {split!r} split (expected {root / split}); "
+                                    "build it with `soda-mega data build`")
+        self.split_dir = split_dir
+        self.where = str(split_dir)
+        self.meta = read_meta(split_dir)
+        index_path = split_dir / INDEX_FILE
+        if not index_path.is_file():
+            raise DatasetError(f"{index_path} is missing (the MDS index of the shards)")
+        raw = index_path.read_bytes()
+        self._index_sha = hashlib.sha256(raw).hexdigest()
+        self.index = _parse_index(raw, str(index_path))
+        self.lengths = _load_lengths(split_dir / LENGTHS_FILE, str(split_dir / LENGTHS_FILE))
+        self._lengths_path = split_dir / LENGTHS_FILE
+        compressed = any(s.get("compression") for s in self.index.get("shards", []))
+        # Uncompressed shards are read in place; compressed ones are decompressed into the cache.
+        self.files_dir = (self.cache.root / f"local-{_short(str(split_dir.resolve()))}-"
+                          f"{self._index_sha[:12]}") if compressed else split_dir
+
+    def _open_remote(self, base: str, split: str) -> None:
+        incoming = self.cache.root / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        raw = None
+        for url in (f"{base}/{split}", base):
+            tmp = unique_tmp(incoming / INDEX_FILE)
+            try:
+                self.cache._download_with_retries(f"{url}/{INDEX_FILE}", tmp)
+                raw = tmp.read_bytes()
+                break
+            except MissingRemoteFile:
+                continue
+            except CacheError as err:
+                raise DatasetError(f"{self.name}: {err}") from err
+            finally:
+                tmp.unlink(missing_ok=True)
+        if raw is None:
+            raise MissingSplitError(f"{base} has no {split!r} split: neither {base}/{split}/{INDEX_FILE} "
+                                    f"nor {base}/{INDEX_FILE} exists on the server")
+        self.split_dir = url
+        self.where = url
+        self._index_sha = hashlib.sha256(raw).hexdigest()
+        self.index = _parse_index(raw, f"{url}/{INDEX_FILE}")
+        # A rebuilt dataset at the same URL has another index: it gets its own cache folder.
+        self.files_dir = self.cache.root / f"{_short(url)}-{self._index_sha[:12]}"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        local_index = self.files_dir / INDEX_FILE
+        if not local_index.exists():
+            self.cache.publish(local_index, lambda t: t.write_bytes(raw))
+        for name in (META_FILE, LENGTHS_FILE):
+            try:
+                self.cache.fetch(f"{url}/{name}", self.files_dir / name)
+            except MissingRemoteFile as err:
+                raise DatasetError(f"{url} is not a soda-mega dataset split: {name} is missing "
+                                   "(build one with `soda-mega data build`)") from err
+            except CacheError as err:
+                raise DatasetError(f"{self.name}: {err}") from err
+        self.meta = read_meta(self.files_dir, f"{url}/{META_FILE}")
+        self.lengths = _load_lengths(self.files_dir / LENGTHS_FILE, f"{url}/{LENGTHS_FILE}")
+        self._lengths_path = self.files_dir / LENGTHS_FILE
+
+    def _shard_tokens(self) -> np.ndarray:
+        """Tokens per shard: one pass over ``doc_lengths.npy`` per node, kept in the node cache
+        (every later rank, worker and run of the node reads a few KB instead)."""
+        st = os.stat(self._lengths_path)
+        key = _short(f"{self._index_sha}:{os.path.realpath(self._lengths_path)}:{st.st_size}:"
+                     f"{st.st_mtime_ns}")
+        path = self.cache.root / "shard-tokens" / f"{key}.npy"
+
+        def produce(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, shard_totals(self.lengths, self.shard_counts))
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.cache.publish(path, produce)
+            totals = np.load(path)
+            if totals.shape == (len(self.shard_counts),):
+                return totals.astype(np.int64)
+        except (OSError, ValueError):  # an unwritable cache: compute it here
+            pass
+        return shard_totals(self.lengths, self.shard_counts)
+
+    def _check_local_shards(self) -> None:
+        """A deleted shard is named at open, not at its first read hours later."""
+        missing = [self._shard_file_name(s) for s in self.shards
+                   if not (self.split_dir / self._shard_file_name(s)).is_file()]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise DatasetError(f"{self.where}: shard file(s) {', '.join(missing[:3])}{more} listed "
+                               f"in {INDEX_FILE} are missing")
+
+    @staticmethod
+    def _shard_file_name(shard: dict) -> str:
+        return (shard["zip_data"] if shard.get("compression") else shard["raw_data"])["basename"]
+
+    # ------------------------------------------------------------------ properties
     @property
     def kind(self) -> str:
         return self.meta["kind"]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.shard_tokens.sum())
 
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def shard_of(self, idx: int) -> int:
+        return bisect.bisect_right(self._starts, idx) - 1
+
+    def shard_name(self, shard_idx: int) -> str:
+        return self.shards[shard_idx]["raw_data"]["basename"]
+
+    def count_longer_than(self, limit: int, chunk: int = 1 << 22) -> int:
+        return sum(int((read_range(self.lengths, a, a + chunk) > limit).sum())
+                   for a in range(0, len(self.lengths), chunk))
+
+    # ------------------------------------------------------------------ shard files
+    def local_shard(self, shard_idx: int) -> Path:
+        """The raw shard file on this node (fetched / decompressed / verified on first use)."""
+        shard = self.shards[shard_idx]
+        raw_info = shard["raw_data"]
+        local = self.files_dir / raw_info["basename"]
+        if not self.remote and not shard.get("compression"):
+            if not local.is_file():
+                raise DatasetError(f"dataset {self.name} ({self.split}), shard {raw_info['basename']}: "
+                                   f"{local} was deleted after the dataset was opened")
+            if shard_idx not in self._verified and raw_info.get("hashes"):
+                try:
+                    check_hashes(local.read_bytes(), raw_info["hashes"], str(local))
+                except CacheError as err:
+                    raise DatasetError(f"dataset {self.name} ({self.split}), shard "
+                                       f"{raw_info['basename']}: {err}") from err
+            self._verified.add(shard_idx)
+            return local
+        try:
+            if shard.get("compression"):
+                return self.cache.publish(local, lambda tmp: self._decompress(shard, tmp),
+                                          raw_info.get("hashes"), what=f"{self.where}/{raw_info['basename']}")
+            return self.cache.fetch(f"{self.split_dir}/{raw_info['basename']}", local,
+                                    raw_info.get("hashes"))
+        except CacheError as err:
+            raise DatasetError(f"dataset {self.name} ({self.split}), shard "
+                               f"{raw_info['basename']}: {err}") from err
+
+    def _decompress(self, shard: dict, tmp: Path) -> None:
+        zip_info = shard["zip_data"]
+        if self.remote:
+            archive = unique_tmp(tmp)
+            try:
+                self.cache._download_with_retries(f"{self.split_dir}/{zip_info['basename']}", archive)
+                data = archive.read_bytes()
+            finally:
+                archive.unlink(missing_ok=True)
+        else:
+            data = (self.split_dir / zip_info["basename"]).read_bytes()
+        check_hashes(data, zip_info.get("hashes"), f"{self.where}/{zip_info['basename']}")
+        try:
+            tmp.write_bytes(streaming_module("compression").decompress(shard["compression"], data))
+        except Exception as err:  # a damaged archive: zstd / gzip / ... errors
+            raise CacheError(f"{self.where}/{zip_info['basename']}: cannot decompress "
+                             f"({type(err).__name__}: {err})") from err
+
+    def prefetch(self, shard_ids) -> None:
+        """Fetch these shards into the node's cache in background threads (remote or compressed)."""
+        if not self.prefetch_threads or (not self.remote and not self.shards[0].get("compression")):
+            return
+        if self._pool_pid != os.getpid():  # a forked loader worker: threads and locks are not inherited
+            self._pool, self._inflight, self._lock = None, set(), threading.Lock()
+            self._pool_pid = os.getpid()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="soda-prefetch")
+            todo = [s for s in shard_ids if s not in self._inflight
+                    and not (self.files_dir / self.shard_name(s)).exists()]
+            self._inflight.update(todo)
+        for s in todo:
+            self._pool.submit(self._prefetch_one, s)
+
+    def close(self) -> None:
+        """Wait for background prefetches to end (they only fill the cache)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _prefetch_one(self, shard_idx: int) -> None:
+        try:
+            self.local_shard(shard_idx)
+        except Exception:  # the read that needs it reports the error, by name
+            pass
+        finally:
+            with self._lock:
+                self._inflight.discard(shard_idx)
+
     def _reader(self, shard_idx: int):
         reader = self._readers.get(shard_idx)
         if reader is None:
-            shard = self._shards[shard_idx]
-            _ensure_raw_shard(self.split_dir, shard)
+            if not (self.files_dir / self.shard_name(shard_idx)).exists():
+                self.waits += 1
+            self.local_shard(shard_idx)
             fmt = streaming_module("format")
-            reader = fmt.reader_from_json(str(self.split_dir), None, shard)
+            reader = fmt.reader_from_json(str(self.files_dir), None, self.shards[shard_idx])
             self._readers[shard_idx] = reader
         return reader
 
+    # ------------------------------------------------------------------ documents
     def get(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens int32, loss_mask uint8) of document ``idx``."""
-        shard_idx = bisect.bisect_right(self._starts, idx) - 1
-        sample = self._reader(shard_idx).get_item(idx - self._starts[shard_idx])
-        tokens = np.asarray(sample["tokens"], dtype=np.int32)
-        mask = np.asarray(sample["loss_mask"], dtype=np.uint8)
-        if len(tokens) != self.lengths[idx] or len(mask) != len(tokens):
-            raise DatasetError(f"{self.split_dir}: document {idx} has {len(tokens)} tokens, "
-                               f"{LENGTHS_FILE} says {self.lengths[idx]}")
+        """(tokens int32, loss_mask uint8) of document ``idx``, checked."""
+        shard_idx = self.shard_of(idx)
+        if shard_idx in self._bad_shards:
+            return self._bad(shard_idx, idx, self._bad_shards[shard_idx])
+        try:
+            sample = self._read(shard_idx, idx - self._starts[shard_idx])
+        except DatasetError as err:
+            if not self.skip_bad:
+                raise
+            self._bad_shards[shard_idx] = str(err)
+            return self._bad(shard_idx, idx, str(err))
+        except Exception as err:  # a truncated or garbled shard: struct / unicode / value errors
+            return self._bad(shard_idx, idx, f"unreadable ({type(err).__name__}: {err})")
+        try:
+            tokens = np.asarray(sample["tokens"], dtype=np.int32)
+            mask = np.asarray(sample["loss_mask"], dtype=np.uint8)
+        except Exception as err:
+            return self._bad(shard_idx, idx, f"unreadable ({type(err).__name__}: {err})")
+        reason = self.check_document(tokens, mask, int(self.lengths[idx]))
+        if reason:
+            return self._bad(shard_idx, idx, reason)
         return tokens, mask
 
+    def _read(self, shard_idx: int, local_idx: int) -> dict:
+        self.reads += 1
+        reader = self._reader(shard_idx)
+        try:
+            return reader.get_item(local_idx)
+        except FileNotFoundError:
+            # Evicted from the node's cache since it was fetched: fetch it again, once.
+            self.waits += 1
+            self.local_shard(shard_idx)
+            return reader.get_item(local_idx)
+
+    def check_document(self, tokens: np.ndarray, mask: np.ndarray, length: int) -> str | None:
+        """Why a document is bad (None when it is good): ids, mask values, lengths."""
+        if len(tokens) != length or len(mask) != len(tokens):
+            return (f"{len(tokens)} tokens and {len(mask)} mask entries, "
+                    f"{LENGTHS_FILE} says {length}")
+        if len(tokens):
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.layout.size:
+                return f"token id {lo if lo < 0 else hi} outside the vocabulary layout 0..{self.layout.size - 1}"
+            if int(mask.max()) > 1:
+                return f"loss mask value {int(mask.max())} (must be 0 or 1)"
+        return None
+
+    def _bad(self, shard_idx: int, idx: int, reason: str) -> tuple[np.ndarray, np.ndarray]:
+        where = (f"dataset {self.name} ({self.split}), shard {self.shard_name(shard_idx)}, "
+                 f"document {idx}")
+        if reason.startswith(f"dataset {self.name}"):
+            message = f"{reason} (document {idx})"
+        else:
+            message = f"{where}: {reason}"
+        if not self.skip_bad:
+            raise DatasetError(message + "; set data.skip_bad_documents=true to skip bad documents")
+        if idx not in self._bad_seen:  # each bad document is reported and counted once
+            self._bad_seen.add(idx)
+            self.bad_documents += 1
+            print(f"[soda-mega data] skipped (data.skip_bad_documents, {self.bad_documents} so far "
+                  f"in this process): {message}", file=sys.stderr, flush=True)
+        length = int(self.lengths[idx])
+        return (np.full(length, self.layout.eos_id, dtype=np.int32), np.zeros(length, dtype=np.uint8))
+
+    # ------------------------------------------------------------------ processes
     def __getstate__(self):
-        # Shard readers hold file handles lazily; drop them when sent to a worker process.
+        # Readers, threads and the memory map stay behind; a worker reopens the map (shared pages).
         state = dict(self.__dict__)
-        state["_readers"] = {}
+        for key in ("_readers", "_verified", "_bad_shards", "_bad_seen", "_pool", "_inflight",
+                    "_lock", "_pool_pid"):
+            state.pop(key, None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fresh()
+
+
+def _parse_index(raw: bytes, shown: str) -> dict:
+    try:
+        index = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{shown} is not valid JSON (truncated or damaged?): {err}") from err
+    if not isinstance(index, dict):
+        raise DatasetError(f"{shown}: expected a JSON object")
+    return index
+
+
+def _short(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]

@@ -19,12 +19,14 @@ from soda_mega.tokens import VocabLayout
 
 def write_split(split_dir: Path, layout: VocabLayout, docs: list[np.ndarray], kind: str,
                 split: str = "train", masks: list[np.ndarray] | None = None,
-                compression: str | None = None, size_limit: int = 1 << 12) -> Path:
-    """MDS shards + soda_meta.json + doc_lengths.npy for ``docs`` (one document each)."""
+                compression: str | None = None, size_limit: int = 1 << 12,
+                hashes: list[str] | None = None) -> Path:
+    """MDS shards + soda_meta.json + doc_lengths.npy for ``docs`` (one document each);
+    ``hashes`` (e.g. ``["xxh64"]``) are written into the index for verification on read."""
     split_dir.mkdir(parents=True, exist_ok=True)
     writer_cls = streaming_base().MDSWriter
     with writer_cls(out=str(split_dir), columns=MDS_COLUMNS, compression=compression,
-                    size_limit=size_limit) as writer:
+                    size_limit=size_limit, hashes=hashes or None) as writer:
         for i, doc in enumerate(docs):
             mask = masks[i] if masks else np.ones(len(doc), np.uint8)
             writer.write({"tokens": np.asarray(doc, np.int32), "loss_mask": mask.astype(np.uint8),

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.source import DatasetError
+from soda_mega.data.source import MissingSplitError
 from soda_mega.inference.weights import (CheckpointError, check_same_model, checkpoint_config,
                                          checkpoint_state, resolve_checkpoint)
 from soda_mega.model.accounting import flops_per_token
@@ -170,7 +170,7 @@ class Trainer:
         if cfg.run.eval_interval:
             try:
                 SodaDataLoader(cfg, "valid", num_workers=0)
-            except DatasetError as err:
+            except MissingSplitError as err:  # any other data error (e.g. a vocabulary) stops the run
                 self.has_valid = False
                 if dist.get_rank() == 0:
                     print(f"soda-mega: validation is off: {err}", flush=True)

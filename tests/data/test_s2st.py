@@ -192,11 +192,11 @@ def test_loader_masks_exactly_the_source_part(tmp_path):
     layout = VocabLayout.from_config(cfg.vocab)
     loader = SodaDataLoader(cfg, "train", dp_rank=0, dp_size=1, needs_data=True)
     source = loader.sources[0]
-    plan = loader.plan.clone()  # the windows the loader will read, in order (DP = 1)
+    windows = itertools.count()  # the windows the loader will read, in order (DP = 1)
     mixed_rows = 0
     for batch in itertools.islice(iter(loader), 12):
         for row in range(batch["tokens"].shape[0]):
-            pieces = plan.next_window()
+            pieces = loader.plan.window(next(windows))
             window = np.concatenate([source.get(d)[0][a:b] for _, d, a, b in pieces])
             want = np.concatenate([_rule_mask(source.get(d)[0], layout)[a:b] for _, d, a, b in pieces])
             assert batch["tokens"][row].tolist() == window[:-1].tolist()
