@@ -538,6 +538,7 @@ def _merge(root: Path, plan: Plan, layout: VocabLayout, tokenizer_meta: dict, re
     plan_skips = {s: [] for s in SPLITS}
     for s in plan.skipped:
         plan_skips[split_of(s.record, plan.settings["valid_fraction"])].append(s.to_dict())
+    _check_train_not_empty(plan, markers, plan_skips)
     metas = {}
     for split in SPLITS:
         base = {"kind": plan.kind, "vocab_layout": layout.to_dict(),
@@ -550,6 +551,23 @@ def _merge(root: Path, plan: Plan, layout: VocabLayout, tokenizer_meta: dict, re
         metas[split] = meta
     skipped = [s for m in metas.values() for s in m["skipped"]]
     return BuildResult(str(root), plan.kind, metas, len(plan.units), resumed, plan.records, seconds, skipped)
+
+
+def _check_train_not_empty(plan: Plan, markers: dict[str, dict], plan_skips: dict[str, list]) -> None:
+    """A build without a single training document is a failure, not a dataset (nothing is merged)."""
+    docs = {split: sum(m["splits"][split]["num_docs"] for m in markers.values()) for split in SPLITS}
+    if docs["train"]:
+        return
+    skipped = [s for split in SPLITS for s in plan_skips[split]]
+    skipped += [s for m in markers.values() for split in SPLITS for s in m["splits"][split]["skipped"]]
+    why = f"{plan.records} records, {len(skipped)} skipped"
+    if skipped:
+        why += f" (first: {skipped[0]['record']}: {skipped[0]['reason']})"
+    if docs["valid"]:
+        why += (f"; all {docs['valid']} documents went to the valid split: lower data.valid_fraction "
+                f"(now {plan.settings['valid_fraction']}) or add records")
+    raise BuildError(f"the train split is empty: {why}. The finished work units are kept; fix the "
+                     "inputs or settings and rerun (with --overwrite: they are a new plan)")
 
 
 def summary_lines(result: BuildResult) -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from soda_mega.data.documents import Document
-from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SPLITS
+from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SHARD_HASHES, SPLITS
 from soda_mega.data.streaming_compat import streaming_base
 from soda_mega.tokens.layout import VocabLayout
 
@@ -124,7 +124,7 @@ class UnitWriter:
                 shutil.rmtree(tmp)
             tmp.parent.mkdir(parents=True, exist_ok=True)
             writer = streaming_base().MDSWriter(out=str(tmp), columns=MDS_COLUMNS,
-                                                size_limit=self.size_limit)
+                                                size_limit=self.size_limit, hashes=list(SHARD_HASHES))
             self._writers[split] = writer
         writer.write({"tokens": doc.tokens.astype(np.int32), "loss_mask": doc.loss_mask.astype(np.uint8),
                       "doc_type": doc.doc_type, "record_id": doc.record_id})
