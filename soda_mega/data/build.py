@@ -263,6 +263,7 @@ def _prepare_remote(target: BuildTarget, plan: Plan, stored: dict, overwrite: bo
     if target.listing(PLAN_REL):
         target.fetch([PLAN_REL])
         old = json.loads((target.root / PLAN_REL).read_text())
+        (target.root / PLAN_REL).unlink()
         if old.get("fingerprint") != plan.fingerprint:
             raise BuildError(f"{target.out} holds a build of other inputs or settings (changed: "
                              f"{_changed(old, plan)}); remote outputs are never deleted by soda-mega: "
@@ -303,6 +304,9 @@ def _load_stored_plan(target: BuildTarget) -> dict:
     except json.JSONDecodeError as err:
         raise BuildError(f"{target.out}/{PLAN_REL} is not valid JSON ({err.msg}); rerun `data build` with "
                          "the inputs") from None
+    finally:
+        if target.remote is not None:
+            path.unlink(missing_ok=True)
     if "layout" not in stored:
         raise BuildError(f"{target.out}/{PLAN_REL} was written by an older soda-mega; rerun `data build` "
                          "with the inputs (finished units are reused) instead of --finalize")
