@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -95,8 +94,9 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
         codec = _codec(dict(spec.codec, device=device) if device else spec.codec)
     feeders = None
     if spec.feeders and codec is not None:
-        feeders = ProcessPoolExecutor(spec.feeders, mp_context=mp.get_context("spawn"),
-                                      initializer=_init_feeder)
+        # NOTE: a multiprocessing Pool, not a ProcessPoolExecutor: its processes are daemonic, so
+        # they end with this worker however it ends (a nested executor hung the worker's exit).
+        feeders = mp.get_context("spawn").Pool(spec.feeders, initializer=_init_feeder)
     target = BuildTarget(spec.remote, staging=spec.root) if spec.remote else BuildTarget(spec.root)
     shutdown_worker()
     _STATE.update(spec=spec, layout=layout, queue=progress_queue, target=target, codec=codec,
@@ -111,7 +111,8 @@ def shutdown_worker() -> None:
     """Stop this process's feeders and forget its state."""
     feeders = _STATE.get("feeders")
     if feeders is not None:
-        feeders.shutdown(wait=False, cancel_futures=True)
+        feeders.terminate()
+        feeders.join()
     _STATE.clear()
 
 
@@ -175,6 +176,19 @@ def _init_feeder() -> None:
     import torch
 
     torch.set_num_threads(1)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the worker that started this process dies (even by kill -9)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def decode_for_codec(path: str) -> tuple[np.ndarray | InputError, float]:
@@ -188,23 +202,21 @@ def decode_for_codec(path: str) -> tuple[np.ndarray | InputError, float]:
 
 def _prefetch(paths: Sequence[str | None]) -> None:
     """Hand every audio file of a unit to the feeders now, so decoding runs ahead of the codec."""
-    feeders: ProcessPoolExecutor | None = _STATE.get("feeders")
+    feeders = _STATE.get("feeders")
     if feeders is None:
         return
-    pending: dict[str, list[Future]] = _STATE["prefetch"]
+    pending: dict[str, list] = _STATE["prefetch"]
     pending.clear()
     for path in paths:
         if path is not None:
-            pending.setdefault(path, []).append(feeders.submit(decode_for_codec, path))
+            pending.setdefault(path, []).append(feeders.apply_async(decode_for_codec, (path,)))
 
 
 def _read_audio(path: str) -> tuple[tuple[np.ndarray, int] | InputError, float]:
     queued = _STATE["prefetch"].get(path)
-    if queued:
-        mono, seconds = queued.pop(0).result()
-        return (mono if isinstance(mono, InputError) else (mono, MIMI_SAMPLE_RATE)), seconds
-    if _STATE.get("feeders") is not None:
-        mono, seconds = _STATE["feeders"].submit(decode_for_codec, path).result()
+    if queued or _STATE.get("feeders") is not None:
+        job = queued.pop(0) if queued else _STATE["feeders"].apply_async(decode_for_codec, (path,))
+        mono, seconds = job.get()
         return (mono if isinstance(mono, InputError) else (mono, MIMI_SAMPLE_RATE)), seconds
     try:
         wav, rate = read_audio(path)
