@@ -157,6 +157,44 @@ def run_build(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- data plan
+def register_plan(actions) -> argparse.ArgumentParser:
+    p = actions.add_parser(
+        "plan", help="wall time and GPU-hours of a build, from measured codec rates",
+        description="Project the wall time, GPU-hours and CPU feeders of `data build` for H hours of "
+                    "audio on G GPUs from a benchmarks/bench_codec.py result (measured on a GPU; no GPU "
+                    "rate is ever assumed).")
+    p.add_argument("--hours", type=float, required=True, metavar="H", help="hours of audio to encode")
+    p.add_argument("--gpus", type=int, required=True, metavar="G", help="GPUs running the codec")
+    p.add_argument("--bench", metavar="FILE",
+                   help="bench_codec JSON (python benchmarks/bench_codec.py on a GPU writes "
+                        "benchmarks/results/bench_codec_cuda.json)")
+    p.add_argument("--cpus-per-gpu", type=int, metavar="N",
+                   help="CPU cores per GPU on the build nodes: caps the rate by the measured feeder rate")
+    p.add_argument("--num-codebooks", type=int, metavar="K", help="codebooks per frame for the token count "
+                                                                   "(default: the benchmark's)")
+    p.add_argument("--json", action="store_true", help="print the projection as JSON")
+    p.set_defaults(_data_run=run_plan)
+    return p
+
+
+def run_plan(args) -> int:
+    from soda_mega.data.throughput import ThroughputError, load_rates, plan_lines, project
+
+    if not args.bench:
+        print("soda-mega data plan: needs measured rates: run `python benchmarks/bench_codec.py` on a GPU "
+              "and pass its JSON with --bench FILE (no GPU rate is assumed)", file=sys.stderr)
+        return 2
+    try:
+        proj = project(load_rates(args.bench), args.hours, args.gpus, cpus_per_gpu=args.cpus_per_gpu,
+                       num_codebooks=args.num_codebooks)
+    except ThroughputError as err:
+        print(f"soda-mega data plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(proj, indent=2) if args.json else "\n".join(plan_lines(proj, args.bench)))
+    return 0
+
+
 # ----------------------------------------------------------------- data demo
 def register_demo(actions) -> argparse.ArgumentParser:
     p = actions.add_parser(
@@ -223,7 +261,7 @@ def run_inspect(args) -> int:
     return 0
 
 
-ACTIONS = [register_build, register_demo, register_inspect]
+ACTIONS = [register_build, register_plan, register_demo, register_inspect]
 
 
 def register(sub) -> argparse.ArgumentParser:
