@@ -33,7 +33,8 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_AUDIO_S_PER_S_PER_GPU = 2000.0
 
-FULL = {"batch_sizes": (1, 8, 32, 64, 128), "chunk_seconds": (2.0, 10.0, 30.0), "clip_seconds": 30.0,
+# chunk 10 s (the build's default) first: with a time budget, the most useful rows come first
+FULL = {"batch_sizes": (1, 8, 32, 64, 128), "chunk_seconds": (10.0, 2.0, 30.0), "clip_seconds": 30.0,
         "repeats": 3, "cpu_files": 8, "source_rates": (16000, 44100)}
 FULL_CPU = {"batch_sizes": (1,), "chunk_seconds": (2.0, 10.0), "clip_seconds": 10.0,
             "repeats": 1, "cpu_files": 4, "source_rates": (16000, 44100)}
@@ -157,9 +158,12 @@ def _write_wav(path: Path, wav: np.ndarray, rate: int) -> None:
 
 
 def run(smoke: bool, out_dir: str | Path = RESULTS, *, device: str = "auto", mimi_weights: str | None = None,
-        num_codebooks: int = 8, grid: dict | None = None) -> dict:
+        num_codebooks: int = 8, grid: dict | None = None, budget_s: float | None = None) -> dict:
     """Measure and write ``bench_codec_<device>[_smoke].json`` under ``out_dir``; returns the payload
-    (``payload["rates"]`` is what ``soda-mega data plan`` reads). The GPU campaign's phase."""
+    (``payload["rates"]`` is what ``soda-mega data plan`` reads). The GPU campaign's phase.
+
+    ``budget_s``: encode settings not started within this many seconds are listed as skipped
+    (the CPU side and the all-GPU run still happen)."""
     import torch
 
     from soda_mega.data.codec import resolve_device
@@ -170,12 +174,13 @@ def run(smoke: bool, out_dir: str | Path = RESULTS, *, device: str = "auto", mim
     if smoke:
         torch.set_num_threads(1)  # a shared CI core: threads only add spin-waiting
     try:
-        return _run(smoke, Path(out_dir), dev, mimi_weights, num_codebooks, grid)
+        return _run(smoke, Path(out_dir), dev, mimi_weights, num_codebooks, grid, budget_s)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(smoke: bool, out_dir: Path, dev, mimi_weights: str | None, num_codebooks: int, grid: dict) -> dict:
+def _run(smoke: bool, out_dir: Path, dev, mimi_weights: str | None, num_codebooks: int, grid: dict,
+         budget_s: float | None) -> dict:
     import torch
 
     from soda_mega.data.codec import MimiCodec
@@ -186,6 +191,10 @@ def _run(smoke: bool, out_dir: Path, dev, mimi_weights: str | None, num_codebook
     rows = []
     for chunk in grid["chunk_seconds"]:
         for bs in grid["batch_sizes"]:
+            if budget_s is not None and time.perf_counter() - t_start > budget_s:
+                rows.append({"batch_size": bs, "chunk_seconds": chunk, "clip_seconds": grid["clip_seconds"],
+                             "skipped": f"time budget of {budget_s:.0f} s spent"})
+                continue
             try:
                 rows.append(measure_encode(codec, bs, chunk, grid["clip_seconds"], grid["repeats"]))
             except torch.cuda.OutOfMemoryError as err:
@@ -232,9 +241,9 @@ def markdown(payload: dict) -> str:
              f"{payload['mimi']['num_codebooks']} codebooks)", "",
              "| batch | chunk s | clip s | s/batch | audio s/s |", "|---:|---:|---:|---:|---:|"]
     for row in payload["encode"]:
-        if "error" in row:
+        if "error" in row or "skipped" in row:
             lines.append(f"| {row['batch_size']} | {row['chunk_seconds']} | {row['clip_seconds']} | "
-                         f"{row['error']} | |")
+                         f"{row.get('error') or 'skipped: ' + row['skipped']} | |")
         else:
             lines.append(f"| {row['batch_size']} | {row['chunk_seconds']} | {row['clip_seconds']} | "
                          f"{row['seconds_per_batch']:.4f} | {row['audio_s_per_s']:.1f} |")
@@ -268,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (overrides the grid)")
     p.add_argument("--chunk-seconds", help="comma-separated streaming chunk lengths (overrides the grid)")
     p.add_argument("--clip-seconds", type=float, help="length of each clip (overrides the grid)")
+    p.add_argument("--budget-s", type=float, help="skip the encode settings not started within this time")
     args = p.parse_args(argv)
     grid = None
     if args.batch_sizes or args.chunk_seconds or args.clip_seconds:
@@ -282,7 +292,7 @@ def main(argv=None) -> int:
         if args.clip_seconds:
             grid["clip_seconds"] = args.clip_seconds
     payload = run(args.smoke, args.out_dir, device=args.device, mimi_weights=args.mimi_weights,
-                  num_codebooks=args.num_codebooks, grid=grid)
+                  num_codebooks=args.num_codebooks, grid=grid, budget_s=args.budget_s)
     print(markdown(payload))
     print(f"wrote {payload['path']}")
     return 0
