@@ -64,7 +64,8 @@ def _shorthands(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="PATH",
                    help="local HuggingFace tokenizer.json (= --data.tokenizer=PATH); without: byte-level")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes (= --data.build_workers=N; 0 = in this process)")
+                   help="worker processes of the CPU path (= --data.build_workers=N; 0 = in this process); "
+                        "with GPUs, one codec worker per GPU instead")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a folder that holds another build instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -39,6 +39,7 @@ from soda_mega.tokens.layout import VocabLayout
 
 STATE_DIR = ".build"
 UNITS_DIR = "units"
+MERGED_FILES = ("index.json", LENGTHS_FILE, META_FILE)  # per split, written by the merge
 
 
 def token_counts(layout: VocabLayout, tokens: np.ndarray) -> dict[str, int]:
@@ -191,9 +192,6 @@ def remove_merged_files(root: Path) -> None:
             (root / split / name).unlink(missing_ok=True)
 
 
-MERGED_FILES = ("index.json", LENGTHS_FILE, META_FILE)
-
-
 def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str, dict],
                 meta_base: dict, extra_skipped: list[dict] = (), check_units: bool = True) -> dict:
     """Top-level index.json, doc_lengths.npy and soda_meta.json of one split; returns the meta.
@@ -215,7 +213,10 @@ def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str
         if check_units and not (unit_dir / "index.json").is_file():
             raise RuntimeError(f"{unit_dir} is missing although unit {name} is marked complete; "
                                "delete its marker in .build/units/ and rerun the build")
-        for shard in markers[name]["shards"][split]:
+        unit_shards = markers[name].get("shards", {}).get(split)
+        if unit_shards is None:  # a marker written before markers carried the index
+            unit_shards = json.loads((unit_dir / "index.json").read_text())["shards"]
+        for shard in unit_shards:
             shard = json.loads(json.dumps(shard))
             for key in ("raw_data", "zip_data"):
                 if shard.get(key):

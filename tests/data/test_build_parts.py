@@ -114,3 +114,17 @@ def test_array_launcher_dry_run_prints_the_parts(tmp_path):
     assert any(f"data build --finalize {tmp_path / 'out'}" in line for line in lines)
     assert "sbatch --array=0-2" in proc.stdout
     assert not (tmp_path / "out").exists()  # a dry run builds nothing
+
+
+def test_markers_of_an_older_build_without_the_index_still_merge(tmp_path):
+    manifest = codes_corpus(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    build_dataset(out, [manifest], "speech", tiny_config(), show_progress=False)
+    expected = {k: v for k, v in tree_bytes(out).items() if not k.startswith(".build")}
+    for marker in (out / ".build" / "units").glob("*.json"):
+        old = json.loads(marker.read_text())
+        del old["shards"]
+        marker.write_text(json.dumps(old))
+    again = build_dataset(out, [manifest], "speech", tiny_config(), show_progress=False)
+    assert again.units_resumed == again.units == 2
+    assert {k: v for k, v in tree_bytes(out).items() if not k.startswith(".build")} == expected
