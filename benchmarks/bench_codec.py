@@ -87,7 +87,10 @@ def measure_all_gpus(codecs: list, best: dict, repeats: int) -> dict:
     results: list[dict | BaseException] = [None] * len(codecs)  # type: ignore[list-item]
 
     def work(i: int) -> None:
+        import torch
+
         try:
+            torch.cuda.set_device(codecs[i].device)  # the current device is per thread
             results[i] = measure_encode(codecs[i], best["batch_size"], best["chunk_seconds"],
                                         best["clip_seconds"], repeats)
         except BaseException as err:  # noqa: BLE001 - reported in the result

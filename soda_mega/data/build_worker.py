@@ -89,6 +89,8 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
         torch.set_num_threads(spec.threads)
     layout = VocabLayout.from_dict(spec.layout)
     device = device_for_slot(spec.devices, _take_slot(slots)) if spec.devices else None
+    if device and device.startswith("cuda:"):
+        torch.cuda.set_device(device)  # anything made on "cuda" without an index lands here too
     codec = None
     if spec.codec:
         codec = _codec(dict(spec.codec, device=device) if device else spec.codec)
