@@ -54,8 +54,8 @@ from typing import Callable, Sequence
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
-from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, shutdown_worker, split_of,
-                                         worker_device)
+from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, set_progress, shutdown_worker,
+                                         split_of, worker_device)
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, file_sha256, mimi_metadata,
                                   precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.devices import codec_devices, feeders_per_device
@@ -450,9 +450,7 @@ def _unit_records(kind: str, items: list) -> int:
 
 def _run_inline(spec, pending, progress, on_unit_done, completed, worker_devices) -> None:
     init_worker(spec, None)
-    from soda_mega.data import build_worker
-
-    build_worker._STATE["progress"] = progress
+    set_progress(progress)
     worker_devices[str(os.getpid())] = worker_device()
     try:
         for name, items in pending:

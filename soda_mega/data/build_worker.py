@@ -122,6 +122,11 @@ def worker_device() -> str | None:
     return _STATE.get("device")
 
 
+def set_progress(progress) -> None:
+    """In-process builds report to this :class:`~soda_mega.data.progress.Progress` directly."""
+    _STATE["progress"] = progress
+
+
 def _report(records: int, seconds: float = 0.0, skipped: int = 0) -> None:
     q = _STATE.get("queue")
     if q is not None:
