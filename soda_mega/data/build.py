@@ -63,7 +63,7 @@ from soda_mega.data.inputs import (Skipped, plan_text, read_manifest, read_s2st_
                                    text_format)
 from soda_mega.data.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
-from soda_mega.data.target import BuildTarget, is_remote
+from soda_mega.data.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
                                    clean_partial_units, marker_path, marker_rel, merge_split,
