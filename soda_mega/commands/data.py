@@ -33,8 +33,17 @@ inputs:
                    <|audio_start|> target audio <|audio_end|> EOS, with the source part (up to
                    the target's <|text_start|>) masked out of the loss. Fine-tune on it with
                    launchers/configs/s2st-finetune.yaml and --training.init_from=CHECKPOINT.
-output: OUT/train and OUT/valid (MDS shards, soda_meta.json, doc_lengths.npy). An interrupted
-build resumes when rerun with the same command. Bad records are reported, counted in
+output: OUT/train and OUT/valid (MDS shards with xxh64 hashes, soda_meta.json, doc_lengths.npy).
+OUT may be remote (s3://bucket/prefix, gs://, oci://, hf://: whatever mosaicml-streaming uploads
+to; credentials and endpoint from its environment variables, e.g. S3_ENDPOINT_URL): shards are
+staged in --staging DIR (default: a temporary folder) and uploaded as they are written.
+An interrupted build resumes when rerun with the same command.
+many machines: run the same command with --part I/N on N machines (or as a SLURM job array:
+SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT choose the part; launchers/data_build.sbatch); each
+builds every N-th work unit into the same OUT, the last to finish merges (or run
+`soda-mega data build --finalize OUT`). The result equals a one-machine build byte for byte.
+GPUs: the codec runs on every visible GPU (one codec worker each, fed by CPU processes that
+decode and resample audio); --data.codec_devices=[cuda:0,cuda:1] chooses them. Bad records are reported, counted in
 soda_meta.json "skipped", and left out. Build settings are the data.* config fields (see
 `soda-mega config --fields`), e.g. --data.valid_fraction=0.02 --data.doc_types=[audio_first,speech_only].
 The embedded demo corpus (espeak-ng speech + a shipped text corpus): `soda-mega data demo OUT`.
@@ -55,7 +64,8 @@ def _shorthands(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="PATH",
                    help="local HuggingFace tokenizer.json (= --data.tokenizer=PATH); without: byte-level")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes (= --data.build_workers=N; 0 = in this process)")
+                   help="worker processes of the CPU path (= --data.build_workers=N; 0 = in this process); "
+                        "with GPUs, one codec worker per GPU instead")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a folder that holds another build instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -92,14 +102,24 @@ def register_build(actions) -> argparse.ArgumentParser:
                     "text-only, or speech-to-speech translation pairs for fine-tuning) and write them "
                     "as MDS shards with train/valid splits.",
         epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", metavar="OUT", help="dataset folder to create (or resume)")
-    group = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("out", metavar="OUT", help="dataset folder or remote prefix (s3://...) to create or resume")
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--manifest", action="append", metavar="FILE",
                        help="recording manifest (JSONL); repeat for several")
     group.add_argument("--text", action="append", metavar="FILE",
                        help="text corpus (.jsonl or plain text); repeat for several")
     group.add_argument("--s2st", action="append", metavar="FILE",
                        help="speech-to-speech translation pair manifest (JSONL); repeat for several")
+    group.add_argument("--finalize", action="store_true",
+                       help="only merge OUT (index, lengths, metadata) once every part has built its units; "
+                            "needs no inputs")
+    p.add_argument("--part", metavar="I/N",
+                   help="build only part I of N (0 <= I < N: every N-th work unit from I) into the shared "
+                        "OUT; default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT inside a job array, "
+                        "else the whole build")
+    p.add_argument("--staging", metavar="DIR",
+                   help="local folder shards pass through on their way to a remote OUT (default: a "
+                        "temporary folder, removed at the end)")
     add_config_arguments(p)
     _shorthands(p)
     p.set_defaults(_data_run=run_build)
@@ -107,14 +127,26 @@ def register_build(actions) -> argparse.ArgumentParser:
 
 
 def run_build(args) -> int:
-    from soda_mega.data.build import BuildError, build_dataset
+    from soda_mega.data.build import BuildError, build_dataset, finalize_dataset, parse_part, part_from_env
 
-    cfg = load_config(args.config, args.preset, _overrides(args))
-    kind, inputs = next((k, v) for k, v in (("speech", args.manifest), ("text", args.text),
-                                             ("s2st", args.s2st)) if v)
+    inputs = [(k, v) for k, v in (("speech", args.manifest), ("text", args.text), ("s2st", args.s2st)) if v]
     try:
-        result = build_dataset(args.out, inputs, kind, cfg, overwrite=args.overwrite,
-                               show_progress=not args.quiet)
+        part = parse_part(args.part) if args.part else part_from_env()
+    except BuildError as err:
+        print(f"soda-mega data build: {err}", file=sys.stderr)
+        return 2
+    if not args.finalize and not inputs:
+        print("soda-mega data build: give inputs (--manifest, --text or --s2st FILE), or --finalize OUT",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.finalize:
+            result = finalize_dataset(args.out, staging=args.staging, show_progress=not args.quiet)
+        else:
+            cfg = load_config(args.config, args.preset, _overrides(args))
+            kind, files = inputs[0]
+            result = build_dataset(args.out, files, kind, cfg, overwrite=args.overwrite,
+                                   show_progress=not args.quiet, part=part, staging=args.staging)
     except BuildError as err:
         print(f"soda-mega data build: {err}", file=sys.stderr)
         return 1
@@ -123,6 +155,44 @@ def run_build(args) -> int:
               f"command to resume", file=sys.stderr)
         return 130
     _print_results(args, [result])
+    return 0
+
+
+# ----------------------------------------------------------------- data plan
+def register_plan(actions) -> argparse.ArgumentParser:
+    p = actions.add_parser(
+        "plan", help="wall time and GPU-hours of a build, from measured codec rates",
+        description="Project the wall time, GPU-hours and CPU feeders of `data build` for H hours of "
+                    "audio on G GPUs from a benchmarks/bench_codec.py result (measured on a GPU; no GPU "
+                    "rate is ever assumed).")
+    p.add_argument("--hours", type=float, required=True, metavar="H", help="hours of audio to encode")
+    p.add_argument("--gpus", type=int, required=True, metavar="G", help="GPUs running the codec")
+    p.add_argument("--bench", metavar="FILE",
+                   help="bench_codec JSON (python benchmarks/bench_codec.py on a GPU writes "
+                        "benchmarks/results/bench_codec_cuda.json)")
+    p.add_argument("--cpus-per-gpu", type=int, metavar="N",
+                   help="CPU cores per GPU on the build nodes: caps the rate by the measured feeder rate")
+    p.add_argument("--num-codebooks", type=int, metavar="K", help="codebooks per frame for the token count "
+                                                                   "(default: the benchmark's)")
+    p.add_argument("--json", action="store_true", help="print the projection as JSON")
+    p.set_defaults(_data_run=run_plan)
+    return p
+
+
+def run_plan(args) -> int:
+    from soda_mega.data.throughput import ThroughputError, load_rates, plan_lines, project
+
+    if not args.bench:
+        print("soda-mega data plan: needs measured rates: run `python benchmarks/bench_codec.py` on a GPU "
+              "and pass its JSON with --bench FILE (no GPU rate is assumed)", file=sys.stderr)
+        return 2
+    try:
+        proj = project(load_rates(args.bench), args.hours, args.gpus, cpus_per_gpu=args.cpus_per_gpu,
+                       num_codebooks=args.num_codebooks)
+    except ThroughputError as err:
+        print(f"soda-mega data plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(proj, indent=2) if args.json else "\n".join(plan_lines(proj, args.bench)))
     return 0
 
 
@@ -204,7 +274,7 @@ def run_inspect(args) -> int:
     return 0
 
 
-ACTIONS = [register_build, register_demo, register_inspect]
+ACTIONS = [register_build, register_plan, register_demo, register_inspect]
 
 
 def register(sub) -> argparse.ArgumentParser:

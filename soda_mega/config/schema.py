@@ -10,6 +10,7 @@ before any model is built, with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -232,6 +233,11 @@ class DataConfig:
                                        "paragraph, or per line", choices=("paragraph", "line"))
     codec_device: str = fld("auto", "device that runs Mimi (auto = cuda when available)",
                             choices=("auto", "cpu", "cuda"))
+    codec_devices: list[str] = fld(
+        help="devices that run Mimi in a build, one codec worker each, fed by CPU processes that decode "
+             "and resample audio (empty = every visible GPU when codec_device allows, else the CPU "
+             "path of build_workers); e.g. [cuda:0, cuda:1]; cpu:N names run that path on CPU",
+        default_factory=list)
     encode_batch_size: int = fld(8, "recordings Mimi encodes together in one padded batch on GPU "
                                     "(CPU encodes one at a time)", ge=1)
     encode_chunk_seconds: float = fld(10.0, "audio per Mimi streaming step (bounds memory on long "
@@ -251,6 +257,10 @@ class DataConfig:
             )
         if len(set(self.doc_types)) != len(self.doc_types):
             raise ConfigError("data.doc_types: each type may appear once")
+        bad = [d for d in self.codec_devices if not re.match(r"^(cpu|cuda)(:\d+)?$", str(d))]
+        if bad:
+            raise ConfigError(f"data.codec_devices: {', '.join(map(repr, bad))} is not a device; "
+                              "use cuda:N (or cpu:N to run the device path on CPU)")
 
 
 @dataclass

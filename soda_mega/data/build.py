@@ -11,17 +11,27 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
    manifest names) and every setting that changes the output (not the device, batch size or
    streaming step, which change speed only); it is kept in ``.build/plan.json`` and a folder
    holding another plan is never resumed silently.
-2. **Work** (``data.build_workers`` spawned processes, or in-process for 0): each unit's
-   recordings are read, encoded with Mimi (or taken from ``.npy`` codes), tokenized and
-   turned into documents (both sides of an s2st pair go through the codec in the same
-   batches as recordings do); each record goes to ``train`` or ``valid`` by a hash of its id,
-   so both interleaved orders of a recording always land in the same split and the split
-   does not depend on input order or worker count. Units are written by
+2. **Work** (:mod:`.build_worker`; ``data.build_workers`` spawned processes on the CPU path,
+   one codec worker per device on the device path of :mod:`.devices`, or in-process): each
+   unit's recordings are read, encoded with Mimi (or taken from ``.npy`` codes), tokenized and
+   turned into documents; each record goes to ``train`` or ``valid`` by a hash of its id, so
+   the split does not depend on input order, worker count or device. Units are written by
    :class:`~soda_mega.data.writer.UnitWriter` (temp folder, rename, then marker).
 3. **Merge** (parent): per split, the units' shards are indexed in unit order and
-   ``doc_lengths.npy`` and ``soda_meta.json`` are written (see :mod:`.schema`).
+   ``doc_lengths.npy`` and ``soda_meta.json`` are written (see :mod:`.schema`), from the unit
+   markers alone. A build without a single train document fails here.
 
-Rerunning an interrupted build skips the marked units, deletes half-written ones and
+**Parts.** ``part=(i, n)`` (``data build --part I/N``, or a SLURM job array) builds only the
+units ``u`` with ``u % n == i`` into the same ``OUT``, so any number of machines share one
+build. Every part writes the same plan; the part that finds every unit marked when it ends
+merges (or ``data build --finalize OUT`` does). Units, markers and merge are the same code as a
+one-machine build, so the result is the same bytes, whatever the order parts run or rerun in.
+
+**Remote OUT** (``s3://...``, :mod:`.target`): shards are staged locally and uploaded by
+streaming's ``MDSWriter`` as they are written; markers, plan and merged index follow through
+streaming's ``CloudUploader``. The bytes under the prefix equal those of a local build.
+
+Rerunning an interrupted build (or part) skips the marked units, deletes half-written ones and
 produces the same bytes as an uninterrupted build. Bad records are named on stderr, counted
 in ``skipped`` and never stop the build; real failures (a bug, out of memory) do stop it,
 and the finished units are kept for the rerun.
@@ -42,25 +52,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
-from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, MIMI_FRAME_RATE, MimiCodec, file_sha256,
-                                  mimi_metadata, precomputed_codec_metadata, warn_random_init)
-from soda_mega.data.documents import (recording_documents, s2st_document, segment_frames,
-                                      text_document)
-from soda_mega.data.inputs import (InputError, Recording, S2STPair, Skipped, TextRange, load_codes,
-                                   plan_text, read_audio, read_manifest, read_s2st_manifest,
-                                   read_text_range, text_format)
+from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, set_progress, shutdown_worker,
+                                         split_of, worker_device)
+from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, file_sha256, mimi_metadata,
+                                  precomputed_codec_metadata, warn_random_init)
+from soda_mega.data.devices import codec_devices, feeders_per_device
+from soda_mega.data.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
+                                   text_format)
 from soda_mega.data.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
+from soda_mega.data.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
-from soda_mega.data.writer import (STATE_DIR, UnitWriter, atomic_write_text, clean_partial_units,
-                                   marker_path, merge_split, remove_merged_files)
+from soda_mega.data.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
+                                   clean_partial_units, marker_path, marker_rel, merge_split,
+                                   remove_merged_files)
 from soda_mega.tokens.layout import VocabLayout
 
+__all__ = ["BuildError", "BuildResult", "build_dataset", "finalize_dataset", "make_plan", "parse_part",
+           "part_from_env", "part_units", "result_dict", "split_of", "summary_lines"]
+
 PLAN_FILE = "plan.json"
+PLAN_REL = f"{STATE_DIR}/{PLAN_FILE}"
 KINDS = ("speech", "text", "s2st")
 # Kinds whose records hold audio (recordings, translation pairs), planned as manifests.
 AUDIO_KINDS = ("speech", "s2st")
@@ -70,234 +84,65 @@ class BuildError(RuntimeError):
     """The build cannot start or continue; the message says what to do."""
 
 
-def split_of(record_id: str, valid_fraction: float) -> str:
-    """``valid`` for a stable ``valid_fraction`` share of record ids, else ``train``."""
-    h = int.from_bytes(hashlib.sha256(record_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return "valid" if h / 2.0**64 < valid_fraction else "train"
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs (picklable)."""
-
-    root: str
-    kind: str
-    layout: dict
-    tokenizer: str | None
-    doc_types: tuple[str, ...]
-    valid_fraction: float
-    shard_size_limit: int
-    codec: dict | None = None  # MimiCodec kwargs, None when no record needs encoding
-    threads: int = 0  # torch threads per worker (0 = leave torch's default)
-
-
 @dataclass
 class BuildResult:
-    """What a build produced (also printed by the CLI)."""
+    """What a build (or one part of it) produced (also printed by the CLI)."""
 
     root: str
     kind: str
-    splits: dict[str, dict]
+    splits: dict[str, dict]  # empty until the dataset is merged (finalized)
     units: int
     units_resumed: int
     records: int
     seconds: float
     skipped: list[dict] = field(default_factory=list)
+    finalized: bool = True
+    part: str | None = None  # "I/N" for one part of a split build
+    units_built: int = 0  # units this run built
+    units_missing: int = 0  # units of the plan not marked yet (other parts still running)
+    worker_devices: dict[str, str | None] = field(default_factory=dict)  # worker pid -> codec device
 
 
-# ----------------------------------------------------------------- worker side
-_STATE: dict = {}
-# NOTE: the last codec built in this process, reused by the next in-process build with the same
-# settings (the demo builds twice; tests build many times): building Mimi takes seconds.
-_CODEC_CACHE: dict[str, MimiCodec] = {}
+def unit_name(index: int) -> str:
+    return f"u{index:06d}"
 
 
-def _codec(settings: dict) -> MimiCodec:
-    runtime = {k: settings[k] for k in ("chunk_seconds", "batch_size")}
-    key = json.dumps({k: v for k, v in settings.items() if k not in runtime}, sort_keys=True)
-    if key not in _CODEC_CACHE:
-        _CODEC_CACHE.clear()
-        _CODEC_CACHE[key] = MimiCodec(**settings, warn=False)
-    codec = _CODEC_CACHE[key]
-    codec.configure(**runtime)
-    return codec
-
-
-def _init_worker(spec: WorkerSpec, progress_queue=None) -> None:
-    import torch
-
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    layout = VocabLayout.from_dict(spec.layout)
-    _STATE.clear()
-    _STATE.update(spec=spec, layout=layout, queue=progress_queue,
-                  tokenizer=load_tokenizer(spec.tokenizer, layout, announce=False),
-                  codec=_codec(spec.codec) if spec.codec else None)
-
-
-def _report(records: int, seconds: float = 0.0, skipped: int = 0) -> None:
-    q = _STATE.get("queue")
-    if q is not None:
-        q.put((records, seconds, skipped))
-    elif _STATE.get("progress") is not None:
-        _STATE["progress"].advance(records, seconds, skipped)
-
-
-def _skip(writer: UnitWriter, split: str, record: str, reason: str) -> None:
-    print(f"[soda-mega data] skipped {record}: {reason}", file=sys.stderr, flush=True)
-    writer.stats[split].skipped.append(Skipped(record, reason).to_dict())
-
-
-def _encode_text(text: str) -> list[int]:
+# ----------------------------------------------------------------- parts
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (0 <= I < N) -> ``(I, N)``; ``BuildError`` naming the value otherwise."""
     try:
-        return _STATE["tokenizer"].encode(text)
-    except UnicodeEncodeError as err:
-        raise InputError(f"text is not valid Unicode ({err.reason} at {err.start})") from None
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise BuildError(f"--part {text!r}: give I/N, e.g. 0/4 for the first of 4 parts") from None
+    if n < 1 or not 0 <= i < n:
+        raise BuildError(f"--part {text!r}: need 0 <= I < N")
+    return i, n
 
 
-def _recording_docs(rec: Recording, codes: np.ndarray, frame_rate: float):
-    spec: WorkerSpec = _STATE["spec"]
-    num_frames = codes.shape[1]
-    segments = None
-    if rec.segments:
-        segments = []
-        for seg in rec.segments:
-            first, stop = segment_frames(seg.start, seg.end, frame_rate, num_frames)
-            if first >= num_frames:
-                raise InputError(f"segment at {seg.start:.2f} s starts after the end of the audio "
-                                 f"({num_frames / frame_rate:.2f} s)")
-            if stop <= first:
-                raise InputError(f"segment {seg.start:.2f}-{seg.end} s covers no audio frame")
-            segments.append((first, stop, _encode_text(seg.text)))
-    docs = recording_documents(_STATE["layout"], rec.record_id, codes, segments, spec.doc_types)
-    if not docs:
-        raise InputError("no transcript, and data.doc_types has no audio-only type "
-                         "(speech_only, semantic_only) to build from untranscribed audio")
-    return docs
+def part_from_env(env: dict | None = None) -> tuple[int, int] | None:
+    """The part of a SLURM array task: ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of
+    ``SLURM_ARRAY_TASK_COUNT`` (None outside a job array)."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    try:
+        task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    except ValueError:
+        raise BuildError("SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_MIN are not "
+                         "integers") from None
+    return parse_part(f"{task - first}/{count}")
 
 
-def _frame_rate() -> float:
-    codec = _STATE["codec"]
-    return codec.frame_rate if codec else MIMI_FRAME_RATE
+def part_units(num_units: int, part: tuple[int, int] | None) -> list[int]:
+    """Indices of the units part ``(i, n)`` builds: every n-th from i (all for None).
 
-
-def _batch_size() -> int:
-    codec = _STATE["codec"]
-    return codec.batch_size if codec else 1
-
-
-def _load_codes(sources: Sequence[tuple[str | None, str | None]]) -> list[tuple]:
-    """``(codes [K, T] | InputError, seconds)`` for each ``(audio file, codes file)`` source.
-
-    Pre-encoded codes are read and checked; all audio files of the list are encoded in one
-    :meth:`~soda_mega.data.codec.MimiCodec.encode_batch` call (padded GPU batches of
-    ``data.encode_batch_size``). An unusable source comes back as its ``InputError``.
-    """
-    layout: VocabLayout = _STATE["layout"]
-    loaded: list[list] = []  # [codes | (wav, rate) | InputError, seconds]
-    for audio, codes_path in sources:
-        try:
-            if codes_path is not None:
-                codes = load_codes(codes_path, layout.num_codebooks, layout.codebook_size)
-                loaded.append([codes, codes.shape[1] / _frame_rate()])
-            else:
-                wav, rate = read_audio(audio)
-                loaded.append([(wav, rate), wav.shape[1] / rate])
-        except InputError as err:
-            loaded.append([err, 0.0])
-    todo = [item for item in loaded if isinstance(item[0], tuple)]
-    if todo:
-        encoded = _STATE["codec"].encode_batch([i[0][0] for i in todo], [i[0][1] for i in todo])
-        for item, codes in zip(todo, encoded):
-            item[0] = codes.numpy()
-    return [tuple(item) for item in loaded]
-
-
-def _speech_unit(writer: UnitWriter, recordings: Sequence[Recording]) -> None:
-    spec: WorkerSpec = _STATE["spec"]
-    frame_rate = _frame_rate()
-    batch = _batch_size()
-    for start in range(0, len(recordings), batch):
-        group = recordings[start:start + batch]
-        sides = _load_codes([(r.audio, r.codes) for r in group])
-        for rec, (codes, seconds) in zip(group, sides):
-            split = split_of(rec.record_id, spec.valid_fraction)
-            name = f"{rec.record_id} ({rec.where})"
-            try:
-                if isinstance(codes, InputError):
-                    raise codes
-                docs = _recording_docs(rec, codes, frame_rate)
-            except InputError as err:
-                _skip(writer, split, name, str(err))
-                _report(1, 0.0, 1)
-                continue
-            for doc in docs:
-                writer.write(split, doc)
-            writer.stats[split].num_records += 1
-            writer.stats[split].audio_seconds += seconds
-            _report(1, seconds)
-
-
-def _s2st_unit(writer: UnitWriter, pairs: Sequence[S2STPair]) -> None:
-    spec: WorkerSpec = _STATE["spec"]
-    batch = _batch_size()
-    for start in range(0, len(pairs), batch):
-        group = pairs[start:start + batch]
-        sides = _load_codes([side for p in group for side in ((p.source_audio, p.source_codes),
-                                                                (p.target_audio, p.target_codes))])
-        for i, pair in enumerate(group):
-            (src, src_s), (tgt, tgt_s) = sides[2 * i], sides[2 * i + 1]
-            split = split_of(pair.record_id, spec.valid_fraction)
-            try:
-                for side, codes in (("source", src), ("target", tgt)):
-                    if isinstance(codes, InputError):
-                        raise InputError(f"{side}: {codes}")
-                doc = s2st_document(_STATE["layout"], pair.record_id, src,
-                                    _encode_text(pair.source_text), _encode_text(pair.target_text), tgt)
-            except InputError as err:
-                _skip(writer, split, f"{pair.record_id} ({pair.where})", str(err))
-                _report(1, 0.0, 1)
-                continue
-            writer.write(split, doc)
-            writer.stats[split].num_records += 1
-            writer.stats[split].audio_seconds += src_s + tgt_s
-            _report(1, src_s + tgt_s)
-
-
-def _text_unit(writer: UnitWriter, ranges: Sequence[TextRange]) -> None:
-    spec: WorkerSpec = _STATE["spec"]
-    pending = 0
-    for r in ranges:
-        for item in read_text_range(r):
-            if isinstance(item, Skipped):
-                _skip(writer, split_of(item.record, spec.valid_fraction), item.record, item.reason)
-                _report(pending + 1, 0.0, 1)
-                pending = 0
-                continue
-            split = split_of(item.record_id, spec.valid_fraction)
-            try:
-                doc = text_document(_STATE["layout"], item.record_id, _encode_text(item.text))
-            except InputError as err:
-                _skip(writer, split, item.record_id, str(err))
-                _report(pending + 1, 0.0, 1)
-                pending = 0
-                continue
-            writer.write(split, doc)
-            writer.stats[split].num_records += 1
-            pending += 1
-            if pending >= 256:
-                _report(pending)
-                pending = 0
-    if pending:
-        _report(pending)
-
-
-def run_unit(name: str, items: Sequence) -> dict:
-    """Build one work unit and mark it complete; returns its marker."""
-    spec: WorkerSpec = _STATE["spec"]
-    writer = UnitWriter(Path(spec.root), name, _STATE["layout"], spec.shard_size_limit)
-    {"speech": _speech_unit, "text": _text_unit, "s2st": _s2st_unit}[spec.kind](writer, items)
-    return writer.commit()
+    Round robin, so neighbouring units (often of similar size: one input file) spread over the
+    parts; the shares are disjoint and together cover every unit."""
+    if part is None:
+        return list(range(num_units))
+    i, n = part
+    return list(range(i, num_units, n))
 
 
 # ----------------------------------------------------------------- planning
@@ -312,6 +157,12 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:24]
+
+    def stored(self, layout: VocabLayout) -> dict:
+        """``.build/plan.json``: everything the merge needs (``--finalize`` reads only this)."""
+        return {"fingerprint": self.fingerprint, "settings": self.settings, "units": len(self.units),
+                "records": self.records, "layout": layout.to_dict(),
+                "skipped": [s.to_dict() for s in self.skipped]}
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -363,33 +214,103 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         "text_split": data.text_split if kind == "text" else None,
         "inputs": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in inputs],
     }
-    named = [(f"u{i:06d}", items) for i, items in enumerate(units)]
+    named = [(unit_name(i), items) for i, items in enumerate(units)]
     return Plan(kind, named, skipped, records + len(skipped), settings)
 
 
-def _prepare_root(root: Path, plan: Plan, overwrite: bool) -> None:
-    """Start, resume or refuse: a folder holding another plan needs ``overwrite``."""
+
+# ----------------------------------------------------------------- the output folder
+def _changed(old: dict, plan: Plan) -> str:
+    changed = sorted(k for k in set(old.get("settings", {})) | set(plan.settings)
+                     if old.get("settings", {}).get(k) != plan.settings.get(k))
+    return ", ".join(changed) or "format"
+
+
+def _prepare_local(root: Path, plan: Plan, stored: dict, overwrite: bool) -> None:
+    """Start, resume or refuse a local folder: one holding another plan needs ``overwrite``.
+
+    Parts of one build start at the same time: a folder holding only ``.build`` (without unit
+    markers) is a fresh build another part has just begun, and nothing is deleted then."""
     state = root / STATE_DIR
-    plan_path = state / PLAN_FILE
+    plan_path = root / PLAN_REL
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
-        if old.get("fingerprint") != plan.fingerprint and not overwrite:
-            changed = sorted(k for k in set(old.get("settings", {})) | set(plan.settings)
-                             if old.get("settings", {}).get(k) != plan.settings.get(k))
-            raise BuildError(f"{root} holds a build of other inputs or settings (changed: "
-                             f"{', '.join(changed) or 'format'}); pass --overwrite to replace it, "
-                             "or build into another folder")
         if old.get("fingerprint") == plan.fingerprint:
+            if old != stored:  # written by an older version: same plan, more fields
+                atomic_write_text(plan_path, json.dumps(stored, indent=2))
             return
-    elif root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise BuildError(f"{root} exists and is not a soda-mega build folder; pass --overwrite to build "
-                         "into it anyway, or pick an empty or new folder")
-    for name in (*SPLITS, STATE_DIR):
-        shutil.rmtree(root / name, ignore_errors=True)
+        if not overwrite:
+            raise BuildError(f"{root} holds a build of other inputs or settings (changed: "
+                             f"{_changed(old, plan)}); pass --overwrite to replace it, "
+                             "or build into another folder")
+        wipe = True
+    else:
+        foreign = root.is_dir() and any(p.name != STATE_DIR for p in root.iterdir())
+        markers = (state / UNITS_DIR).is_dir() and any((state / UNITS_DIR).iterdir())
+        if (foreign or markers) and not overwrite:
+            raise BuildError(f"{root} exists and is not a soda-mega build folder; pass --overwrite to build "
+                             "into it anyway, or pick an empty or new folder")
+        wipe = foreign or markers
+    if wipe:
+        for name in (*SPLITS, STATE_DIR):
+            shutil.rmtree(root / name, ignore_errors=True)
     state.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan_path, json.dumps({"fingerprint": plan.fingerprint, "settings": plan.settings,
-                                             "units": len(plan.units),
-                                             "skipped": [s.to_dict() for s in plan.skipped]}, indent=2))
+    atomic_write_text(plan_path, json.dumps(stored, indent=2))
+
+
+def _prepare_remote(target: BuildTarget, plan: Plan, stored: dict, overwrite: bool) -> None:
+    """The same for a remote prefix; there, nothing is ever deleted (no ``--overwrite``)."""
+    if target.listing(PLAN_REL):
+        target.fetch([PLAN_REL])
+        old = json.loads((target.root / PLAN_REL).read_text())
+        (target.root / PLAN_REL).unlink()
+        if old.get("fingerprint") != plan.fingerprint:
+            raise BuildError(f"{target.out} holds a build of other inputs or settings (changed: "
+                             f"{_changed(old, plan)}); remote outputs are never deleted by soda-mega: "
+                             "build into another prefix, or delete this one yourself")
+        if old == stored:
+            return
+    elif target.listing(""):
+        raise BuildError(f"{target.out} is not empty and holds no soda-mega build; build into an empty "
+                         "prefix")
+    if overwrite:
+        print(f"[soda-mega data] --overwrite has no effect on a remote OUT ({target.out})", file=sys.stderr)
+    path = target.root / PLAN_REL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(stored, indent=2))
+    target.publish(PLAN_REL)
+
+
+def _marked_units(target: BuildTarget, names: Sequence[str]) -> set[str]:
+    """The units of ``names`` whose completion marker exists (locally, or on the remote)."""
+    if target.remote is None:
+        return {n for n in names if marker_path(target.root, n).is_file()}
+    listed = {Path(k).stem for k in target.listing(f"{STATE_DIR}/{UNITS_DIR}/") if k.endswith(".json")}
+    return listed & set(names)
+
+
+def _load_stored_plan(target: BuildTarget) -> dict:
+    if target.remote is not None:
+        if not target.listing(PLAN_REL):
+            raise BuildError(f"{target.out} holds no soda-mega build (no {PLAN_REL}); run `data build` "
+                             "with the inputs first")
+        target.fetch([PLAN_REL])
+    path = target.root / PLAN_REL
+    if not path.is_file():
+        raise BuildError(f"{target.out} holds no soda-mega build (no {PLAN_REL}); run `data build` with "
+                         "the inputs first")
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BuildError(f"{target.out}/{PLAN_REL} is not valid JSON ({err.msg}); rerun `data build` with "
+                         "the inputs") from None
+    finally:
+        if target.remote is not None:
+            path.unlink(missing_ok=True)
+    if "layout" not in stored:
+        raise BuildError(f"{target.out}/{PLAN_REL} was written by an older soda-mega; rerun `data build` "
+                         "with the inputs (finished units are reused) instead of --finalize")
+    return stored
 
 
 # ----------------------------------------------------------------- the build
@@ -402,12 +323,17 @@ def _cpu_count() -> int:
 
 def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg: SodaConfig, *,
                   overwrite: bool = False, workers: int | None = None, show_progress: bool = True,
-                  on_unit_done: Callable[[str, int], None] | None = None) -> BuildResult:
+                  on_unit_done: Callable[[str, int], None] | None = None,
+                  part: tuple[int, int] | None = None, staging: str | Path | None = None) -> BuildResult:
     """Build (or resume) one dataset of ``kind``: ``speech`` from recording manifests, ``text``
     from corpora, ``s2st`` from translation-pair manifests.
 
-    ``workers`` overrides ``cfg.data.build_workers``. ``on_unit_done(name, completed)`` is called
-    in this process after each unit is marked complete (tests use it to interrupt a build).
+    ``out`` is a folder or a remote prefix (``s3://bucket/ds``; ``staging`` is then the local
+    folder shards pass through, a temporary one by default). ``part=(i, n)`` builds only that
+    share of the units (see the module docstring); the dataset is merged when every unit of the
+    plan is marked. ``workers`` overrides ``cfg.data.build_workers``. ``on_unit_done(name,
+    completed)`` is called in this process after each unit is marked complete (tests use it to
+    interrupt a build).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -418,7 +344,6 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
         if not Path(path).is_file():
             raise BuildError(f"input {path} does not exist")
     t0 = time.monotonic()
-    root = Path(out)
     data = cfg.data
     layout = VocabLayout.from_config(cfg.vocab)
     tokenizer = load_tokenizer(data.tokenizer, layout, announce=show_progress)
@@ -437,47 +362,96 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
         return mimi_metadata(layout.num_codebooks, weights, weights_sha, data.mimi_seed)
 
     plan = make_plan(kind, inputs, cfg, layout, tokenizer.metadata(), codec_meta)
-    _prepare_root(root, plan, overwrite)
-    for s in plan.skipped:
-        print(f"[soda-mega data] skipped {s.record}: {s.reason}", file=sys.stderr)
-    removed = clean_partial_units(root)
-    done = {name for name, _ in plan.units if marker_path(root, name).is_file()}
-    pending = [(name, items) for name, items in plan.units if name not in done]
+    stored = plan.stored(layout)
+    target = BuildTarget(out, staging)
+    try:
+        return _build(target, plan, stored, cfg, overwrite, workers, show_progress, on_unit_done, part, t0)
+    finally:
+        target.close()
+
+
+def _build(target: BuildTarget, plan: Plan, stored: dict, cfg: SodaConfig, overwrite: bool,
+           workers: int | None, show_progress: bool, on_unit_done, part, t0: float) -> BuildResult:
+    data = cfg.data
+    root = target.root
+    if target.remote is None:
+        _prepare_local(root, plan, stored, overwrite)
+    else:
+        _prepare_remote(target, plan, stored, overwrite)
+    if part is None or part[0] == 0:  # bad manifest lines: said once, by the first part
+        for s in plan.skipped:
+            print(f"[soda-mega data] skipped {s.record}: {s.reason}", file=sys.stderr)
+    names = [name for name, _ in plan.units]
+    share = [plan.units[i] for i in part_units(len(plan.units), part)]
+    removed = clean_partial_units(root, [name for name, _ in share])
+    done = _marked_units(target, [name for name, _ in share])
+    pending = [(name, items) for name, items in share if name not in done]
     codec_settings = plan.settings["codec"]
     needs_codec = bool(codec_settings and codec_settings["name"] == "mimi" and pending)
     if needs_codec and codec_settings["random_init"] and show_progress:
         warn_random_init(data.mimi_seed)
-    label = f"data build {kind} -> {root}"
+    part_label = f"{part[0]}/{part[1]}" if part else None
+    label = f"data build {plan.kind} -> {target.out}" + (f" (part {part_label})" if part else "")
     if show_progress:
-        print(f"[{label}] {plan.records} records in {len(plan.units)} units; {len(done)} already done"
+        print(f"[{label}] {plan.records} records in {len(plan.units)} units"
+              + (f", {len(share)} in this part" if part else "") + f"; {len(done)} already done"
               + (f", removed {len(removed)} half-written" if removed else ""), file=sys.stderr)
+    worker_devices: dict[str, str | None] = {}
     if pending:
-        remove_merged_files(root)
-        n_workers = data.build_workers if workers is None else workers
-        n_workers = min(n_workers, len(pending))
+        if target.remote is None:
+            remove_merged_files(root)
+        try:
+            devices = codec_devices(list(data.codec_devices), data.codec_device) if needs_codec else []
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        if devices:
+            n_workers = min(len(devices), len(pending))
+            feeders = feeders_per_device(len(devices), _cpu_count())
+        else:
+            n_workers = min(data.build_workers if workers is None else workers, len(pending))
+            feeders = 0
         spec = WorkerSpec(
-            root=str(root), kind=kind, layout=layout.to_dict(), tokenizer=data.tokenizer,
+            root=str(root), kind=plan.kind, layout=stored["layout"], tokenizer=data.tokenizer,
             doc_types=tuple(data.doc_types), valid_fraction=data.valid_fraction,
-            shard_size_limit=data.shard_size_limit,
-            codec=dict(weights=data.mimi_weights, num_codebooks=layout.num_codebooks,
+            shard_size_limit=data.shard_size_limit, remote=target.remote, devices=tuple(devices),
+            feeders=feeders,
+            codec=dict(weights=data.mimi_weights, num_codebooks=stored["layout"]["num_codebooks"],
                        device=data.codec_device, chunk_seconds=data.encode_chunk_seconds,
                        batch_size=data.encode_batch_size, seed=data.mimi_seed,
-                       weights_sha256=weights_sha) if needs_codec else None,
+                       weights_sha256=codec_settings.get("weights_sha256")) if needs_codec else None,
             threads=max(1, _cpu_count() // n_workers) if n_workers > 1 else 0)
-        done_records = sum(len(items) if kind in AUDIO_KINDS else sum(r.num_docs for r in items)
-                           for name, items in plan.units if name in done) + len(plan.skipped)
-        progress = Progress(label, plan.records, done_records, enabled=show_progress)
+        done_records = sum(_unit_records(plan.kind, items) for name, items in share if name in done)
+        share_records = sum(_unit_records(plan.kind, items) for _, items in share)
+        progress = Progress(label, share_records, done_records, enabled=show_progress)
         if n_workers <= 1:
-            _run_inline(spec, pending, progress, on_unit_done, len(done))
+            _run_inline(spec, pending, progress, on_unit_done, len(done), worker_devices)
         else:
-            _run_pool(spec, pending, progress, on_unit_done, len(done), n_workers)
+            _run_pool(spec, pending, progress, on_unit_done, len(done), n_workers, worker_devices)
         progress.finish()
-    return _merge(root, plan, layout, tokenizer.metadata(), len(done), time.monotonic() - t0)
+    marked = _marked_units(target, names)
+    missing = [n for n in names if n not in marked]
+    if missing:
+        if show_progress:
+            print(f"[{label}] this part is done; {len(missing)} of {len(names)} units are not built yet "
+                  "(other parts): the last part to finish merges the dataset, or run "
+                  f"`soda-mega data build --finalize {target.out}`", file=sys.stderr)
+        return BuildResult(target.out, plan.kind, {}, len(names), len(done), plan.records,
+                           time.monotonic() - t0, finalized=False, part=part_label,
+                           units_built=len(pending), units_missing=len(missing),
+                           worker_devices=worker_devices)
+    result = _finalize(target, stored, len(done), t0)
+    result.part, result.units_built, result.worker_devices = part_label, len(pending), worker_devices
+    return result
 
 
-def _run_inline(spec, pending, progress, on_unit_done, completed) -> None:
-    _init_worker(spec, None)
-    _STATE["progress"] = progress
+def _unit_records(kind: str, items: list) -> int:
+    return len(items) if kind in AUDIO_KINDS else sum(r.num_docs for r in items)
+
+
+def _run_inline(spec, pending, progress, on_unit_done, completed, worker_devices) -> None:
+    init_worker(spec, None)
+    set_progress(progress)
+    worker_devices[str(os.getpid())] = worker_device()
     try:
         for name, items in pending:
             run_unit(name, items)
@@ -485,22 +459,26 @@ def _run_inline(spec, pending, progress, on_unit_done, completed) -> None:
             if on_unit_done:
                 on_unit_done(name, completed)
     finally:
-        _STATE.clear()
+        shutdown_worker()
 
 
-def _run_pool(spec, pending, progress, on_unit_done, completed, n_workers) -> None:
+def _run_pool(spec, pending, progress, on_unit_done, completed, n_workers, worker_devices) -> None:
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
-    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(spec, reports))
+    slots = ctx.Value("i", 0)
+    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=init_worker,
+                               initargs=(spec, reports, slots))
 
     def drain() -> None:
         while True:
             try:
-                records, seconds, skipped = reports.get_nowait()
+                msg = reports.get_nowait()
             except queue_mod.Empty:
                 return
-            progress.advance(records, seconds, skipped)
+            if msg[0] == "worker":
+                worker_devices[str(msg[1])] = msg[2]
+            else:
+                progress.advance(*msg[1:])
 
     try:
         futures = {pool.submit(run_unit, name, items): name for name, items in pending}
@@ -527,33 +505,94 @@ def _run_pool(spec, pending, progress, on_unit_done, completed, n_workers) -> No
         raise
     else:
         pool.shutdown(wait=True)
+        drain()
     finally:
         reports.close()
 
 
-def _merge(root: Path, plan: Plan, layout: VocabLayout, tokenizer_meta: dict, resumed: int,
-           seconds: float) -> BuildResult:
-    names = [name for name, _ in plan.units]
-    markers = {name: json.loads(marker_path(root, name).read_text()) for name in names}
-    plan_skips = {s: [] for s in SPLITS}
-    for s in plan.skipped:
-        plan_skips[split_of(s.record, plan.settings["valid_fraction"])].append(s.to_dict())
+# ----------------------------------------------------------------- the merge
+def finalize_dataset(out: str | Path, *, staging: str | Path | None = None,
+                     show_progress: bool = True) -> BuildResult:
+    """Merge a build whose units are all marked (``data build --finalize OUT``), from its
+    ``.build/plan.json`` and unit markers alone: no inputs, no codec. ``BuildError`` naming the
+    missing units when some part has not finished."""
+    t0 = time.monotonic()
+    target = BuildTarget(out, staging)
+    try:
+        stored = _load_stored_plan(target)
+        names = [unit_name(i) for i in range(stored["units"])]
+        missing = [n for n in names if n not in _marked_units(target, names)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise BuildError(f"{target.out}: {len(missing)} of {len(names)} units are not built yet ({shown}); "
+                             "run (or rerun) the parts that hold them, then --finalize again")
+        if target.remote is None:
+            remove_merged_files(target.root)
+        result = _finalize(target, stored, len(names), t0)
+        if show_progress:
+            print(f"[data build --finalize] merged {len(names)} units of {target.out}", file=sys.stderr)
+        return result
+    finally:
+        target.close()
+
+
+def _finalize(target: BuildTarget, stored: dict, resumed: int, t0: float) -> BuildResult:
+    root = target.root
+    settings = stored["settings"]
+    names = [unit_name(i) for i in range(stored["units"])]
+    if target.remote is not None:
+        target.fetch([marker_rel(n) for n in names])
+    markers = {name: json.loads((root / marker_rel(name)).read_text()) for name in names}
+    plan_skips: dict[str, list] = {s: [] for s in SPLITS}
+    for s in stored["skipped"]:
+        plan_skips[split_of(s["record"], settings["valid_fraction"])].append(s)
+    _check_train_not_empty(stored, markers, plan_skips)
+    layout = VocabLayout.from_dict(stored["layout"])
     metas = {}
     for split in SPLITS:
-        base = {"kind": plan.kind, "vocab_layout": layout.to_dict(),
-                "vocab_fingerprint": layout.fingerprint(), "codec": plan.settings["codec"],
-                "tokenizer": tokenizer_meta,
-                "build": {"fingerprint": plan.fingerprint, "inputs": plan.settings["inputs"],
-                          "doc_types": plan.settings["doc_types"],
-                          "valid_fraction": plan.settings["valid_fraction"]}}
-        meta = merge_split(root, split, names, markers, base, plan_skips[split])
-        metas[split] = meta
+        base = {"kind": settings["kind"], "vocab_layout": layout.to_dict(),
+                "vocab_fingerprint": layout.fingerprint(), "codec": settings["codec"],
+                "tokenizer": settings["tokenizer"],
+                "build": {"fingerprint": stored["fingerprint"], "inputs": settings["inputs"],
+                          "doc_types": settings["doc_types"],
+                          "valid_fraction": settings["valid_fraction"]}}
+        metas[split] = merge_split(root, split, names, markers, base, plan_skips[split],
+                                   check_units=target.remote is None)
+    if target.remote is not None:
+        for split in SPLITS:
+            for name in MERGED_FILES:
+                target.publish(f"{split}/{name}")
+        for name in names:
+            (root / marker_rel(name)).unlink(missing_ok=True)
     skipped = [s for m in metas.values() for s in m["skipped"]]
-    return BuildResult(str(root), plan.kind, metas, len(plan.units), resumed, plan.records, seconds, skipped)
+    return BuildResult(target.out, settings["kind"], metas, len(names), resumed, stored["records"],
+                       time.monotonic() - t0, skipped)
+
+
+def _check_train_not_empty(stored: dict, markers: dict[str, dict], plan_skips: dict[str, list]) -> None:
+    """A build without a single training document is a failure, not a dataset (nothing is merged)."""
+    docs = {split: sum(m["splits"][split]["num_docs"] for m in markers.values()) for split in SPLITS}
+    if docs["train"]:
+        return
+    skipped = [s for split in SPLITS for s in plan_skips[split]]
+    skipped += [s for m in markers.values() for split in SPLITS for s in m["splits"][split]["skipped"]]
+    why = f"{stored['records']} records, {len(skipped)} skipped"
+    if skipped:
+        why += f" (first: {skipped[0]['record']}: {skipped[0]['reason']})"
+    if docs["valid"]:
+        why += (f"; all {docs['valid']} documents went to the valid split: lower data.valid_fraction "
+                f"(now {stored['settings']['valid_fraction']}) or add records")
+    raise BuildError(f"the train split is empty: {why}. The finished work units are kept; fix the "
+                     "inputs or settings and rerun (with --overwrite: they are a new plan)")
 
 
 def summary_lines(result: BuildResult) -> list[str]:
-    """Human summary of a build, one line per split."""
+    """Human summary of a build, one line per split (or of one unfinished part)."""
+    if not result.finalized:
+        return [f"built part {result.part} of {result.kind} dataset {result.root} in {result.seconds:.1f} s "
+                f"({result.units_built} units built, {result.units_missing} of {result.units} still missing "
+                "in other parts: the last part to finish merges the dataset, or run "
+                f"`soda-mega data build --finalize {result.root}`)"]
     lines = [f"built {result.kind} dataset {result.root} in {result.seconds:.1f} s "
              f"({result.units} units, {result.units_resumed} reused)"]
     for split, meta in result.splits.items():

@@ -258,6 +258,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         wav, sample_rate = sphn.read(str(path))
     except Exception as err:  # sphn raises ValueError / OSError with the decoder's message
         raise InputError(f"cannot decode audio {path.name}: {err}") from None
+    check_wav_length(path)
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 2 or wav.shape[-1] == 0:
         raise InputError(f"audio {path.name} is empty (0 samples)")
@@ -266,6 +267,45 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if not np.isfinite(wav).all():
         raise InputError(f"audio {path.name} has NaN or infinite samples (wrong sample format?)")
     return wav, int(sample_rate)
+
+
+# A RIFF data chunk of this size (or 0) is a stream whose writer never knew its length.
+_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
+
+
+def check_wav_length(path: str | Path) -> None:
+    """:class:`InputError` when a RIFF/WAVE file holds fewer sample bytes than its ``data`` chunk
+    header declares (a cut-off download or copy: decoders return what is there, silently).
+
+    Other formats, and WAVs whose writer left the size unknown (0 or 0xFFFFFFFF), pass.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        pos, rate, block = 12, 0, 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            cid, csize = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if cid == b"fmt ":
+                fmt = f.read(16)
+                if len(fmt) == 16:
+                    rate = int.from_bytes(fmt[4:8], "little")
+                    block = int.from_bytes(fmt[12:14], "little")
+            elif cid == b"data":
+                if csize in _UNKNOWN_WAV_SIZES:
+                    return
+                have = size - pos - 8
+                if have < csize:
+                    def secs(n: int) -> str:
+                        return f"{n / block / rate:.3f} s" if rate and block else "?"
+                    raise InputError(f"audio {path.name} is truncated: its header says {secs(csize)} "
+                                     f"({csize} bytes of samples), the file holds {secs(have)} ({have} bytes)")
+                return
+            pos += 8 + csize + (csize & 1)  # chunks are padded to an even size
 
 
 def load_codes(path: str | Path, num_codebooks: int, codebook_size: int) -> np.ndarray:

@@ -23,6 +23,8 @@ MDS_COLUMNS = {
     "doc_type": "str",             # one of DOC_TYPES
     "record_id": "str",            # source recording / text id (for provenance and splits)
 }
+# Hash algorithms MDSWriter records per shard file in index.json (streaming checks them on read).
+SHARD_HASHES = ("xxh64",)
 META_FILE = "soda_meta.json"
 LENGTHS_FILE = "doc_lengths.npy"
 

@@ -2,8 +2,9 @@
 
 A build folder (see :mod:`soda_mega.data.schema` for the parts the loader reads)::
 
-    <root>/.build/plan.json                  fingerprint of inputs + settings, unit count
-    <root>/.build/units/u000007.json         completion marker of unit 7: per-split stats + lengths
+    <root>/.build/plan.json                  fingerprint of inputs + settings, unit count, layout
+    <root>/.build/units/u000007.json         completion marker of unit 7: per-split stats, lengths
+                                             and the unit's MDS shard entries
     <root>/<split>/units/u000007/            MDS shards of unit 7 (MDSWriter output)
     <root>/<split>/index.json                merged index over all units, in unit order
     <root>/<split>/doc_lengths.npy, soda_meta.json
@@ -11,9 +12,11 @@ A build folder (see :mod:`soda_mega.data.schema` for the parts the loader reads)
 :class:`UnitWriter` writes a unit's documents into ``units/<name>.tmp-<pid>`` folders, renames
 them into place when the unit is complete and only then writes the marker (atomically), so a
 crash leaves either a finished unit or debris that :func:`clean_partial_units` removes.
-:func:`merge_split` writes the top-level ``index.json`` itself: each unit's shard entries
-with ``units/<name>/`` prefixed to their file names, which is exactly what mosaicml-
-streaming's ``merge_index`` produces, without its cloud-download machinery.
+For a remote output (:mod:`soda_mega.data.target`) ``MDSWriter`` uploads the shards itself and
+the marker is uploaded last. :func:`merge_split` writes the top-level ``index.json`` from the
+markers alone: each unit's shard entries with ``units/<name>/`` prefixed to their file names,
+which is exactly what mosaicml-streaming's ``merge_index`` produces, without reading (or
+downloading) a single shard.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from soda_mega.data.documents import Document
-from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SPLITS
+from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SHARD_HASHES, SPLITS
 from soda_mega.data.streaming_compat import streaming_base
+from soda_mega.data.target import BuildTarget
 from soda_mega.tokens.layout import VocabLayout
 
 STATE_DIR = ".build"
 UNITS_DIR = "units"
+MERGED_FILES = ("index.json", LENGTHS_FILE, META_FILE)  # per split, written by the merge
 
 
 def token_counts(layout: VocabLayout, tokens: np.ndarray) -> dict[str, int]:
@@ -105,11 +111,17 @@ def marker_path(root: Path, unit_name: str) -> Path:
     return root / STATE_DIR / UNITS_DIR / f"{unit_name}.json"
 
 
+def marker_rel(unit_name: str) -> str:
+    """A unit marker's path relative to the build root (also its remote key suffix)."""
+    return f"{STATE_DIR}/{UNITS_DIR}/{unit_name}.json"
+
+
 class UnitWriter:
     """MDS writers for one work unit, one per split, committed together."""
 
-    def __init__(self, root: Path, unit_name: str, layout: VocabLayout, size_limit: int) -> None:
-        self.root, self.name, self.layout, self.size_limit = root, unit_name, layout, size_limit
+    def __init__(self, target: BuildTarget, unit_name: str, layout: VocabLayout, size_limit: int) -> None:
+        self.target, self.root, self.name = target, target.root, unit_name
+        self.layout, self.size_limit = layout, size_limit
         self.stats = {s: SplitStats() for s in SPLITS}
         self._writers: dict[str, object] = {}
 
@@ -123,36 +135,50 @@ class UnitWriter:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            writer = streaming_base().MDSWriter(out=str(tmp), columns=MDS_COLUMNS,
-                                                size_limit=self.size_limit)
+            out = str(tmp) if self.target.remote is None else \
+                (str(tmp), self.target.url(f"{split}/{UNITS_DIR}/{self.name}"))
+            writer = streaming_base().MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=self.size_limit,
+                                                hashes=list(SHARD_HASHES))
             self._writers[split] = writer
         writer.write({"tokens": doc.tokens.astype(np.int32), "loss_mask": doc.loss_mask.astype(np.uint8),
                       "doc_type": doc.doc_type, "record_id": doc.record_id})
         self.stats[split].add(self.layout, doc)
 
     def commit(self) -> dict:
-        """Close the shards, move them into place, then write the completion marker."""
+        """Close the shards, move them into place (local) or let MDSWriter finish uploading them
+        (remote), then write (and publish) the completion marker."""
+        shards = {}
         for split, writer in self._writers.items():
             writer.finish()
-            final = self.root / split / UNITS_DIR / self.name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(self._tmp_dir(split), final)
-        marker = {"unit": self.name, "splits": {s: st.to_dict() for s, st in self.stats.items()}}
-        path = marker_path(self.root, self.name)
+            shards[split] = writer.shards
+            if self.target.remote is None:
+                final = self.root / split / UNITS_DIR / self.name
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(self._tmp_dir(split), final)
+        marker = {"unit": self.name, "splits": {s: st.to_dict() for s, st in self.stats.items()},
+                  "shards": {s: shards.get(s, []) for s in SPLITS}}
+        path = self.root / marker_rel(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(marker))
+        atomic_write_text(path, json.dumps(marker, sort_keys=True))
+        self.target.publish(marker_rel(self.name))
         return marker
 
 
-def clean_partial_units(root: Path) -> list[str]:
-    """Remove unit folders of unfinished units (temp folders, or renamed but without marker)."""
+def clean_partial_units(root: Path, names: Sequence[str] | None = None) -> list[str]:
+    """Remove unit folders of unfinished units (temp folders, or renamed but without marker).
+
+    ``names`` limits the cleaning to those units (a part of a split build must not touch the
+    units other parts are writing at the same time)."""
     removed = []
+    keep = None if names is None else set(names)
     for split in SPLITS:
         units = root / split / UNITS_DIR
         if not units.is_dir():
             continue
         for d in sorted(units.iterdir()):
+            if keep is not None and d.name.split(".tmp")[0] not in keep:
+                continue
             if ".tmp" in d.name or not marker_path(root, d.name).is_file():
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(f"{split}/{UNITS_DIR}/{d.name}")
@@ -162,15 +188,17 @@ def clean_partial_units(root: Path) -> list[str]:
 def remove_merged_files(root: Path) -> None:
     """Drop the top-level split files, so an unfinished build is never read as a dataset."""
     for split in SPLITS:
-        for name in ("index.json", META_FILE, LENGTHS_FILE):
+        for name in MERGED_FILES:
             (root / split / name).unlink(missing_ok=True)
 
 
 def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str, dict],
-                meta_base: dict, extra_skipped: list[dict] = ()) -> dict:
+                meta_base: dict, extra_skipped: list[dict] = (), check_units: bool = True) -> dict:
     """Top-level index.json, doc_lengths.npy and soda_meta.json of one split; returns the meta.
 
-    ``extra_skipped`` are records rejected before any unit ran (bad manifest lines).
+    Everything comes from the unit markers. ``extra_skipped`` are records rejected before any
+    unit ran (bad manifest lines). ``check_units`` (a local build) also checks that each marked
+    unit's folder is there.
     """
     split_dir = root / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -179,14 +207,17 @@ def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str
     for name in unit_names:
         stats = SplitStats.from_dict(markers[name]["splits"][split])
         total.merge(stats)
-        unit_dir = split_dir / UNITS_DIR / name
-        index = unit_dir / "index.json"
         if stats.num_docs == 0:
             continue
-        if not index.is_file():
+        unit_dir = split_dir / UNITS_DIR / name
+        if check_units and not (unit_dir / "index.json").is_file():
             raise RuntimeError(f"{unit_dir} is missing although unit {name} is marked complete; "
                                "delete its marker in .build/units/ and rerun the build")
-        for shard in json.loads(index.read_text())["shards"]:
+        unit_shards = markers[name].get("shards", {}).get(split)
+        if unit_shards is None:  # a marker written before markers carried the index
+            unit_shards = json.loads((unit_dir / "index.json").read_text())["shards"]
+        for shard in unit_shards:
+            shard = json.loads(json.dumps(shard))
             for key in ("raw_data", "zip_data"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{UNITS_DIR}/{name}/{shard[key]['basename']}"

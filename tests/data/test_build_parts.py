@@ -1,0 +1,129 @@
+"""One build over many machines (issue 17): `data build --part I/N` shares, the last part (or
+`--finalize`) merges, and the result equals a one-machine build byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from build_helpers import codes_corpus, tiny_config, tree_bytes
+from soda_mega.cli import main
+from soda_mega.data.build import (BuildError, build_dataset, finalize_dataset, parse_part, part_from_env,
+                                  part_units)
+from soda_mega.data.schema import META_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "launchers" / "data_build.sbatch"
+
+
+def _interrupt_after(n: int):
+    def hook(name: str, completed: int) -> None:
+        if completed == n:
+            raise KeyboardInterrupt(f"simulated kill after {name}")
+    return hook
+
+
+def test_part_shares_are_disjoint_cover_everything_and_come_from_slurm():
+    for n in (1, 2, 3, 7):
+        shares = [part_units(10, (i, n)) for i in range(n)]
+        assert sorted(u for s in shares for u in s) == list(range(10))
+    assert part_units(10, (1, 3)) == [1, 4, 7]
+    assert parse_part("2/3") == (2, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(BuildError, match="--part"):
+            parse_part(bad)
+    assert part_from_env({}) is None
+    assert part_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "3",
+                          "SLURM_ARRAY_TASK_MIN": "3"}) == (1, 3)
+    assert part_from_env({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
+
+
+def test_three_parts_in_any_order_one_killed_and_rerun_equal_the_one_machine_build(tmp_path):
+    manifest = codes_corpus(tmp_path / "in", n=11)  # 6 units of 2 recordings
+    cfg = tiny_config()
+    single = build_dataset(tmp_path / "single", [manifest], "speech", cfg, show_progress=False)
+    assert single.units == 6
+    out = tmp_path / "parts"
+    # part 2 first: it builds units 2 and 5 and leaves the merge to the others
+    r2 = build_dataset(out, [manifest], "speech", cfg, show_progress=False, part=(2, 3))
+    assert not r2.finalized and r2.units_built == 2 and r2.units_missing == 4 and r2.part == "2/3"
+    assert not (out / "train" / "index.json").exists()
+    # part 0 is killed after its first unit, leaving debris of the second
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(out, [manifest], "speech", cfg, show_progress=False, part=(0, 3),
+                      on_unit_done=_interrupt_after(1))
+    (out / "train" / "units" / "u000003.tmp-4242").mkdir(parents=True)
+    # part 1 runs meanwhile (with workers): it must not touch part 0's debris, and it is not last
+    r1 = build_dataset(out, [manifest], "speech", tiny_config("--data.build_workers=2"),
+                       show_progress=False, part=(1, 3))
+    assert not r1.finalized and r1.units_missing == 1
+    assert (out / "train" / "units" / "u000003.tmp-4242").is_dir()
+    with pytest.raises(BuildError, match="1 of 6 units are not built yet \\(u000003\\)"):
+        finalize_dataset(out, show_progress=False)
+    # part 0 rerun: resumes (its finished unit is kept), cleans its debris, finishes last and merges
+    r0 = build_dataset(out, [manifest], "speech", cfg, show_progress=False, part=(0, 3))
+    assert r0.finalized and r0.units_built == 1 and r0.units_resumed == 1
+    assert tree_bytes(out) == tree_bytes(tmp_path / "single")
+    assert r0.splits == single.splits
+    # an explicit --finalize writes the same bytes again
+    (out / "train" / META_FILE).unlink()
+    finalize_dataset(out, show_progress=False)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "single")
+
+
+def test_cli_part_and_finalize(tmp_path, capsys):
+    manifest = codes_corpus(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    common = ["--manifest", str(manifest), "--preset", "tiny", "--quiet", "--data.build_workers=0",
+              "--data.valid_fraction=0.3", "--data.build_unit_recordings=2"]
+    assert main(["data", "build", str(out), *common, "--part", "1/2"]) == 0
+    assert "still missing" in capsys.readouterr().out
+    assert main(["data", "build", "--finalize", str(out)]) == 1
+    assert "1 of 2 units are not built yet" in capsys.readouterr().err
+    env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert main(["data", "build", str(out), *common]) == 0  # part 0/2 from SLURM, merges
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert "built speech dataset" in capsys.readouterr().out
+    assert main(["data", "build", "--finalize", str(out), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["finalized"] and result["units"] == 2
+    assert main(["data", "build", str(tmp_path / "x"), *common, "--part", "2/2"]) == 2
+    assert "need 0 <= I < N" in capsys.readouterr().err
+
+
+def test_array_launcher_dry_run_prints_the_parts(tmp_path):
+    manifest = codes_corpus(tmp_path / "in", n=3)
+    env = dict(os.environ, DRY_RUN="1", PARTS="3", OUT=str(tmp_path / "out"),
+               BUILD_ARGS=f"--manifest {manifest} --preset tiny", SODA_MEGA="soda-mega")
+    proc = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for i in range(3):
+        assert any(f"--part {i}/3" in line and str(tmp_path / "out") in line and str(manifest) in line
+                   for line in lines), proc.stdout
+    assert any(f"data build --finalize {tmp_path / 'out'}" in line for line in lines)
+    assert "sbatch --array=0-2" in proc.stdout
+    assert not (tmp_path / "out").exists()  # a dry run builds nothing
+
+
+def test_markers_of_an_older_build_without_the_index_still_merge(tmp_path):
+    manifest = codes_corpus(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    build_dataset(out, [manifest], "speech", tiny_config(), show_progress=False)
+    expected = {k: v for k, v in tree_bytes(out).items() if not k.startswith(".build")}
+    for marker in (out / ".build" / "units").glob("*.json"):
+        old = json.loads(marker.read_text())
+        del old["shards"]
+        marker.write_text(json.dumps(old))
+    again = build_dataset(out, [manifest], "speech", tiny_config(), show_progress=False)
+    assert again.units_resumed == again.units == 2
+    assert {k: v for k, v in tree_bytes(out).items() if not k.startswith(".build")} == expected
