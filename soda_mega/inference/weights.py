@@ -11,7 +11,6 @@ a run folder (its ``checkpoints/latest``).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,14 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.trust import read_json
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.loader import apply_mapping
 from soda_mega.config.schema import ParallelConfig, SodaConfig
 from soda_mega.training import checkpoint as ckpt
-
-
-class CheckpointError(ValueError):
-    """A path that is not a usable soda-mega checkpoint, or one of another model."""
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -47,7 +44,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def checkpoint_state(path: str | os.PathLike) -> dict:
     """``trainer_state.json`` of the checkpoint ``path`` stands for."""
-    return json.loads((resolve_checkpoint(path) / ckpt.STATE_FILE).read_text())
+    return read_json(resolve_checkpoint(path) / ckpt.STATE_FILE)
 
 
 def checkpoint_config(path: str | os.PathLike) -> SodaConfig:

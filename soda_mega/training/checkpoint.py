@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from soda_mega.checkpoint.trust import RNG_HINT, load_plain, read_json, vet_checkpoint
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 # Distributed-optimizer state in a layout-free form, so checkpoints reshard over TP, PP and DP.
@@ -133,7 +135,8 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng: bool = True) -> dict:
     """Load weights (and optimizer state) from ``path`` into this layout; returns trainer state."""
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text())
+    vet_checkpoint(path, STATE_FILE)  # nothing is loaded from a file that is not plain data
+    state = read_json(path / STATE_FILE)
     if optimizer is not None and state.get("weights_only"):
         raise ValueError(f"{path} holds weights only (no optimizer state) and cannot be resumed; "
                          "start a new run from it with --training.init_from")
@@ -160,7 +163,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng:
         return state
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
+        rng = load_plain(rng_file, hint=RNG_HINT)
         if rng["world_size"] == world:
             torch.set_rng_state(rng["cpu"])
             if rng["cuda"] is not None and torch.cuda.is_available():

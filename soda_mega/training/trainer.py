@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from soda_mega.checkpoint.trust import read_json
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.loader import SodaDataLoader
@@ -238,7 +239,7 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
         if path is None:
             return False
-        saved = json.loads((path / ckpt.STATE_FILE).read_text())
+        saved = read_json(path / ckpt.STATE_FILE)
         check_resumable(saved["config"], self.cfg)
         trainer_state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.step = trainer_state["step"]

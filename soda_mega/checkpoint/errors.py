@@ -1,0 +1,9 @@
+"""The one exception type of the checkpoint package."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: missing, damaged, untrusted, of another model
+    or run, or one that could not be written. The message names the file or field and says
+    what to do; the ``soda-mega`` command prints it without a traceback and exits with 2."""
