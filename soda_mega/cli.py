@@ -71,7 +71,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from soda_mega.data.inputs import InputError
     from soda_mega.data.source import DatasetError
     from soda_mega.eval.manifest import ManifestError
-    from soda_mega.inference.weights import CheckpointError
+    from soda_mega.checkpoint.errors import CheckpointError
 
     return (InputError, DatasetError, ManifestError, CheckpointError)
 

@@ -37,13 +37,16 @@ from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.loader import SodaDataLoader
 from soda_mega.data.source import DatasetError
-from soda_mega.inference.weights import (CheckpointError, check_same_model, checkpoint_config,
-                                         checkpoint_state, resolve_checkpoint)
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.layout import (STATE_FILE, checkpoint_config, checkpoint_state,
+                                         latest_checkpoint, resolve_checkpoint)
+from soda_mega.checkpoint.load import load_checkpoint
+from soda_mega.checkpoint.save import save_checkpoint
+from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.model.accounting import flops_per_token
 from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
-from soda_mega.training import checkpoint as ckpt
 from soda_mega.training.forward_backward import (StepResult, evaluation_mode, forward_backward,
                                                   wrap_ddp)
 from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
@@ -91,7 +94,7 @@ def initial_checkpoint(path: str, cfg: SodaConfig) -> Path:
     except CheckpointError as err:
         raise CheckpointError(f"{err} (this run's value != the checkpoint's); start from a checkpoint "
                               f"of this model, or set the model and vocab sections to the "
-                              f"checkpoint's ({step_dir / ckpt.STATE_FILE})") from None
+                              f"checkpoint's ({step_dir / STATE_FILE})") from None
     return step_dir
 
 
@@ -107,7 +110,7 @@ def load_initial_weights(path: str, cfg: SodaConfig, model, optimizer) -> str:
     the bf16 values, as Megatron-LM's ``--finetune`` does; with fp32 weights they are exact).
     """
     step_dir = initial_checkpoint(path, cfg)
-    ckpt.load_checkpoint(step_dir, model, optimizer=None, restore_rng=False)
+    load_checkpoint(step_dir, model, optimizer=None, restore_rng=False)
     optimizer.reload_model_params()
     saved = checkpoint_state(step_dir)
     if saved.get("weights_only"):
@@ -151,7 +154,7 @@ class Trainer:
         self.layout = state.initialize(cfg.parallel, cfg.training.seed)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if cfg.training.init_from and not (cfg.run.resume and ckpt.latest_checkpoint(self.ckpt_dir)):
+        if cfg.training.init_from and not (cfg.run.resume and latest_checkpoint(self.ckpt_dir)):
             initial_checkpoint(cfg.training.init_from, cfg)  # a wrong model fails before any work
         self.model = wrap_ddp(build_model(cfg), cfg)
         self.loader = SodaDataLoader(cfg, "train")
@@ -232,16 +235,16 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
                                     self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
+        path = latest_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
         if path is None:
             return False
-        saved = read_json(path / ckpt.STATE_FILE)
+        saved = read_json(path / STATE_FILE)
         check_resumable(saved["config"], self.cfg)
-        trainer_state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        trainer_state = load_checkpoint(path, self.model, self.optimizer)
         self.step = trainer_state["step"]
         self.tokens = trainer_state["tokens"]
         self.bad_steps = trainer_state["bad_steps"]
