@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.errors import CheckpointError, DamagedCheckpoint
 
 DCP_METADATA = ".metadata"
 COMMON_FILE = "common.pt"
@@ -61,9 +61,9 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+        raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is damaged or was "
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({err}); the file is damaged or was "
                               f"replaced; {_TRUST}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
@@ -76,13 +76,15 @@ def load_plain(path: Path, source=None, hint: str = ""):
         return torch.load(source if source is not None else path, map_location="cpu",
                           weights_only=True)
     except pickle.UnpicklingError as err:
+        if not str(err).startswith("Weights only load failed"):
+            raise DamagedCheckpoint(f"{path}: damaged or truncated ({_first_line(err)})") from None
         raise CheckpointError(
             f"{path}: refused: it holds a pickle that would build objects other than tensors and "
             f"plain values, or run code, when loaded ({_first_line(err)}); {_TRUST}{hint}") from None
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+        raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
     except (EOFError, RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: damaged or truncated ({_first_line(err)})") from None
+        raise DamagedCheckpoint(f"{path}: damaged or truncated ({_first_line(err)})") from None
 
 
 def _admitted(module: str, name: str) -> bool:
@@ -96,14 +98,18 @@ def _admitted(module: str, name: str) -> bool:
     return False
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something that is not checkpoint metadata."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if not _admitted(module, name):
-            raise pickle.UnpicklingError(f"global {module}.{name} is not checkpoint metadata")
+            raise _Refused(f"global {module}.{name} is not checkpoint metadata")
         return super().find_class(module, name)
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not checkpoint metadata")
+        raise _Refused("persistent ids are not checkpoint metadata")
 
 
 def read_dcp_metadata(step_dir: Path):
@@ -115,12 +121,12 @@ def read_dcp_metadata(step_dir: Path):
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
-    except pickle.UnpicklingError as err:
+        raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
+    except _Refused as err:
         raise CheckpointError(f"{path}: refused: not plain checkpoint metadata ({err}); "
                               f"{_TRUST}") from None
     except Exception as err:  # noqa: BLE001 - any other failure of a damaged pickle stream
-        raise CheckpointError(f"{path}: damaged or truncated ({_first_line(err)})") from None
+        raise DamagedCheckpoint(f"{path}: damaged or truncated ({_first_line(err)})") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{path}: refused: holds a {type(metadata).__name__}, not checkpoint "
                               f"metadata")
@@ -150,9 +156,9 @@ def check_dcp_objects(step_dir: Path, metadata) -> None:
                 f.seek(info.offset)
                 data = f.read(info.length)
         except OSError as err:
-            raise CheckpointError(f"{path}: unreadable ({err})") from None
+            raise DamagedCheckpoint(f"{path}: unreadable ({err})") from None
         if len(data) != info.length:
-            raise CheckpointError(f"{path}: truncated (entry {index.fqn} ends past the end of the "
+            raise DamagedCheckpoint(f"{path}: truncated (entry {index.fqn} ends past the end of the "
                                   f"file)")
         load_plain(path, io.BytesIO(data))
 

@@ -47,3 +47,39 @@ def train_run(corpus, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ckpt-run")
     train(corpus, run, "--run.max_steps=2", "--run.save_interval=0")
     return run
+
+
+@pytest.fixture(scope="session")
+def three_saves(corpus, tmp_path_factory) -> Path:
+    """A 3-step run with a checkpoint after every step; copy it before changing anything."""
+    run = tmp_path_factory.mktemp("ckpt-three")
+    train(corpus, run, "--run.max_steps=3", "--run.save_interval=1", "--run.keep_checkpoints=3")
+    return run
+
+
+def copy_run(source: Path, dest: Path) -> Path:
+    """``source`` with its large files as hard links (cheap): change those only through
+    :func:`rewrite`, never in place."""
+    import os
+    import shutil
+
+    def copy(src, dst):
+        if os.path.getsize(src) > 1 << 20:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, copy_function=copy)
+    return dest
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+def trace(run: Path, kind: str = "train") -> list[dict]:
+    import json
+
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == kind]
