@@ -163,7 +163,7 @@ def start_over(run_dir: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> 
 
 def chain(root: Path, newest: Path) -> list[Path]:
     """``newest`` and the checkpoints it descends from (newest first), by the ``previous`` each
-    checkpoint records (older checkpoints without it: the next older folder)."""
+    checkpoint records (when that is gone or not recorded: the next older folder)."""
     out, current = [newest], newest
     older = {p.name: p for p in step_folders(root)}
     while True:
@@ -171,10 +171,12 @@ def chain(root: Path, newest: Path) -> list[Path]:
             state = read_json(current / STATE_FILE)
         except CheckpointError:
             state = {}
-        if "previous" in state:
-            name = state["previous"]
-            prev = older.get(name) if isinstance(name, str) else None
-        else:
+        name = state.get("previous", "")
+        if name is None:  # the first checkpoint of a run
+            return out
+        prev = older.get(name) if isinstance(name, str) else None
+        if prev is None:
+            # NOTE: no record (older checkpoints) or pruned already: the next older folder.
             lower = [n for n in older if n < current.name]
             prev = older[max(lower)] if lower else None
         if prev is None or prev in out or prev.name >= current.name:
