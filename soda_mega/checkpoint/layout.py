@@ -38,10 +38,14 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing; "
-                              "remove the pointer or restore the folder")
+    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    path = root / name
+    if not STEP_DIR.match(name) or not (path / STATE_FILE).is_file():
+        others = sorted((p.name for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True)
+        raise CheckpointError(
+            f"{pointer} names {name[:60]!r}, which is not a complete checkpoint; give a step_N "
+            f"folder instead" + (f" (here: {', '.join(others[:5])})" if others else "")
+            + " (a training run resumes from the newest intact one by itself)")
     return path
 
 

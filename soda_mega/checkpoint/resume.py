@@ -139,7 +139,9 @@ def start_over(run_dir: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> 
     if overwrite and resume:
         raise CheckpointError("run.overwrite=true starts the run over: give it together with "
                               "--run.resume=false")
-    if resume or not has_checkpoints(ckpt_dir):
+    holds = has_checkpoints(ckpt_dir)
+    barrier()  # every rank has looked before rank 0 moves anything
+    if resume or not holds:
         return
     if not overwrite:
         newest = step_folders(ckpt_dir)

@@ -188,3 +188,22 @@ def test_clear_errors_for_unusable_checkpoints(corpus, train_run, three_saves, t
         assert "Traceback" not in result["stderr"], where
         for text in expect:
             assert text in result["stderr"], (text, where)
+
+
+def test_two_ranks_verify_a_share_each_and_fall_back_together(corpus, three_saves, tmp_path):
+    """DP=2 resume of a one-process run: each rank hashes one of the two data files, only
+    rank 1 sees the damage, and both ranks fall back to step 2 (then continue its trace)."""
+    from tolerances import TRAINING_TRACE
+
+    run = copy_run(three_saves, tmp_path / "run")
+    damaged = _step(run, 3) / "__0_1.distcp"
+    _damage(damaged)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "soda_mega.cli",
+                           *train_args(corpus, run, "--run.max_steps=3", "--run.save_interval=0")],
+                          capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert str(damaged) in proc.stderr and "resuming from step_00000002" in proc.stderr
+    got, want = trace(run), trace(three_saves)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert got[2]["loss"] == pytest.approx(want[2]["loss"], rel=TRAINING_TRACE["rtol"])
