@@ -154,13 +154,21 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
     failures = _agree(error)
     if failures:
         _fail(failures, tmp, final)
+    error = None
     if rank() == 0:
-        if final.exists():
-            _move_aside(root, final)
-        os.replace(tmp, final)
-        write_atomic(root / LATEST, final.name)
-        prune(root, final, keep_last)
-    barrier()
+        try:
+            if final.exists():
+                _move_aside(root, final)
+            os.replace(tmp, final)
+            write_atomic(root / LATEST, final.name)
+            prune(root, final, keep_last)
+        except OSError as err:
+            error = err
+    failures = _agree(error)  # also the barrier that keeps ranks together until published
+    if failures:
+        full = " (the disk is full)" if failures[0][2] else ""
+        raise CheckpointError(f"publishing {final} failed{full}: {_summary(failures[0][1])}; "
+                              f"'latest' in {root} still names the checkpoint it named before")
     return final
 
 
