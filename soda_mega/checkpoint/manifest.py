@@ -32,9 +32,11 @@ _LOADED_SUFFIXES = (".distcp", ".pt", ".json", ".metadata")
 
 def file_hash(path: Path) -> str:
     h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
