@@ -159,6 +159,9 @@ def test_clear_errors_for_unusable_checkpoints(corpus, train_run, three_saves, t
     (gone / "checkpoints").mkdir(parents=True)
     (gone / "checkpoints" / "latest").write_text("step_00000056")
     case(["train", *common, f"--run.dir={gone}"], "names step_00000056, which does not exist")
+    # run.overwrite without run.resume=false: starting over is asked for explicitly
+    case(["train", *common, f"--run.dir={tmp_path / 'ow'}", "--run.overwrite=true"],
+         "give it together with --run.resume=false")
     # another model in run.dir
     case(["train", *common, f"--run.dir={copy_run(train_run, tmp_path / 'other')}",
           "--model.num_layers=2"], "model.num_layers: checkpoint 4 != config 2")
