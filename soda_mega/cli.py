@@ -70,18 +70,11 @@ def _run_command(args) -> int:
     except ConfigError as err:
         print(f"soda-mega: configuration error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except _user_errors() as err:
+    except SodaUserError as err:
         # Bad inputs (a missing file, a checkpoint of another model, a broken manifest): the
         # message names the problem; a traceback would only hide it.
         print(f"soda-mega: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    # NOTE: CheckpointError is named until it derives from SodaUserError like the others.
-    from soda_mega.inference.weights import CheckpointError
-
-    return (SodaUserError, CheckpointError)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def tiny_config(*overrides: str) -> SodaConfig:
 def random_full_weights(cfg: SodaConfig, seed: int = 0, std: float = 0.5) -> dict[str, torch.Tensor]:
     """Full weights (global names, padded vocabulary) with large random values, so that the
     model's predictions are far from uniform and comparisons are not trivially satisfied."""
-    from soda_mega.inference.weights import _OneProcess, single_process_config
+    from soda_mega.checkpoint.weights import _OneProcess, single_process_config
     from soda_mega.model.gpt import build_model
 
     with _OneProcess(cfg.training.seed):
@@ -40,7 +40,7 @@ def random_full_weights(cfg: SodaConfig, seed: int = 0, std: float = 0.5) -> dic
 
 def make_tiny_checkpoint(root: str | Path, seed: int = 0, *overrides: str) -> Path:
     """A weights-only tiny checkpoint under ``root``; returns its ``step_N`` folder."""
-    from soda_mega.inference.weights import save_full_weights
+    from soda_mega.checkpoint.weights import save_full_weights
 
     cfg = tiny_config(*overrides)
     return save_full_weights(root, cfg, random_full_weights(cfg, seed), {"test_seed": seed})

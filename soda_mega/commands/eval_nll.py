@@ -112,8 +112,8 @@ def _preflight(cfg, split: str) -> None:
 
 def run(args) -> int:
     from soda_mega.data.source import DatasetError
-    from soda_mega.inference.weights import (CheckpointError, checkpoint_config, checkpoint_state,
-                                             resolve_checkpoint)
+    from soda_mega.checkpoint.errors import CheckpointError
+    from soda_mega.checkpoint.layout import checkpoint_config, checkpoint_state, resolve_checkpoint
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -152,7 +152,7 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
     from soda_mega.eval.nll import build_report, evaluate_nll
     from soda_mega.model.gpt import build_model
     from soda_mega.parallel import state
-    from soda_mega.training.checkpoint import load_checkpoint
+    from soda_mega.checkpoint.load import load_checkpoint
 
     owned = not dist.is_initialized()
     try:

@@ -20,7 +20,9 @@ def register(sub) -> argparse.ArgumentParser:
         description=(
             "Train on the datasets of data.train with the model of --preset / --config and any "
             "--section.key=value overrides (see `soda-mega config --fields`). Resumes from the "
-            "newest checkpoint in run.dir unless --run.resume=false. Under torchrun every process "
+            "newest intact checkpoint in run.dir (falling back past damaged ones); "
+            "--run.resume=false --run.overwrite=true starts over there, moving the old "
+            "checkpoints to run.dir/replaced/. Under torchrun every process "
             "runs this same command; the TP/PP sizes come from the parallel section and data "
             "parallelism takes the remaining ranks."),
         epilog=(

@@ -298,6 +298,9 @@ class RunConfig:
     save_interval: int = fld(1000, "steps between checkpoints (0 = only at the end)", ge=0)
     keep_checkpoints: int = fld(3, "newest checkpoints to keep", ge=1)
     resume: bool = fld(True, "continue from the newest checkpoint in run.dir when there is one")
+    overwrite: bool = fld(False, "with resume=false: move run.dir's checkpoints, metrics and "
+                          "tensorboard files to run.dir/replaced/<time>/ and start over "
+                          "(without it, resume=false over existing checkpoints is refused)")
     max_bad_steps: int = fld(5, "stop after this many consecutive steps with non-finite loss/gradients", ge=1)
     peak_tflops: Optional[float] = fld(None, "per-GPU peak bf16 TFLOP/s for MFU (none = look up the GPU model)", gt=0)
     tensorboard: bool = fld(True, "also write TensorBoard event files")

@@ -4,7 +4,7 @@ The folder holds ``config.json``, ``generation_config.json``, ``model.safetensor
 with ``model.safetensors.index.json``) and the tokenizer files of
 :mod:`soda_mega.hf.tokenizer_files`; ``transformers`` loads it offline with
 ``AutoModelForCausalLM`` / ``AutoTokenizer``. The weights are the checkpoint's full weights
-(gathered by :func:`soda_mega.inference.weights.load_full_weights`) with the TP padding rows of
+(gathered by :func:`soda_mega.checkpoint.weights.load_full_weights`) with the TP padding rows of
 the embedding and output layer dropped, so ``vocab_size`` is the real vocabulary size and the
 logits of every real id are those of the soda-mega model.
 """
@@ -73,8 +73,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "bf16",
     ``tokenizer`` replaces the checkpoint's ``data.tokenizer`` (a run's tokenizer.json that
     lives elsewhere on this machine).
     """
-    from soda_mega.inference.weights import (checkpoint_config, checkpoint_state, load_full_weights,
-                                             resolve_checkpoint)
+    from soda_mega.checkpoint.layout import checkpoint_config, checkpoint_state, resolve_checkpoint
+    from soda_mega.checkpoint.weights import load_full_weights
     from soda_mega.model.qwen3_mapping import to_hf
 
     if dtype not in DTYPES:

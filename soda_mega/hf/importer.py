@@ -1,7 +1,7 @@
 """HuggingFace ``Qwen3ForCausalLM`` folder -> weights-only soda-mega checkpoint.
 
 The output folder ``OUT`` holds ``step_00000000`` (written by
-:func:`soda_mega.inference.weights.save_full_weights`, so it loads into any TP / PP layout),
+:func:`soda_mega.checkpoint.weights.save_full_weights`, so it loads into any TP / PP layout),
 ``config.yaml`` (a training configuration that starts from these weights: its
 ``training.init_from`` is ``OUT``) and, when the model came with a text tokenizer,
 ``text_tokenizer.json`` (its text range, which ``data.tokenizer`` points at).
@@ -195,7 +195,7 @@ def import_hf(folder: str | Path, out: str | Path, preset: str | None = None,
               seq_length: int | None = None, overrides: Iterable[str] = ()) -> Path:
     """Convert the HF folder ``folder`` into the soda-mega checkpoint folder ``out``."""
     from soda_mega import __version__
-    from soda_mega.inference.weights import save_full_weights
+    from soda_mega.checkpoint.weights import save_full_weights
     from soda_mega.utils.provenance import git_commit
 
     folder, out = Path(folder), Path(out)

@@ -2,7 +2,7 @@
 
 Training runs Megatron-core's GPTModel, whose attention has no KV cache in our CPU-capable
 configuration; inference instead rebuilds the same Qwen3 block from the checkpoint's full
-weights (:mod:`soda_mega.inference.weights`, any TP/PP layout) in about a hundred lines:
+weights (:mod:`soda_mega.checkpoint.weights`, any TP/PP layout) in about a hundred lines:
 RMSNorm, GQA attention with QK-norm and RoPE (rotate-half, as Megatron and HF), SwiGLU.
 Its logits equal the Megatron model's (tests/inference/test_decoder.py).
 
@@ -94,7 +94,7 @@ class SodaDecoder(torch.nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> "SodaDecoder":
-        from soda_mega.inference.weights import load_full_weights
+        from soda_mega.checkpoint.weights import load_full_weights
 
         cfg, full = load_full_weights(path)
         return cls(cfg, full, device, dtype).eval()

@@ -9,6 +9,7 @@ GPU's name read through nvidia-ml-py and the table below (spec-sheet dense bf16 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,12 @@ class MetricsSink:
                 print("soda-mega: tensorboard is not installed; logging to console and JSONL only",
                       file=sys.stderr)
 
+    def start(self, step: int) -> None:
+        """Cut ``metrics.jsonl`` back to ``step``, the step this run starts from (0 for a fresh
+        start), so that its records match the checkpoints; call before the first record."""
+        if self.enabled:
+            truncate_metrics(self.path, step)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -131,6 +138,37 @@ class MetricsSink:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of ``path`` past ``step`` (logged after the checkpoint a run resumes
+    from, or by a run killed before its first save), and lines that are not a JSON record (a
+    last line torn by a kill), saying so."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    kept, torn, later = [], [], 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            torn.append(number)
+            continue
+        if record_step <= step:
+            kept.append(line)
+        else:
+            later += 1
+    if torn:
+        where = "its last line" if torn == [len(lines)] else f"line(s) {torn[:5]}"
+        print(f"soda-mega: {path}: dropped {where}: not a complete JSON record (torn by a kill?)",
+              file=sys.stderr, flush=True)
+    if torn or later:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def _hms(seconds: float) -> str:

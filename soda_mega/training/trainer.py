@@ -22,9 +22,7 @@ run by passes over its datasets instead of a token budget.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -32,17 +30,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.layout import (STATE_FILE, checkpoint_config, checkpoint_state,
+                                         resolve_checkpoint, step_dir)
+from soda_mega.checkpoint.load import load_checkpoint
+from soda_mega.checkpoint.resume import (check_resumable, find_resume_checkpoint,
+                                         has_checkpoints, start_over)
+from soda_mega.checkpoint.save import save_checkpoint
+from soda_mega.checkpoint.trust import read_json
+from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.loader import SodaDataLoader
 from soda_mega.data.source import MissingSplitError
-from soda_mega.inference.weights import (CheckpointError, check_same_model, checkpoint_config,
-                                         checkpoint_state, resolve_checkpoint)
 from soda_mega.model.accounting import flops_per_token
 from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
-from soda_mega.training import checkpoint as ckpt
 from soda_mega.training import faults
 from soda_mega.training.forward_backward import (StepResult, evaluation_mode, forward_backward,
                                                   wrap_ddp)
@@ -93,7 +97,7 @@ def initial_checkpoint(path: str, cfg: SodaConfig) -> Path:
     except CheckpointError as err:
         raise CheckpointError(f"{err} (this run's value != the checkpoint's); start from a checkpoint "
                               f"of this model, or set the model and vocab sections to the "
-                              f"checkpoint's ({step_dir / ckpt.STATE_FILE})") from None
+                              f"checkpoint's ({step_dir / STATE_FILE})") from None
     return step_dir
 
 
@@ -109,7 +113,7 @@ def load_initial_weights(path: str, cfg: SodaConfig, model, optimizer) -> str:
     the bf16 values, as Megatron-LM's ``--finetune`` does; with fp32 weights they are exact).
     """
     step_dir = initial_checkpoint(path, cfg)
-    ckpt.load_checkpoint(step_dir, model, optimizer=None, restore_rng=False)
+    load_checkpoint(step_dir, model, optimizer=None, restore_rng=False)
     optimizer.reload_model_params()
     saved = checkpoint_state(step_dir)
     if saved.get("weights_only"):
@@ -153,7 +157,8 @@ class Trainer:
         self.layout = state.initialize(cfg.parallel, cfg.training.seed)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if cfg.training.init_from and not (cfg.run.resume and ckpt.latest_checkpoint(self.ckpt_dir)):
+        start_over(self.run_dir, self.ckpt_dir, cfg.run.resume, cfg.run.overwrite)
+        if cfg.training.init_from and not (cfg.run.resume and has_checkpoints(self.ckpt_dir)):
             initial_checkpoint(cfg.training.init_from, cfg)  # a wrong model fails before any work
         self.model = wrap_ddp(build_model(cfg), cfg)
         self.loader = SodaDataLoader(cfg, "train")
@@ -234,22 +239,21 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                                    self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints)
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                               self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
+        path = find_resume_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
         if path is None:
             return False
-        saved = json.loads((path / ckpt.STATE_FILE).read_text())
-        check_resumable(saved["config"], self.cfg)
-        trainer_state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        saved = read_json(path / STATE_FILE)
+        check_resumable(saved["config"], self.cfg.to_dict(), path)
+        trainer_state = load_checkpoint(path, self.model, self.optimizer, verified=True)
         self.step = trainer_state["step"]
         self.tokens = trainer_state["tokens"]
         self.bad_steps = trainer_state["bad_steps"]
         self.loader.load_state_dict(trainer_state["loader"])
         if self.is_logger:
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             unused = (f" (training.init_from={self.cfg.training.init_from} is not used: the run "
                       f"continues from its own checkpoint)" if self.cfg.training.init_from else "")
             print(f"soda-mega: resumed from {path} at step {self.step}{unused}", flush=True)
@@ -334,6 +338,7 @@ class Trainer:
         cfg = self.cfg.run
         if not self.maybe_resume():
             self.maybe_init_from()
+        self.sink.start(self.step)  # metrics.jsonl cut back to the step this run starts from
         end = min(self.steps_total, cfg.max_steps or self.steps_total)
         records: list[dict] = []
         data = iter(self.loader)
@@ -390,7 +395,7 @@ class Trainer:
 
     def _stop_on_signal(self, signal_name: str, saved: bool) -> None:
         """Every rank agreed to stop after this step: save it (unless just saved), then raise."""
-        path = ckpt.step_dir(self.ckpt_dir, self.step) if saved else self.save()
+        path = step_dir(self.ckpt_dir, self.step) if saved else self.save()
         if self.telemetry is not None:
             self.telemetry.stop()
         self.sink.close()
@@ -408,31 +413,3 @@ def _format(record: dict) -> str:
             value = record[key]
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
-
-
-def check_resumable(saved: dict, cfg: SodaConfig) -> None:
-    """Refuse a checkpoint of another model, vocabulary or batch; name what differs."""
-    current = cfg.to_dict()
-    diffs = []
-    for section in ("model", "vocab"):
-        for key, value in saved[section].items():
-            if current[section].get(key) != value:
-                diffs.append(f"{section}.{key}: checkpoint {value!r} != config {current[section].get(key)!r}")
-    for key in ("global_batch_size", "seed"):
-        if saved["training"][key] != current["training"][key]:
-            diffs.append(f"training.{key}: checkpoint {saved['training'][key]!r} != config "
-                         f"{current['training'][key]!r}")
-    if diffs:
-        raise ValueError("the checkpoint in run.dir belongs to another run: " + "; ".join(diffs)
-                         + " (use another run.dir, or --run.resume=false to start over)")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric records past ``step`` (logged after the checkpoint a resume starts from)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)

@@ -18,7 +18,8 @@ from checkpoint_helpers import make_tiny_checkpoint, random_full_weights, tiny_c
 from soda_mega.data.build import build_dataset
 from soda_mega.data.loader import SodaDataLoader
 from soda_mega.data.schema import LENGTHS_FILE
-from soda_mega.inference.weights import CheckpointError, load_full_weights
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.weights import load_full_weights
 from launch_env import clean_env
 from tolerances import REFERENCE_NLL_FP32, TRAINING_TRACE
 
@@ -166,9 +167,9 @@ def test_optimizer_main_weights_start_at_the_loaded_weights(init_ckpt, precision
 
 def _weights_after_null_step(init_ckpt: Path, precision: str, distributed: bool,
                              reload: bool) -> dict[str, torch.Tensor]:
-    from soda_mega.inference.weights import _OneProcess
+    from soda_mega.checkpoint.weights import _OneProcess
     from soda_mega.model.gpt import build_model
-    from soda_mega.training import checkpoint as ckpt
+    from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.training.forward_backward import wrap_ddp
     from soda_mega.training.optimizer import build_optimizer, set_hyperparameters
     from soda_mega.training.trainer import load_initial_weights
@@ -181,7 +182,7 @@ def _weights_after_null_step(init_ckpt: Path, precision: str, distributed: bool,
         if reload:
             load_initial_weights(str(init_ckpt), cfg, model, optimizer)
         else:
-            ckpt.load_checkpoint(init_ckpt, model, optimizer=None, restore_rng=False)
+            load_checkpoint(init_ckpt, model, optimizer=None, restore_rng=False)
         set_hyperparameters(optimizer, 1e-30, 0.0)
         for chunk in model:
             chunk.zero_grad_buffer()
@@ -208,7 +209,7 @@ def test_a_longer_or_shorter_context_is_the_same_model(init_ckpt):
 
 
 def _weights_after_seq_length(init_ckpt: Path, seq_length: int) -> dict[str, torch.Tensor]:
-    from soda_mega.inference.weights import _OneProcess
+    from soda_mega.checkpoint.weights import _OneProcess
     from soda_mega.model.gpt import build_model
     from soda_mega.training.forward_backward import wrap_ddp
     from soda_mega.training.optimizer import build_optimizer

@@ -5,13 +5,11 @@ tensor per parameter, global Megatron names, padded vocabulary rows included). T
 a training checkpoint of any layout by loading it into a TP=1, PP=1 model in this process:
 ``dist_checkpointing`` reshards on load (the same path a TP=2 run resumed on one GPU takes).
 
-Accepted checkpoint paths: a ``step_N`` folder, a ``checkpoints/`` folder (its ``latest``), or
-a run folder (its ``checkpoints/latest``).
+Accepted checkpoint paths: see :func:`soda_mega.checkpoint.layout.resolve_checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,46 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from soda_mega.config.fields import ConfigError
-from soda_mega.config.loader import apply_mapping
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.layout import LATEST, checkpoint_config, resolve_checkpoint
+from soda_mega.checkpoint.load import load_checkpoint
+from soda_mega.checkpoint.save import save_checkpoint
 from soda_mega.config.schema import ParallelConfig, SodaConfig
-from soda_mega.training import checkpoint as ckpt
-
-
-class CheckpointError(ValueError):
-    """A path that is not a usable soda-mega checkpoint, or one of another model."""
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The ``step_N`` folder that ``path`` (step, checkpoints or run folder) stands for."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file or folder")
-    if (path / ckpt.STATE_FILE).is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        found = ckpt.latest_checkpoint(root) if (root / ckpt.LATEST).is_file() else None
-        if found is not None:
-            return found
-    raise CheckpointError(
-        f"checkpoint {path}: not a soda-mega checkpoint (expected a step_N folder with "
-        f"{ckpt.STATE_FILE}, a checkpoints/ folder with '{ckpt.LATEST}', or a run folder)")
-
-
-def checkpoint_state(path: str | os.PathLike) -> dict:
-    """``trainer_state.json`` of the checkpoint ``path`` stands for."""
-    return json.loads((resolve_checkpoint(path) / ckpt.STATE_FILE).read_text())
-
-
-def checkpoint_config(path: str | os.PathLike) -> SodaConfig:
-    """The resolved configuration the checkpoint was written with."""
-    saved = checkpoint_state(path)["config"]
-    cfg = SodaConfig()
-    try:
-        apply_mapping(cfg, saved, f"{resolve_checkpoint(path)}/{ckpt.STATE_FILE}")
-        return cfg.validate()
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint {path}: its configuration does not load: {err}") from None
 
 
 def single_process_config(cfg: SodaConfig) -> SodaConfig:
@@ -126,7 +89,7 @@ def load_full_weights(path: str | os.PathLike) -> tuple[SodaConfig, dict[str, to
     one = single_process_config(cfg)
     with _OneProcess(cfg.training.seed):
         chunks = build_model(one)
-        ckpt.load_checkpoint(step, chunks, restore_rng=False)
+        load_checkpoint(step, chunks, restore_rng=False)
         full = {k: v.detach().float().clone() for k, v in chunks[0].state_dict().items()
                 if not k.endswith("_extra_state")}
     return cfg, full
@@ -142,7 +105,7 @@ def save_full_weights(root: str | os.PathLike, cfg: SodaConfig, full: dict[str, 
     from soda_mega.model.gpt import build_model
 
     root = Path(root)
-    if root.is_dir() and any(p.name == ckpt.LATEST or p.name.startswith("step_") for p in root.iterdir()):
+    if root.is_dir() and any(p.name == LATEST or p.name.startswith("step_") for p in root.iterdir()):
         raise CheckpointError(f"{root} already holds checkpoints; write into an empty or new folder")
     one = single_process_config(cfg)
     with _OneProcess(cfg.training.seed):
@@ -163,4 +126,4 @@ def save_full_weights(root: str | os.PathLike, cfg: SodaConfig, full: dict[str, 
                 tensor.copy_(full[name].to(tensor.dtype))
         trainer_state = {"step": 0, "tokens": 0, "weights_only": True,
                          "provenance": provenance or {}, "config": cfg.to_dict()}
-        return ckpt.save_checkpoint(root, 0, chunks, None, trainer_state, keep_last=1)
+        return save_checkpoint(root, 0, chunks, None, trainer_state, keep_last=1)

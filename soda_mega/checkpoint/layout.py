@@ -1,0 +1,81 @@
+"""Where checkpoints live and what a path stands for.
+
+Layout of a run's checkpoint folder::
+
+    <dir>/latest                    name of the newest complete checkpoint (replaced atomically)
+    <dir>/step_00000100/            dist_checkpointing output: model + optimizer, sharded
+    <dir>/step_00000100/trainer_state.json   step, tokens, loader state, schedule, config
+    <dir>/step_00000100/rng/rank<r>.pt       this rank's torch RNG state (same layout only)
+
+Commands accept a ``step_N`` folder, a ``checkpoints/`` folder (its ``latest``) or a run folder
+(its ``checkpoints/latest``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.trust import read_json
+from soda_mega.config.fields import ConfigError
+from soda_mega.config.loader import apply_mapping
+from soda_mega.config.schema import SodaConfig
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``root``, or None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    path = root / name
+    if not STEP_DIR.match(name) or not (path / STATE_FILE).is_file():
+        others = sorted((p.name for p in root.iterdir() if STEP_DIR.match(p.name)), reverse=True)
+        raise CheckpointError(
+            f"{pointer} names {name[:60]!r}, which is not a complete checkpoint; give a step_N "
+            f"folder instead" + (f" (here: {', '.join(others[:5])})" if others else "")
+            + " (a training run resumes from the newest intact one by itself)")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The ``step_N`` folder that ``path`` (step, checkpoints or run folder) stands for."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or folder")
+    if (path / STATE_FILE).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root) if (root / LATEST).is_file() else None
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"checkpoint {path}: not a soda-mega checkpoint (expected a step_N folder with "
+        f"{STATE_FILE}, a checkpoints/ folder with '{LATEST}', or a run folder)")
+
+
+def checkpoint_state(path: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of the checkpoint ``path`` stands for."""
+    return read_json(resolve_checkpoint(path) / STATE_FILE)
+
+
+def checkpoint_config(path: str | os.PathLike) -> SodaConfig:
+    """The resolved configuration the checkpoint was written with."""
+    saved = checkpoint_state(path)["config"]
+    cfg = SodaConfig()
+    try:
+        apply_mapping(cfg, saved, f"{resolve_checkpoint(path)}/{STATE_FILE}")
+        return cfg.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path}: its configuration does not load: {err}") from None

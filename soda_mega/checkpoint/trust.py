@@ -1,0 +1,188 @@
+"""Reading a checkpoint without running code it carries.
+
+Checkpoints travel (shared folders, downloads, colleagues' runs), so every file of one is
+treated as data from a stranger. Python's pickle can call any function while it loads, and
+three kinds of file in a checkpoint are pickles:
+
+- ``rng/rank<r>.pt`` (ours) and Megatron's ``common.pt``: ``torch.save`` files of tensors and
+  plain containers, read with ``torch.load(weights_only=True)`` (no code, no arbitrary class);
+- ``.metadata`` of ``torch.distributed.checkpoint``: a plain pickle that torch reads with
+  ``pickle.load``. It is checked first with an unpickler that admits only the checkpoint
+  metadata classes (dataclasses and enums of ``torch.distributed.checkpoint``), ``torch.Size``,
+  dtypes and layouts; the same bytes then build only those objects when torch reads them;
+- "bytes" entries inside ``.distcp`` files (Megatron's ``_extra_state`` objects), which torch
+  reads with ``torch.load(weights_only=False)``: each is checked with ``weights_only=True``
+  first. (Tensor entries torch already reads with ``weights_only=True``.)
+
+``trainer_state.json`` and ``metadata.json`` are JSON. :func:`vet_checkpoint` runs these checks on
+every file a load opens, before anything is loaded; a file that fails is refused with a
+:class:`CheckpointError` that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import io
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from soda_mega.checkpoint.errors import CheckpointError, DamagedCheckpoint
+
+DCP_METADATA = ".metadata"
+COMMON_FILE = "common.pt"
+MEGATRON_META = "metadata.json"
+RNG_DIR = "rng"
+
+_TRUST = ("soda-mega loads only tensors, plain values, JSON and checkpoint metadata from a "
+          "checkpoint and never runs code stored in it")
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                ("collections", "OrderedDict")}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if text.startswith("Weights only load failed"):
+        # torch's advice in this message is to load with weights_only=False: not ours to give.
+        found = [line.strip() for line in text.splitlines()
+                 if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+        return found[0][:300] if found else "not a plain tensor file"
+    return text.splitlines()[0][:300]
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of a checkpoint; anything else is refused, naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({err}); the file is damaged or was "
+                              f"replaced; {_TRUST}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def load_plain(path: Path, source=None, hint: str = ""):
+    """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, bytes read from it)."""
+    try:
+        return torch.load(source if source is not None else path, map_location="cpu",
+                          weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not str(err).startswith("Weights only load failed"):
+            raise DamagedCheckpoint(f"{path}: damaged or truncated ({_first_line(err)})") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds a pickle that would build objects other than tensors and "
+            f"plain values, or run code, when loaded ({_first_line(err)}); {_TRUST}{hint}") from None
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
+    except (EOFError, RuntimeError, ValueError, OSError) as err:
+        raise DamagedCheckpoint(f"{path}: damaged or truncated ({_first_line(err)})") from None
+
+
+def _admitted(module: str, name: str) -> bool:
+    if (module, name) in _DCP_GLOBALS:
+        return True
+    if module == "torch":
+        return isinstance(getattr(torch, name, None), torch.dtype)
+    if module in _DCP_MODULES:
+        obj = getattr(importlib.import_module(module), name, None)
+        return isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+    return False
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something that is not checkpoint metadata."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if not _admitted(module, name):
+            raise _Refused(f"global {module}.{name} is not checkpoint metadata")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise _Refused("persistent ids are not checkpoint metadata")
+
+
+def read_dcp_metadata(step_dir: Path):
+    """The ``torch.distributed.checkpoint`` metadata of ``step_dir``, read without running code."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(step_dir) / DCP_METADATA
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
+    except _Refused as err:
+        raise CheckpointError(f"{path}: refused: not plain checkpoint metadata ({err}); "
+                              f"{_TRUST}") from None
+    except Exception as err:  # noqa: BLE001 - any other failure of a damaged pickle stream
+        raise DamagedCheckpoint(f"{path}: damaged or truncated ({_first_line(err)})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: refused: holds a {type(metadata).__name__}, not checkpoint "
+                              f"metadata")
+    return metadata
+
+
+def check_dcp_objects(step_dir: Path, metadata) -> None:
+    """Check each non-tensor ("bytes") entry of the ``.distcp`` files as torch will read it."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    step_dir = Path(step_dir)
+    byte_keys = {k for k, v in metadata.state_dict_metadata.items()
+                 if isinstance(v, BytesStorageMetadata)}
+    for index, info in (metadata.storage_data or {}).items():
+        name = Path(info.relative_path)
+        if name.name != info.relative_path or name.name in ("", ".", ".."):
+            raise CheckpointError(f"{step_dir / DCP_METADATA}: refused: names the data file "
+                                  f"{info.relative_path!r} outside the checkpoint folder")
+        if index.fqn not in byte_keys:
+            continue
+        path = step_dir / name
+        if info.transform_descriptors:
+            raise CheckpointError(f"{path}: refused: entry {index.fqn} is stored with transforms "
+                                  f"{info.transform_descriptors}, which soda-mega never writes")
+        try:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
+        except OSError as err:
+            raise DamagedCheckpoint(f"{path}: unreadable ({err})") from None
+        if len(data) != info.length:
+            raise DamagedCheckpoint(f"{path}: truncated (entry {index.fqn} ends past the end of the "
+                                  f"file)")
+        load_plain(path, io.BytesIO(data))
+
+
+def rng_files(step_dir: Path) -> list[Path]:
+    folder = Path(step_dir) / RNG_DIR
+    return sorted(folder.glob("rank*.pt")) if folder.is_dir() else []
+
+
+RNG_HINT = ("; if this is a checkpoint you trust from an older soda-mega, delete its rng/ folder: "
+            "the RNG state is only restored in the same layout, and SODA's recipe has no dropout")
+
+
+def vet_checkpoint(step_dir: Path, state_file: str, files: list[Path] | None = None) -> None:
+    """Refuse ``step_dir`` if any file a load opens is not plain data (see the module docstring).
+
+    ``files`` limits the per-rank files (``rng/``) to those given (each rank checks a share).
+    """
+    step_dir = Path(step_dir)
+    read_json(step_dir / state_file)
+    if (step_dir / MEGATRON_META).exists():
+        read_json(step_dir / MEGATRON_META)
+    check_dcp_objects(step_dir, read_dcp_metadata(step_dir))
+    if (step_dir / COMMON_FILE).exists():
+        load_plain(step_dir / COMMON_FILE)
+    for path in rng_files(step_dir) if files is None else files:
+        load_plain(path, hint=RNG_HINT)
