@@ -13,6 +13,7 @@ import sys
 
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
+from soda_mega.errors import EXIT_USER_ERROR
 
 BUILD_EPILOG = """\
 inputs:
@@ -134,7 +135,7 @@ def run_build(args) -> int:
         part = parse_part(args.part) if args.part else part_from_env()
     except BuildError as err:
         print(f"soda-mega data build: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if not args.finalize and not inputs:
         print("soda-mega data build: give inputs (--manifest, --text or --s2st FILE), or --finalize OUT",
               file=sys.stderr)
@@ -149,7 +150,7 @@ def run_build(args) -> int:
                                    show_progress=not args.quiet, part=part, staging=args.staging)
     except BuildError as err:
         print(f"soda-mega data build: {err}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"\nsoda-mega data build: interrupted; finished work units are kept, rerun the same "
               f"command to resume", file=sys.stderr)
@@ -223,7 +224,7 @@ def run_demo(args) -> int:
                              use_espeak=not args.no_espeak, show_progress=not args.quiet)
     except BuildError as err:
         print(f"soda-mega data demo: {err}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"\nsoda-mega data demo: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

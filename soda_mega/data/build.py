@@ -68,6 +68,7 @@ from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
                                    clean_partial_units, marker_path, marker_rel, merge_split,
                                    remove_merged_files)
+from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
 
 __all__ = ["BuildError", "BuildResult", "build_dataset", "finalize_dataset", "make_plan", "parse_part",
@@ -80,8 +81,8 @@ KINDS = ("speech", "text", "s2st")
 AUDIO_KINDS = ("speech", "s2st")
 
 
-class BuildError(RuntimeError):
-    """The build cannot start or continue; the message says what to do."""
+class BuildError(SodaUserError, RuntimeError):
+    """The build cannot start or continue; the message says what to do (exit 2)."""
 
 
 @dataclass

@@ -232,7 +232,7 @@ def test_cli_build_help_and_run(tmp_path, capsys):
                  "--data.valid_fraction=0.5"]) == 0
     assert "built text dataset" in capsys.readouterr().out
     assert (out / "train" / META_FILE).is_file() and (out / "valid" / META_FILE).is_file()
-    assert main(["data", "build", str(tmp_path / "x"), "--text", str(tmp_path / "none.txt"), "--quiet"]) == 1
+    assert main(["data", "build", str(tmp_path / "x"), "--text", str(tmp_path / "none.txt"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["data", "build", str(tmp_path / "y"), "--text", str(corpus), "--quiet",
                  "--data.doc_types=[bogus]"]) == 2

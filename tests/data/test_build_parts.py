@@ -82,7 +82,7 @@ def test_cli_part_and_finalize(tmp_path, capsys):
               "--data.valid_fraction=0.3", "--data.build_unit_recordings=2"]
     assert main(["data", "build", str(out), *common, "--part", "1/2"]) == 0
     assert "still missing" in capsys.readouterr().out
-    assert main(["data", "build", "--finalize", str(out)]) == 1
+    assert main(["data", "build", "--finalize", str(out)]) == 2
     assert "1 of 2 units are not built yet" in capsys.readouterr().err
     env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
     saved = {k: os.environ.get(k) for k in env}

@@ -187,3 +187,22 @@ def test_bf16_model_on_gpu_matches_fp32(megatron_one_process):
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         losses[precision] = loss.item()
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=BF16_LOSS_RTOL)
+
+
+def test_threaded_init_draws_the_same_weights(megatron_one_process, monkeypatch):
+    """The layout-free init draws parameters in threads; the values must not depend on how many."""
+    from soda_mega.model import init as model_init
+    from soda_mega.model.init import init_full_tensor, full_shape
+
+    monkeypatch.setattr(model_init, "_draw_threads", lambda: 1)
+    _, one = _build()
+    monkeypatch.setattr(model_init, "_draw_threads", lambda: 3)
+    cfg, three = _build()
+    named = dict(three.named_parameters())
+    assert len(named) > 5
+    for name, param in one.named_parameters():
+        assert torch.equal(param, named[name]), name
+    # and both are the per-parameter draw itself (not, e.g., one shared stream)
+    word = "embedding.word_embeddings.weight"
+    full = init_full_tensor(word, full_shape(word, named[word].shape, cfg), cfg)
+    assert torch.equal(named[word][:full.shape[0]], full)
