@@ -165,6 +165,13 @@ class Plan:
                 "skipped": [s.to_dict() for s in self.skipped]}
 
 
+def is_source(item) -> bool:
+    """An input that plans itself (``plan() -> (recordings, skipped, fingerprint)``): a local
+    Hugging Face dataset (:class:`~soda_mega.data.hf_input.HFSource`) or a Lhotse manifest
+    (:class:`~soda_mega.data.lhotse_input.LhotseSource`); other inputs are file paths."""
+    return callable(getattr(item, "plan", None))
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -181,8 +188,14 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         read = read_manifest if kind == "speech" else read_s2st_manifest
         recordings: list = []
         seen: dict[str, str] = {}
+        fingerprints = []
         for path in inputs:
-            recs, bad = read(path)
+            if is_source(path):  # a Hugging Face dataset, a Lhotse manifest (hf_input, lhotse_input)
+                recs, bad, fp = path.plan()
+                fingerprints.append(fp)
+            else:
+                recs, bad = read(path)
+                fingerprints.append({"path": str(Path(path).resolve()), "sha256": file_sha256(path)})
             skipped += bad
             for rec in recs:
                 if rec.record_id in seen:
@@ -205,6 +218,7 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
             units += [[r] for r in ranges]
             records += sum(r.num_docs for r in ranges)
         doc_types = ["text_only"]
+        fingerprints = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in inputs]
     settings = {
         "format": FORMAT, "kind": kind, "vocab_fingerprint": layout.fingerprint(),
         "tokenizer": tokenizer_meta, "codec": codec_meta(has_audio) if kind in AUDIO_KINDS else None,
@@ -212,7 +226,7 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         "unit_size": data.build_unit_recordings if kind in AUDIO_KINDS else data.build_unit_text_docs,
         "shard_size_limit": data.shard_size_limit,
         "text_split": data.text_split if kind == "text" else None,
-        "inputs": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in inputs],
+        "inputs": fingerprints,
     }
     named = [(unit_name(i), items) for i, items in enumerate(units)]
     return Plan(kind, named, skipped, records + len(skipped), settings)
@@ -341,7 +355,9 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
         raise BuildError("no inputs: give --manifest FILE (speech), --text FILE (text) or "
                          "--s2st FILE (translation pairs)")
     for path in inputs:
-        if not Path(path).is_file():
+        if is_source(path) and kind != "speech":
+            raise BuildError(f"{path} is a recording source: it builds a speech dataset, not {kind}")
+        if not is_source(path) and not Path(path).is_file():
             raise BuildError(f"input {path} does not exist")
     t0 = time.monotonic()
     data = cfg.data
