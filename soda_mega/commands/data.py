@@ -131,9 +131,9 @@ def register_build(actions) -> argparse.ArgumentParser:
                             "needs no inputs")
     p.add_argument("--lhotse-supervisions", metavar="FILE",
                    help="Lhotse supervision manifest: the transcripts of --lhotse-recordings")
-    p.add_argument("--audio-column", default="audio", metavar="C",
+    p.add_argument("--audio-column", metavar="C",
                    help="--hf-dataset: the column holding the audio (default: audio)")
-    p.add_argument("--text-column", default="text", metavar="C",
+    p.add_argument("--text-column", metavar="C",
                    help="--hf-dataset: the column holding the transcript (default: text)")
     p.add_argument("--id-column", metavar="C",
                    help="--hf-dataset: the column of unique record ids (default: id when present, "
@@ -165,6 +165,11 @@ def run_build(args) -> int:
     if args.lhotse_supervisions and not args.lhotse_recordings:
         print("soda-mega data build: --lhotse-supervisions goes with --lhotse-recordings", file=sys.stderr)
         return 2
+    hf_flags = [f"--{k.replace('_', '-')}" for k in ("audio_column", "text_column", "id_column", "split")
+                if getattr(args, k) is not None]
+    if hf_flags and not args.hf_dataset:
+        print(f"soda-mega data build: {', '.join(hf_flags)} only apply to --hf-dataset", file=sys.stderr)
+        return 2
     if args.hf_dataset or args.lhotse or args.lhotse_recordings:
         inputs = [("speech", _recording_sources(args))]  # SourceError (exit 2) names a bad one
     if not args.finalize and not inputs:
@@ -195,7 +200,7 @@ def _recording_sources(args) -> list:
     if args.hf_dataset:
         from soda_mega.data.hf_input import HFSource
 
-        return [HFSource(path, audio_column=args.audio_column, text_column=args.text_column,
+        return [HFSource(path, audio_column=args.audio_column or "audio", text_column=args.text_column or "text",
                          id_column=args.id_column, split=args.split) for path in args.hf_dataset]
     from soda_mega.data.lhotse_input import LhotseSource
 

@@ -103,9 +103,12 @@ def test_hf_dataset_builds_the_manifest_documents(tmp_path):
     assert "non-empty string" in skipped["mute (ls_tiny:row 4)"]
     assert len(_skipped(tmp_path / "ref")) == len(skipped) == 2
 
-    # parquet, with 2 spawned workers: each opens the dataset and reads its rows by index
-    build_dataset(tmp_path / "pq", [HFSource(str(tmp_path / "ls_tiny.parquet"))], "speech", cfg,
-                  show_progress=False, workers=2)
+    # parquet on the device path (2 fake GPUs): spawned codec workers and their feeder processes
+    # each open the dataset and read rows by index from the pickled HFRow references
+    pq = build_dataset(tmp_path / "pq", [HFSource(str(tmp_path / "ls_tiny.parquet"))], "speech",
+                       tiny_config("--data.valid_fraction=0.3", "--data.encode_chunk_seconds=0.8",
+                                   "--data.codec_devices=[cpu:0, cpu:1]"), show_progress=False)
+    assert sorted(pq.worker_devices.values()) == ["cpu:0", "cpu:1"]
     assert _docs(tmp_path / "pq") == ref
     assert sorted(s["record"] for s in _skipped(tmp_path / "pq")) == [
         "bad (ls_tiny:row 3)", "mute (ls_tiny:row 4)"]
