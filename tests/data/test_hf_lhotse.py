@@ -9,6 +9,8 @@ CPU and the built shards' documents are compared token for token.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import datasets
@@ -19,7 +21,7 @@ import pytest
 from build_helpers import read_split, tiny_config, tone, wav_bytes, write_manifest
 from soda_mega.cli import main
 from soda_mega.data.build import BuildError, build_dataset
-from soda_mega.data.hf_input import HFSource
+from soda_mega.data.hf_input import HFSource, files_fingerprint, offline
 from soda_mega.data.inputs import AudioSlice, InputError, SourceError, load_audio, read_audio, read_manifest
 from soda_mega.data.lhotse_input import LhotseSource
 from soda_mega.data.schema import META_FILE, SPLITS
@@ -151,6 +153,45 @@ def test_hf_dataset_refusals_and_splits(tmp_path, capsys):
     ds.remove_columns("id").save_to_disk(str(tmp_path / "noid"))
     assert [r.record_id for r in HFSource(str(tmp_path / "noid")).plan()[0]] == ["noid/0", "noid/1", "noid/2",
                                                                                  "noid/3"]
+    # a downloaded hub snapshot (data/<split>-*.parquet) and a single .arrow file
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    ds.select(range(2)).to_parquet(str(tmp_path / "snap" / "data" / "train-00000-of-00001.parquet"))
+    ds.select([2]).to_parquet(str(tmp_path / "snap" / "data" / "test-00000-of-00001.parquet"))
+    [snap] = HFSource(str(tmp_path / "snap"), split="test").plan()[0]
+    assert snap.record_id == "c" and np.array_equal(snap.audio.read()[0], recs[0].audio.read()[0])
+    [arrow] = sorted((tmp_path / "noid").glob("*.arrow"))
+    assert [r.where for r in HFSource(str(arrow)).plan()[0]][:1] == [f"{arrow.stem}:row 0"]
+
+
+def test_missing_packages_are_named(tmp_path, monkeypatch):
+    ds_dir = tmp_path / "ds"
+    ds_dir.mkdir()
+    (tmp_path / "cuts.jsonl.gz").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    monkeypatch.setitem(sys.modules, "lhotse", None)
+    with pytest.raises(SourceError, match="pip install datasets"):
+        HFSource(str(ds_dir)).plan()
+    with pytest.raises(SourceError, match="pip install lhotse"):
+        LhotseSource(cuts=str(tmp_path / "cuts.jsonl.gz")).plan()
+
+
+def test_offline_and_the_files_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with offline():
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+        assert datasets.config.HF_HUB_OFFLINE is True
+    assert "HF_HUB_OFFLINE" not in os.environ
+    small, big = tmp_path / "a.arrow", tmp_path / "b.arrow"
+    small.write_bytes(b"x" * 1000)
+    big.write_bytes(bytes(5 << 20))
+    before = files_fingerprint(tmp_path)
+    assert [(f["name"], f["size"]) for f in before] == [("a.arrow", 1000), ("b.arrow", 5 << 20)]
+    with open(big, "r+b") as f:  # one byte inside the first sampled block of a large file
+        f.seek(100)
+        f.write(b"\x01")
+    small.write_bytes(b"y" * 1000)
+    after = files_fingerprint(tmp_path)
+    assert [a["sha256"] != b["sha256"] for a, b in zip(after, before)] == [True, True]
 
 
 # ----------------------------------------------------------------- Lhotse
