@@ -95,7 +95,9 @@ class HFSource:
             raise SourceError(
                 f"--hf-dataset {self.path!r}: no such local file or folder. soda-mega never downloads "
                 "datasets: save it on this machine first (datasets.load_dataset(NAME).save_to_disk(DIR), "
-                "or `hf download --repo-type dataset NAME --local-dir DIR`) and pass that path")
+                "or `hf download --repo-type dataset NAME --local-dir DIR`) and pass that path; a copy "
+                "already in the hub cache is the folder ~/.cache/huggingface/hub/datasets--OWNER--NAME/"
+                "snapshots/REVISION")
 
     @property
     def label(self) -> str:

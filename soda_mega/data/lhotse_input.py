@@ -26,6 +26,7 @@ JSONL manifests).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +67,18 @@ class LhotseSource:
             return [("--lhotse", self.cuts)]
         return [("--lhotse-recordings", self.recordings), ("--lhotse-supervisions", self.supervisions)]
 
-    def _cut_set(self):
+    def _cuts(self):
+        """The cuts, one at a time (a JSONL cut manifest is read lazily, line by line)."""
         lhotse = import_lhotse()
-        try:
-            if self.cuts is not None:
-                return lhotse.CutSet.from_file(self.cuts)
-            return lhotse.CutSet.from_manifests(recordings=lhotse.RecordingSet.from_file(self.recordings),
-                                                supervisions=lhotse.SupervisionSet.from_file(self.supervisions))
-        except Exception as err:  # lhotse raises ValueError / KeyError / JSON errors on bad manifests
-            shown = " + ".join(p for _, p in self.files())
-            raise SourceError(f"Lhotse manifest {shown} cannot be read ({type(err).__name__}: {err})") from None
+        if self.cuts is not None:
+            if ".jsonl" in Path(self.cuts).name:
+                yield from lhotse.CutSet.from_jsonl_lazy(self.cuts)
+            else:
+                yield from lhotse.CutSet.from_file(self.cuts)
+        else:
+            yield from lhotse.CutSet.from_manifests(
+                recordings=lhotse.RecordingSet.from_file(self.recordings),
+                supervisions=lhotse.SupervisionSet.from_file(self.supervisions))
 
     def plan(self) -> tuple[list[Recording], list[Skipped], dict]:
         """Every usable cut as a :class:`Recording`, the cuts that cannot be used, and the
@@ -86,7 +89,18 @@ class LhotseSource:
         recordings: list[Recording] = []
         skipped: list[Skipped] = []
         seen: dict[str, str] = {}
-        for i, cut in enumerate(self._cut_set()):
+        cuts = self._cuts()
+        for i in itertools.count():
+            try:
+                cut = next(cuts)
+            except StopIteration:
+                break
+            except SourceError:
+                raise
+            except Exception as err:  # lhotse's ValueError / KeyError / JSON errors on a bad manifest
+                shown = " + ".join(p for _, p in self.files())
+                raise SourceError(f"Lhotse manifest {shown} cannot be read (at cut {i + 1}: "
+                                  f"{type(err).__name__}: {err})") from None
             where = f"{name}:{i + 1}" if self.cuts is not None else f"{name}:recording {cut.id}"
             try:
                 rec = cut_recording(cut, where)

@@ -269,6 +269,9 @@ def test_lhotse_plans_slices_and_recording_supervision_pairs(tmp_path):
     assert [(s.start, s.end, s.text) for s in recs[0].segments] == [(0.0, 0.8, "alpha"), (0.88, 1.12, "beta one")]
     with pytest.raises(SourceError, match="needs --lhotse-supervisions"):
         LhotseSource(recordings=str(tmp_path / "recs.jsonl.gz"))
+    (tmp_path / "broken.jsonl").write_text('{"id": "x", "start": 0\n')
+    with pytest.raises(SourceError, match=r"broken.jsonl cannot be read \(at cut 1"):
+        LhotseSource(cuts=str(tmp_path / "broken.jsonl")).plan()
 
 
 def test_audio_slice_reads_whole_samples_and_checks_the_end(tmp_path):
