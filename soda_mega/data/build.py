@@ -4,8 +4,8 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
 ``text`` (corpora -> text-only documents) and ``s2st`` (translation-pair manifests -> one
 ``s2st`` fine-tuning document per pair, source part masked out of the loss).
 
-1. **Plan** (parent): read the manifests (speech, s2st) or scan the corpora (text), drop bad
-   lines, and cut the records into fixed work units (``data.build_unit_recordings`` recordings
+1. **Plan** (parent): read the manifests (speech, s2st; or a local Hugging Face dataset or Lhotse
+   manifest, :func:`is_source`) or scan the corpora (text), drop bad lines, and cut the records into fixed work units (``data.build_unit_recordings`` recordings
    or pairs, ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
    fingerprint covers the bytes of the manifests and corpora (not of the audio files a
    manifest names) and every setting that changes the output (not the device, batch size or

@@ -37,6 +37,11 @@ FLAC, MP3, Ogg/Vorbis): one reader for every format users have, returning float3
 Unreadable files, zero samples, sample rates below 8 kHz and non-finite samples are bad input.
 A recording is read whole (4 bytes x rate x seconds x channels of memory).
 
+**Other recording sources** give the same :class:`Recording` records: a local Hugging Face
+dataset (:mod:`.hf_input`, ``--hf-dataset``) and Lhotse manifests (:mod:`.lhotse_input`,
+``--lhotse``). Their ``audio`` is a small reference read by :func:`load_audio` (a dataset row,
+an :class:`AudioSlice` of a longer file), so records stay cheap to pickle to workers.
+
 **Text corpus**: ``.jsonl`` / ``.json`` files hold one ``{"text": ..., "id": optional}`` object
 per line; any other file is plain UTF-8 text, one document per blank-line-separated paragraph
 (``data.text_split=paragraph``, the default; the paragraph's lines are joined with newlines)
@@ -288,8 +293,9 @@ def read_audio_bytes(data: bytes, name: str) -> tuple[np.ndarray, int]:
 
     if not data:
         raise InputError(f"audio {name} is empty (0 bytes)")
-    shm = Path("/dev/shm")
-    with tempfile.NamedTemporaryFile(dir=shm if shm.is_dir() else None, suffix=".audio") as f:
+    # NOTE: the default temporary folder (TMPDIR), not /dev/shm: containers often cap that at
+    # 64 MiB, less than one long FLAC file.
+    with tempfile.NamedTemporaryFile(suffix=".audio") as f:
         f.write(data)
         f.flush()
         return read_audio(f.name, name)
