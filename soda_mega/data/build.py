@@ -5,10 +5,11 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
 ``s2st`` fine-tuning document per pair, source part masked out of the loss).
 
 1. **Plan** (parent): read the manifests (speech, s2st; or a local Hugging Face dataset or Lhotse
-   manifest, :func:`is_source`) or scan the corpora (text), drop bad lines, and cut the records into fixed work units (``data.build_unit_recordings`` recordings
-   or pairs, ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
+   manifest, :func:`is_source`) or scan the corpora (text), drop bad lines, and cut the records
+   into fixed work units (``data.build_unit_recordings`` recordings or pairs,
+   ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
    fingerprint covers the bytes of the manifests and corpora (not of the audio files a
-   manifest names) and every setting that changes the output (not the device, batch size or
+   manifest names; a Hugging Face dataset's files, which hold its audio) and every setting that changes the output (not the device, batch size or
    streaming step, which change speed only); it is kept in ``.build/plan.json`` and a folder
    holding another plan is never resumed silently.
 2. **Work** (:mod:`.build_worker`; ``data.build_workers`` spawned processes on the CPU path,
