@@ -9,8 +9,9 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
    into fixed work units (``data.build_unit_recordings`` recordings or pairs,
    ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
    fingerprint covers the bytes of the manifests and corpora (not of the audio files a
-   manifest names; a Hugging Face dataset's files, which hold its audio) and every setting that changes the output (not the device, batch size or
-   streaming step, which change speed only); it is kept in ``.build/plan.json`` and a folder
+   manifest names; a Hugging Face dataset's files, which hold its audio) and every setting
+   that changes the output (not the device, batch size or streaming step, which change speed
+   only); it is kept in ``.build/plan.json`` and a folder
    holding another plan is never resumed silently.
 2. **Work** (:mod:`.build_worker`; ``data.build_workers`` spawned processes on the CPU path,
    one codec worker per device on the device path of :mod:`.devices`, or in-process): each
