@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def test_hf_dataset_refusals_and_splits(tmp_path, capsys):
     recs, bad, fp = HFSource(str(tmp_path / "dd"), split="test").plan()
     assert [r.record_id for r in recs] == ["c", "bad"] and not bad
     assert recs[0].where == "dd[test]:row 0" and fp["columns"] == {"audio": "audio", "text": "text", "id": "id"}
+    assert len(pickle.dumps(recs[0])) < 1024  # what workers get: dataset path + row, not the audio
     wav, rate = recs[0].audio.read()  # the row's WAV bytes, decoded by sphn
     sec, clip_rate, freq, _ = CLIPS["c"]
     assert rate == clip_rate and np.array_equal(np.round(wav[0] * 32768).astype("<i2"), _pcm(sec, rate, freq))
