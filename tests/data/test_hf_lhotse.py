@@ -271,6 +271,19 @@ def test_lhotse_plans_slices_and_recording_supervision_pairs(tmp_path):
     assert [(s.start, s.end, s.text) for s in recs[0].segments] == [(0.0, 0.8, "alpha"), (0.88, 1.12, "beta one")]
     with pytest.raises(SourceError, match="needs --lhotse-supervisions"):
         LhotseSource(recordings=str(tmp_path / "recs.jsonl.gz"))
+    # ... and built through the command line: the documents of the equivalent manifest line
+    whole = write_manifest(tmp_path / "in" / "whole.jsonl", [
+        {"id": "long-0", "audio": "long.wav", "segments": [{"start": 0.0, "end": 0.8, "text": "alpha"},
+                                                          {"start": 0.88, "end": 1.12, "text": "beta one"}]}])
+    cfg = tiny_config("--data.valid_fraction=0")
+    build_dataset(tmp_path / "ref", [whole], "speech", cfg, show_progress=False)
+    args = ["--preset", "tiny", "--quiet", "--data.build_workers=0", "--data.valid_fraction=0",
+            "--data.build_unit_recordings=2", "--data.shard_size_limit=4096"]
+    assert main(["data", "build", str(tmp_path / "rs"), "--lhotse-recordings", str(tmp_path / "recs.jsonl.gz"),
+                 "--lhotse-supervisions", str(tmp_path / "sups.jsonl.gz"), *args]) == 0
+    assert _docs(tmp_path / "rs") == _docs(tmp_path / "ref")
+    assert main(["data", "build", str(tmp_path / "x"), "--lhotse-supervisions", str(tmp_path / "sups.jsonl.gz"),
+                 *args]) == 2
     (tmp_path / "broken.jsonl").write_text('{"id": "x", "start": 0\n')
     with pytest.raises(SourceError, match=r"broken.jsonl cannot be read \(at cut 1"):
         LhotseSource(cuts=str(tmp_path / "broken.jsonl")).plan()
