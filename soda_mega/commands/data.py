@@ -34,6 +34,15 @@ inputs:
                    <|audio_start|> target audio <|audio_end|> EOS, with the source part (up to
                    the target's <|text_start|>) masked out of the loss. Fine-tune on it with
                    launchers/configs/s2st-finetune.yaml and --training.init_from=CHECKPOINT.
+  --hf-dataset PATH  a local Hugging Face dataset of recordings with transcripts: a save_to_disk
+                   folder, a .parquet / .arrow file, or a folder of them (a downloaded hub snapshot);
+                   --audio-column (default audio), --text-column (default text), --id-column
+                   (default: "id" if present, else <dataset>/<row>), --split (of a DatasetDict,
+                   default train). Needs `pip install datasets`; never downloads. Builds "speech".
+  --lhotse CUTS    a Lhotse cut manifest (cuts.jsonl.gz), or --lhotse-recordings R
+                   --lhotse-supervisions S; supervisions with text are the transcript segments, a
+                   cut of a longer recording is read as that part only. Needs `pip install lhotse`.
+                   Builds "speech".
 output: OUT/train and OUT/valid (MDS shards with xxh64 hashes, soda_meta.json, doc_lengths.npy).
 OUT may be remote (s3://bucket/prefix, gs://, oci://, hf://: whatever mosaicml-streaming uploads
 to; credentials and endpoint from its environment variables, e.g. S3_ENDPOINT_URL): shards are
@@ -111,9 +120,27 @@ def register_build(actions) -> argparse.ArgumentParser:
                        help="text corpus (.jsonl or plain text); repeat for several")
     group.add_argument("--s2st", action="append", metavar="FILE",
                        help="speech-to-speech translation pair manifest (JSONL); repeat for several")
+    group.add_argument("--hf-dataset", action="append", metavar="PATH",
+                       help="local Hugging Face dataset (save_to_disk folder, .parquet/.arrow files) of "
+                            "recordings with transcripts; repeat for several")
+    group.add_argument("--lhotse", action="append", metavar="CUTS",
+                       help="Lhotse cut manifest (cuts.jsonl.gz); repeat for several")
+    group.add_argument("--lhotse-recordings", metavar="FILE",
+                       help="Lhotse recording manifest (with --lhotse-supervisions): one cut per recording")
     group.add_argument("--finalize", action="store_true",
                        help="only merge OUT (index, lengths, metadata) once every part has built its units; "
                             "needs no inputs")
+    p.add_argument("--lhotse-supervisions", metavar="FILE",
+                   help="Lhotse supervision manifest: the transcripts of --lhotse-recordings")
+    p.add_argument("--audio-column", metavar="C",
+                   help="--hf-dataset: the column holding the audio (default: audio)")
+    p.add_argument("--text-column", metavar="C",
+                   help="--hf-dataset: the column holding the transcript (default: text)")
+    p.add_argument("--id-column", metavar="C",
+                   help="--hf-dataset: the column of unique record ids (default: id when present, "
+                        "else <dataset>/<row>); ids decide the train/valid split")
+    p.add_argument("--split", metavar="S",
+                   help="--hf-dataset: the split of a DatasetDict to read (default: train)")
     p.add_argument("--part", metavar="I/N",
                    help="build only part I of N (0 <= I < N: every N-th work unit from I) into the shared "
                         "OUT; default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT inside a job array, "
@@ -136,9 +163,19 @@ def run_build(args) -> int:
     except BuildError as err:
         print(f"soda-mega data build: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if args.lhotse_supervisions and not args.lhotse_recordings:
+        print("soda-mega data build: --lhotse-supervisions goes with --lhotse-recordings", file=sys.stderr)
+        return EXIT_USER_ERROR
+    hf_flags = [f"--{k.replace('_', '-')}" for k in ("audio_column", "text_column", "id_column", "split")
+                if getattr(args, k) is not None]
+    if hf_flags and not args.hf_dataset:
+        print(f"soda-mega data build: {', '.join(hf_flags)} only apply to --hf-dataset", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.hf_dataset or args.lhotse or args.lhotse_recordings:
+        inputs = [("speech", _recording_sources(args))]  # SourceError (exit 2) names a bad one
     if not args.finalize and not inputs:
-        print("soda-mega data build: give inputs (--manifest, --text or --s2st FILE), or --finalize OUT",
-              file=sys.stderr)
+        print("soda-mega data build: give inputs (--manifest, --text, --s2st FILE, --hf-dataset PATH or "
+              "--lhotse CUTS), or --finalize OUT", file=sys.stderr)
         return 2
     try:
         if args.finalize:
@@ -157,6 +194,20 @@ def run_build(args) -> int:
         return 130
     _print_results(args, [result])
     return 0
+
+
+def _recording_sources(args) -> list:
+    """The Hugging Face datasets or Lhotse manifests of the command line, as build inputs."""
+    if args.hf_dataset:
+        from soda_mega.data.hf_input import HFSource
+
+        return [HFSource(path, audio_column=args.audio_column or "audio", text_column=args.text_column or "text",
+                         id_column=args.id_column, split=args.split) for path in args.hf_dataset]
+    from soda_mega.data.lhotse_input import LhotseSource
+
+    if args.lhotse_recordings:
+        return [LhotseSource(recordings=args.lhotse_recordings, supervisions=args.lhotse_supervisions)]
+    return [LhotseSource(cuts=path) for path in args.lhotse]
 
 
 # ----------------------------------------------------------------- data plan

@@ -4,12 +4,14 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
 ``text`` (corpora -> text-only documents) and ``s2st`` (translation-pair manifests -> one
 ``s2st`` fine-tuning document per pair, source part masked out of the loss).
 
-1. **Plan** (parent): read the manifests (speech, s2st) or scan the corpora (text), drop bad
-   lines, and cut the records into fixed work units (``data.build_unit_recordings`` recordings
-   or pairs, ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
+1. **Plan** (parent): read the manifests (speech, s2st; or a local Hugging Face dataset or Lhotse
+   manifest, :func:`is_source`) or scan the corpora (text), drop bad lines, and cut the records
+   into fixed work units (``data.build_unit_recordings`` recordings or pairs,
+   ``data.build_unit_text_docs`` documents; text units never span two files). The plan's
    fingerprint covers the bytes of the manifests and corpora (not of the audio files a
-   manifest names) and every setting that changes the output (not the device, batch size or
-   streaming step, which change speed only); it is kept in ``.build/plan.json`` and a folder
+   manifest names; a Hugging Face dataset's files, which hold its audio) and every setting
+   that changes the output (not the device, batch size or streaming step, which change speed
+   only); it is kept in ``.build/plan.json`` and a folder
    holding another plan is never resumed silently.
 2. **Work** (:mod:`.build_worker`; ``data.build_workers`` spawned processes on the CPU path,
    one codec worker per device on the device path of :mod:`.devices`, or in-process): each
@@ -166,6 +168,13 @@ class Plan:
                 "skipped": [s.to_dict() for s in self.skipped]}
 
 
+def is_source(item) -> bool:
+    """An input that plans itself (``plan() -> (recordings, skipped, fingerprint)``): a local
+    Hugging Face dataset (:class:`~soda_mega.data.hf_input.HFSource`) or a Lhotse manifest
+    (:class:`~soda_mega.data.lhotse_input.LhotseSource`); other inputs are file paths."""
+    return callable(getattr(item, "plan", None))
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -182,8 +191,14 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         read = read_manifest if kind == "speech" else read_s2st_manifest
         recordings: list = []
         seen: dict[str, str] = {}
+        fingerprints = []
         for path in inputs:
-            recs, bad = read(path)
+            if is_source(path):  # a Hugging Face dataset, a Lhotse manifest (hf_input, lhotse_input)
+                recs, bad, fp = path.plan()
+                fingerprints.append(fp)
+            else:
+                recs, bad = read(path)
+                fingerprints.append({"path": str(Path(path).resolve()), "sha256": file_sha256(path)})
             skipped += bad
             for rec in recs:
                 if rec.record_id in seen:
@@ -206,6 +221,7 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
             units += [[r] for r in ranges]
             records += sum(r.num_docs for r in ranges)
         doc_types = ["text_only"]
+        fingerprints = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in inputs]
     settings = {
         "format": FORMAT, "kind": kind, "vocab_fingerprint": layout.fingerprint(),
         "tokenizer": tokenizer_meta, "codec": codec_meta(has_audio) if kind in AUDIO_KINDS else None,
@@ -213,7 +229,7 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         "unit_size": data.build_unit_recordings if kind in AUDIO_KINDS else data.build_unit_text_docs,
         "shard_size_limit": data.shard_size_limit,
         "text_split": data.text_split if kind == "text" else None,
-        "inputs": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in inputs],
+        "inputs": fingerprints,
     }
     named = [(unit_name(i), items) for i, items in enumerate(units)]
     return Plan(kind, named, skipped, records + len(skipped), settings)
@@ -342,7 +358,9 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
         raise BuildError("no inputs: give --manifest FILE (speech), --text FILE (text) or "
                          "--s2st FILE (translation pairs)")
     for path in inputs:
-        if not Path(path).is_file():
+        if is_source(path) and kind != "speech":
+            raise BuildError(f"{path} is a recording source: it builds a speech dataset, not {kind}")
+        if not is_source(path) and not Path(path).is_file():
             raise BuildError(f"input {path} does not exist")
     t0 = time.monotonic()
     data = cfg.data

@@ -23,8 +23,8 @@ import numpy as np
 from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, MimiCodec, to_mono
 from soda_mega.data.devices import device_for_slot
 from soda_mega.data.documents import recording_documents, s2st_document, segment_frames, text_document
-from soda_mega.data.inputs import (InputError, Recording, S2STPair, Skipped, TextRange, load_codes,
-                                   read_audio, read_text_range)
+from soda_mega.data.inputs import (InputError, Recording, S2STPair, Skipped, TextRange, load_audio,
+                                   load_codes, read_text_range)
 from soda_mega.data.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.writer import UnitWriter
@@ -198,10 +198,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def decode_for_codec(path: str) -> tuple[np.ndarray | InputError, float]:
-    """A feeder's job: audio file -> (mono float32 at Mimi's 24 kHz, seconds), or the InputError."""
+def decode_for_codec(path) -> tuple[np.ndarray | InputError, float]:
+    """A feeder's job: audio file (or reference, see :func:`~soda_mega.data.inputs.load_audio`) ->
+    (mono float32 at Mimi's 24 kHz, seconds), or the InputError."""
     try:
-        wav, rate = read_audio(path)
+        wav, rate = load_audio(path)
     except InputError as err:
         return err, 0.0
     return to_mono(wav, rate, MIMI_SAMPLE_RATE), wav.shape[1] / rate
@@ -219,14 +220,14 @@ def _prefetch(paths: Sequence[str | None]) -> None:
             pending.setdefault(path, []).append(feeders.apply_async(decode_for_codec, (path,)))
 
 
-def _read_audio(path: str) -> tuple[tuple[np.ndarray, int] | InputError, float]:
+def _read_audio(path) -> tuple[tuple[np.ndarray, int] | InputError, float]:
     queued = _STATE["prefetch"].get(path)
     if queued or _STATE.get("feeders") is not None:
         job = queued.pop(0) if queued else _STATE["feeders"].apply_async(decode_for_codec, (path,))
         mono, seconds = job.get()
         return (mono if isinstance(mono, InputError) else (mono, MIMI_SAMPLE_RATE)), seconds
     try:
-        wav, rate = read_audio(path)
+        wav, rate = load_audio(path)
     except InputError as err:
         return err, 0.0
     return (wav, rate), wav.shape[1] / rate

@@ -37,6 +37,11 @@ FLAC, MP3, Ogg/Vorbis): one reader for every format users have, returning float3
 Unreadable files, zero samples, sample rates below 8 kHz and non-finite samples are bad input.
 A recording is read whole (4 bytes x rate x seconds x channels of memory).
 
+**Other recording sources** give the same :class:`Recording` records: a local Hugging Face
+dataset (:mod:`.hf_input`, ``--hf-dataset``) and Lhotse manifests (:mod:`.lhotse_input`,
+``--lhotse``). Their ``audio`` is a small reference read by :func:`load_audio` (a dataset row,
+an :class:`AudioSlice` of a longer file), so records stay cheap to pickle to workers.
+
 **Text corpus**: ``.jsonl`` / ``.json`` files hold one ``{"text": ..., "id": optional}`` object
 per line; any other file is plain UTF-8 text, one document per blank-line-separated paragraph
 (``data.text_split=paragraph``, the default; the paragraph's lines are joined with newlines)
@@ -69,6 +74,11 @@ class InputError(SodaUserError, ValueError):
     """One input record is unusable; the message says which and why."""
 
 
+class SourceError(SodaUserError, ValueError):
+    """An input source as a whole (a dataset, a manifest) cannot be read; the message names it and
+    says what to do."""
+
+
 @dataclass(frozen=True)
 class Skipped:
     """A bad input record that the build left out."""
@@ -91,11 +101,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class Recording:
-    """One manifest line: where the audio (or codes) is and what was said."""
+    """One manifest line: where the audio (or codes) is and what was said.
+
+    ``audio`` is a file path, or a small picklable reference read by :func:`load_audio`
+    (an :class:`AudioSlice` of a file, a row of a Hugging Face dataset), never the samples."""
 
     record_id: str
     where: str  # "<manifest>:<line>", for messages
-    audio: str | None
+    audio: str | object | None  # a file path, or a reference with a read() method
     codes: str | None
     segments: tuple[Segment, ...] | None  # None: untranscribed
 
@@ -247,39 +260,97 @@ def read_s2st_manifest(path: str | Path) -> tuple[list[S2STPair], list[Skipped]]
 
 
 # ----------------------------------------------------------------- audio and codes
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Float32 ``[channels, samples]`` and the sample rate; :class:`InputError` when unusable."""
+def read_audio(path: str | Path, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Float32 ``[channels, samples]`` and the sample rate; :class:`InputError` when unusable.
+
+    ``name`` is what messages call the audio (default: the file name)."""
     import sphn
 
     path = Path(path)
+    name = name or path.name
     if not path.is_file():
         raise InputError(f"audio file not found: {path}")
     try:
         wav, sample_rate = sphn.read(str(path))
     except Exception as err:  # sphn raises ValueError / OSError with the decoder's message
-        raise InputError(f"cannot decode audio {path.name}: {err}") from None
-    check_wav_length(path)
+        raise InputError(f"cannot decode audio {name}: {err}") from None
+    check_wav_length(path, name)
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 2 or wav.shape[-1] == 0:
-        raise InputError(f"audio {path.name} is empty (0 samples)")
+        raise InputError(f"audio {name} is empty (0 samples)")
     if sample_rate < MIN_SAMPLE_RATE:
-        raise InputError(f"audio {path.name}: sample rate {sample_rate} Hz is below {MIN_SAMPLE_RATE} Hz")
+        raise InputError(f"audio {name}: sample rate {sample_rate} Hz is below {MIN_SAMPLE_RATE} Hz")
     if not np.isfinite(wav).all():
-        raise InputError(f"audio {path.name} has NaN or infinite samples (wrong sample format?)")
+        raise InputError(f"audio {name} has NaN or infinite samples (wrong sample format?)")
     return wav, int(sample_rate)
+
+
+def read_audio_bytes(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """:func:`read_audio` of an encoded audio file held in memory (a Hugging Face ``Audio``
+    cell): written to a temporary file and decoded by the same reader, so the samples equal
+    those of the same file on disk. ``name`` names the audio in messages."""
+    import tempfile
+
+    if not data:
+        raise InputError(f"audio {name} is empty (0 bytes)")
+    # NOTE: the default temporary folder (TMPDIR), not /dev/shm: containers often cap that at
+    # 64 MiB, less than one long FLAC file.
+    with tempfile.NamedTemporaryFile(suffix=".audio") as f:
+        f.write(data)
+        f.flush()
+        return read_audio(f.name, name)
+
+
+# Lhotse's default tolerance for a cut that ends a little after its recording's last sample.
+SLICE_END_TOLERANCE_S = 0.025
+
+
+@dataclass(frozen=True)
+class AudioSlice:
+    """``duration`` seconds of an audio file from ``offset`` (a Lhotse cut of a longer
+    recording); ``duration=None`` runs to the end. Cut at whole samples:
+    ``round(offset * rate)`` and ``round(duration * rate)`` samples, as Lhotse counts them."""
+
+    path: str
+    offset: float
+    duration: float | None
+
+    def read(self) -> tuple[np.ndarray, int]:
+        wav, rate = read_audio(self.path)
+        total = wav.shape[1]
+        start = round(self.offset * rate)
+        stop = total if self.duration is None else start + round(self.duration * rate)
+        if start >= total:
+            raise InputError(f"audio {Path(self.path).name}: the slice starts at {self.offset:.3f} s, "
+                             f"after the end of the audio ({total / rate:.3f} s)")
+        if stop > total + round(SLICE_END_TOLERANCE_S * rate):
+            raise InputError(f"audio {Path(self.path).name}: the slice ends at {stop / rate:.3f} s, "
+                             f"after the end of the audio ({total / rate:.3f} s)")
+        return wav[:, start:min(stop, total)], rate
+
+    def __str__(self) -> str:
+        end = "end" if self.duration is None else f"{self.offset + self.duration:.3f} s"
+        return f"{self.path} [{self.offset:.3f} s - {end}]"
+
+
+def load_audio(source) -> tuple[np.ndarray, int]:
+    """The audio of a :class:`Recording`: a file path, or any reference with a ``read()`` method
+    returning ``(wav, rate)`` (an :class:`AudioSlice`, a Hugging Face dataset row)."""
+    return read_audio(source) if isinstance(source, (str, Path)) else source.read()
 
 
 # A RIFF data chunk of this size (or 0) is a stream whose writer never knew its length.
 _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
 
 
-def check_wav_length(path: str | Path) -> None:
+def check_wav_length(path: str | Path, name: str | None = None) -> None:
     """:class:`InputError` when a RIFF/WAVE file holds fewer sample bytes than its ``data`` chunk
     header declares (a cut-off download or copy: decoders return what is there, silently).
 
     Other formats, and WAVs whose writer left the size unknown (0 or 0xFFFFFFFF), pass.
     """
     path = Path(path)
+    name = name or path.name
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(12)
@@ -302,7 +373,7 @@ def check_wav_length(path: str | Path) -> None:
                 if have < csize:
                     def secs(n: int) -> str:
                         return f"{n / block / rate:.3f} s" if rate and block else "?"
-                    raise InputError(f"audio {path.name} is truncated: its header says {secs(csize)} "
+                    raise InputError(f"audio {name} is truncated: its header says {secs(csize)} "
                                      f"({csize} bytes of samples), the file holds {secs(have)} ({have} bytes)")
                 return
             pos += 8 + csize + (csize & 1)  # chunks are padded to an even size
