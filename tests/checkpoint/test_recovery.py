@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,19 +116,21 @@ def test_fresh_start_cuts_metrics_back_to_step_0(corpus, tmp_path):
     assert "dropped its last line" in proc.stderr
 
 
-def _fsize_limit(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+def _under_fsize_limit(limit: int, argv: list[str]) -> list[str]:
+    """``argv`` run under a real file-size limit: writes past it fail with EFBIG (SIGXFSZ is
+    ignored, and both settings survive the exec). Set in a small wrapper process rather than
+    with ``preexec_fn``, which can deadlock when the pytest process has threads."""
+    setup = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", setup, *argv]
 
 
 def test_a_full_disk_during_save_says_so_and_removes_the_partial_checkpoint(corpus, tmp_path):
     # A real limit on file size (a checkpoint file is ~18 MiB): the kernel fails the write.
-    proc = subprocess.run([sys.executable, "-m", "soda_mega.cli",
-                           *train_args(corpus, tmp_path, "--run.max_steps=1")],
-                          capture_output=True, text=True, env=clean_env(), timeout=300,
-                          preexec_fn=_fsize_limit(4 << 20))
+    argv = [sys.executable, "-m", "soda_mega.cli", *train_args(corpus, tmp_path, "--run.max_steps=1")]
+    proc = subprocess.run(_under_fsize_limit(4 << 20, argv), capture_output=True, text=True,
+                          env=clean_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the disk is full (or a file size limit was hit)" in proc.stderr
     _no_traceback(proc)
