@@ -9,7 +9,6 @@ before training run in one process through ``untrusted_worker.py``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
