@@ -13,9 +13,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Dummy credentials: moto accepts any; they keep boto3 from looking for real ones.
 CREDENTIALS = {
@@ -38,6 +40,7 @@ class S3Server:
 
     process: subprocess.Popen
     endpoint: str
+    log_path: str = ""
     _client: object = field(default=None, repr=False)
 
     def env(self, base: dict | None = None) -> dict:
@@ -78,21 +81,26 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log_path:
+            Path(self.log_path).unlink(missing_ok=True)
 
 
 def start_s3_server(timeout_s: float = 60.0) -> S3Server:
     """Start ``moto.server`` on a free loopback port and wait until it answers."""
     port = _free_port()
+    # The server logs every request on stderr: into a file, never an unread pipe (a full pipe
+    # blocks the server's next log line, and with it every request).
+    log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, **CREDENTIALS},
+        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **CREDENTIALS},
     )
+    log.close()
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = Path(log.name).read_text(errors="replace")
             raise RuntimeError(f"moto server exited with code {proc.returncode}: {err[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -102,6 +110,6 @@ def start_s3_server(timeout_s: float = 60.0) -> S3Server:
     else:
         proc.kill()
         raise RuntimeError(f"moto server did not listen on {endpoint} within {timeout_s} s")
-    server = S3Server(proc, endpoint)
+    server = S3Server(proc, endpoint, log.name)
     server.client.list_buckets()  # answers over HTTP
     return server
