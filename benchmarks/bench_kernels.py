@@ -183,11 +183,13 @@ def run_loss(torch, args, dtype, device) -> tuple[list[dict], dict]:
             v_local = layout_pad.padded_size(tp, 128) // tp
         for n in args.tokens:
             for h in args.hidden:
-                g = torch.Generator(device="cpu").manual_seed(0)
-                hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
-                weight = (torch.randn(v_local, h, generator=g) / h ** 0.5).to(device, dtype)
+                # Drawn where they are used: on a GPU, host-side draws of the SODA shapes
+                # (~3.6e9 numbers per grid) would take minutes of a short GPU window.
+                g = torch.Generator(device=device).manual_seed(0)
+                hidden = torch.randn(n, h, generator=g, device=device).to(dtype).requires_grad_()
+                weight = (torch.randn(v_local, h, generator=g, device=device) / h ** 0.5).to(dtype)
                 weight.requires_grad_()
-                labels = torch.randint(0, v_local, (n,), generator=g).to(device)
+                labels = torch.randint(0, v_local, (n,), generator=g, device=device)
                 shape = {"tokens": n, "hidden": h, "vocab_local": v_local, "tp": tp}
                 ref_value = None
                 for name, fn in methods.items():
@@ -281,10 +283,10 @@ def run_memory(torch, args, dtype, device) -> tuple[list[dict], dict]:
     impl = "triton" if device.type == "cuda" else "torch"
 
     def make():
-        g = torch.Generator().manual_seed(0)
-        hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
-        weight = torch.randn(v, h, generator=g).mul_(h ** -0.5).to(device, dtype).requires_grad_()
-        return hidden, weight, torch.randint(0, v, (n,), generator=g).to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(n, h, generator=g, device=device).to(dtype).requires_grad_()
+        weight = torch.randn(v, h, generator=g, device=device).mul_(h ** -0.5).to(dtype).requires_grad_()
+        return hidden, weight, torch.randint(0, v, (n,), generator=g, device=device)
 
     def fused():
         hidden, weight, labels = make()
@@ -361,10 +363,10 @@ def run_embedding(torch, args, dtype, device) -> tuple[list[dict], dict]:
     rows = []
     for n in args.tokens:
         for h in args.hidden:
-            g = torch.Generator(device="cpu").manual_seed(1)
-            ids = torch.randint(0, layout.size, (n,), generator=g).to(device)
-            weight = torch.nn.Parameter(torch.randn(layout.size, h, generator=g).to(device, dtype))
-            grad = torch.randn(n, h, generator=g).to(device, dtype)
+            g = torch.Generator(device=device).manual_seed(1)
+            ids = torch.randint(0, layout.size, (n,), generator=g, device=device)
+            weight = torch.nn.Parameter(torch.randn(layout.size, h, generator=g, device=device).to(dtype))
+            grad = torch.randn(n, h, generator=g, device=device).to(dtype)
             for name, fn in methods.items():
                 try:
                     m = measure(torch, lambda: (fn(ids, weight) * grad).sum(), (weight,),

@@ -706,6 +706,10 @@ register(Phase("throughput_triton", 85, 150, "Trainer.train_step per preset, tri
                run=functools.partial(phase_throughput, variants=("triton",))))
 register(Phase("planner", 10, 60, "memory plan vs max_memory_allocated", run=phase_planner))
 register(Phase("profile", 50, 150, "torch.profiler breakdown of soda-1.7b", run=phase_profile))
+register(Phase("codec", 40, 120, "Mimi codec throughput (data build; target >= 2,000 s of audio/s per GPU)",
+               command=("{python}", "benchmarks/bench_codec.py", "--out-dir", "{phase_dir}",
+                        "--budget-s", "30"),
+               smoke_args=("--smoke",)))
 register(Phase("megatron_newest", 30, 150, "newest megatron-core: import + one step (information)",
                run=phase_megatron_newest))
 

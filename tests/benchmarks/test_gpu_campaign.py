@@ -253,7 +253,7 @@ def test_help_lists_the_phases():
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0
     for name in ("env", "pytest", "kernels", "kernels_triton", "throughput", "throughput_triton",
-                 "planner", "profile", "megatron_newest"):
+                 "planner", "profile", "codec", "megatron_newest"):
         assert f"{name}:" in proc.stdout
 
 
