@@ -211,10 +211,9 @@ class NodeCache:
         lock = self.root / ".evict.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another process of this node is evicting
+            # Blocking: an eviction skipped while another thread or process evicts could leave
+            # the cache over its limit (a scan of file sizes, quick to wait for).
+            fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 files = sorted(self._shard_files())
                 total = sum(size for _, _, size in files)
