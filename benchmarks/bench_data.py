@@ -213,12 +213,9 @@ def measure_remote(preset: str, datasets: list[str], cfg_overrides: list[str], b
     document reads whose shard was already on the node (prefetched or kept). The S3 run's cache
     limit is half the corpus's shard bytes, so eviction happens."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from s3_server import CREDENTIALS, start_s3_server
+    from s3_server import serving
 
-    server = start_s3_server()
-    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "S3_ENDPOINT_URL"]}
-    os.environ.update(server.env({}))
-    try:
+    with serving() as server:
         bucket = server.new_bucket("bench")
         urls = []
         for d in datasets:
@@ -247,13 +244,6 @@ def measure_remote(preset: str, datasets: list[str], cfg_overrides: list[str], b
                            "files_fetched": cache.misses, "files_evicted": cache.evicted,
                            "cache_bytes": cache.usage()}
         return rows
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def measure(cfg, batches: int, warmup: int) -> dict:

@@ -47,18 +47,10 @@ def s3_server():
 
     The endpoint and dummy credentials are exported into this process's environment (which
     mosaicml-streaming and boto3 read) and given to subprocesses by ``s3_server.env()``."""
-    from s3_server import CREDENTIALS, start_s3_server
+    from s3_server import serving
 
-    server = start_s3_server()
-    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "S3_ENDPOINT_URL"]}
-    os.environ.update(CREDENTIALS, S3_ENDPOINT_URL=server.endpoint)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with serving() as server:
+        yield server
 
 
 @pytest.fixture(scope="session", autouse=True)

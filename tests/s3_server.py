@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,3 +114,21 @@ def start_s3_server(timeout_s: float = 60.0) -> S3Server:
     server = S3Server(proc, endpoint, log.name)
     server.client.list_buckets()  # answers over HTTP
     return server
+
+
+@contextmanager
+def serving():
+    """A started server whose endpoint and dummy credentials are in this process's environment
+    (which mosaicml-streaming and boto3 read) until the block ends; then the old values return."""
+    server = start_s3_server()
+    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "S3_ENDPOINT_URL"]}
+    os.environ.update(server.env({}))
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

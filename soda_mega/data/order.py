@@ -195,6 +195,17 @@ class StreamOrder:
         docs, _ = self._block(epoch, block)
         return int(docs[position - doc_offsets[block]])
 
+    def _locate(self, t: int):
+        """``(docs, prefix, local, i)``: the shuffle block holding stream token ``t``, its
+        documents and their token prefix sums, ``t``'s offset in the block, and the index of the
+        document it falls in."""
+        epoch, offset = divmod(t, self.epoch_tokens)
+        _, token_offsets, _ = self._epoch(epoch)
+        block = int(np.searchsorted(token_offsets, offset, side="right")) - 1
+        docs, prefix = self._block(epoch, block)
+        local = offset - int(token_offsets[block])
+        return docs, prefix, local, int(np.searchsorted(prefix, local, side="right")) - 1
+
     def pieces(self, start: int, end: int) -> list[Piece]:
         """Pieces covering tokens ``[start, end)`` of the endless stream (epochs concatenated)."""
         out: list[Piece] = []
@@ -202,12 +213,7 @@ class StreamOrder:
             return out
         t = start
         while t < end:
-            epoch, offset = divmod(t, self.epoch_tokens)
-            _, token_offsets, _ = self._epoch(epoch)
-            block = int(np.searchsorted(token_offsets, offset, side="right")) - 1
-            docs, prefix = self._block(epoch, block)
-            local = offset - int(token_offsets[block])
-            i = int(np.searchsorted(prefix, local, side="right")) - 1
+            docs, prefix, local, i = self._locate(t)
             while t < end and i < len(docs):
                 a = local - int(prefix[i])
                 length = int(prefix[i + 1] - prefix[i])
@@ -223,12 +229,7 @@ class StreamOrder:
         """The stream offset of the first document starting at or after token ``t``."""
         if self.epoch_tokens == 0:
             return t
-        epoch, offset = divmod(t, self.epoch_tokens)
-        _, token_offsets, _ = self._epoch(epoch)
-        block = int(np.searchsorted(token_offsets, offset, side="right")) - 1
-        docs, prefix = self._block(epoch, block)
-        local = offset - int(token_offsets[block])
-        i = int(np.searchsorted(prefix, local, side="right")) - 1
+        _, prefix, local, i = self._locate(t)
         if int(prefix[i]) == local:
             return t
         return t - local + int(prefix[i + 1])
