@@ -38,7 +38,7 @@ from soda_mega.data.order import StreamOrder
 from soda_mega.data.source import DatasetError, DocumentSource, open_sources
 from soda_mega.data.steps import StepPlan
 from soda_mega.tokens.layout import VocabLayout
-from soda_mega.utils.lifetime import helper_process_init
+from soda_mega.utils.lifetime import end_helpers_at_exit, helper_process_init
 
 
 @dataclass(frozen=True)
@@ -285,14 +285,23 @@ class SodaDataLoader:
                 # Workers end with this process and leave SIGTERM / SIGUSR1 to it (it saves).
                 worker_init_fn=helper_process_init,
             )
+            end_helpers_at_exit()
         else:
             iterable = dataset
         per_step = self.geometry.micro_batches_per_step
-        for batch in iterable:
-            self._consumed += 1
-            if self._position is not None and self.training and self._consumed % per_step == 0:
-                self._position.skip(self.geometry.global_batch_size)
-            yield batch
+        batches = iter(iterable)
+        try:
+            for batch in batches:
+                self._consumed += 1
+                if self._position is not None and self.training and self._consumed % per_step == 0:
+                    self._position.skip(self.geometry.global_batch_size)
+                yield batch
+        finally:
+            # Workers end with this iterator (an error, close(), exhaustion), not whenever a
+            # traceback that holds it is freed.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def close(self) -> None:
         """Let this process's background shard prefetches finish."""

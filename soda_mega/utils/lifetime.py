@@ -25,20 +25,32 @@ torchrun and SLURM send them to the whole process group, and the trainer answers
 finishing its step and saving, which needs its helpers alive (a DataLoader worker killed by
 SIGTERM makes the trainer fail with "DataLoader worker exited unexpectedly"). They end with the
 trainer instead.
+
+That breaks one assumption of ``multiprocessing``: at interpreter exit it ends the daemon
+children still running with SIGTERM and then waits for them, forever if they ignore it (a
+DataLoader iterator kept alive by a traceback held to the end did that).
+:func:`end_helpers_at_exit` registers an exit hook that runs first and ends them within a grace
+period, SIGKILL after it.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers multiprocessing's exit hook: see below)
 import os
 import signal
 import sys
 import threading
+import time
 
 _PR_SET_PDEATHSIG = 1
 # hook installed; main thread of this process; thread and pid that fork (set before each fork);
 # libc's prctl (None: not looked up yet, False: not available)
-_state = {"hook": False, "main": None, "forker": None, "parent": None, "prctl": None}
+_state = {"hook": False, "main": None, "forker": None, "parent": None, "prctl": None,
+          "exit_hook": False}
+EXIT_GRACE_S = 5.0  # how long a daemon child has to end after SIGTERM at exit
 _manager = None  # the adopted Megatron results-queue manager (kept alive with the process)
 
 
@@ -80,6 +92,30 @@ def helper_process_init(*_args) -> None:
     ignore_stop_signals()
 
 
+def end_helpers_at_exit() -> None:
+    """At this process's exit, end its daemon ``multiprocessing`` children (DataLoader workers,
+    ...) before ``multiprocessing``'s own exit hook waits for them: SIGTERM, then SIGKILL after
+    :data:`EXIT_GRACE_S` for those that ignore it (idempotent)."""
+    if not _state["exit_hook"]:
+        # NOTE: exit hooks run last-registered first; multiprocessing.util registered its own
+        # when this module imported it, so this one runs before it.
+        atexit.register(_end_daemon_children)
+        _state["exit_hook"] = True
+
+
+def _end_daemon_children() -> None:
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + EXIT_GRACE_S
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 def _before_fork() -> None:
     _state["forker"] = threading.get_ident()
     _state["parent"] = os.getpid()
@@ -94,6 +130,7 @@ def children_die_with_this_process() -> None:
     # becomes the main thread, so comparing there would always match.
     _state["main"] = threading.main_thread().ident
     _prctl()
+    end_helpers_at_exit()
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_child_check)
     _state["hook"] = True
 
