@@ -57,11 +57,14 @@ def run(args) -> int:
     if not cfg.data.train:
         raise ConfigError("data.train: no datasets given; set --data.train=DIR[,DIR...] to folders "
                           "built by `soda-mega data build` or `soda-mega data demo`")
-    from soda_mega.training.preemption import TrainingPreempted
+    from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 
+    # Installed before anything is built: a SIGUSR1 / SIGTERM during set-up stops the run
+    # cleanly (exit 4, the launcher requeues it) instead of killing the process.
+    preemption = PreemptionFlag().install()
     try:
-        Trainer(cfg).run()
+        Trainer(cfg).run(preemption)
     except TrainingDiverged as err:
         print(f"soda-mega: training stopped: {err}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -69,4 +72,6 @@ def run(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"soda-mega: preempted: {err} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        preemption.restore()
     return 0

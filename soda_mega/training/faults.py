@@ -2,7 +2,7 @@
 
 ``SODA_MEGA_FAULT`` holds one or more faults separated by ``;``, each
 ``ACTION:RANK:STEP:ARG[:ATTEMPT]`` (RANK is the global rank, STEP the step being computed,
-counted from 1; with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
+counted from 1, or 0 for the trainer's set-up; with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
 sets to its restart count, equals it, so a restarted run gets past the fault):
 
 - ``sleep:1:3:600``: rank 1 sleeps 600 s inside step 3 (a hung rank, for the watchdog);
@@ -10,7 +10,7 @@ sets to its restart count, equals it, so a restarted run gets past the fault):
   reaches one rank only, mid-step).
 
 The trainer calls :func:`inject` once per step, after the step's micro-batches are read and
-before its forward pass.
+before its forward pass, and with step 0 once during its set-up, before the model is built.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ collective. At the end of every step the ranks agree in one all-reduce (MAX) of 
 the world group, so they all stop after the same step even when the signal reached them at
 different times, or only some of them (one node's torchrun forwards it to its own workers only).
 The cost is one 4-byte all-reduce per step.
+
+``soda-mega train`` installs the handler before it builds anything, so a signal during set-up
+(Megatron's initialisation, the model, the checkpoint load: minutes at scale) is recorded too;
+the ranks agree on it once before the first step and stop without training (nothing to save).
 """
 
 from __future__ import annotations
@@ -31,8 +35,13 @@ class TrainingPreempted(Exception):
     """The run stopped on a signal after saving the step it had reached."""
 
     def __init__(self, signal_name: str, step: int, checkpoint) -> None:
-        super().__init__(f"stopped by {signal_name} after step {step}; saved {checkpoint}; "
-                         "run the same command again to resume from it")
+        if checkpoint is None:  # before this run's first step: nothing new to save
+            where = f"from {step}" if step else "from the start"
+            super().__init__(f"stopped by {signal_name} before this run's first step; nothing "
+                             f"new to save; run the same command again to start {where}")
+        else:
+            super().__init__(f"stopped by {signal_name} after step {step}; saved {checkpoint}; "
+                             "run the same command again to resume from it")
         self.signal_name = signal_name
         self.step = step
         self.checkpoint = checkpoint

@@ -155,6 +155,7 @@ class Trainer:
     def __init__(self, cfg: SodaConfig) -> None:
         self.cfg = cfg
         self.layout = state.initialize(cfg.parallel, cfg.training.seed)
+        faults.inject(0, dist.get_rank())  # step 0: set-up
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         start_over(self.run_dir, self.ckpt_dir, cfg.run.resume, cfg.run.overwrite)
@@ -320,19 +321,22 @@ class Trainer:
         return {"kind": "valid", "step": self.step, **_stats_dict(stats, prefix="valid_")}
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> list[dict]:
+    def run(self, preemption: PreemptionFlag | None = None) -> list[dict]:
         """Train until the token budget (or ``run.max_steps``) is spent; returns the records.
 
         SIGUSR1 / SIGTERM stop it after the current step with a checkpoint
         (:class:`TrainingPreempted`); an iteration longer than ``run.step_timeout_s`` ends the
-        process (:mod:`.watchdog`)."""
-        preemption = PreemptionFlag().install()
+        process (:mod:`.watchdog`). ``preemption``: a flag installed before this trainer was
+        built (it also records signals of the set-up); by default one is installed here."""
+        own = preemption is None
+        preemption = PreemptionFlag().install() if own else preemption
         watchdog = StepWatchdog(self.cfg.run.step_timeout_s, self.run_dir, dist.get_rank())
         try:
             return self._train(preemption, watchdog)
         finally:
             watchdog.stop()
-            preemption.restore()
+            if own:
+                preemption.restore()
 
     def _train(self, preemption: PreemptionFlag, watchdog: StepWatchdog) -> list[dict]:
         cfg = self.cfg.run
@@ -340,6 +344,9 @@ class Trainer:
             self.maybe_init_from()
         self.sink.start(self.step)  # metrics.jsonl cut back to the step this run starts from
         end = min(self.steps_total, cfg.max_steps or self.steps_total)
+        if self.step < end and (signal_name := preemption.agreed()):
+            self.sink.close()  # a signal during set-up or resume: the state is a checkpoint's
+            raise TrainingPreempted(signal_name, self.step, None)
         records: list[dict] = []
         data = iter(self.loader)
         # After the loader's worker processes are forked: wandb must not be inherited by them.

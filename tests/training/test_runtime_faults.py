@@ -2,7 +2,8 @@
 
 - SIGUSR1 / SIGTERM: the trainer finishes its step, saves and exits 4; the ranks agree on the
   step even when only one of them got the signal; the resumed run follows the committed golden
-  trace of the uninterrupted run (tests/training/test_train_runs.py).
+  trace of the uninterrupted run (tests/training/test_train_runs.py). A signal during set-up
+  stops the run before its first step, with exit 4 and nothing saved.
 - A rank that sleeps inside a step (fault injection, ``SODA_MEGA_FAULT``): every rank writes its
   Python stacks to run.dir/stacks/, the job exits 5 and launchers/torchrun.sh restarts it.
 - kill -9 of the trainer: no helper process (DataLoader workers, Megatron's checkpoint-writer
@@ -67,6 +68,16 @@ def test_signal_on_one_rank_saves_the_step_and_the_resume_follows_the_trace(corp
     assert "preempted: stopped by SIGUSR1 after step 2" in log
     assert "rerun the same command to resume" in log
     assert _latest(run_dir) == "step_00000002"
+    assert [r["step"] for r in _trace(run_dir)] == [1, 2]
+
+    # SIGTERM to rank 0 while it sets up (before the model is built; a default handler would
+    # kill it): both ranks load the checkpoint, agree, and stop before training, saving nothing.
+    proc = _launcher(tmp_path, corpus, run_dir, env={"SODA_MEGA_FAULT": "signal:0:0:SIGTERM"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 4, log[-4000:]
+    assert "stopped by SIGTERM before this run's first step; nothing new to save" in log
+    assert _latest(run_dir) == "step_00000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
     assert [r["step"] for r in _trace(run_dir)] == [1, 2]
 
     proc = _launcher(tmp_path, corpus, run_dir)
