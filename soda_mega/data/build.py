@@ -486,7 +486,7 @@ def _run_pool(spec, pending, progress, on_unit_done, completed, n_workers, worke
     reports = ctx.Queue()
     slots = ctx.Value("i", 0)
     pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=init_worker,
-                               initargs=(spec, reports, slots))
+                               initargs=(spec, reports, slots, os.getpid()))
 
     def drain() -> None:
         while True:

@@ -29,6 +29,7 @@ from soda_mega.data.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.writer import UnitWriter
 from soda_mega.tokens.layout import VocabLayout
+from soda_mega.utils.lifetime import die_with
 
 
 def split_of(record_id: str, valid_fraction: float) -> str:
@@ -81,9 +82,13 @@ def _take_slot(slots) -> int:
     return slot
 
 
-def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
-    """Set up this process for :func:`run_unit`; ``slots`` (a shared counter) hands out devices."""
+def init_worker(spec: WorkerSpec, progress_queue=None, slots=None, parent: int | None = None) -> None:
+    """Set up this process for :func:`run_unit`; ``slots`` (a shared counter) hands out devices;
+    ``parent``: the pid of the build that spawned this worker (it dies with it)."""
     import torch
+
+    if parent is not None:
+        die_with(parent)  # a killed build leaves no worker behind
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -98,7 +103,8 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
     if spec.feeders and codec is not None:
         # NOTE: a multiprocessing Pool, not a ProcessPoolExecutor: its processes are daemonic, so
         # they end with this worker however it ends (a nested executor hung the worker's exit).
-        feeders = mp.get_context("spawn").Pool(spec.feeders, initializer=_init_feeder)
+        feeders = mp.get_context("spawn").Pool(spec.feeders, initializer=_init_feeder,
+                                               initargs=(os.getpid(),))
     target = BuildTarget(spec.remote, staging=spec.root) if spec.remote else BuildTarget(spec.root)
     shutdown_worker()
     _STATE.update(spec=spec, layout=layout, queue=progress_queue, target=target, codec=codec,
@@ -179,23 +185,11 @@ def _batch_size() -> int:
 
 
 # ----------------------------------------------------------------- feeders (device path)
-def _init_feeder() -> None:
+def _init_feeder(worker: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the worker that started this process dies (even by kill -9)."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    die_with(worker)
 
 
 def decode_for_codec(path) -> tuple[np.ndarray | InputError, float]:

@@ -79,6 +79,13 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     return True
 
 
+def die_with(parent_pid: int, sig: int = signal.SIGKILL) -> bool:
+    """:func:`die_with_parent` in a process that ``parent_pid`` started without a fork (spawned
+    workers: no fork hook reaches them); exits now if that parent is already gone."""
+    _state["parent"] = parent_pid
+    return die_with_parent(sig)
+
+
 def ignore_stop_signals() -> None:
     """SIGTERM and SIGUSR1 are for the trainer (it saves and exits); a helper ends with it."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -175,5 +182,5 @@ def adopt_megatron_writer_queue() -> None:
 
 
 def _spawned_helper_init(parent_pid: int) -> None:
-    _state["parent"] = parent_pid
-    helper_process_init()
+    die_with(parent_pid)
+    ignore_stop_signals()
