@@ -123,18 +123,26 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 def part_from_env(env: dict | None = None) -> tuple[int, int] | None:
-    """The part of a SLURM array task: ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of
-    ``SLURM_ARRAY_TASK_COUNT`` (None outside a job array)."""
+    """The part of a SLURM array task: ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+    SLURM_ARRAY_TASK_STEP`` of ``SLURM_ARRAY_TASK_COUNT`` (None outside a job array), so that
+    ``--array=0-N`` and ``--array=0-30:2`` both number their tasks' parts 0, 1, 2, ..."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
         return None
     try:
         task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
         first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
     except ValueError:
-        raise BuildError("SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_MIN are not "
-                         "integers") from None
-    return parse_part(f"{task - first}/{count}")
+        raise BuildError("SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_MIN / "
+                         "SLURM_ARRAY_TASK_STEP are not integers") from None
+    index, off_step = divmod(task - first, max(step, 1))
+    if off_step or not 0 <= index < count:
+        raise BuildError(
+            f"SLURM_ARRAY_TASK_ID={task} is not one of {count} evenly spaced tasks from "
+            f"SLURM_ARRAY_TASK_MIN={first} in steps of {step}: the array's ids do not number its "
+            f"parts; submit with --array=0-{count - 1} (or a range with a step), or give --part I/N")
+    return index, count
 
 
 def part_units(num_units: int, part: tuple[int, int] | None) -> list[int]:

@@ -40,6 +40,15 @@ def test_part_shares_are_disjoint_cover_everything_and_come_from_slurm():
     assert part_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "3",
                           "SLURM_ARRAY_TASK_MIN": "3"}) == (1, 3)
     assert part_from_env({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 3)
+    # --array=0-30:2 is 16 tasks with ids 0, 2, ..., 30
+    stepped = {"SLURM_ARRAY_TASK_COUNT": "16", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_STEP": "2"}
+    assert [part_from_env({**stepped, "SLURM_ARRAY_TASK_ID": str(t)}) for t in (0, 2, 30)] == [
+        (0, 16), (1, 16), (15, 16)]
+    # --array=1,5,6 (no step): the ids say nothing of the part
+    with pytest.raises(BuildError, match=r"SLURM_ARRAY_TASK_ID=5 .*--array=0-2.*--part"):
+        part_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
+                       "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "1"})
 
 
 def test_three_parts_in_any_order_one_killed_and_rerun_equal_the_one_machine_build(tmp_path):
