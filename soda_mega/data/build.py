@@ -61,6 +61,7 @@ from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, set_
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, file_sha256, mimi_metadata,
                                   precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.devices import codec_devices, feeders_per_device
+from soda_mega.data.part_lock import PartLock
 from soda_mega.data.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
                                    text_format)
 from soda_mega.data.progress import Progress
@@ -399,7 +400,6 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
 
 def _build(target: BuildTarget, plan: Plan, stored: dict, cfg: SodaConfig, overwrite: bool,
            workers: int | None, show_progress: bool, on_unit_done, part, t0: float) -> BuildResult:
-    data = cfg.data
     root = target.root
     if target.remote is None:
         _prepare_local(root, plan, stored, overwrite)
@@ -408,6 +408,17 @@ def _build(target: BuildTarget, plan: Plan, stored: dict, cfg: SodaConfig, overw
     if part is None or part[0] == 0:  # bad manifest lines: said once, by the first part
         for s in plan.skipped:
             print(f"[soda-mega data] skipped {s.record}: {s.reason}", file=sys.stderr)
+    with PartLock(root, part) as lock:
+        if lock.note and show_progress:
+            print(f"[soda-mega data] {lock.note}", file=sys.stderr)
+        return _build_share(target, plan, stored, cfg, workers, show_progress, on_unit_done, part, t0)
+
+
+def _build_share(target: BuildTarget, plan: Plan, stored: dict, cfg: SodaConfig, workers: int | None,
+                 show_progress: bool, on_unit_done, part, t0: float) -> BuildResult:
+    """The units of this part (all for a whole build), then the merge if none is missing."""
+    data = cfg.data
+    root = target.root
     names = [name for name, _ in plan.units]
     share = [plan.units[i] for i in part_units(len(plan.units), part)]
     removed = clean_partial_units(root, [name for name, _ in share])

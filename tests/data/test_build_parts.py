@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,68 @@ def test_markers_of_an_older_build_without_the_index_still_merge(tmp_path):
     again = build_dataset(out, [manifest], "speech", tiny_config(), show_progress=False)
     assert again.units_resumed == again.units == 2
     assert {k: v for k, v in tree_bytes(out).items() if not k.startswith(".build")} == expected
+
+
+def _plant_lock(out: Path, part: str, **owner) -> Path:
+    """A part lock as a builder writes it (host, pid, start time, SLURM task)."""
+    path = out / ".build" / "locks" / f"part-{part.replace('/', '-of-')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm": None,
+                                "started": time.time(), **owner}))
+    return path
+
+
+def test_a_part_being_built_is_not_built_twice_at_once(tmp_path, capsys):
+    """Two builders of one part (a requeued array task whose first run still lives, a part
+    started by hand twice) deleted each other's half-written units; the second now refuses."""
+    manifest = codes_corpus(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    common = ["--manifest", str(manifest), "--preset", "tiny", "--quiet", "--data.build_workers=0",
+              "--data.valid_fraction=0.3", "--data.build_unit_recordings=2"]
+    assert main(["data", "build", str(out), *common, "--part", "0/2"]) == 0
+    capsys.readouterr()
+    with subprocess.Popen(["sleep", "60"]) as owner:  # a live builder of part 1/2 on this host
+        try:
+            lock = _plant_lock(out, "1/2", pid=owner.pid)
+            assert main(["data", "build", str(out), *common, "--part", "1/2"]) == 2
+            err = capsys.readouterr().err
+            assert f"part 1/2 of {out} is being built by pid {owner.pid} on " in err, err
+            assert str(lock) in err
+            assert not (out / "train" / "index.json").exists()
+            # another part is not held up by it
+            assert main(["data", "build", str(out), *common, "--part", "0/2"]) == 0
+        finally:
+            owner.kill()
+    owner.wait()
+    # the owner is gone (killed): its lock is stale and the part is built
+    assert main(["data", "build", str(out), *common, "--part", "1/2"]) == 0
+    assert "built speech dataset" in capsys.readouterr().out
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("owner", [
+    {"host": "another-node", "pid": 1, "slurm": "77_3"},       # this task's requeued run
+    {"host": "another-node", "pid": 1, "started": 0.0},       # heartbeat long stopped
+])
+def test_stale_part_locks_are_taken_over(tmp_path, monkeypatch, owner):
+    from soda_mega.data.part_lock import PartLock
+
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    path = _plant_lock(tmp_path, "3/4", **owner)
+    if "started" in owner:
+        os.utime(path, (0, 0))
+    with PartLock(tmp_path, (3, 4)) as held:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert "took over" in held.note
+    assert not path.exists()
+
+
+def test_a_live_lock_on_another_node_is_respected(tmp_path):
+    from soda_mega.data.part_lock import PartBusyError, PartLock
+
+    path = _plant_lock(tmp_path, "0/1", host="another-node", pid=1)
+    with pytest.raises(PartBusyError, match="another-node"):
+        with PartLock(tmp_path, None):
+            pass
+    assert json.loads(path.read_text())["host"] == "another-node"
