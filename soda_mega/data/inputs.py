@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -305,6 +306,24 @@ def read_audio_bytes(data: bytes, name: str) -> tuple[np.ndarray, int]:
 SLICE_END_TOLERANCE_S = 0.025
 
 
+# The last file an AudioSlice decoded, by path, size and modification time: cuts of one long
+# recording come one after another (a unit is a run of consecutive cuts), so each process
+# decodes each recording once, not once per cut. One entry: one recording's samples held.
+_LAST_DECODED: dict = {}
+
+
+def _decoded_whole(path: str) -> tuple[np.ndarray, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_audio(path)  # its message names the problem
+    key = (path, st.st_size, st.st_mtime_ns)
+    if _LAST_DECODED.get("key") != key:
+        _LAST_DECODED.clear()  # the previous recording is freed before the next is decoded
+        _LAST_DECODED.update(key=key, audio=read_audio(path))
+    return _LAST_DECODED["audio"]
+
+
 @dataclass(frozen=True)
 class AudioSlice:
     """``duration`` seconds of an audio file from ``offset`` (a Lhotse cut of a longer
@@ -316,7 +335,7 @@ class AudioSlice:
     duration: float | None
 
     def read(self) -> tuple[np.ndarray, int]:
-        wav, rate = read_audio(self.path)
+        wav, rate = _decoded_whole(self.path)
         total = wav.shape[1]
         start = round(self.offset * rate)
         stop = total if self.duration is None else start + round(self.duration * rate)
@@ -326,7 +345,7 @@ class AudioSlice:
         if stop > total + round(SLICE_END_TOLERANCE_S * rate):
             raise InputError(f"audio {Path(self.path).name}: the slice ends at {stop / rate:.3f} s, "
                              f"after the end of the audio ({total / rate:.3f} s)")
-        return wav[:, start:min(stop, total)], rate
+        return wav[:, start:min(stop, total)].copy(), rate
 
     def __str__(self) -> str:
         end = "end" if self.duration is None else f"{self.offset + self.duration:.3f} s"

@@ -301,3 +301,27 @@ def test_audio_slice_reads_whole_samples_and_checks_the_end(tmp_path):
         AudioSlice(str(tmp_path / "x.wav"), 0.5, 1.1).read()
     with pytest.raises(InputError, match="starts at 1.200 s"):
         AudioSlice(str(tmp_path / "x.wav"), 1.2, 0.1).read()
+
+
+def test_cuts_of_one_recording_decode_it_once(tmp_path, monkeypatch):
+    """Long-form corpora cut one recording into hundreds of cuts: each decoded the whole file."""
+    import soda_mega.data.inputs as inputs
+
+    pcm = _pcm(2.0, 16000, 300.0)
+    path = tmp_path / "long.wav"
+    path.write_bytes(wav_bytes(pcm, 16000))
+    decodes = []
+    real = inputs.read_audio
+    monkeypatch.setattr(inputs, "read_audio", lambda p, name=None: decodes.append(p) or real(p, name))
+    slices = [AudioSlice(str(path), 0.25 * i, 0.25) for i in range(8)]
+    for i, piece in enumerate(slices):
+        wav, rate = piece.read()
+        assert np.array_equal(np.round(wav[0] * 32768).astype("<i2"), pcm[4000 * i:4000 * (i + 1)])
+        wav[:] = 0  # a caller's changes do not reach the next slice
+    assert len(decodes) == 1
+    path.write_bytes(wav_bytes(pcm[::-1].copy(), 16000))  # the file changed: decoded again
+    later = path.stat().st_mtime_ns + 10**9  # (a coarse clock may not have moved)
+    os.utime(path, ns=(later, later))
+    wav, _ = slices[0].read()
+    assert np.array_equal(np.round(wav[0] * 32768).astype("<i2"), pcm[::-1][:4000])
+    assert len(decodes) == 2
