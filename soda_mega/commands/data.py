@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from soda_mega.commands.show_config import add_config_arguments
@@ -200,6 +201,11 @@ def _recording_sources(args) -> list:
     """The Hugging Face datasets or Lhotse manifests of the command line, as build inputs."""
     if args.hf_dataset:
         from soda_mega.data.hf_input import HFSource
+
+        if args.quiet:  # the library's own bars (parquet -> arrow conversion), here and in workers
+            os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+            if "datasets" in sys.modules:
+                sys.modules["datasets"].disable_progress_bars()
 
         return [HFSource(path, audio_column=args.audio_column or "audio", text_column=args.text_column or "text",
                          id_column=args.id_column, split=args.split) for path in args.hf_dataset]

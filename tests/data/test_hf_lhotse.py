@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import pickle
 import sys
 from pathlib import Path
@@ -325,3 +326,15 @@ def test_cuts_of_one_recording_decode_it_once(tmp_path, monkeypatch):
     wav, _ = slices[0].read()
     assert np.array_equal(np.round(wav[0] * 32768).astype("<i2"), pcm[::-1][:4000])
     assert len(decodes) == 2
+
+
+def test_quiet_silences_the_datasets_progress_bars(tmp_path):
+    _hf_dataset(tmp_path).to_parquet(str(tmp_path / "ls_tiny.parquet"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "soda_mega.cli", "data", "build", str(tmp_path / "out"), "--hf-dataset",
+         str(tmp_path / "ls_tiny.parquet"), "--preset", "tiny", "--quiet", "--data.build_workers=0",
+         "--data.valid_fraction=0.3", "--data.encode_chunk_seconds=0.8"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "it/s]" not in proc.stderr and "examples/s]" not in proc.stderr, proc.stderr[-3000:]
