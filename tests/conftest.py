@@ -63,3 +63,34 @@ def _data_cache(tmp_path_factory):
     os.environ["SODA_MEGA_CACHE"] = str(tmp_path_factory.mktemp("soda-mega-cache"))
     yield
     os.environ.pop("SODA_MEGA_CACHE", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """End what the tests left running, and say so.
+
+    A process a test leaves behind (a DataLoader worker of an iterator a traceback kept alive, a
+    server) keeps the session from ending: pytest's exit waits for its multiprocessing children,
+    and any process holding the output pipe keeps CI waiting. This ends them and names them; the
+    test that started one has a bug to fix."""
+    import psutil
+
+    me = psutil.Process()
+    left = []
+    for child in me.children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "multiprocessing.resource_tracker" in cmd:  # ends by itself with this process
+            continue
+        left.append((child, cmd))
+    if not left:
+        return
+    _, alive = psutil.wait_procs([c for c, _ in left], timeout=5)  # some are just ending
+    for child in alive:
+        child.kill()
+    if alive:
+        names = "\n".join(f"  pid {c.pid}: {cmd[:200]}" for c, cmd in left if c in alive)
+        session.config.get_terminal_writer().line(
+            f"\nconftest: {len(alive)} process(es) outlived their tests and were killed:\n{names}",
+            yellow=True)
