@@ -2,7 +2,8 @@
 
 ``SODA_MEGA_FAULT`` holds one or more faults separated by ``;``, each
 ``ACTION:RANK:STEP:ARG[:ATTEMPT]`` (RANK is the global rank, STEP the step being computed,
-counted from 1, or 0 for the trainer's set-up; with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
+counted from 1, 0 for the trainer's set-up, or ``load`` for the checkpoint load of a resume;
+with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
 sets to its restart count, equals it, so a restarted run gets past the fault):
 
 - ``sleep:1:3:600``: rank 1 sleeps 600 s inside step 3 (a hung rank, for the watchdog);
@@ -10,7 +11,8 @@ sets to its restart count, equals it, so a restarted run gets past the fault):
   reaches one rank only, mid-step).
 
 The trainer calls :func:`inject` once per step, after the step's micro-batches are read and
-before its forward pass, and with step 0 once during its set-up, before the model is built.
+before its forward pass, with step 0 once during its set-up, before the model is built, and
+with ``load`` just before it reads the checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 
 ENV = "SODA_MEGA_FAULT"
 ACTIONS = ("sleep", "signal")
+POINTS = ("load",)  # named places a STEP may be instead of a step number
 
 
 def parse(text: str) -> list[tuple[str, int, int, str, int | None]]:
@@ -31,11 +34,12 @@ def parse(text: str) -> list[tuple[str, int, int, str, int | None]]:
             raise ValueError(f"{ENV}: {item!r} is not ACTION:RANK:STEP:ARG[:ATTEMPT] with ACTION "
                              f"one of {', '.join(ACTIONS)}")
         attempt = int(parts[4]) if len(parts) == 5 else None
-        faults.append((parts[0], int(parts[1]), int(parts[2]), parts[3], attempt))
+        step = parts[2] if parts[2] in POINTS else int(parts[2])
+        faults.append((parts[0], int(parts[1]), step, parts[3], attempt))
     return faults
 
 
-def inject(step: int, rank: int) -> None:
+def inject(step: int | str, rank: int) -> None:
     text = os.environ.get(ENV)
     if not text:
         return

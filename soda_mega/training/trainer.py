@@ -249,6 +249,7 @@ class Trainer:
             return False
         saved = read_json(path / STATE_FILE)
         check_resumable(saved["config"], self.cfg.to_dict(), path)
+        faults.inject("load", dist.get_rank())
         trainer_state = load_checkpoint(path, self.model, self.optimizer, verified=True)
         self.step = trainer_state["step"]
         self.tokens = trainer_state["tokens"]
@@ -340,6 +341,7 @@ class Trainer:
 
     def _train(self, preemption: PreemptionFlag, watchdog: StepWatchdog) -> list[dict]:
         cfg = self.cfg.run
+        watchdog.arm(self.step, phase="setup")  # a load from a stuck file system hangs too
         if not self.maybe_resume():
             self.maybe_init_from()
         self.sink.start(self.step)  # metrics.jsonl cut back to the step this run starts from

@@ -3,7 +3,8 @@
 A rank that hangs (a collective whose peer is stuck, a read from a dead file system, a deadlock)
 otherwise stalls the whole job until the collective timeout, and says nothing about where. The
 trainer arms the watchdog at the start of every loop iteration (data, step, logging,
-validation, checkpoint). When an iteration outlives the timeout, the watchdog thread
+validation, checkpoint), and once before them for the set-up (the checkpoint load of a resume,
+the data loader's start). When an iteration outlives the timeout, the watchdog thread
 
 1. appends every thread's Python stack (``faulthandler``) to
    ``run.dir/stacks/step<N>-rank<R>.txt`` and says so on stderr;
@@ -28,6 +29,8 @@ from pathlib import Path
 from soda_mega.errors import EXIT_HUNG, write_status
 
 BACKSTOP_S = 60.0
+# Phases of a run other than its steps that the watchdog times (stack files: <phase>-rank<R>.txt)
+PHASES = {"setup": "the set-up (checkpoint load, data start)"}
 
 
 class StepWatchdog:
@@ -45,11 +48,14 @@ class StepWatchdog:
         self._cond = threading.Condition()
         self._deadline: float | None = None
         self._step = 0
+        self._phase = ""
         self._stopped = False
         self._thread: threading.Thread | None = None
 
-    def arm(self, step: int) -> None:
-        """Start the clock for the iteration that produces ``step``."""
+    def arm(self, step: int, phase: str = "") -> None:
+        """Start the clock for the iteration that produces ``step``, or for another ``phase`` of
+        the run (``"setup"``: the checkpoint load before the first step), which then names the
+        stack files and the message."""
         if not self.timeout_s:
             return
         if self._thread is None:
@@ -59,6 +65,7 @@ class StepWatchdog:
         with self._cond:
             self._deadline = time.monotonic() + self.timeout_s
             self._step = step
+            self._phase = phase
             self._cond.notify()
         # NOTE: file descriptor 2, not sys.stderr, which a caller may have replaced by an object
         # without a file descriptor.
@@ -88,22 +95,23 @@ class StepWatchdog:
                 if remaining > 0:
                     self._cond.wait(remaining)
                     continue
-                step = self._step
+                step, phase = self._step, self._phase
                 break
             else:
                 return
-        self._fire(step)
+        self._fire(step, phase)
 
-    def stack_file(self, step: int) -> Path:
-        return self.run_dir / "stacks" / f"step{step:08d}-rank{self.rank:05d}.txt"
+    def stack_file(self, step: int, phase: str = "") -> Path:
+        return self.run_dir / "stacks" / f"{phase or f'step{step:08d}'}-rank{self.rank:05d}.txt"
 
-    def _fire(self, step: int) -> None:
-        path = self.stack_file(step)
+    def _fire(self, step: int, phase: str = "") -> None:
+        path = self.stack_file(step, phase)
+        what = f"step {step}" if not phase else PHASES.get(phase, phase)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 f.write(f"soda-mega watchdog {time.strftime('%Y-%m-%d %H:%M:%S')}: rank "
-                        f"{self.rank}, pid {os.getpid()}: step {step} exceeded "
+                        f"{self.rank}, pid {os.getpid()}: {what} exceeded "
                         f"run.step_timeout_s={self.timeout_s:g}; Python stacks of every thread:\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
@@ -111,7 +119,7 @@ class StepWatchdog:
         except OSError as err:
             faulthandler.dump_traceback(file=2, all_threads=True)
             where = f"could not write {path} ({err}); stacks on stderr"
-        os.write(2, (f"soda-mega: watchdog: rank {self.rank}: step {step} made no progress for "
+        os.write(2, (f"soda-mega: watchdog: rank {self.rank}: {what} made no progress for "
                      f"run.step_timeout_s={self.timeout_s:g} s; {where}; exiting with code "
                      f"{EXIT_HUNG} so the launcher restarts the run\n").encode())
         write_status(EXIT_HUNG, any_rank=True)
