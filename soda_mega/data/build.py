@@ -61,9 +61,9 @@ from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, set_
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, file_sha256, mimi_metadata,
                                   precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.devices import codec_devices, feeders_per_device
-from soda_mega.data.part_lock import PartLock
 from soda_mega.data.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
                                    text_format)
+from soda_mega.data.part_lock import PartLock
 from soda_mega.data.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
 from soda_mega.data.target import BuildTarget

@@ -32,13 +32,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingPreempted(Exception):
-    """The run stopped on a signal after saving the step it had reached."""
+    """The run stopped on a signal after saving the step it had reached (``checkpoint``), or
+    before its first step (``checkpoint=None``: nothing new to save)."""
 
     def __init__(self, signal_name: str, step: int, checkpoint) -> None:
-        if checkpoint is None:  # before this run's first step: nothing new to save
-            where = f"from {step}" if step else "from the start"
+        if checkpoint is None:
+            again = f"resume from step {step}" if step else "start"
             super().__init__(f"stopped by {signal_name} before this run's first step; nothing "
-                             f"new to save; run the same command again to start {where}")
+                             f"new to save; run the same command again to {again}")
         else:
             super().__init__(f"stopped by {signal_name} after step {step}; saved {checkpoint}; "
                              "run the same command again to resume from it")
