@@ -74,7 +74,7 @@ class PartLock:
         tmp.write_text(json.dumps(self.owner))
         try:
             try:
-                os.link(tmp, self.path)  # fails if the lock exists: never two owners
+                self._create(tmp)
             except FileExistsError:
                 held, why_stale = self._read_held()
                 if why_stale is None:
@@ -96,6 +96,17 @@ class PartLock:
             self.path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ internals
+    def _create(self, tmp: Path) -> None:
+        """The lock file, or FileExistsError: never two owners."""
+        try:
+            os.link(tmp, self.path)  # appears whole
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: exclusive create, then write
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(tmp.read_text())
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
@@ -111,9 +122,14 @@ class PartLock:
         except FileNotFoundError:
             return {}, "it was released meanwhile"
         except (OSError, ValueError):
-            return {}, "its file was unreadable"
+            held = None
         if not isinstance(held, dict):
-            return {}, "its file was unreadable"
+            try:
+                fresh = time.time() - self.path.stat().st_mtime < HEARTBEAT_S
+            except OSError:
+                fresh = False
+            # NOTE: without hard links, a new lock is empty for a moment while its owner writes it.
+            return {}, (None if fresh else "its file was unreadable")
         if held.get("host") == self.owner["host"] and not _pid_alive(int(held.get("pid", -1))):
             return held, "that process no longer runs"
         if held.get("slurm") and held.get("slurm") == self.owner["slurm"]:
@@ -123,8 +139,11 @@ class PartLock:
         return held, None
 
     def _busy_message(self, held: dict) -> str:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
         root = self.path.parent.parent.parent
+        if not held:
+            return (f"part {self.label} of {root} is being claimed by another builder right now "
+                    f"(lock {self.path} is still being written); retry in a minute")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
         slurm = f", SLURM task {held['slurm']}" if held.get("slurm") else ""
         return (f"part {self.label} of {root} is being built by pid {held.get('pid')} on "
                 f"{held.get('host')}{slurm} since {since} (lock {self.path}); wait for it, or "

@@ -203,3 +203,17 @@ def test_a_live_lock_on_another_node_is_respected(tmp_path):
         with PartLock(tmp_path, None):
             pass
     assert json.loads(path.read_text())["host"] == "another-node"
+
+
+def test_an_unreadable_lock_is_busy_while_fresh_and_stale_when_old(tmp_path):
+    from soda_mega.data.part_lock import PartBusyError, PartLock
+
+    path = tmp_path / ".build" / "locks" / "part-0-of-2.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # being written by its owner (no hard links on this file system)
+    with pytest.raises(PartBusyError, match="part 0/2 .* being claimed by another builder"):
+        with PartLock(tmp_path, (0, 2)):
+            pass
+    os.utime(path, (0, 0))  # torn long ago
+    with PartLock(tmp_path, (0, 2)) as held:
+        assert "unreadable" in held.note
