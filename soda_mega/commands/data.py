@@ -36,7 +36,8 @@ inputs:
                    the target's <|text_start|>) masked out of the loss. Fine-tune on it with
                    launchers/configs/s2st-finetune.yaml and --training.init_from=CHECKPOINT.
   --hf-dataset PATH  a local Hugging Face dataset of recordings with transcripts: a save_to_disk
-                   folder, a .parquet / .arrow file, or a folder of them (a downloaded hub snapshot);
+                   folder, a .parquet / .arrow file, a folder of them (a downloaded hub snapshot),
+                   or a hub name (OWNER/NAME) whose snapshot is in the hub cache;
                    --audio-column (default audio), --text-column (default text), --id-column
                    (default: "id" if present, else <dataset>/<row>), --split (of a DatasetDict,
                    default train). Needs `pip install datasets`; never downloads. Builds "speech".
@@ -122,8 +123,9 @@ def register_build(actions) -> argparse.ArgumentParser:
     group.add_argument("--s2st", action="append", metavar="FILE",
                        help="speech-to-speech translation pair manifest (JSONL); repeat for several")
     group.add_argument("--hf-dataset", action="append", metavar="PATH",
-                       help="local Hugging Face dataset (save_to_disk folder, .parquet/.arrow files) of "
-                            "recordings with transcripts; repeat for several")
+                       help="local Hugging Face dataset (save_to_disk folder, .parquet/.arrow files, or "
+                            "a hub name already in the hub cache) of recordings with transcripts; "
+                            "repeat for several")
     group.add_argument("--lhotse", action="append", metavar="CUTS",
                        help="Lhotse cut manifest (cuts.jsonl.gz); repeat for several")
     group.add_argument("--lhotse-recordings", metavar="FILE",
@@ -207,8 +209,14 @@ def _recording_sources(args) -> list:
             if "datasets" in sys.modules:
                 sys.modules["datasets"].disable_progress_bars()
 
-        return [HFSource(path, audio_column=args.audio_column or "audio", text_column=args.text_column or "text",
-                         id_column=args.id_column, split=args.split) for path in args.hf_dataset]
+        sources = [HFSource(path, audio_column=args.audio_column or "audio",
+                            text_column=args.text_column or "text", id_column=args.id_column,
+                            split=args.split) for path in args.hf_dataset]
+        for source in sources:
+            if source.hub_name and not args.quiet:
+                print(f"[soda-mega data] {source.hub_name}: the local copy in the hub cache, "
+                      f"{source.path}", file=sys.stderr)
+        return sources
     from soda_mega.data.lhotse_input import LhotseSource
 
     if args.lhotse_recordings:

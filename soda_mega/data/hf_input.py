@@ -4,9 +4,11 @@
 ``pip install datasets``): a ``save_to_disk`` folder (a ``Dataset``, or a ``DatasetDict`` whose
 split ``--split`` picks, ``train`` by default), a ``.parquet`` or ``.arrow`` file, or a folder of
 data files in a layout ``datasets.load_dataset(PATH)`` understands (a hub snapshot downloaded
-beforehand: ``data/train-00000-of-00004.parquet``, ...). Nothing is ever downloaded: the path
-must exist (a hub name without a local copy is refused with :class:`SourceError`), and the
-library is loaded with ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``. Parquet inputs are
+beforehand: ``data/train-00000-of-00004.parquet``, ...), or the name of a hub dataset whose snapshot is
+in the hub cache (``hf download --repo-type dataset NAME`` left it there: its ``main``
+revision is read). Nothing is ever downloaded: a name without a local copy is refused with
+:class:`SourceError`, and the libraries are loaded with ``HF_DATASETS_OFFLINE=1`` /
+``HF_HUB_OFFLINE=1``. Parquet inputs are
 converted once into the library's cache (``HF_DATASETS_CACHE``), as ``load_dataset`` does.
 
 Each row is one recording: ``--audio-column`` (default ``audio``) holds the audio (an ``Audio``
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +82,35 @@ def offline():
                 os.environ[k] = v
 
 
+# A hub repository id: NAME or OWNER/NAME.
+_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def hub_cache_dir() -> str:
+    """The hub cache ``huggingface_hub`` uses (``HF_HUB_CACHE``, ``HF_HOME``/hub, ...)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_HUB_CACHE", "~/.cache/huggingface/hub")
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_cache_snapshot(name: str) -> Path | None:
+    """The local snapshot of hub dataset ``name`` (its ``main`` revision) in the hub cache, as
+    ``hf download`` / ``load_dataset`` left it; None when there is none. Offline: the cache only."""
+    if not _REPO_ID.fullmatch(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        with offline():
+            return Path(snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), not a valid id (HFValidationError), ...
+        return None
+
+
 @dataclass(frozen=True)
 class HFSource:
     """One local Hugging Face dataset and the columns to read (picklable, a few strings)."""
@@ -88,22 +120,31 @@ class HFSource:
     text_column: str = "text"
     id_column: str | None = None  # None: "id" when the dataset has it, else <label>/<row>
     split: str | None = None
+    hub_name: str | None = None  # set when ``path`` was a hub name found in the hub cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", str(self.path))
-        if not Path(self.path).exists():
+        if Path(self.path).exists() or self.hub_name:
+            return
+        snapshot = hub_cache_snapshot(self.path)
+        if snapshot is None:
             raise SourceError(
-                f"--hf-dataset {self.path!r}: no such local file or folder. soda-mega never downloads "
-                "datasets: save it on this machine first (datasets.load_dataset(NAME).save_to_disk(DIR), "
-                "or `hf download --repo-type dataset NAME --local-dir DIR`) and pass that path; a copy "
-                "already in the hub cache is the folder ~/.cache/huggingface/hub/datasets--OWNER--NAME/"
-                "snapshots/REVISION")
+                f"--hf-dataset {self.path!r}: no such local file or folder, and no copy of a hub "
+                f"dataset of that name in the hub cache ({hub_cache_dir()}). soda-mega never downloads "
+                "datasets: save it on this machine first (`hf download --repo-type dataset NAME`, "
+                "or datasets.load_dataset(NAME).save_to_disk(DIR)) and pass the name or that path")
+        object.__setattr__(self, "hub_name", self.path)
+        object.__setattr__(self, "path", str(snapshot))
 
     @property
     def label(self) -> str:
-        """The dataset's name in ids and messages: its file or folder name (and split)."""
-        path = Path(self.path).resolve()
-        name = path.stem if path.is_file() else path.name
+        """The dataset's name in ids and messages: its file or folder name, or the last part of
+        its hub name (and split)."""
+        if self.hub_name:
+            name = self.hub_name.rsplit("/", 1)[-1]
+        else:
+            path = Path(self.path).resolve()
+            name = path.stem if path.is_file() else path.name
         return f"{name}[{self.split}]" if self.split else name
 
     def open(self):

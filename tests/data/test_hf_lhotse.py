@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import lhotse
 import numpy as np
 import pytest
@@ -40,6 +41,9 @@ def _hf_cache(tmp_path, monkeypatch):
     """The datasets library's cache (parquet -> arrow) inside the test's folder."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    # and an empty hub cache: what this machine may have downloaded does not count
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
 
 
 def _pcm(seconds: float, rate: int, freq: float) -> np.ndarray:
@@ -338,3 +342,33 @@ def test_quiet_silences_the_datasets_progress_bars(tmp_path):
         env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "it/s]" not in proc.stderr and "examples/s]" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_hub_name_reads_its_copy_in_the_hub_cache(tmp_path, capsys):
+    """`hf download --repo-type dataset me/ls_tiny` (or a past load_dataset) left a snapshot in
+    the hub cache: the name finds it there, offline; another name is still refused."""
+    ds = _hf_dataset(tmp_path)
+    ds.to_parquet(str(tmp_path / "ls_tiny.parquet"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub-cache" / "datasets--me--ls_tiny"
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    ds.to_parquet(str(repo / "snapshots" / commit / "data" / "train-00000-of-00001.parquet"))
+
+    source = HFSource("me/ls_tiny")
+    assert source.hub_name == "me/ls_tiny" and Path(source.path) == repo / "snapshots" / commit
+    assert source.label == "ls_tiny"
+    cfg = _cfg()
+    build_dataset(tmp_path / "ref", [HFSource(str(tmp_path / "ls_tiny.parquet"))], "speech", cfg,
+                  show_progress=False)
+    build_dataset(tmp_path / "hub", [source], "speech", cfg, show_progress=False)
+    assert _docs(tmp_path / "hub") == _docs(tmp_path / "ref")
+    assert sorted(s["record"] for s in _skipped(tmp_path / "hub")) == [
+        "bad (ls_tiny:row 3)", "mute (ls_tiny:row 4)"]
+
+    assert main(["data", "build", str(tmp_path / "cli"), "--hf-dataset", "me/ls_tiny", "--preset", "tiny",
+                 "--data.valid_fraction=0.3", "--data.encode_chunk_seconds=0.8"]) == 0
+    assert f"me/ls_tiny: the local copy in the hub cache, {repo / 'snapshots' / commit}" in capsys.readouterr().err
+    with pytest.raises(SourceError, match="me/other.*in the hub cache.*never downloads"):
+        HFSource("me/other")
