@@ -4,12 +4,12 @@
 ``pip install datasets``): a ``save_to_disk`` folder (a ``Dataset``, or a ``DatasetDict`` whose
 split ``--split`` picks, ``train`` by default), a ``.parquet`` or ``.arrow`` file, or a folder of
 data files in a layout ``datasets.load_dataset(PATH)`` understands (a hub snapshot downloaded
-beforehand: ``data/train-00000-of-00004.parquet``, ...), or the name of a hub dataset whose snapshot is
-in the hub cache (``hf download --repo-type dataset NAME`` left it there: its ``main``
-revision is read). Nothing is ever downloaded: a name without a local copy is refused with
-:class:`SourceError`, and the libraries are loaded with ``HF_DATASETS_OFFLINE=1`` /
-``HF_HUB_OFFLINE=1``. Parquet inputs are
-converted once into the library's cache (``HF_DATASETS_CACHE``), as ``load_dataset`` does.
+beforehand: ``data/train-00000-of-00004.parquet``, ...), or the name of a hub dataset whose
+snapshot is in the hub cache (``hf download --repo-type dataset NAME`` left it there: its
+``main`` revision is read). Nothing is ever downloaded: a name without a local copy is refused
+with :class:`SourceError`, and the libraries are loaded with ``HF_DATASETS_OFFLINE=1`` /
+``HF_HUB_OFFLINE=1``. Parquet inputs are converted once into the library's cache
+(``HF_DATASETS_CACHE``), as ``load_dataset`` does.
 
 Each row is one recording: ``--audio-column`` (default ``audio``) holds the audio (an ``Audio``
 feature ``{"bytes", "path"}``, encoded bytes, or a file path), ``--text-column`` (default

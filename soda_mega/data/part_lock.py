@@ -60,7 +60,8 @@ class PartLock:
     def __init__(self, root: str | Path, part: tuple[int, int] | None) -> None:
         i, n = part if part is not None else (0, 1)
         self.label = f"{i}/{n}"
-        self.path = Path(root) / LOCKS_DIR / f"part-{i}-of-{n}.json"
+        self.root = Path(root)
+        self.path = self.root / LOCKS_DIR / f"part-{i}-of-{n}.json"
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm": _slurm_task(),
                       "started": time.time()}
         self.note = ""
@@ -139,7 +140,7 @@ class PartLock:
         return held, None
 
     def _busy_message(self, held: dict) -> str:
-        root = self.path.parent.parent.parent
+        root = self.root
         if not held:
             return (f"part {self.label} of {root} is being claimed by another builder right now "
                     f"(lock {self.path} is still being written); retry in a minute")
