@@ -69,7 +69,7 @@ from soda_mega.data.schema import FORMAT, SPLITS
 from soda_mega.data.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
-                                   clean_partial_units, marker_path, marker_rel, merge_split,
+                                   check_marker, clean_partial_units, marker_path, marker_rel, merge_split,
                                    remove_merged_files)
 from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
@@ -580,7 +580,14 @@ def _finalize(target: BuildTarget, stored: dict, resumed: int, t0: float) -> Bui
     names = [unit_name(i) for i in range(stored["units"])]
     if target.remote is not None:
         target.fetch([marker_rel(n) for n in names])
-    markers = {name: json.loads((root / marker_rel(name)).read_text()) for name in names}
+    markers = {}
+    for name in names:
+        try:
+            markers[name] = json.loads((root / marker_rel(name)).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise BuildError(f"{target.out}/{marker_rel(name)} is not valid JSON ({err}); delete it and "
+                             "rerun the part that holds the unit") from None
+        check_marker(markers[name], name, target.out)
     plan_skips: dict[str, list] = {s: [] for s in SPLITS}
     for s in stored["skipped"]:
         plan_skips[split_of(s["record"], settings["valid_fraction"])].append(s)

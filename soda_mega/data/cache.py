@@ -134,10 +134,11 @@ class NodeCache:
                                         f"(or is not readable: {code})") from err
             raise
 
-    def fetch(self, remote: str, local: Path, hashes: dict | None = None) -> Path:
+    def fetch(self, remote: str, local: Path, hashes: dict | None = None,
+              size: int | None = None) -> Path:
         """``local``, downloaded from ``remote`` unless already published (one download per node)."""
         return self.publish(local, lambda tmp: self._download_with_retries(remote, tmp),
-                            hashes, what=remote)
+                            hashes, what=remote, size=size)
 
     def _download_with_retries(self, remote: str, tmp: Path) -> None:
         delay = 0.5
@@ -156,8 +157,9 @@ class NodeCache:
                 delay *= 2
 
     def publish(self, local: Path, produce: Callable[[Path], None], hashes: dict | None = None,
-                what: str | None = None) -> Path:
-        """``local`` as made by ``produce(tmp)`` (verified, atomically renamed), once per node."""
+                what: str | None = None, size: int | None = None) -> Path:
+        """``local`` as made by ``produce(tmp)`` (verified against ``hashes`` and ``size`` bytes
+        when given, atomically renamed), once per node."""
         local = Path(local)
         if local.exists():
             self.hits += 1
@@ -175,6 +177,10 @@ class NodeCache:
             tmp = unique_tmp(local)
             try:
                 produce(tmp)
+                if size is not None and tmp.stat().st_size != size:
+                    raise CacheError(f"{what or local}: {tmp.stat().st_size} bytes, the index says "
+                                     f"{size} (the file is damaged or was changed after the index "
+                                     "was written)")
                 if hashes:
                     check_hashes(tmp.read_bytes(), hashes, what or str(local))
                 os.replace(tmp, local)

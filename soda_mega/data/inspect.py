@@ -109,9 +109,10 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
     for name in SPLITS:
         try:
             src = DocumentSource(root, name)
-        except DatasetError as err:
+        except MissingSplitError as err:
             lines.append(f"  {name}: absent ({err})")
             continue
+        # Any other DatasetError (a malformed split) ends the inspection, naming what is wrong.
         meta = src.meta
         tokens = meta["tokens"]
         lines.append(f"  {name}: {meta['num_docs']} documents, {tokens.get('total', 0):,} tokens, "

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -31,8 +31,10 @@ _KEEP_EPOCHS = 2
 _KEEP_BLOCKS = 4
 
 
-def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 20) -> np.ndarray:
-    """Tokens per shard, reading ``lengths`` (possibly a memory map) a chunk at a time."""
+def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 20,
+                 check: Callable[[np.ndarray, int], None] | None = None) -> np.ndarray:
+    """Tokens per shard, reading ``lengths`` (possibly a memory map) a chunk at a time;
+    ``check(part, start)`` sees each chunk first (the one pass that validates the lengths)."""
     counts = np.asarray(counts, dtype=np.int64)
     totals = np.zeros(len(counts), dtype=np.int64)
     if not len(counts):
@@ -42,6 +44,8 @@ def shard_totals(lengths: np.ndarray, counts: Sequence[int], chunk: int = 1 << 2
     for a in range(0, int(starts[-1]), chunk):
         b = min(a + chunk, int(starts[-1]))
         part = read_range(lengths, a, b)
+        if check is not None:
+            check(part, a)
         prefix = np.concatenate([[0], np.cumsum(part)])
         while shard < len(counts) and starts[shard] < b:
             lo, hi = max(starts[shard], a) - a, min(starts[shard + 1], b) - a

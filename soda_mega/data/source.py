@@ -8,10 +8,15 @@ readers. It does not use ``StreamingDataset``: that class takes its world from
 ``RANK``/``WORLD_SIZE`` (soda-mega's data-parallel rank comes from Megatron's parallel state)
 and coordinates workers through shared memory, which a crashed run can leave behind.
 
+Every split is opened through the reader contract (:mod:`.shard_contract`): ``index.json``,
+``soda_meta.json`` and ``doc_lengths.npy`` are checked (types, ranges, the writer's columns and
+encodings, shard file names inside the split and cache folders, sizes) before mosaicml-streaming
+or the cache sees a shard entry.
+
 Remote splits are fetched through streaming's downloaders into the node's cache
 (:mod:`.cache`: one download per file per node, verified, published atomically, evicted least
 recently used first). Compressed shards are decompressed into that cache too, never beside
-the source. Data is checked when it is read: shard bytes against the index's hashes when it
+the source, never inflated past the size the index gives them. Data is checked when it is read: shard bytes against the index's hashes when it
 carries them, every document for token ids inside the vocabulary layout and loss masks in
 {0, 1}. A damaged shard or document is named (dataset, shard, document) in a
 :class:`DatasetError`, or with ``data.skip_bad_documents`` replaced by masked-out filler of the
@@ -34,21 +39,15 @@ import numpy as np
 from soda_mega.data.cache import (CacheError, MissingRemoteFile, NodeCache, check_hashes,
                                   is_remote, unique_tmp)
 from soda_mega.data.order import LengthsFile, read_range, shard_totals
-from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, META_KEYS
+from soda_mega.data.schema import LENGTHS_FILE, META_FILE
+from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
+                                           check_index, check_lengths_chunk, check_lengths_header,
+                                           check_meta, check_shard_bytes, inflate, inside)
 from soda_mega.data.streaming_compat import streaming_module
-from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
 
-INDEX_FILE = "index.json"
-
-
-class DatasetError(SodaUserError, ValueError):
-    """A user-facing data error: a dataset, shard or document is missing, malformed, damaged,
-    or does not fit the model. The message names it; the CLI prints it and exits with 2."""
-
-
-class MissingSplitError(DatasetError):
-    """The dataset has no such split (e.g. no ``valid/``): validation can be switched off."""
+__all__ = ["DatasetError", "DocumentSource", "MissingSplitError", "INDEX_FILE", "layout_differences",
+           "open_sources", "read_meta"]
 
 
 def layout_differences(dataset: dict, model: dict) -> list[str]:
@@ -73,15 +72,7 @@ def read_meta(split_dir: Path, shown: str | None = None) -> dict:
     if not path.is_file():
         raise DatasetError(f"{split_dir} is not a soda-mega dataset split: {META_FILE} is missing "
                            "(build one with `soda-mega data build`)")
-    meta = _read_json(path, shown)
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{shown}: expected a JSON object")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise DatasetError(f"{shown}: missing keys {', '.join(missing)}")
-    if meta["format"] != FORMAT:
-        raise DatasetError(f"{shown}: format {meta['format']!r}, this soda-mega reads {FORMAT!r}")
-    return meta
+    return check_meta(_read_json(path, shown), shown)
 
 
 def _load_lengths(path: Path, shown: str) -> LengthsFile:
@@ -92,9 +83,7 @@ def _load_lengths(path: Path, shown: str) -> LengthsFile:
         raise DatasetError(f"{shown} is missing") from err
     except (ValueError, OSError, EOFError) as err:
         raise DatasetError(f"{shown} is not a valid .npy array (truncated or damaged?): {err}") from err
-    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
-        raise DatasetError(f"{shown}: expected a 1-D integer array, got {lengths.dtype} "
-                           f"with shape {lengths.shape}")
+    check_lengths_header(lengths.dtype, lengths.shape, shown)
     return lengths
 
 
@@ -148,16 +137,14 @@ class DocumentSource:
             self.layout = layout or VocabLayout.from_dict(self.meta["vocab_layout"])
         except (TypeError, ValueError, KeyError) as err:
             raise DatasetError(f"{self.where}/{META_FILE}: bad vocab_layout: {err}") from err
-        self.shards = self.index.get("shards") if isinstance(self.index, dict) else None
-        if not isinstance(self.shards, list):
-            raise DatasetError(f"{self.where}/{INDEX_FILE}: no shard list (not an MDS index)")
-        self.shard_counts = [int(s["samples"]) for s in self.shards]
+        self.shard_counts = [s["samples"] for s in self.shards]
         if sum(self.shard_counts) != len(self.lengths):
             raise DatasetError(f"{self.where}: {LENGTHS_FILE} has {len(self.lengths)} entries but "
                                f"the shards hold {sum(self.shard_counts)} samples")
         if not len(self.lengths):
             raise DatasetError(f"{self.where}: the {split} split holds no documents")
         self.shard_tokens = self._shard_tokens()
+        check_shard_bytes(self.shards, self.shard_tokens, self.where)
         if not int(self.shard_tokens.sum()):
             raise DatasetError(f"{self.where}: the {split} split holds no tokens")
         self._starts = np.cumsum([0] + self.shard_counts).tolist()
@@ -196,10 +183,10 @@ class DocumentSource:
             raise DatasetError(f"{index_path} is missing (the MDS index of the shards)")
         raw = index_path.read_bytes()
         self._index_sha = hashlib.sha256(raw).hexdigest()
-        self.index = _parse_index(raw, str(index_path))
+        self.shards = check_index(_parse_index(raw, str(index_path)), self.where)
         self.lengths = _load_lengths(split_dir / LENGTHS_FILE, str(split_dir / LENGTHS_FILE))
         self._lengths_path = split_dir / LENGTHS_FILE
-        compressed = any(s.get("compression") for s in self.index.get("shards", []))
+        compressed = any(s["compression"] for s in self.shards)
         # Uncompressed shards are read in place; compressed ones are decompressed into the cache.
         self.files_dir = (self.cache.root / f"local-{_short(str(split_dir.resolve()))}-"
                           f"{self._index_sha[:12]}") if compressed else split_dir
@@ -226,7 +213,8 @@ class DocumentSource:
         self.split_dir = url
         self.where = url
         self._index_sha = hashlib.sha256(raw).hexdigest()
-        self.index = _parse_index(raw, f"{url}/{INDEX_FILE}")
+        # Checked before anything is published into the cache (or streaming ever sees it).
+        self.shards = check_index(_parse_index(raw, f"{url}/{INDEX_FILE}"), url)
         # A rebuilt dataset at the same URL has another index: it gets its own cache folder.
         self.files_dir = self.cache.root / f"{_short(url)}-{self._index_sha[:12]}"
         self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -249,13 +237,20 @@ class DocumentSource:
         """Tokens per shard: one pass over ``doc_lengths.npy`` per node, kept in the node cache
         (every later rank, worker and run of the node reads a few KB instead)."""
         st = os.stat(self._lengths_path)
-        key = _short(f"{self._index_sha}:{os.path.realpath(self._lengths_path)}:{st.st_size}:"
+        # v2: totals written by a pass that also checked every length (shard_contract)
+        key = _short(f"v2:{self._index_sha}:{os.path.realpath(self._lengths_path)}:{st.st_size}:"
                      f"{st.st_mtime_ns}")
         path = self.cache.root / "shard-tokens" / f"{key}.npy"
 
+        shown = f"{self.where}/{LENGTHS_FILE}"
+
+        def checked_totals() -> np.ndarray:
+            return shard_totals(self.lengths, self.shard_counts,
+                                check=lambda part, start: check_lengths_chunk(part, start, shown))
+
         def produce(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
-                np.save(fh, shard_totals(self.lengths, self.shard_counts))
+                np.save(fh, checked_totals())
 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,22 +258,29 @@ class DocumentSource:
             totals = np.load(path)
             if totals.shape == (len(self.shard_counts),):
                 return totals.astype(np.int64)
+        except DatasetError:
+            raise
         except (OSError, ValueError):  # an unwritable cache: compute it here
             pass
-        return shard_totals(self.lengths, self.shard_counts)
+        return checked_totals()
 
     def _check_local_shards(self) -> None:
-        """A deleted shard is named at open, not at its first read hours later."""
-        missing = [self._shard_file_name(s) for s in self.shards
-                   if not (self.split_dir / self._shard_file_name(s)).is_file()]
+        """A deleted shard is named at open, not at its first read hours later; a shard file
+        that resolves outside the split folder (a symlink) is refused. (A damaged one is named
+        when it is read: with ``data.skip_bad_documents`` its documents are skipped.)"""
+        missing = []
+        for i, shard in enumerate(self.shards):
+            name = shard[self._shard_file_key(shard)]["basename"]
+            if not inside(self.split_dir, name, f"{self.where}/{INDEX_FILE}: shard {i} ({name})").is_file():
+                missing.append(name)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise DatasetError(f"{self.where}: shard file(s) {', '.join(missing[:3])}{more} listed "
                                f"in {INDEX_FILE} are missing")
 
     @staticmethod
-    def _shard_file_name(shard: dict) -> str:
-        return (shard["zip_data"] if shard.get("compression") else shard["raw_data"])["basename"]
+    def _shard_file_key(shard: dict) -> str:
+        return "zip_data" if shard["compression"] else "raw_data"
 
     # ------------------------------------------------------------------ properties
     @property
@@ -307,8 +309,9 @@ class DocumentSource:
         """The raw shard file on this node (fetched / decompressed / verified on first use)."""
         shard = self.shards[shard_idx]
         raw_info = shard["raw_data"]
-        local = self.files_dir / raw_info["basename"]
-        if not self.remote and not shard.get("compression"):
+        local = inside(self.files_dir, raw_info["basename"],
+                       f"{self.where}/{INDEX_FILE}: shard {shard_idx} ({raw_info['basename']})")
+        if not self.remote and not shard["compression"]:
             if not local.is_file():
                 raise DatasetError(f"dataset {self.name} ({self.split}), shard {raw_info['basename']}: "
                                    f"{local} was deleted after the dataset was opened")
@@ -321,36 +324,45 @@ class DocumentSource:
             self._verified.add(shard_idx)
             return local
         try:
-            if shard.get("compression"):
+            if shard["compression"]:
                 return self.cache.publish(local, lambda tmp: self._decompress(shard, tmp),
-                                          raw_info.get("hashes"), what=f"{self.where}/{raw_info['basename']}")
+                                          raw_info["hashes"], what=f"{self.where}/{raw_info['basename']}",
+                                          size=raw_info["bytes"])
             return self.cache.fetch(f"{self.split_dir}/{raw_info['basename']}", local,
-                                    raw_info.get("hashes"))
+                                    raw_info["hashes"], size=raw_info["bytes"])
         except CacheError as err:
             raise DatasetError(f"dataset {self.name} ({self.split}), shard "
                                f"{raw_info['basename']}: {err}") from err
 
     def _decompress(self, shard: dict, tmp: Path) -> None:
+        """The shard's archive (read in place, or downloaded beside ``tmp``), checked against its
+        size and hashes, inflated into ``tmp`` up to ``raw_data.bytes`` and no further."""
         zip_info = shard["zip_data"]
+        shown = f"{self.where}/{zip_info['basename']}"
         if self.remote:
             archive = unique_tmp(tmp)
             try:
                 self.cache._download_with_retries(f"{self.split_dir}/{zip_info['basename']}", archive)
+                if archive.stat().st_size != zip_info["bytes"]:
+                    raise CacheError(f"{shown}: {archive.stat().st_size} bytes, zip_data.bytes says "
+                                     f"{zip_info['bytes']}")
                 data = archive.read_bytes()
             finally:
                 archive.unlink(missing_ok=True)
         else:
             data = (self.split_dir / zip_info["basename"]).read_bytes()
-        check_hashes(data, zip_info.get("hashes"), f"{self.where}/{zip_info['basename']}")
+            if len(data) != zip_info["bytes"]:
+                raise CacheError(f"{shown}: {len(data)} bytes, zip_data.bytes says {zip_info['bytes']}")
+        check_hashes(data, zip_info["hashes"], shown)
         try:
-            tmp.write_bytes(streaming_module("compression").decompress(shard["compression"], data))
-        except Exception as err:  # a damaged archive: zstd / gzip / ... errors
-            raise CacheError(f"{self.where}/{zip_info['basename']}: cannot decompress "
-                             f"({type(err).__name__}: {err})") from err
+            with open(tmp, "wb") as out:
+                inflate(shard["compression"], data, out, shard["raw_data"]["bytes"])
+        except InflateError as err:
+            raise CacheError(f"{shown}: {err}") from err
 
     def prefetch(self, shard_ids) -> None:
         """Fetch these shards into the node's cache in background threads (remote or compressed)."""
-        if not self.prefetch_threads or (not self.remote and not self.shards[0].get("compression")):
+        if not self.prefetch_threads or (not self.remote and not self.shards[0]["compression"]):
             return
         if self._pool_pid != os.getpid():  # a forked loader worker: threads and locks are not inherited
             self._pool, self._inflight, self._lock = None, set(), threading.Lock()

@@ -33,6 +33,8 @@ import numpy as np
 
 from soda_mega.data.documents import Document
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SHARD_HASHES, SPLITS
+from soda_mega.data.shard_contract import (DatasetError, check_index, check_lengths_chunk, check_meta,
+                                           check_shard)
 from soda_mega.data.streaming_compat import streaming_base
 from soda_mega.data.target import BuildTarget
 from soda_mega.tokens.layout import VocabLayout
@@ -165,6 +167,32 @@ class UnitWriter:
         return marker
 
 
+def check_marker(marker, name: str, root: str | Path) -> dict[str, SplitStats]:
+    """The per-split stats of a unit marker, refused (:class:`DatasetError`, naming it) when the
+    marker is not what :meth:`UnitWriter.commit` writes."""
+    shown = f"{root}/{marker_rel(name)}"
+    try:
+        if not isinstance(marker, dict) or marker.get("unit") != name:
+            raise ValueError(f"not the marker of unit {name}")
+        out = {}
+        for split in SPLITS:
+            stats = SplitStats.from_dict(marker["splits"][split])
+            ints = [stats.num_docs, stats.num_records, *stats.lengths, *stats.doc_types.values(),
+                    *stats.tokens.values()]
+            if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in ints):
+                raise ValueError(f"{split}: counts and lengths must be integers >= 0")
+            if stats.num_docs != len(stats.lengths):
+                raise ValueError(f"{split}: num_docs {stats.num_docs} but {len(stats.lengths)} lengths")
+            if not isinstance(stats.audio_seconds, (int, float)) or not all(
+                    isinstance(x, dict) for x in stats.skipped):
+                raise ValueError(f"{split}: audio_seconds or skipped of the wrong type")
+            out[split] = stats
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DatasetError(f"{shown}: malformed unit marker ({type(err).__name__}: {err}); delete it "
+                           "and rerun the part that holds the unit") from None
+    return out
+
+
 def clean_partial_units(root: Path, names: Sequence[str] | None = None) -> list[str]:
     """Remove unit folders of unfinished units (temp folders, or renamed but without marker).
 
@@ -198,14 +226,17 @@ def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str
 
     Everything comes from the unit markers. ``extra_skipped`` are records rejected before any
     unit ran (bad manifest lines). ``check_units`` (a local build) also checks that each marked
-    unit's folder is there.
+    unit's folder is there. Markers may come from other machines (parts of one build): their
+    shard entries, the merged index, lengths and meta pass the reader contract
+    (:mod:`.shard_contract`) before anything is written, else :class:`DatasetError`.
     """
     split_dir = root / split
     split_dir.mkdir(parents=True, exist_ok=True)
     total = SplitStats()
     shards = []
     for name in unit_names:
-        stats = SplitStats.from_dict(markers[name]["splits"][split])
+        shown = f"{split_dir}: unit {name} ({marker_rel(name)})"
+        stats = check_marker(markers[name], name, root)[split]
         total.merge(stats)
         if stats.num_docs == 0:
             continue
@@ -213,16 +244,21 @@ def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str
         if check_units and not (unit_dir / "index.json").is_file():
             raise RuntimeError(f"{unit_dir} is missing although unit {name} is marked complete; "
                                "delete its marker in .build/units/ and rerun the build")
-        unit_shards = markers[name].get("shards", {}).get(split)
+        unit_shards = (markers[name].get("shards") or {}).get(split)
         if unit_shards is None:  # a marker written before markers carried the index
             unit_shards = json.loads((unit_dir / "index.json").read_text())["shards"]
-        for shard in unit_shards:
+        if not isinstance(unit_shards, list):
+            raise DatasetError(f"{shown}: shards.{split}: expected a list of shard entries")
+        for i, shard in enumerate(unit_shards):
+            check_shard(shard, i, shown)
             shard = json.loads(json.dumps(shard))
             for key in ("raw_data", "zip_data"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{UNITS_DIR}/{name}/{shard[key]['basename']}"
             shards.append(shard)
+    check_index({"version": 2, "shards": shards}, str(split_dir))
     lengths = np.asarray(total.lengths, dtype=np.int64)
+    check_lengths_chunk(lengths, 0, f"{split_dir}/{LENGTHS_FILE}")
     if sum(s["samples"] for s in shards) != len(lengths):
         raise RuntimeError(f"{split_dir}: the unit shards hold {sum(s['samples'] for s in shards)} "
                            f"documents but the markers list {len(lengths)}")
@@ -231,6 +267,7 @@ def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str
                 doc_types=dict(sorted(total.doc_types.items())),
                 tokens=total.to_dict()["tokens"], audio_hours=total.audio_seconds / 3600.0,
                 skipped=list(extra_skipped) + total.skipped)
+    check_meta(json.loads(json.dumps(meta)), f"{split_dir}/{META_FILE}")
     atomic_write_text(split_dir / "index.json", json.dumps({"version": 2, "shards": shards}, sort_keys=True))
     atomic_save_npy(split_dir / LENGTHS_FILE, lengths)
     atomic_write_text(split_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
