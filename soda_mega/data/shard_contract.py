@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, META_KEYS, SPLITS
+from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_KEYS, SPLITS
 from soda_mega.errors import SodaUserError
 
 INDEX_FILE = "index.json"
@@ -51,9 +51,10 @@ FILE_KEYS = frozenset({"basename", "bytes", "hashes"})
 COLUMN_NAMES = sorted(MDS_COLUMNS)  # MDSWriter stores its columns sorted by name
 COLUMN_ENCODINGS = [MDS_COLUMNS[c] for c in COLUMN_NAMES]
 COLUMN_SIZES = [None] * len(COLUMN_NAMES)  # every soda-mega column has a variable size
-# Compression families whose inflation is bounded here (streaming also knows br and snappy;
-# soda-mega does not read them: no bounded decoder for them is installed beside it).
+# Compression families whose inflation is bounded here (:func:`inflate`). streaming also
+# writes br and snappy; soda-mega refuses them (its own builds never compress shards).
 COMPRESSIONS = ("zstd", "gz", "bz2")
+# streaming.base.hashing's algorithms (check_hashes would fail on any other name).
 KNOWN_HASHES = ("blake2b", "blake2s", "md5", "sha1", "sha224", "sha256", "sha384", "sha512",
                 "sha3_224", "sha3_256", "sha3_384", "sha3_512", "xxh32", "xxh64", "xxh128", "xxh3_64",
                 "xxh3_128")
@@ -159,7 +160,8 @@ def check_shard(shard: Any, i: int, shown: str) -> None:
     if shard["size_limit"] is not None:
         _int(shard["size_limit"], 0, MAX_SHARD_BYTES, fail, "size_limit")
     algos = shard["hashes"]
-    if not isinstance(algos, list) or any(a not in KNOWN_HASHES for a in algos) or len(set(algos)) != len(algos):
+    if not isinstance(algos, list) or any(a not in KNOWN_HASHES for a in algos) or \
+            len(set(algos)) != len(algos):
         raise fail(f"hashes: expected a list of distinct hash names ({', '.join(KNOWN_HASHES)}), "
                    f"got {_show(algos)}")
     check_file(raw, "raw_data", fail, None)
@@ -182,8 +184,10 @@ def check_shard(shard: Any, i: int, shown: str) -> None:
 
 
 def _level_ok(compression: str) -> bool:
-    family, _, level = compression.partition(":")
-    return not level or (level.isdigit() and len(level) <= 2)
+    """A level streaming knows for the family (``zstd:7``; ``zstd:99`` is no compression)."""
+    from soda_mega.data.streaming_compat import streaming_module
+
+    return streaming_module("compression").is_compression(compression)
 
 
 def check_file(info: Any, key: str, fail: Callable[[str], DatasetError], archive_of: str | None) -> None:

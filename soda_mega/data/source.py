@@ -16,11 +16,11 @@ or the cache sees a shard entry.
 Remote splits are fetched through streaming's downloaders into the node's cache
 (:mod:`.cache`: one download per file per node, verified, published atomically, evicted least
 recently used first). Compressed shards are decompressed into that cache too, never beside
-the source, never inflated past the size the index gives them. Data is checked when it is read: shard bytes against the index's hashes when it
-carries them, every document for token ids inside the vocabulary layout and loss masks in
-{0, 1}. A damaged shard or document is named (dataset, shard, document) in a
-:class:`DatasetError`, or with ``data.skip_bad_documents`` replaced by masked-out filler of the
-same length (no token of it is trained on) and counted.
+the source and never past the size the index gives them. Data is checked when it is read:
+shard bytes against the index's hashes when it carries them, every document for token ids
+inside the vocabulary layout and loss masks in {0, 1}. A damaged shard or document is named
+(dataset, shard, document) in a :class:`DatasetError`, or with ``data.skip_bad_documents``
+replaced by masked-out filler of the same length (no token of it is trained on) and counted.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ commands exited 0."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
