@@ -127,7 +127,8 @@ def check_shard(shard: Any, i: int, shown: str) -> None:
     raw = shard.get("raw_data")
     label = f"shard {i}"
     if isinstance(raw, dict) and isinstance(raw.get("basename"), str):
-        label += f" ({raw['basename'][:120]})"
+        name = raw["basename"][:120]
+        label += f" ({name if name.isprintable() else _show(name)})"  # one line, whatever it holds
 
     def fail(message: str) -> DatasetError:
         return DatasetError(f"{shown}: {label}: {message}")
