@@ -17,6 +17,10 @@ three kinds of file in a checkpoint are pickles:
 ``trainer_state.json`` and ``metadata.json`` are JSON. :func:`vet_checkpoint` runs these checks on
 every file a load opens, before anything is loaded; a file that fails is refused with a
 :class:`CheckpointError` that names it.
+
+Every file a load opens, and every file ``manifest.json`` names, must also be a regular file
+inside the checkpoint folder (:func:`inside_file`): no absolute or ``..`` paths, no symlink that
+leads out, no device or FIFO (``/dev/zero`` would be hashed forever, a FIFO would block).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import enum
 import importlib
 import io
 import json
+import os
 import pickle
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -56,8 +62,69 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def clip(text: str, limit: int = 120) -> str:
+    """``repr`` of ``text`` cut to about ``limit`` characters (names from a file in a message)."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a file of a checkpoint folder (relative, canonical, no ``..``), or
+    None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"is a {type(name).__name__}, not a file name"
+    if "\x00" in name:
+        return "holds a NUL character"
+    pure = PurePosixPath(name)
+    if pure.is_absolute():
+        return "is an absolute path, outside the checkpoint folder"
+    if ".." in pure.parts:
+        return "climbs out of the checkpoint folder with '..'"
+    if str(pure) != name or "." in pure.parts:
+        return "is not a plain relative path ('.', '//' or a trailing '/')"
+    return None
+
+
+def inside_file(step_dir: Path, name: str, source: str) -> Path | None:
+    """``step_dir/name`` when it is a regular file inside ``step_dir`` (symlinks followed), None
+    when it does not exist; anything else (see :func:`name_problem`, a symlink leading out, a
+    device, FIFO or folder) is refused with a :class:`CheckpointError` naming ``source`` (the
+    file that names it) and the entry."""
+    step_dir = Path(step_dir)
+    problem = name_problem(name)
+    path = step_dir / name if problem is None else None
+    if path is not None and (path.exists() or path.is_symlink()):
+        real, home = path.resolve(), step_dir.resolve()
+        if real != home and home not in real.parents:
+            problem = f"leads out of the checkpoint folder (to {clip(str(real))})"
+        else:
+            mode = os.stat(real).st_mode
+            if not stat.S_ISREG(mode):
+                kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+                problem = f"is {kind}, not a regular file"
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {step_dir}: {source} names {clip(str(name))}, which {problem}; refused: a "
+            f"checkpoint holds only regular files inside its folder; {_TRUST}")
+    return path if path.exists() else None
+
+
+def _regular(path: Path) -> None:
+    """Refuse ``path`` when it exists but is not a regular file (a FIFO blocks, a device never
+    ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing: the reader says so
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: refused: not a regular file (a device, FIFO, socket or "
+                              f"folder); {_TRUST}")
+
+
 def read_json(path: Path) -> dict:
     """A JSON object file of a checkpoint; anything else is refused, naming the file."""
+    _regular(Path(path))
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -72,6 +139,8 @@ def read_json(path: Path) -> dict:
 
 def load_plain(path: Path, source=None, hint: str = ""):
     """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, bytes read from it)."""
+    if source is None:
+        _regular(Path(path))
     try:
         return torch.load(source if source is not None else path, map_location="cpu",
                           weights_only=True)
@@ -117,6 +186,7 @@ def read_dcp_metadata(step_dir: Path):
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(step_dir) / DCP_METADATA
+    inside_file(step_dir, DCP_METADATA, "the checkpoint")
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -141,10 +211,11 @@ def check_dcp_objects(step_dir: Path, metadata) -> None:
     byte_keys = {k for k, v in metadata.state_dict_metadata.items()
                  if isinstance(v, BytesStorageMetadata)}
     for index, info in (metadata.storage_data or {}).items():
-        name = Path(info.relative_path)
-        if name.name != info.relative_path or name.name in ("", ".", ".."):
+        name = Path(info.relative_path) if isinstance(info.relative_path, str) else None
+        if name is None or name.name != info.relative_path or name.name in ("", ".", ".."):
             raise CheckpointError(f"{step_dir / DCP_METADATA}: refused: names the data file "
-                                  f"{info.relative_path!r} outside the checkpoint folder")
+                                  f"{clip(str(info.relative_path))} outside the checkpoint folder")
+        inside_file(step_dir, info.relative_path, DCP_METADATA)
         if index.fqn not in byte_keys:
             continue
         path = step_dir / name
@@ -178,6 +249,10 @@ def vet_checkpoint(step_dir: Path, state_file: str, files: list[Path] | None = N
     ``files`` limits the per-rank files (``rng/``) to those given (each rank checks a share).
     """
     step_dir = Path(step_dir)
+    for name in (state_file, MEGATRON_META, COMMON_FILE):
+        inside_file(step_dir, name, "the checkpoint")
+    for path in rng_files(step_dir) if files is None else files:
+        inside_file(step_dir, str(Path(path).relative_to(step_dir)), "the checkpoint")
     read_json(step_dir / state_file)
     if (step_dir / MEGATRON_META).exists():
         read_json(step_dir / MEGATRON_META)

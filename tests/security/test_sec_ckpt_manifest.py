@@ -1,0 +1,79 @@
+"""A checkpoint's ``manifest.json`` names only regular files inside the checkpoint (issue 21).
+
+Each case plants one hostile manifest entry in a copy of a tiny checkpoint: a path that climbs
+out to ``/dev/zero`` (hashed forever before the fix), an absolute path, a path to a file beside
+the checkpoint (read before the fix), a symlink and a FIFO inside the folder, and entries of the
+wrong type (a traceback before the fix). ``eval nll`` and ``export hf`` must refuse each with
+exit 2 and one line naming the checkpoint and the entry, within seconds; nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sec_ckpt_helpers import edit_manifest, hostile_copy, run_cli_cases, tiny_checkpoint, tiny_dataset
+
+pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
+
+_ENTRY = {"size": 0, "xxh3_64": "0" * 16}
+_UP = "../" * 40  # more than enough to climb from any temporary folder to /
+
+
+def _add(name: str, entry=None):
+    return lambda m: m["files"].__setitem__(name, dict(_ENTRY) if entry is None else entry)
+
+
+def _outside_file(step: Path) -> str:
+    secret = step.parent / "secret.txt"
+    secret.write_text("a file beside the checkpoint\n")
+    return "../secret.txt"
+
+
+def _symlink(step: Path) -> str:
+    os.symlink("/dev/zero", step / "zeros.bin")
+    return "zeros.bin"
+
+
+def _fifo(step: Path) -> str:
+    os.mkfifo(step / "pipe.bin")
+    return "pipe.bin"
+
+
+# name -> (plant(step) -> the manifest entry's name, or None for a type case; manifest edit)
+CASES = {
+    "dev_zero_up": (lambda step: _UP + "dev/zero", None),
+    "absolute": (lambda step: "/dev/zero", None),
+    "outside_file": (_outside_file, None),
+    "symlink_out": (_symlink, None),
+    "fifo": (_fifo, None),
+    "entry_not_object": (lambda step: "trainer_state.json", 5),
+    "size_not_int": (lambda step: "common.pt", {"size": "big", "xxh3_64": "0" * 16}),
+}
+
+
+def test_hostile_manifest_entries_are_refused(tmp_path_factory, tmp_path):
+    source = tiny_checkpoint(tmp_path_factory)
+    data = tiny_dataset(tmp_path / "data")
+    argvs, expected = [], []
+    for name, (plant, entry) in CASES.items():
+        step = hostile_copy(source, tmp_path / name / "step_00000000")
+        entry_name = plant(step)
+        edit_manifest(step, _add(entry_name, entry))
+        out = tmp_path / f"{name}-hf"
+        argvs.append(["eval", "nll", str(step), "--data", str(data), "--max-batches", "1",
+                      "--quiet"])
+        expected.append((name, "eval nll", step, entry_name, None))
+        argvs.append(["export", "hf", str(step), str(out)])
+        expected.append((name, "export hf", step, entry_name, out))
+    results = run_cli_cases(argvs, tmp_path, each=30, timeout=600)
+    failures = []
+    for (name, what, step, entry_name, out), result in zip(expected, results):
+        err = result["stderr"]
+        lines = [line for line in err.splitlines() if str(step) in line]
+        if (result["rc"] != 2 or "Traceback" in err or not lines or entry_name[:40] not in lines[-1]
+                or len(lines[-1]) > 1000 or (out is not None and out.exists())):
+            failures.append(f"{name} / {what}: rc {result['rc']}: {err[-600:]}")
+    assert not failures, "\n\n".join(failures)
