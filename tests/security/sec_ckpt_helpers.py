@@ -81,13 +81,14 @@ def run_cli(argv: list[str], timeout: float = 120, env: dict | None = None,
 
 
 def run_cli_cases(argvs: list[list[str]], tmp: Path, each: float = 60,
-                  timeout: float = 600) -> list[dict]:
+                  timeout: float = 600, env: dict | None = None) -> list[dict]:
     """Run each ``soda-mega ARGV`` of ``argvs`` in one fresh process; each result is
     ``{"rc": int or "timeout", "stderr": str}`` (a case past ``each`` seconds is interrupted)."""
     cases, results = tmp / "cases.json", tmp / "results.json"
     cases.write_text(json.dumps({"each": each, "argvs": argvs}))
     proc = subprocess.run([sys.executable, __file__, str(cases), str(results)],
-                          capture_output=True, text=True, env=_child_env(), timeout=timeout)
+                          capture_output=True, text=True, env={**_child_env(), **(env or {})},
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(results.read_text())
 
