@@ -103,7 +103,7 @@ def read_manifest(step_dir: Path) -> dict | None:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         assert isinstance(files, dict) and manifest.get("hash") == HASH
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as err:
         raise DamagedCheckpoint(f"{path}: damaged ({type(err).__name__}: "
                                 f"{str(err)[:200]})") from None
     for name, entry in files.items():

@@ -129,9 +129,9 @@ def read_json(path: Path) -> dict:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DamagedCheckpoint(f"{path}: not valid JSON ({err}); the file is damaged or was "
-                              f"replaced; {_TRUST}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({str(err)[:200] or 'nested too deeply'}); "
+                                f"the file is damaged or was replaced; {_TRUST}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value

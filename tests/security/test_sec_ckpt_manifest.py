@@ -2,9 +2,10 @@
 
 Each case plants one hostile manifest entry in a copy of a tiny checkpoint: a path that climbs
 out to ``/dev/zero`` (hashed forever before the fix), an absolute path, a path to a file beside
-the checkpoint (read before the fix), a symlink and a FIFO inside the folder, and entries of the
-wrong type (a traceback before the fix). ``eval nll`` and ``export hf`` must refuse each with
-exit 2 and one line naming the checkpoint and the entry, within seconds; nothing is written.
+the checkpoint (read before the fix), a symlink and a FIFO inside the folder, entries of the
+wrong type and a manifest nested too deep for the parser (tracebacks before the fix).
+``eval nll`` and ``export hf`` must refuse each with exit 2 and one line naming the checkpoint
+and the entry, within seconds; nothing is written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sec_ckpt_helpers import edit_manifest, hostile_copy, run_cli_cases, tiny_checkpoint, tiny_dataset
+from sec_ckpt_helpers import (edit_manifest, hostile_copy, replace_file, run_cli_cases,
+                              tiny_checkpoint, tiny_dataset)
 
 pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
 
@@ -42,7 +44,14 @@ def _fifo(step: Path) -> str:
     return "pipe.bin"
 
 
-# name -> (plant(step) -> the manifest entry's name, or None for a type case; manifest edit)
+def _deep(step: Path) -> str:
+    replace_file(step / "manifest.json", "[" * 100_000 + "]" * 100_000)
+    return "manifest.json"
+
+
+# name -> (plant(step) -> the name the message must hold; the manifest entry it gets: None for a
+# plain one, RAW when the plant wrote the whole manifest)
+RAW = object()
 CASES = {
     "dev_zero_up": (lambda step: _UP + "dev/zero", None),
     "absolute": (lambda step: "/dev/zero", None),
@@ -51,6 +60,7 @@ CASES = {
     "fifo": (_fifo, None),
     "entry_not_object": (lambda step: "trainer_state.json", 5),
     "size_not_int": (lambda step: "common.pt", {"size": "big", "xxh3_64": "0" * 16}),
+    "nested_too_deep": (_deep, RAW),
 }
 
 
@@ -61,7 +71,8 @@ def test_hostile_manifest_entries_are_refused(tmp_path_factory, tmp_path):
     for name, (plant, entry) in CASES.items():
         step = hostile_copy(source, tmp_path / name / "step_00000000")
         entry_name = plant(step)
-        edit_manifest(step, _add(entry_name, entry))
+        if entry is not RAW:
+            edit_manifest(step, _add(entry_name, entry))
         out = tmp_path / f"{name}-hf"
         argvs.append(["eval", "nll", str(step), "--data", str(data), "--max-batches", "1",
                       "--quiet"])
