@@ -80,7 +80,9 @@ def _run_command(args) -> int:
 def _cut(err: BaseException, limit: int = 4000) -> str:
     """The message, cut short: the last guard against a message that quotes a huge input."""
     text = str(err)
-    return text if len(text) <= limit else f"{text[:limit]} [... {len(text) - limit:,} more characters]"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [... {len(text) - limit:,} more characters]"
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise DamagedCheckpoint(f"{path}: not valid JSON ({str(err)[:200] or 'nested too deeply'}); "
-                                f"the file is damaged or was replaced; {_TRUST}") from None
+        why = str(err)[:200] or "nested too deeply"
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({why}); the file is damaged or was "
+                                f"replaced; {_TRUST}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value

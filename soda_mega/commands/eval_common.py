@@ -20,7 +20,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mimi-weights", metavar="PATH",
                    help="local Mimi weights (.safetensors); required when the checkpoint's "
                         "data.mimi_weights is set (that path is printed, never loaded unasked); "
-                        "without it and without data.mimi_weights: the seeded random Mimi, announced")
+                        "without it and without data.mimi_weights: the seeded random Mimi, "
+                        "announced")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="local HF tokenizer.json (default: the checkpoint's data.tokenizer)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

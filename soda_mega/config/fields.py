@@ -30,8 +30,8 @@ _QUOTE.maxlevel = 3
 
 
 def short(value: Any, limit: int = 120) -> str:
-    """How a message quotes a user's value: ``repr`` of ``value`` with long strings, long or deep containers abbreviated (``...``):
-    at most about ``limit`` characters, however large the value."""
+    """How a message quotes a user's value: ``repr`` of ``value`` with long strings, long or
+    deep containers abbreviated (``...``), at most about ``limit`` characters however large."""
     try:
         text = _QUOTE.repr(value)
     except ValueError:  # an int past Python's 4300-digit str() limit

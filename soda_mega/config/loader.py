@@ -75,7 +75,8 @@ def apply_mapping(cfg: SodaConfig, data: Mapping[str, Any], source: str) -> None
                 f"sections are {', '.join(SECTIONS)}"
             )
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {short(section_name)} must be a mapping of fields")
+            raise ConfigError(f"{source}: section {short(section_name)} must be a mapping of "
+                              "fields")
         section = getattr(cfg, section_name)
         names = [f.name for f in dataclasses.fields(section)]
         for key, value in values.items():

@@ -48,7 +48,8 @@ class SpeechIO:
                                 seed=cfg.data.mimi_seed, device=device)
         self._codec: MimiCodec | None = None
         if weights is None:
-            print(f"[soda-mega] NOTE: no Mimi weights (the checkpoint's data.mimi_weights is none): audio is "
+            print(f"[soda-mega] NOTE: no Mimi weights (the checkpoint's data.mimi_weights is none): "
+                  f"audio is "
                   f"encoded and decoded with the seeded random Mimi (seed {cfg.data.mimi_seed}), as the "
                   "demo corpus was; its audio is not intelligible", file=sys.stderr)
 

@@ -77,7 +77,8 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                RecursionError) as err:
             raise HFError(f"{index}: not a safetensors index (needs a 'weight_map'): "
                           f"{str(err)[:200]}") from None
         if not isinstance(weight_map, dict):

@@ -153,7 +153,8 @@ def load_grid(name_or_path: str = "soda", changes: dict[str, Any] | None = None)
     names = [f.name for f in dataclasses.fields(GridSpec)]
     for key in list(data) + list(changes or {}):
         if key not in names:
-            raise ConfigError(f"{source}: unknown grid field {short(key)}; fields are {', '.join(names)}")
+            raise ConfigError(f"{source}: unknown grid field {short(key)}; fields are "
+                              f"{', '.join(names)}")
     spec = GridSpec(**{**data, **(changes or {})})
     return spec.validate()
 
