@@ -98,7 +98,7 @@ def read_manifest(step_dir: Path) -> dict | None:
     path = step_dir / MANIFEST
     if not path.exists() and not path.is_symlink():
         return None
-    inside_file(step_dir, MANIFEST, "the checkpoint")
+    inside_file(step_dir, MANIFEST)
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
@@ -112,7 +112,7 @@ def read_manifest(step_dir: Path) -> dict | None:
             raise DamagedCheckpoint(
                 f"{path}: damaged: entry {clip(name)} is {clip(json.dumps(entry)[:200])}, not "
                 f'{{"size": bytes, "{HASH}": hex}}')
-        inside_file(step_dir, name, MANIFEST)
+        inside_file(step_dir, name, f"{MANIFEST} entry")
     return manifest
 
 

@@ -72,7 +72,7 @@ def name_problem(name: object) -> str | None:
     """Why ``name`` cannot be a file of a checkpoint folder (relative, canonical, no ``..``), or
     None when it can."""
     if not isinstance(name, str) or not name:
-        return f"is a {type(name).__name__}, not a file name"
+        return f"is not a file name (a {type(name).__name__})"
     if "\x00" in name:
         return "holds a NUL character"
     pure = PurePosixPath(name)
@@ -85,29 +85,41 @@ def name_problem(name: object) -> str | None:
     return None
 
 
-def inside_file(step_dir: Path, name: str, source: str) -> Path | None:
+def _kind(mode: int) -> str | None:
+    """What a file of this mode is, when it is not a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+
+
+def inside_file(step_dir: Path, name: str, source: str = "file") -> Path | None:
     """``step_dir/name`` when it is a regular file inside ``step_dir`` (symlinks followed), None
-    when it does not exist; anything else (see :func:`name_problem`, a symlink leading out, a
-    device, FIFO or folder) is refused with a :class:`CheckpointError` naming ``source`` (the
-    file that names it) and the entry."""
+    when it does not exist (a dangling link included); anything else (see :func:`name_problem`,
+    a symlink leading out, a device, FIFO or folder) is refused with a :class:`CheckpointError`
+    naming the checkpoint, ``source`` (what names it: "file", "manifest.json entry", ...) and
+    the name."""
     step_dir = Path(step_dir)
     problem = name_problem(name)
-    path = step_dir / name if problem is None else None
-    if path is not None and (path.exists() or path.is_symlink()):
-        real, home = path.resolve(), step_dir.resolve()
-        if real != home and home not in real.parents:
-            problem = f"leads out of the checkpoint folder (to {clip(str(real))})"
-        else:
-            mode = os.stat(real).st_mode
-            if not stat.S_ISREG(mode):
-                kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                        else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+    if problem is None:
+        path = step_dir / name
+        try:
+            real = path.resolve(strict=True)
+        except FileNotFoundError:
+            return None
+        except (OSError, RuntimeError):
+            real, problem = None, "is a symlink loop or cannot be resolved"
+        if real is not None:
+            home = step_dir.resolve()
+            if real != home and home not in real.parents:
+                problem = f"leads out of the checkpoint folder (to {clip(str(real))})"
+            elif kind := _kind(os.stat(real).st_mode):
                 problem = f"is {kind}, not a regular file"
     if problem is not None:
         raise CheckpointError(
-            f"checkpoint {step_dir}: {source} names {clip(str(name))}, which {problem}; refused: a "
-            f"checkpoint holds only regular files inside its folder; {_TRUST}")
-    return path if path.exists() else None
+            f"checkpoint {step_dir}: {source} {clip(str(name))} {problem}; refused: a checkpoint "
+            f"holds only regular files inside its folder; {_TRUST}")
+    return path
 
 
 def _regular(path: Path) -> None:
@@ -117,7 +129,7 @@ def _regular(path: Path) -> None:
         mode = os.stat(path).st_mode
     except OSError:
         return  # missing: the reader says so
-    if not stat.S_ISREG(mode):
+    if _kind(mode):
         raise CheckpointError(f"{path}: refused: not a regular file (a device, FIFO, socket or "
                               f"folder); {_TRUST}")
 
@@ -187,7 +199,7 @@ def read_dcp_metadata(step_dir: Path):
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(step_dir) / DCP_METADATA
-    inside_file(step_dir, DCP_METADATA, "the checkpoint")
+    inside_file(step_dir, DCP_METADATA)
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -216,7 +228,7 @@ def check_dcp_objects(step_dir: Path, metadata) -> None:
         if name is None or name.name != info.relative_path or name.name in ("", ".", ".."):
             raise CheckpointError(f"{step_dir / DCP_METADATA}: refused: names the data file "
                                   f"{clip(str(info.relative_path))} outside the checkpoint folder")
-        inside_file(step_dir, info.relative_path, DCP_METADATA)
+        inside_file(step_dir, info.relative_path, f"{DCP_METADATA} data file")
         if index.fqn not in byte_keys:
             continue
         path = step_dir / name
@@ -251,9 +263,9 @@ def vet_checkpoint(step_dir: Path, state_file: str, files: list[Path] | None = N
     """
     step_dir = Path(step_dir)
     for name in (state_file, MEGATRON_META, COMMON_FILE):
-        inside_file(step_dir, name, "the checkpoint")
+        inside_file(step_dir, name)
     for path in rng_files(step_dir) if files is None else files:
-        inside_file(step_dir, str(Path(path).relative_to(step_dir)), "the checkpoint")
+        inside_file(step_dir, str(Path(path).relative_to(step_dir)))
     read_json(step_dir / state_file)
     if (step_dir / MEGATRON_META).exists():
         read_json(step_dir / MEGATRON_META)

@@ -22,45 +22,45 @@ pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
 
 _ENTRY = {"size": 0, "xxh3_64": "0" * 16}
 _UP = "../" * 40  # more than enough to climb from any temporary folder to /
+RAW = object()  # the plant wrote the whole manifest
 
 
-def _add(name: str, entry=None):
-    return lambda m: m["files"].__setitem__(name, dict(_ENTRY) if entry is None else entry)
+def _outside_file(step: Path):
+    """A file beside the checkpoint, with its true size and hash: before the fix it was read,
+    accepted as part of the checkpoint, and the command went on."""
+    from soda_mega.checkpoint.manifest import file_hash
 
-
-def _outside_file(step: Path) -> str:
     secret = step.parent / "secret.txt"
     secret.write_text("a file beside the checkpoint\n")
-    return "../secret.txt"
+    return "../secret.txt", {"size": secret.stat().st_size, "xxh3_64": file_hash(secret)}
 
 
-def _symlink(step: Path) -> str:
+def _symlink(step: Path):
     os.symlink("/dev/zero", step / "zeros.bin")
-    return "zeros.bin"
+    return "zeros.bin", None
 
 
-def _fifo(step: Path) -> str:
+def _fifo(step: Path):
     os.mkfifo(step / "pipe.bin")
-    return "pipe.bin"
+    return "pipe.bin", None
 
 
-def _deep(step: Path) -> str:
+def _deep(step: Path):
     replace_file(step / "manifest.json", "[" * 100_000 + "]" * 100_000)
-    return "manifest.json"
+    return "manifest.json", RAW
 
 
-# name -> (plant(step) -> the name the message must hold; the manifest entry it gets: None for a
-# plain one, RAW when the plant wrote the whole manifest)
-RAW = object()
+# name -> (plant(step) -> (name the message must hold, its manifest entry: None = a zero-size
+# one), the word the message must hold)
 CASES = {
-    "dev_zero_up": (lambda step: _UP + "dev/zero", None),
-    "absolute": (lambda step: "/dev/zero", None),
-    "outside_file": (_outside_file, None),
-    "symlink_out": (_symlink, None),
-    "fifo": (_fifo, None),
-    "entry_not_object": (lambda step: "trainer_state.json", 5),
-    "size_not_int": (lambda step: "common.pt", {"size": "big", "xxh3_64": "0" * 16}),
-    "nested_too_deep": (_deep, RAW),
+    "dev_zero_up": (lambda step: (_UP + "dev/zero", None), "refused"),
+    "absolute": (lambda step: ("/dev/zero", None), "refused"),
+    "outside_file": (_outside_file, "refused"),
+    "symlink_out": (_symlink, "refused"),
+    "fifo": (_fifo, "refused"),
+    "entry_not_object": (lambda step: ("trainer_state.json", 5), "damaged"),
+    "size_not_int": (lambda step: ("common.pt", {"size": "big", "xxh3_64": "0" * 16}), "damaged"),
+    "nested_too_deep": (_deep, "damaged"),
 }
 
 
@@ -68,23 +68,25 @@ def test_hostile_manifest_entries_are_refused(tmp_path_factory, tmp_path):
     source = tiny_checkpoint(tmp_path_factory)
     data = tiny_dataset(tmp_path / "data")
     argvs, expected = [], []
-    for name, (plant, entry) in CASES.items():
+    for name, (plant, word) in CASES.items():
         step = hostile_copy(source, tmp_path / name / "step_00000000")
-        entry_name = plant(step)
+        entry_name, entry = plant(step)
         if entry is not RAW:
-            edit_manifest(step, _add(entry_name, entry))
+            entry = dict(_ENTRY) if entry is None else entry
+            edit_manifest(step, lambda m: m["files"].__setitem__(entry_name, entry))
         out = tmp_path / f"{name}-hf"
         argvs.append(["eval", "nll", str(step), "--data", str(data), "--max-batches", "1",
                       "--quiet"])
-        expected.append((name, "eval nll", step, entry_name, None))
+        expected.append((name, "eval nll", step, entry_name, word, None))
         argvs.append(["export", "hf", str(step), str(out)])
-        expected.append((name, "export hf", step, entry_name, out))
+        expected.append((name, "export hf", step, entry_name, word, out))
     results = run_cli_cases(argvs, tmp_path, each=30, timeout=600)
     failures = []
-    for (name, what, step, entry_name, out), result in zip(expected, results):
+    for (name, what, step, entry_name, word, out), result in zip(expected, results):
         err = result["stderr"]
         lines = [line for line in err.splitlines() if str(step) in line]
         if (result["rc"] != 2 or "Traceback" in err or not lines or entry_name[:40] not in lines[-1]
-                or len(lines[-1]) > 1000 or (out is not None and out.exists())):
+                or word not in lines[-1] or len(lines[-1]) > 1000
+                or (out is not None and out.exists())):
             failures.append(f"{name} / {what}: rc {result['rc']}: {err[-600:]}")
     assert not failures, "\n\n".join(failures)
