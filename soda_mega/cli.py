@@ -68,13 +68,21 @@ def _run_command(args) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as err:
-        print(f"soda-mega: configuration error: {err}", file=sys.stderr)
+        print(f"soda-mega: configuration error: {_cut(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except SodaUserError as err:
         # Bad inputs (a missing file, a checkpoint of another model, a broken manifest): the
         # message names the problem; a traceback would only hide it.
-        print(f"soda-mega: error: {err}", file=sys.stderr)
+        print(f"soda-mega: error: {_cut(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _cut(err: BaseException, limit: int = 4000) -> str:
+    """The message, cut short: the last guard against a message that quotes a huge input."""
+    text = str(err)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [... {len(text) - limit:,} more characters]"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ share balanced by size, both when the manifest is written and when it is verifie
 then knows the same verdict. A verified checkpoint has exactly the bytes it was written with;
 a damaged one is named with the first file that differs.
 
+The manifest is read like any other file of a checkpoint from elsewhere: every entry must be a
+``{"size": int, "xxh3_64": str}`` object naming a regular file inside the checkpoint folder
+(:func:`soda_mega.checkpoint.trust.inside_file`); a manifest that names ``../../dev/zero``, an
+absolute path, a symlink leading out, a device or a FIFO is refused before anything is read.
+
 Checkpoints of older soda-mega versions have no manifest: they are checked for completeness
 (every file the ``.metadata`` names holds the byte ranges it names) and loaded with a notice.
 """
@@ -22,6 +27,7 @@ import xxhash
 
 from soda_mega.checkpoint.errors import DamagedCheckpoint
 from soda_mega.checkpoint.sharded import rank, world
+from soda_mega.checkpoint.trust import clip, inside_file
 
 MANIFEST = "manifest.json"
 HASH = "xxh3_64"
@@ -84,16 +90,30 @@ def write_manifest(step_dir: Path) -> dict:
 
 
 def read_manifest(step_dir: Path) -> dict | None:
-    path = Path(step_dir) / MANIFEST
-    if not path.exists():
+    """The checked manifest of ``step_dir`` (None when it has none). Raises
+    :class:`DamagedCheckpoint` for a manifest of the wrong shape and
+    :class:`~soda_mega.checkpoint.errors.CheckpointError` (refused) for an entry that is not a
+    regular file inside the folder."""
+    step_dir = Path(step_dir)
+    path = step_dir / MANIFEST
+    if not path.exists() and not path.is_symlink():
         return None
+    inside_file(step_dir, MANIFEST)
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         assert isinstance(files, dict) and manifest.get("hash") == HASH
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
-        raise DamagedCheckpoint(f"{path}: damaged ({type(err).__name__}: {err})") from None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as err:
+        raise DamagedCheckpoint(f"{path}: damaged ({type(err).__name__}: "
+                                f"{str(err)[:200]})") from None
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+                and isinstance(entry.get(HASH), str)):
+            raise DamagedCheckpoint(
+                f"{path}: damaged: entry {clip(name)} is {clip(json.dumps(entry)[:200])}, not "
+                f'{{"size": bytes, "{HASH}": hex}}')
+        inside_file(step_dir, name, f"{MANIFEST} entry")
+    return manifest
 
 
 def _check_file(step_dir: Path, name: str, entry: dict, full: bool) -> str | None:

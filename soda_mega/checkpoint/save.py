@@ -182,12 +182,11 @@ def _move_aside(root: Path, folder: Path) -> None:
 
 def _intact(folder: Path) -> bool:
     """Cheap check for pruning: a manifest whose files are all there with their sizes."""
-    from soda_mega.checkpoint.errors import DamagedCheckpoint
     from soda_mega.checkpoint.manifest import read_manifest
 
     try:
         manifest = read_manifest(folder)
-    except DamagedCheckpoint:
+    except CheckpointError:  # damaged, or refused (names files outside the folder)
         return False
     if manifest is None:
         return (folder / STATE_FILE).is_file()

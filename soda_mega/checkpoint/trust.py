@@ -17,6 +17,10 @@ three kinds of file in a checkpoint are pickles:
 ``trainer_state.json`` and ``metadata.json`` are JSON. :func:`vet_checkpoint` runs these checks on
 every file a load opens, before anything is loaded; a file that fails is refused with a
 :class:`CheckpointError` that names it.
+
+Every file a load opens, and every file ``manifest.json`` names, must also be a regular file
+inside the checkpoint folder (:func:`inside_file`): no absolute or ``..`` paths, no symlink that
+leads out, no device or FIFO (``/dev/zero`` would be hashed forever, a FIFO would block).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import enum
 import importlib
 import io
 import json
+import os
 import pickle
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -56,15 +62,89 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def clip(text: str, limit: int = 120) -> str:
+    """``repr`` of ``text`` cut to about ``limit`` characters (names from a file in a message)."""
+    text = repr(text)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a file of a checkpoint folder (relative, canonical, no ``..``), or
+    None when it can."""
+    if not isinstance(name, str) or not name:
+        return f"is not a file name (a {type(name).__name__})"
+    if "\x00" in name:
+        return "holds a NUL character"
+    pure = PurePosixPath(name)
+    if pure.is_absolute():
+        return "is an absolute path, outside the checkpoint folder"
+    if ".." in pure.parts:
+        return "climbs out of the checkpoint folder with '..'"
+    if str(pure) != name or "." in pure.parts:
+        return "is not a plain relative path ('.', '//' or a trailing '/')"
+    return None
+
+
+def _kind(mode: int) -> str | None:
+    """What a file of this mode is, when it is not a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+
+
+def inside_file(step_dir: Path, name: str, source: str = "file") -> Path | None:
+    """``step_dir/name`` when it is a regular file inside ``step_dir`` (symlinks followed), None
+    when it does not exist (a dangling link included); anything else (see :func:`name_problem`,
+    a symlink leading out, a device, FIFO or folder) is refused with a :class:`CheckpointError`
+    naming the checkpoint, ``source`` (what names it: "file", "manifest.json entry", ...) and
+    the name."""
+    step_dir = Path(step_dir)
+    problem = name_problem(name)
+    if problem is None:
+        path = step_dir / name
+        try:
+            real = path.resolve(strict=True)
+        except FileNotFoundError:
+            return None
+        except (OSError, RuntimeError):
+            real, problem = None, "is a symlink loop or cannot be resolved"
+        if real is not None:
+            home = step_dir.resolve()
+            if real != home and home not in real.parents:
+                problem = f"leads out of the checkpoint folder (to {clip(str(real))})"
+            elif kind := _kind(os.stat(real).st_mode):
+                problem = f"is {kind}, not a regular file"
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {step_dir}: {source} {clip(str(name))} {problem}; refused: a checkpoint "
+            f"holds only regular files inside its folder; {_TRUST}")
+    return path
+
+
+def _regular(path: Path) -> None:
+    """Refuse ``path`` when it exists but is not a regular file (a FIFO blocks, a device never
+    ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing: the reader says so
+    if _kind(mode):
+        raise CheckpointError(f"{path}: refused: not a regular file (a device, FIFO, socket or "
+                              f"folder); {_TRUST}")
+
+
 def read_json(path: Path) -> dict:
     """A JSON object file of a checkpoint; anything else is refused, naming the file."""
+    _regular(Path(path))
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DamagedCheckpoint(f"{path}: not valid JSON ({err}); the file is damaged or was "
-                              f"replaced; {_TRUST}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        why = str(err)[:200] or "nested too deeply"
+        raise DamagedCheckpoint(f"{path}: not valid JSON ({why}); the file is damaged or was "
+                                f"replaced; {_TRUST}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
@@ -72,6 +152,8 @@ def read_json(path: Path) -> dict:
 
 def load_plain(path: Path, source=None, hint: str = ""):
     """``torch.load(weights_only=True)`` of ``path`` (or of ``source``, bytes read from it)."""
+    if source is None:
+        _regular(Path(path))
     try:
         return torch.load(source if source is not None else path, map_location="cpu",
                           weights_only=True)
@@ -117,6 +199,7 @@ def read_dcp_metadata(step_dir: Path):
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = Path(step_dir) / DCP_METADATA
+    inside_file(step_dir, DCP_METADATA)
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -141,10 +224,11 @@ def check_dcp_objects(step_dir: Path, metadata) -> None:
     byte_keys = {k for k, v in metadata.state_dict_metadata.items()
                  if isinstance(v, BytesStorageMetadata)}
     for index, info in (metadata.storage_data or {}).items():
-        name = Path(info.relative_path)
-        if name.name != info.relative_path or name.name in ("", ".", ".."):
+        name = Path(info.relative_path) if isinstance(info.relative_path, str) else None
+        if name is None or name.name != info.relative_path or name.name in ("", ".", ".."):
             raise CheckpointError(f"{step_dir / DCP_METADATA}: refused: names the data file "
-                                  f"{info.relative_path!r} outside the checkpoint folder")
+                                  f"{clip(str(info.relative_path))} outside the checkpoint folder")
+        inside_file(step_dir, info.relative_path, f"{DCP_METADATA} data file")
         if index.fqn not in byte_keys:
             continue
         path = step_dir / name
@@ -178,6 +262,10 @@ def vet_checkpoint(step_dir: Path, state_file: str, files: list[Path] | None = N
     ``files`` limits the per-rank files (``rng/``) to those given (each rank checks a share).
     """
     step_dir = Path(step_dir)
+    for name in (state_file, MEGATRON_META, COMMON_FILE):
+        inside_file(step_dir, name)
+    for path in rng_files(step_dir) if files is None else files:
+        inside_file(step_dir, str(Path(path).relative_to(step_dir)))
     read_json(step_dir / state_file)
     if (step_dir / MEGATRON_META).exists():
         read_json(step_dir / MEGATRON_META)

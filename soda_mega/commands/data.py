@@ -311,7 +311,9 @@ def register_inspect(actions) -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=("train", "valid"))
     p.add_argument("--wav", metavar="FILE", help="write the first audio span as a 24 kHz WAV")
     p.add_argument("--mimi-weights", metavar="PATH",
-                   help="Mimi weights for --wav (default: the ones recorded in the dataset)")
+                   help="Mimi weights (.safetensors) for --wav; required when the dataset records "
+                        "weights (they are printed, never loaded unasked); without: the dataset's "
+                        "seeded random Mimi")
     p.add_argument("--verify", action="store_true",
                    help="read every shard and document of both splits: shard hashes (when the "
                         "index has them), token ids inside the vocabulary layout, loss masks in "

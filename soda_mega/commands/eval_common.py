@@ -18,8 +18,10 @@ CKPT_HELP = "checkpoint: a step_N folder, a checkpoints/ folder or a run folder 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("--mimi-weights", metavar="PATH",
-                   help="local Mimi weights (default: the checkpoint's data.mimi_weights; none = the "
-                        "seeded random Mimi, announced)")
+                   help="local Mimi weights (.safetensors); required when the checkpoint's "
+                        "data.mimi_weights is set (that path is printed, never loaded unasked); "
+                        "without it and without data.mimi_weights: the seeded random Mimi, "
+                        "announced")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="local HF tokenizer.json (default: the checkpoint's data.tokenizer)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -43,7 +45,7 @@ def load(args):
     """(decoder, SpeechIO) for the checkpoint and device arguments."""
     from soda_mega.eval.speech_io import SpeechIO
     from soda_mega.inference.decoder import SodaDecoder
-    from soda_mega.checkpoint.layout import resolve_checkpoint
+    from soda_mega.checkpoint.layout import checkpoint_config, resolve_checkpoint
     from soda_mega.checkpoint.weights import load_full_weights
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -51,10 +53,12 @@ def load(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
     path = resolve_checkpoint(args.checkpoint)
+    # The codec and tokenizer are checked first: a refusal comes before the model is loaded.
+    speech = SpeechIO(checkpoint_config(path), args.mimi_weights, args.tokenizer, device=device,
+                      source=f"checkpoint {path}")
     print(f"[soda-mega eval] loading {path}", file=sys.stderr, flush=True)
     cfg, full = load_full_weights(path)
     decoder = SodaDecoder(cfg, full, device, dtype).eval()
-    speech = SpeechIO(cfg, args.mimi_weights, args.tokenizer, device=device)
     return decoder, speech, path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from typing import Any, Sequence
@@ -19,6 +20,28 @@ from soda_mega.errors import SodaUserError
 
 class ConfigError(SodaUserError, ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = 80
+_QUOTE.maxother = 80
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = _QUOTE.maxdict = 6
+_QUOTE.maxlevel = 3
+
+
+def short(value: Any, limit: int = 120) -> str:
+    """How a message quotes a user's value: ``repr`` of ``value`` with long strings, long or
+    deep containers abbreviated (``...``), at most about ``limit`` characters however large."""
+    try:
+        text = _QUOTE.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (a parser's message that quotes a whole line)."""
+    return text if len(text) <= limit else text[:limit] + " [...]"
 
 
 def fld(
@@ -91,7 +114,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError
             number = float(value)
             if not math.isfinite(number):
-                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+                raise ConfigError(f"{name}: must be a finite number, got {short(value)}")
             return number
         if inner is str:
             if not isinstance(value, (str, int, float)):
@@ -113,7 +136,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         raise
     except (TypeError, ValueError):
         type_name = getattr(inner, "__name__", str(inner))
-        raise ConfigError(f"{name}: expected {type_name}, got {value!r}") from None
+        raise ConfigError(f"{name}: expected {type_name}, got {short(value)}") from None
     return value
 
 
@@ -125,12 +148,12 @@ def check_constraints(name: str, f: dataclasses.Field, value: Any) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {allowed}")
+        raise ConfigError(f"{name}: {short(value)} is not allowed; choose one of {allowed}")
     for key, op, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
                           ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
         bound = meta.get(key)
         if bound is not None and not op(value, bound):
-            raise ConfigError(f"{name}: must be {word} {bound}, got {value!r}")
+            raise ConfigError(f"{name}: must be {word} {bound}, got {short(value)}")
 
 
 def validate_section(prefix: str, section: Any) -> None:

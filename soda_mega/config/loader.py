@@ -16,8 +16,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from soda_mega.config.fields import ConfigError
+from soda_mega.config.fields import ConfigError, clip, short
 from soda_mega.config.schema import SECTIONS, SodaConfig
+from soda_mega.config.yaml_io import load_yaml
 
 _PRESET_PACKAGE = "soda_mega.config.presets"
 
@@ -36,14 +37,18 @@ def _suggest(word: str, options: Iterable[str]) -> str:
 def _read_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".toml":
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({err.reason})") from None
+    if path.suffix == ".toml":
+        try:
             data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid: {err}") from None
+        except (tomllib.TOMLDecodeError, RecursionError, ValueError) as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid: "
+                              f"{clip(str(err) or type(err).__name__)}") from None
+    else:
+        data = load_yaml(text, f"config file {str(path)!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return data
@@ -55,7 +60,7 @@ def load_preset(name: str) -> dict:
     if name not in names:
         raise ConfigError(f"preset: {name!r} is unknown; choose one of {', '.join(names)}")
     text = resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text) or {}
+    return load_yaml(text, f"preset {name}") or {}
 
 
 def apply_mapping(cfg: SodaConfig, data: Mapping[str, Any], source: str) -> None:
@@ -65,18 +70,19 @@ def apply_mapping(cfg: SodaConfig, data: Mapping[str, Any], source: str) -> None
             continue
         if section_name not in SECTIONS:
             raise ConfigError(
-                f"{source}: unknown section {section_name!r}{_suggest(section_name, SECTIONS)}; "
+                f"{source}: unknown section {short(section_name)}"
+                f"{_suggest(str(section_name)[:100], SECTIONS)}; "
                 f"sections are {', '.join(SECTIONS)}"
             )
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {section_name!r} must be a mapping of fields")
+            raise ConfigError(f"{source}: section {short(section_name)} must be a mapping of "
+                              "fields")
         section = getattr(cfg, section_name)
         names = [f.name for f in dataclasses.fields(section)]
         for key, value in values.items():
             if key not in names:
-                raise ConfigError(
-                    f"{source}: unknown field {section_name}.{key}{_suggest(key, names)}"
-                )
+                raise ConfigError(f"{source}: unknown field {section_name}.{clip(str(key), 100)}"
+                                  f"{_suggest(str(key)[:100], names)}")
             setattr(section, key, value)
 
 
@@ -86,17 +92,14 @@ def parse_overrides(args: Iterable[str]) -> dict:
     for arg in args:
         text = arg[2:] if arg.startswith("--") else arg
         if "=" not in text or "." not in text.split("=", 1)[0]:
-            raise ConfigError(f"override {arg!r} must look like --section.key=value")
+            raise ConfigError(f"override {short(arg)} must look like --section.key=value")
         key, value = text.split("=", 1)
         section, name = key.split(".", 1)
         # NOTE: list and mapping values may be written as YAML ("[a, b]"); scalars stay strings
         # and are converted by the field's declared type, so "1e-3" never becomes a str field.
         parsed: Any = value
         if value.startswith(("[", "{")):
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"override {arg!r}: value is not valid YAML ({err.problem})") from None
+            parsed = load_yaml(value, f"override {short(arg)}")
         out.setdefault(section, {})[name] = parsed
     return out
 

@@ -214,8 +214,8 @@ class DataConfig:
     tokenizer: Optional[str] = fld(
         None, "local HuggingFace tokenizer.json for text (none = the embedded byte-level tokenizer)")
     mimi_weights: Optional[str] = fld(
-        None, "local Mimi weights file (.safetensors or torch); none = seeded random init, marked "
-              "random_init in the shards (never real tokens); nothing is ever downloaded")
+        None, "local Mimi weights file (.safetensors only, never a pickle); none = seeded random "
+              "init, marked random_init in the shards (never real tokens); nothing is downloaded")
     mimi_seed: int = fld(0, "seed of the random Mimi used when data.mimi_weights is none", ge=0)
     doc_types: list[str] = fld(
         help="documents built from each recording: audio_first, text_first (need a transcript), "

@@ -58,8 +58,8 @@ from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
 from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, set_progress, shutdown_worker,
                                          split_of, worker_device)
-from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, file_sha256, mimi_metadata,
-                                  precomputed_codec_metadata, warn_random_init)
+from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, check_mimi_weights, file_sha256,
+                                  mimi_metadata, precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.devices import codec_devices, feeders_per_device
 from soda_mega.data.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
                                    text_format)
@@ -378,6 +378,8 @@ def build_dataset(out: str | Path, inputs: Sequence[str | Path], kind: str, cfg:
     if data.mimi_weights and not Path(data.mimi_weights).is_file():
         raise ConfigError(f"data.mimi_weights: {data.mimi_weights!r} does not exist; give a local Mimi "
                           "weights file (nothing is downloaded)")
+    if data.mimi_weights:
+        check_mimi_weights(data.mimi_weights)  # safetensors only, refused here, not in a worker
     weights_sha = file_sha256(data.mimi_weights) if data.mimi_weights else None
 
     def codec_meta(has_audio: bool) -> dict:

@@ -15,8 +15,12 @@ Mimi (24 kHz mono in, 12.5 frames/s, first K of its 32 residual codebooks of 204
 * On GPU, :meth:`MimiCodec.encode_batch` pads several recordings to one length and encodes
   them together. Mimi is causal, so the zero padding after a recording cannot change its
   codes; each result is cut to its own ``ceil(S / 1920)`` frames.
-* Weights come from a local file only (``data.mimi_weights``), hashed with SHA-256. Nothing
-  is ever downloaded: ``get_mimi`` is called with that path or with ``None``.
+* Weights come from a local safetensors file only (``data.mimi_weights`` / ``--mimi-weights``),
+  hashed with SHA-256 and read by :func:`read_mimi_weights` (``safetensors``: tensors only, no
+  pickle, so a planted file cannot run code). Nothing is ever downloaded, and moshi's own
+  loader (``torch.load`` of anything not named ``.safetensors``) is never given a path:
+  ``get_mimi(None)`` builds the model and the tensors are loaded into it here. A path a
+  dataset or checkpoint records is only ever compared and printed: the user names the file.
 * Without weights Mimi is built from a fixed seed. A freshly initialised Mimi has all-zero
   codebooks (every code would be 0), so :func:`_calibrate_random_codebooks` draws each
   codebook from the statistics of the random encoder's own latents on a fixed synthetic
@@ -38,11 +42,63 @@ import numpy as np
 import torch
 
 from soda_mega.data.resample import resample
+from soda_mega.errors import SodaUserError
 
 MIMI_SAMPLE_RATE = 24_000
 MIMI_FRAME_RATE = 12.5
 MIMI_MAX_CODEBOOKS = 32
 MIMI_CODEBOOK_SIZE = 2048
+
+
+class CodecWeightsError(SodaUserError, ValueError):
+    """Codec weights that cannot be used: not safetensors, damaged, not Mimi's, or a file that a
+    dataset or checkpoint names but the user did not."""
+
+
+class MissingCodecWeights(CodecWeightsError, FileNotFoundError):
+    """The codec weights file named does not exist."""
+
+
+_SAFETENSORS_ONLY = ("soda-mega reads codec weights only as safetensors (tensors, never a pickle "
+                     "such as a torch .pt/.bin/.ckpt, which can run code when loaded); convert a "
+                     "file you trust once with safetensors.torch.save_file")
+
+
+def check_mimi_weights(path: str | Path) -> Path:
+    """``path`` when it is a regular file that starts like safetensors (an 8-byte header length
+    that fits the file, then a JSON object); anything else is refused, naming it. Reads 9 bytes."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise MissingCodecWeights(f"Mimi weights {str(path)!r} do not exist (data.mimi_weights / "
+                                  "--mimi-weights); give a local .safetensors file, nothing is "
+                                  "downloaded") from None
+    if not stat.S_ISREG(mode):
+        raise CodecWeightsError(f"Mimi weights {path}: not a regular file; {_SAFETENSORS_ONLY}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    header = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if not (2 <= header <= size - 8 and head[8:9] == b"{"):
+        raise CodecWeightsError(f"Mimi weights {path}: not a safetensors file (no safetensors "
+                                f"header); {_SAFETENSORS_ONLY}")
+    return path
+
+
+def read_mimi_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``; anything else is refused, naming it."""
+    from safetensors.torch import load_file
+
+    path = check_mimi_weights(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CodecWeightsError(f"Mimi weights {path}: damaged safetensors file ({text}); "
+                                f"{_SAFETENSORS_ONLY}") from None
 
 
 class Codec(abc.ABC):
@@ -196,11 +252,17 @@ class MimiCodec(Codec):
         self.seed = seed
         self._num_codebooks = num_codebooks
         if self.weights is not None:
-            if not Path(self.weights).is_file():
-                raise FileNotFoundError(f"Mimi weights {self.weights!r} do not exist (data.mimi_weights); "
-                                        "give a local .safetensors file, nothing is downloaded")
+            state = read_mimi_weights(self.weights)
             self.weights_sha256 = weights_sha256 or file_sha256(self.weights)
-            model = get_mimi(self.weights, device="cpu", num_codebooks=num_codebooks)
+            with torch.random.fork_rng(devices=[]):  # the init is overwritten by the weights
+                model = get_mimi(None, device="cpu", num_codebooks=num_codebooks)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:
+                raise CodecWeightsError(
+                    f"Mimi weights {self.weights}: not the weights of Mimi (moshi's MimiModel): "
+                    f"{str(err).strip().splitlines()[0][:300]}") from None
+            model.set_num_codebooks(num_codebooks)
         else:
             self.weights_sha256 = None
             if warn:

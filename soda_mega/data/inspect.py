@@ -12,6 +12,7 @@ damaged one.
 from __future__ import annotations
 
 import os
+import sys
 import wave
 from pathlib import Path
 
@@ -100,6 +101,31 @@ def write_wav(path: Path, wav: torch.Tensor, sample_rate: int) -> None:
     os.replace(tmp, path)
 
 
+def _decoder(root, codec: dict, mimi_weights: str | None, num_codebooks: int):
+    """The Mimi that decodes a dataset's codes for ``--wav``.
+
+    The weights file is the one the user names (``--mimi-weights``): a path recorded in
+    ``soda_meta.json`` comes with the dataset, so it is printed and compared, never loaded
+    unasked. A dataset of the seeded random Mimi is decoded with that same random Mimi."""
+    from soda_mega.data.codec import CodecWeightsError, MimiCodec
+
+    recorded = codec.get("weights")
+    if mimi_weights is None and recorded:
+        raise CodecWeightsError(
+            f"{root}: its audio was encoded with the Mimi weights {str(recorded)[:300]!r} "
+            f"(soda_meta.json codec.weights); soda-mega never loads a file a dataset names: pass "
+            f"--mimi-weights PATH (that file, a .safetensors you trust) to decode it")
+    seed = codec.get("seed", 0)
+    model = MimiCodec(mimi_weights, num_codebooks=num_codebooks,
+                      seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0)
+    expected = codec.get("weights_sha256")
+    if mimi_weights and expected and model.weights_sha256 != expected:
+        print(f"soda-mega data inspect: WARNING: --mimi-weights {mimi_weights} (sha256 "
+              f"{model.weights_sha256[:12]}...) are not the weights {root} was encoded with "
+              f"(sha256 {str(expected)[:12]}...): expect noise", file=sys.stderr)
+    return model
+
+
 def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
                     wav: str | Path | None = None, mimi_weights: str | None = None) -> str:
     """The inspection report of the dataset at ``root`` (optionally writing one WAV)."""
@@ -145,11 +171,7 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
         if codes is None:
             lines.append("  (no audio in this document: no WAV written)")
         else:
-            from soda_mega.data.codec import MimiCodec
-
-            weights = mimi_weights or (codec or {}).get("weights")
-            codec_model = MimiCodec(weights, num_codebooks=codes.shape[0],
-                                    seed=(codec or {}).get("seed", 0))
+            codec_model = _decoder(root, codec or {}, mimi_weights, codes.shape[0])
             audio = codec_model.decode(codes)
             write_wav(Path(wav), audio, codec_model.sample_rate)
             lines.append(f"  wrote {wav}: {codes.shape[1] / codec_model.frame_rate:.2f} s decoded "

@@ -1,10 +1,13 @@
 """Audio and text in and out of a checkpoint's token space, for evaluation and inference.
 
 The codec and tokenizer must be the ones the training data was built with: by default they
-come from the checkpoint's own configuration (``data.mimi_weights``, ``data.mimi_seed``,
-``data.tokenizer``), and either can be overridden. Without Mimi weights the seeded random
-Mimi is used, announced loudly, exactly as the data builder does (its codes mean nothing,
-but they are the codes a model trained on the demo corpus has seen).
+come from the checkpoint's own configuration (``data.mimi_seed``, ``data.tokenizer``), and
+either can be overridden. Mimi weights are the exception: a checkpoint comes from elsewhere, so
+the weights file its ``data.mimi_weights`` names is never loaded unasked; the user names it
+with ``--mimi-weights`` (a safetensors file, see :mod:`soda_mega.data.codec`). A checkpoint
+trained without Mimi weights gets the seeded random Mimi, announced loudly, exactly as the data
+builder does (its codes mean nothing, but they are the codes a model trained on the demo corpus
+has seen).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.codec import MimiCodec
+from soda_mega.data.codec import CodecWeightsError, MimiCodec
 from soda_mega.data.inputs import InputError, load_codes, read_audio
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.tokens.layout import VocabLayout
@@ -27,9 +30,15 @@ class SpeechIO:
     """Encode audio files and text to ids; decode generated ids to text and waveforms."""
 
     def __init__(self, cfg: SodaConfig, mimi_weights: str | None = None, tokenizer: str | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", source: str = "the checkpoint") -> None:
         self.layout = VocabLayout.from_config(cfg.vocab)
-        weights = mimi_weights or cfg.data.mimi_weights
+        if mimi_weights is None and cfg.data.mimi_weights:
+            raise CodecWeightsError(
+                f"{source} was trained on audio encoded with the Mimi weights "
+                f"{cfg.data.mimi_weights[:300]!r} (its data.mimi_weights); soda-mega never loads a "
+                f"file a checkpoint names: pass --mimi-weights PATH (that file, a .safetensors you "
+                f"trust)")
+        weights = mimi_weights
         tok_path = tokenizer or cfg.data.tokenizer
         if tok_path and not Path(tok_path).is_file():
             raise FileNotFoundError(f"text tokenizer {tok_path} (from the checkpoint's data.tokenizer) "
@@ -39,7 +48,8 @@ class SpeechIO:
                                 seed=cfg.data.mimi_seed, device=device)
         self._codec: MimiCodec | None = None
         if weights is None:
-            print(f"[soda-mega] NOTE: no Mimi weights (--mimi-weights / data.mimi_weights): audio is "
+            print(f"[soda-mega] NOTE: no Mimi weights (the checkpoint's data.mimi_weights is none): "
+                  f"audio is "
                   f"encoded and decoded with the seeded random Mimi (seed {cfg.data.mimi_seed}), as the "
                   "demo corpus was; its audio is not intelligible", file=sys.stderr)
 

@@ -21,6 +21,12 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def _quote(value) -> str:
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else \
+        f"a {type(value).__name__}"
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
 def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -71,8 +77,18 @@ def weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise HFError(f"{index}: not a safetensors index (needs a 'weight_map'): {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                RecursionError) as err:
+            raise HFError(f"{index}: not a safetensors index (needs a 'weight_map'): "
+                          f"{str(err)[:200]}") from None
+        if not isinstance(weight_map, dict):
+            raise HFError(f"{index}: weight_map is a {type(weight_map).__name__}, not a mapping of "
+                          "tensor names to weight files")
+        for tensor, name in weight_map.items():
+            if not (isinstance(name, str) and name.endswith(".safetensors")
+                    and Path(name).name == name and name != ".safetensors"):
+                raise HFError(f"{index}: weight_map[{str(tensor)[:100]!r}] is {_quote(name)}, not "
+                              "the name of a .safetensors file in the model folder")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         missing = [p.name for p in files if not p.is_file()]
         if missing:
@@ -99,7 +115,12 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     files = weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        part = load_file(str(path))
+        try:
+            part = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise HFError(f"{path}: not a readable safetensors file ({text}); only safetensors "
+                          "weights are read (never a pickle)") from None
         clash = sorted(set(part) & set(tensors))
         if clash:
             raise HFError(f"{path}: tensor {clash[0]} appears in more than one weight file")

@@ -39,11 +39,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import yaml
-
-from soda_mega.config.fields import ConfigError, fld, validate_section
+from soda_mega.config.fields import ConfigError, fld, short, validate_section
 from soda_mega.config.loader import apply_mapping, dump_config, load_config, parse_overrides
 from soda_mega.config.schema import ModelConfig, SodaConfig
+from soda_mega.config.yaml_io import load_yaml
 from soda_mega.model.accounting import count_parameters, flops_per_token
 from soda_mega.scaling.budget import FLOPS_MODES, TokenPlan, plan_tokens, tokens_for_budget
 from soda_mega.scaling.manifest import ManifestRun, write_manifest
@@ -148,13 +147,14 @@ def load_grid(name_or_path: str = "soda", changes: dict[str, Any] | None = None)
     else:
         raise ConfigError(f"grid: {name_or_path!r} is neither a shipped grid ({', '.join(grid_names())}) "
                           "nor a YAML file")
-    data = yaml.safe_load(text) or {}
+    data = load_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping of grid fields")
     names = [f.name for f in dataclasses.fields(GridSpec)]
     for key in list(data) + list(changes or {}):
         if key not in names:
-            raise ConfigError(f"{source}: unknown grid field {key!r}; fields are {', '.join(names)}")
+            raise ConfigError(f"{source}: unknown grid field {short(key)}; fields are "
+                              f"{', '.join(names)}")
     spec = GridSpec(**{**data, **(changes or {})})
     return spec.validate()
 
