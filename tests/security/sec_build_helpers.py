@@ -42,6 +42,7 @@ def crafted_wav(path: Path, rate: int, seconds: float = 0.25, pcm_rate: int = 16
 
 def corpus_with(tmp: Path, bad: list[dict], good: int = 2) -> Path:
     """``good`` pre-encoded records (no codec run) followed by the ``bad`` manifest lines."""
+    tmp.mkdir(parents=True, exist_ok=True)
     manifest = codes_corpus(tmp, n=good) if good else write_manifest(tmp / "manifest.jsonl", [])
     lines = manifest.read_text() + "".join(json.dumps(b) + "\n" for b in bad)
     manifest.write_text(lines)
