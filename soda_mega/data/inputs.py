@@ -188,6 +188,8 @@ def parse_record(obj, where: str, base: Path, default_prefix: str) -> Recording:
 
 
 def _resolve(base: Path, rel: str) -> str:
+    if "\0" in rel:  # no file system takes it; os.path raises ValueError on it
+        raise InputError(f"path {rel!r} holds a NUL character")
     return str((base / rel).resolve()) if not Path(rel).is_absolute() else rel
 
 
@@ -362,6 +364,9 @@ class AudioSlice:
         if stop > total + round(SLICE_END_TOLERANCE_S * rate):
             raise InputError(f"audio {Path(self.path).name}: the slice ends at {stop / rate:.3f} s, "
                              f"after the end of the audio ({total / rate:.3f} s)")
+        if stop <= start:
+            raise InputError(f"audio {name}: the slice of {self.duration:.6f} s from {self.offset:.3f} s "
+                             "holds no whole sample")
         return wav[:, start:min(stop, total)].copy(), rate
 
     def __str__(self) -> str:
@@ -382,7 +387,9 @@ _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
 def check_sample_rate(rate: int, name: str) -> None:
     """:class:`InputError` unless ``MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE``."""
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise InputError(f"audio {name}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+        side = f"below {MIN_SAMPLE_RATE}" if rate < MIN_SAMPLE_RATE else f"above {MAX_SAMPLE_RATE}"
+        raise InputError(f"audio {name}: sample rate {rate} Hz is {side} Hz (audio is read at "
+                         f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
 
 
 def check_wav_header(path: str | Path, name: str | None = None) -> None:

@@ -139,7 +139,10 @@ def cut_recording(cut, where: str) -> Recording:
     if sorted(channels) != sorted(rec.channel_ids):
         raise InputError(f"the cut uses channel(s) {channels} of recording {rec.id} with channels "
                          f"{rec.channel_ids}; soda-mega reads all channels of a file (mixed to mono)")
-    path = str(Path(rec.sources[0].source).resolve())
+    source = rec.sources[0].source
+    if not isinstance(source, str) or "\0" in source:
+        raise InputError(f"recording {rec.id}: the audio source {source!r} is not a file path")
+    path = str(Path(source).resolve())
     # NOTE: checked here, by the cut's numbers, not left to the slice: a negative start would
     # index the samples from their end.
     start, duration = float(cut.start), float(cut.duration)

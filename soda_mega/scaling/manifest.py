@@ -105,10 +105,19 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+# The Python types a manifest's JSON may hold for each field type of ManifestRun.
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
 def _checked_run(path: Path, i: int, run: ManifestRun) -> ManifestRun:
-    """The run when its id is a plain name and its config and run folder are relative paths of
-    plain names: they become file paths and torchrun / sbatch arguments, and a manifest may come
-    from elsewhere."""
+    """The run when every field has its type, its id is a plain name and its config and run
+    folder are relative paths of plain names: they become file paths and torchrun / sbatch
+    arguments, and a manifest may come from elsewhere."""
+    for f in dataclasses.fields(ManifestRun):
+        value = getattr(run, f.name)
+        if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[str(f.type)]):
+            raise ManifestError(f"{path}: runs[{i}].{f.name} must be {'a number' if f.type == 'float' else f.type}, "
+                                f"got {type(value).__name__} {str(value)[:40]!r}")
     try:
         plain_name(run.run_id, f"runs[{i}].run_id")
         relative_plain_path(run.config, f"runs[{i}].config")

@@ -49,10 +49,11 @@ def _skipped(result: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("rate,reason", [
-    (0, "sample rate 0 Hz"),
-    (2 ** 31, f"sample rate 2147483648 Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"),
-    (MAX_SAMPLE_RATE + 1, f"sample rate {MAX_SAMPLE_RATE + 1} Hz is outside"),
-    (2 ** 32 - 1, "sample rate 4294967295 Hz"),
+    (0, f"sample rate 0 Hz is below {MIN_SAMPLE_RATE} Hz"),
+    (2 ** 31, f"sample rate 2147483648 Hz is above {MAX_SAMPLE_RATE} Hz"),
+    (MAX_SAMPLE_RATE + 1, f"sample rate {MAX_SAMPLE_RATE + 1} Hz is above"),
+    (2 ** 32 - 1, f"sample rate 4294967295 Hz is above {MAX_SAMPLE_RATE} Hz (audio is read at "
+                  f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)"),
 ])
 def test_sec_build_wav_with_an_absurd_rate_is_a_bad_record(tmp_path, capfd, rate, reason):
     src = tmp_path / "in"
@@ -145,3 +146,30 @@ def test_sec_build_audio_slice_before_the_start_is_refused(tmp_path):
         AudioSlice(str(path), -0.25, 0.5).read()
     with pytest.raises(InputError, match="lasts -0.100 s"):
         AudioSlice(str(path), 0.25, -0.1).read()
+    with pytest.raises(InputError, match="holds no whole sample"):  # an empty batch entry for the codec
+        AudioSlice(str(path), 0.25, 1e-9).read()
+
+
+def test_sec_build_a_nul_in_a_manifest_path_is_a_bad_record(tmp_path, capfd):
+    """A path holding NUL made os.path raise ValueError while planning: a traceback for the whole
+    build, in the JSONL and the Lhotse path alike."""
+    src = tmp_path / "in"
+    manifest = corpus_with(src, [{"id": "nul", "codes": "c0\u0000.npy", "transcript": "x"}])
+    rc, result, err = _build(tmp_path / "out", capfd, "--manifest", str(manifest))
+    assert rc == 0, err
+    assert _skipped(result) == {"manifest.jsonl:3":
+                                "path 'c0\\x00.npy' holds a NUL character"}
+
+
+def test_sec_build_a_nul_in_a_lhotse_source_is_a_bad_record(tmp_path, capfd):
+    pytest.importorskip("lhotse")
+    cuts = _cuts(tmp_path / "in", [0.0, 0.25])
+    import gzip
+
+    lines = gzip.decompress(cuts.read_bytes()).decode().splitlines()
+    lines[0] = lines[0].replace('a.wav"', 'a.wav\\u0000"')
+    cuts.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    rc, result, err = _build(tmp_path / "out", capfd, "--lhotse", str(cuts))
+    assert rc == 0, err
+    skipped = _skipped(result)
+    assert list(skipped) == ["cut0 (cuts.jsonl.gz:1)"] and "is not a file path" in skipped["cut0 (cuts.jsonl.gz:1)"]

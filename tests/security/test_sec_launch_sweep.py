@@ -85,7 +85,8 @@ def test_sec_launch_grid_name_is_refused_unless_plain(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("field,value", [("run_id", NAMES[0]), ("run_id", NAMES[1]), ("run_id", "../../up"),
                                          ("run_dir", "runs/" + NAMES[2]), ("run_dir", "../../outside"),
                                          ("run_dir", "/abs/run"), ("config", "../../elsewhere.yaml"),
-                                         ("config", "configs/" + NAMES[3] + ".yaml")])
+                                         ("config", "configs/" + NAMES[3] + ".yaml"), ("steps", NAMES[1]),
+                                         ("hidden_size", "64"), ("budget", None)])
 @pytest.mark.parametrize("launcher", ["local", "slurm"])
 def test_sec_launch_run_fields_must_be_plain_and_inside(tmp_path, monkeypatch, capsys, field, value, launcher):
     monkeypatch.chdir(tmp_path)
