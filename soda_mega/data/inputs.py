@@ -13,7 +13,8 @@
   ``K' >= K`` (the first K are kept: residual codebooks stay valid when cut) and values in
   ``[0, codebook_size)``.
 * ``transcript`` (one segment spanning the whole recording) or ``segments`` (``start``/``end``
-  in seconds, ``0 <= start < end``, non-empty ``text``; sorted by start). With neither, only
+  in seconds, ``0 <= start < end``, ending by the end of the audio (25 ms of slack, as Lhotse
+  allows a cut), non-empty ``text``; sorted by start). With neither, only
   the audio-only document types (speech_only, semantic_only) are built for the recording.
 * ``id``: optional; by default ``<manifest stem>/<audio or codes path as written>``. Ids decide
   the train/valid split, so they should be stable; a repeated id is skipped.
