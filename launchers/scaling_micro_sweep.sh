@@ -6,8 +6,8 @@
 #   bash launchers/scaling_micro_sweep.sh
 #   OUT=runs/my-sweep DATA=runs/demo-corpus PUBLISH=1 bash launchers/scaling_micro_sweep.sh
 #
-# Environment: OUT (default runs/scaling-micro), DATA (default runs/demo-corpus; built with
-# `soda-mega data demo $DATA` when missing), PYTHON (default .venv/bin/python when present),
+# Environment: OUT (default runs/scaling-micro), DATA (default runs/demo-corpus, a plain path:
+# letters, digits and ._/+@=~-; built with `soda-mega data demo $DATA` when missing), PYTHON (default .venv/bin/python when present),
 # PUBLISH=1 to copy the plot, the results CSV and the stamped fit report to
 # benchmarks/results/scaling_micro_sweep.{png,csv,json}. Extra arguments go to `scaling sweep`
 # (e.g. --launcher torchrun --nproc 2, or --data.num_workers=1).
@@ -16,6 +16,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 OUT=${OUT:-runs/scaling-micro}
 DATA=${DATA:-runs/demo-corpus}
+# DATA goes into the YAML list --data.train=[DATA/speech, DATA/text], where a comma, bracket,
+# quote, '#' or ': ' would add, cut or reshape entries: a plain path only.
+if ! [[ $DATA =~ ^[A-Za-z0-9._/+@=~-]+$ ]]; then
+  printf 'soda-mega: DATA must be a plain path (letters, digits and ._/+@=~- only), got %q\n' "$DATA" >&2
+  exit 2
+fi
 SODA=("$PYTHON" -m soda_mega.cli)
 start=$SECONDS
 

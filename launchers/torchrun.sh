@@ -22,6 +22,13 @@ if [ -z "${NGPUS:-}" ]; then
   [ "${NGPUS:-0}" -gt 0 ] || NGPUS=1
 fi
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+# Numbers from the environment must be whole numbers (they are compared and passed on as such).
+for var in NGPUS MASTER_PORT MAX_RESTARTS SHUTDOWN_TIMEOUT; do
+  if [ -n "${!var:-}" ] && ! [[ ${!var} =~ ^[0-9]+$ ]]; then
+    printf 'soda-mega: %s must be a whole number, got %q\n' "$var" "${!var}" >&2
+    exit 2
+  fi
+done
 for arg in "$@"; do
   if [ "$arg" = "--dry-run" ]; then
     exec "$PYTHON" -m soda_mega.cli train --config "$CONFIG" --world-size "$NGPUS" "$@"

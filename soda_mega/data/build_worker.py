@@ -23,8 +23,8 @@ import numpy as np
 from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, MimiCodec, to_mono
 from soda_mega.data.devices import device_for_slot
 from soda_mega.data.documents import recording_documents, s2st_document, segment_frames, text_document
-from soda_mega.data.inputs import (InputError, Recording, S2STPair, Skipped, TextRange, load_audio,
-                                   load_codes, read_text_range)
+from soda_mega.data.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
+                                   load_audio, load_codes, read_text_range)
 from soda_mega.data.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.writer import UnitWriter
@@ -153,7 +153,11 @@ def _encode_text(text: str) -> list[int]:
         raise InputError(f"text is not valid Unicode ({err.reason} at {err.start})") from None
 
 
-def _recording_docs(rec: Recording, codes: np.ndarray, frame_rate: float):
+def _recording_docs(rec: Recording, codes: np.ndarray, frame_rate: float, seconds: float):
+    """The documents of one recording; ``seconds`` is its audio's length (the samples' for audio,
+    the frames' for pre-encoded codes). A segment ending after it (beyond the slack Lhotse
+    allows a cut, :data:`SLICE_END_TOLERANCE_S`) is a bad record, as the Lhotse path refuses a
+    supervision outside its cut: it was written for other audio."""
     spec: WorkerSpec = _STATE["spec"]
     num_frames = codes.shape[1]
     segments = None
@@ -164,6 +168,9 @@ def _recording_docs(rec: Recording, codes: np.ndarray, frame_rate: float):
             if first >= num_frames:
                 raise InputError(f"segment at {seg.start:.2f} s starts after the end of the audio "
                                  f"({num_frames / frame_rate:.2f} s)")
+            if seg.end is not None and seg.end > seconds + SLICE_END_TOLERANCE_S:
+                raise InputError(f"segment {seg.start:.2f}-{seg.end:.2f} s ends after the end of the audio "
+                                 f"({seconds:.2f} s)")
             if stop <= first:
                 raise InputError(f"segment {seg.start:.2f}-{seg.end} s covers no audio frame")
             segments.append((first, stop, _encode_text(seg.text)))
@@ -268,7 +275,7 @@ def _speech_unit(writer: UnitWriter, recordings: Sequence[Recording]) -> None:
             try:
                 if isinstance(codes, InputError):
                     raise codes
-                docs = _recording_docs(rec, codes, frame_rate)
+                docs = _recording_docs(rec, codes, frame_rate, seconds)
             except InputError as err:
                 _skip(writer, split, name, str(err))
                 _report(1, 0.0, 1)

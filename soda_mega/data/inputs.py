@@ -13,7 +13,8 @@
   ``K' >= K`` (the first K are kept: residual codebooks stay valid when cut) and values in
   ``[0, codebook_size)``.
 * ``transcript`` (one segment spanning the whole recording) or ``segments`` (``start``/``end``
-  in seconds, ``0 <= start < end``, non-empty ``text``; sorted by start). With neither, only
+  in seconds, ``0 <= start < end``, ending by the end of the audio (25 ms of slack, as Lhotse
+  allows a cut), non-empty ``text``; sorted by start). With neither, only
   the audio-only document types (speech_only, semantic_only) are built for the recording.
 * ``id``: optional; by default ``<manifest stem>/<audio or codes path as written>``. Ids decide
   the train/valid split, so they should be stable; a repeated id is skipped.
@@ -34,8 +35,12 @@
 **Audio** is read with ``sphn`` (Rust symphonia decoders: WAV PCM 8/16/24/32-bit and float,
 FLAC, MP3, Ogg/Vorbis): one reader for every format users have, returning float32
 ``[channels, samples]``, where the stdlib ``wave`` module would only cover integer-PCM WAV.
-Unreadable files, zero samples, sample rates below 8 kHz and non-finite samples are bad input.
-A recording is read whole (4 bytes x rate x seconds x channels of memory).
+Unreadable files, zero samples, non-finite samples and sample rates outside 8 kHz .. 384 kHz
+(the highest rate of studio audio; a header declaring 0 Hz or 2^31 Hz is a broken or hostile
+file, not audio) are bad input, whatever the decoder makes of them: a WAV header is checked
+before decoding (sphn panics on a rate of 0), and a decoder failure of any kind, a Rust panic
+included, is the record's :class:`InputError`. A recording is read whole (4 bytes x rate x
+seconds x channels of memory).
 
 **Other recording sources** give the same :class:`Recording` records: a local Hugging Face
 dataset (:mod:`.hf_input`, ``--hf-dataset``) and Lhotse manifests (:mod:`.lhotse_input`,
@@ -67,6 +72,7 @@ import numpy as np
 from soda_mega.errors import SodaUserError
 
 MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 384_000
 JSONL_SUFFIXES = (".jsonl", ".json")
 T = TypeVar("T")  # a parsed manifest line: Recording or S2STPair
 
@@ -183,6 +189,8 @@ def parse_record(obj, where: str, base: Path, default_prefix: str) -> Recording:
 
 
 def _resolve(base: Path, rel: str) -> str:
+    if "\0" in rel:  # no file system takes it; os.path raises ValueError on it
+        raise InputError(f"path {rel!r} holds a NUL character")
     return str((base / rel).resolve()) if not Path(rel).is_absolute() else rel
 
 
@@ -271,16 +279,22 @@ def read_audio(path: str | Path, name: str | None = None) -> tuple[np.ndarray, i
     name = name or path.name
     if not path.is_file():
         raise InputError(f"audio file not found: {path}")
+    check_wav_header(path, name)
     try:
         wav, sample_rate = sphn.read(str(path))
     except Exception as err:  # sphn raises ValueError / OSError with the decoder's message
         raise InputError(f"cannot decode audio {name}: {err}") from None
-    check_wav_length(path, name)
+    except BaseException as err:
+        # NOTE: a panic in sphn's Rust decoders reaches Python as pyo3's PanicException, a
+        # BaseException (so that `except Exception` does not swallow it). For one file it is that
+        # file's problem; KeyboardInterrupt, SystemExit and the like go on.
+        if type(err).__name__ != "PanicException":
+            raise
+        raise InputError(f"cannot decode audio {name}: the decoder failed ({err})") from None
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 2 or wav.shape[-1] == 0:
         raise InputError(f"audio {name} is empty (0 samples)")
-    if sample_rate < MIN_SAMPLE_RATE:
-        raise InputError(f"audio {name}: sample rate {sample_rate} Hz is below {MIN_SAMPLE_RATE} Hz")
+    check_sample_rate(sample_rate, name)
     if not np.isfinite(wav).all():
         raise InputError(f"audio {name} has NaN or infinite samples (wrong sample format?)")
     return wav, int(sample_rate)
@@ -335,6 +349,12 @@ class AudioSlice:
     duration: float | None
 
     def read(self) -> tuple[np.ndarray, int]:
+        name = Path(self.path).name
+        if not self.offset >= 0:
+            raise InputError(f"audio {name}: the slice starts at {self.offset:.3f} s, before the start "
+                             "of the audio")
+        if self.duration is not None and not self.duration > 0:
+            raise InputError(f"audio {name}: the slice lasts {self.duration:.3f} s")
         wav, rate = _decoded_whole(self.path)
         total = wav.shape[1]
         start = round(self.offset * rate)
@@ -345,6 +365,9 @@ class AudioSlice:
         if stop > total + round(SLICE_END_TOLERANCE_S * rate):
             raise InputError(f"audio {Path(self.path).name}: the slice ends at {stop / rate:.3f} s, "
                              f"after the end of the audio ({total / rate:.3f} s)")
+        if stop <= start:
+            raise InputError(f"audio {name}: the slice of {self.duration:.6f} s from {self.offset:.3f} s "
+                             "holds no whole sample")
         return wav[:, start:min(stop, total)].copy(), rate
 
     def __str__(self) -> str:
@@ -362,14 +385,32 @@ def load_audio(source) -> tuple[np.ndarray, int]:
 _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
 
 
-def check_wav_length(path: str | Path, name: str | None = None) -> None:
-    """:class:`InputError` when a RIFF/WAVE file holds fewer sample bytes than its ``data`` chunk
-    header declares (a cut-off download or copy: decoders return what is there, silently).
+def check_sample_rate(rate: int, name: str) -> None:
+    """:class:`InputError` unless ``MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE``."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        side = f"below {MIN_SAMPLE_RATE}" if rate < MIN_SAMPLE_RATE else f"above {MAX_SAMPLE_RATE}"
+        raise InputError(f"audio {name}: sample rate {rate} Hz is {side} Hz (audio is read at "
+                         f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
 
-    Other formats, and WAVs whose writer left the size unknown (0 or 0xFFFFFFFF), pass.
+
+def check_wav_header(path: str | Path, name: str | None = None) -> None:
+    """:class:`InputError` when a RIFF/WAVE file's ``fmt`` chunk declares a sample rate outside
+    :func:`check_sample_rate`'s range (checked before decoding: sphn panics on 0 Hz), or the file
+    holds fewer sample bytes than its ``data`` chunk header declares (a cut-off download or copy:
+    decoders return what is there, silently).
+
+    Other formats, and WAVs whose writer left the data size unknown (0 or 0xFFFFFFFF), pass the
+    length check.
     """
     path = Path(path)
     name = name or path.name
+    try:
+        _walk_wav_chunks(path, name)
+    except OSError as err:
+        raise InputError(f"cannot read audio {name}: {err.strerror or err}") from None
+
+
+def _walk_wav_chunks(path: Path, name: str) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(12)
@@ -385,6 +426,7 @@ def check_wav_length(path: str | Path, name: str | None = None) -> None:
                 if len(fmt) == 16:
                     rate = int.from_bytes(fmt[4:8], "little")
                     block = int.from_bytes(fmt[12:14], "little")
+                    check_sample_rate(rate, name)
             elif cid == b"data":
                 if csize in _UNKNOWN_WAV_SIZES:
                     return

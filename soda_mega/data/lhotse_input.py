@@ -31,7 +31,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from soda_mega.data.inputs import AudioSlice, InputError, Recording, Skipped, SourceError, parse_record
+from soda_mega.data.inputs import (SLICE_END_TOLERANCE_S, AudioSlice, InputError, Recording, Skipped, SourceError,
+                                   parse_record)
 
 # A cut that starts at 0 and lasts as long as its recording (within this) is the whole file.
 WHOLE_RECORDING_TOLERANCE_S = 1e-6
@@ -138,7 +139,20 @@ def cut_recording(cut, where: str) -> Recording:
     if sorted(channels) != sorted(rec.channel_ids):
         raise InputError(f"the cut uses channel(s) {channels} of recording {rec.id} with channels "
                          f"{rec.channel_ids}; soda-mega reads all channels of a file (mixed to mono)")
-    path = str(Path(rec.sources[0].source).resolve())
+    source = rec.sources[0].source
+    if not isinstance(source, str) or "\0" in source:
+        raise InputError(f"recording {rec.id}: the audio source {source!r} is not a file path")
+    path = str(Path(source).resolve())
+    # NOTE: checked here, by the cut's numbers, not left to the slice: a negative start would
+    # index the samples from their end.
+    start, duration = float(cut.start), float(cut.duration)
+    if not start >= -WHOLE_RECORDING_TOLERANCE_S:
+        raise InputError(f"the cut starts at {start:.3f} s, before the start of recording {rec.id}")
+    if not duration > 0:
+        raise InputError(f"the cut lasts {duration:.3f} s; it must last more than 0 s")
+    if not start + duration <= float(rec.duration) + SLICE_END_TOLERANCE_S:
+        raise InputError(f"the cut ends at {start + duration:.3f} s, after the end of recording {rec.id} "
+                         f"({float(rec.duration):.3f} s)")
     segments = []
     for sup in cut.supervisions:
         if sup.text is None:
@@ -153,8 +167,8 @@ def cut_recording(cut, where: str) -> Recording:
     if segments:
         obj["segments"] = segments
     parsed = parse_record(obj, where, Path("/"), "")
-    whole = (abs(cut.start) <= WHOLE_RECORDING_TOLERANCE_S
-             and abs(cut.duration - rec.duration) <= WHOLE_RECORDING_TOLERANCE_S)
+    whole = (abs(start) <= WHOLE_RECORDING_TOLERANCE_S
+             and abs(duration - rec.duration) <= WHOLE_RECORDING_TOLERANCE_S)
     if whole:
         return parsed
-    return dataclasses.replace(parsed, audio=AudioSlice(path, float(cut.start), float(cut.duration)))
+    return dataclasses.replace(parsed, audio=AudioSlice(path, max(0.0, start), duration))

@@ -47,6 +47,7 @@ from soda_mega.model.accounting import count_parameters, flops_per_token
 from soda_mega.scaling.budget import FLOPS_MODES, TokenPlan, plan_tokens, tokens_for_budget
 from soda_mega.scaling.manifest import ManifestRun, write_manifest
 from soda_mega.tokens.layout import VocabLayout
+from soda_mega.utils.shell import UnsafeValueError, plain_name
 
 _GRID_PACKAGE = "soda_mega.scaling"
 
@@ -106,6 +107,11 @@ class GridSpec:
 
     def validate(self) -> "GridSpec":
         validate_section("grid", self)
+        # NOTE: the name is written into comment lines (run configs, sweep.sbatch): one plain word.
+        try:
+            plain_name(self.name, "grid.name")
+        except UnsafeValueError as err:
+            raise ConfigError(str(err)) from None
         if not self.budgets:
             raise ConfigError("grid.budgets: give at least one budget")
         bad = [b for b in self.budgets if not b > 0]

@@ -16,6 +16,7 @@ from typing import Any
 
 from soda_mega.errors import SodaUserError
 from soda_mega.utils.provenance import write_json
+from soda_mega.utils.shell import UnsafeValueError, plain_name, relative_plain_path
 
 FORMAT = "soda-mega-scaling-manifest/1"
 
@@ -100,6 +101,32 @@ def write_manifest(path: str | Path, header: dict[str, Any], runs: list[Manifest
     return write_json(path, payload)
 
 
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+# The Python types a manifest's JSON may hold for each field type of ManifestRun.
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _checked_run(path: Path, i: int, run: ManifestRun) -> ManifestRun:
+    """The run when every field has its type, its id is a plain name and its config and run
+    folder are relative paths of plain names: they become file paths and torchrun / sbatch
+    arguments, and a manifest may come from elsewhere."""
+    for f in dataclasses.fields(ManifestRun):
+        value = getattr(run, f.name)
+        if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[str(f.type)]):
+            raise ManifestError(f"{path}: runs[{i}].{f.name} must be {'a number' if f.type == 'float' else f.type}, "
+                                f"got {type(value).__name__} {str(value)[:40]!r}")
+    try:
+        plain_name(run.run_id, f"runs[{i}].run_id")
+        relative_plain_path(run.config, f"runs[{i}].config")
+        relative_plain_path(run.run_dir, f"runs[{i}].run_dir")
+    except UnsafeValueError as err:
+        raise ManifestError(f"{path}: {err}") from None
+    return run
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Load and check a manifest; errors name the file and what is wrong."""
     path = Path(path)
@@ -114,14 +141,21 @@ def read_manifest(path: str | Path) -> Manifest:
                             f"expected {FORMAT!r})")
     names = [f.name for f in dataclasses.fields(ManifestRun)]
     runs = []
-    for i, row in enumerate(data.get("runs", [])):
+    rows = data.get("runs", [])
+    if not isinstance(rows, list):
+        raise ManifestError(f"{path}: runs must be a list of run objects, got {_kind(rows)}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}: runs[{i}] must be an object, got {_kind(row)}")
         missing = [n for n in names if n not in row]
         if missing:
             raise ManifestError(f"{path}: run {i} lacks {', '.join(missing)}")
-        runs.append(ManifestRun(**{n: row[n] for n in names}))
+        runs.append(_checked_run(path, i, ManifestRun(**{n: row[n] for n in names})))
     ids = [r.run_id for r in runs]
     duplicated = sorted({i for i in ids if ids.count(i) > 1})
     if duplicated:
         raise ManifestError(f"{path}: run ids appear twice: {', '.join(duplicated)}")
     header = {k: v for k, v in data.items() if k not in ("runs", "dropped")}
+    if not isinstance(header.get("grid", {}), dict):
+        raise ManifestError(f"{path}: grid must be an object of grid settings, got {_kind(header['grid'])}")
     return Manifest(path=path, header=header, runs=runs, dropped=list(data.get("dropped", [])))

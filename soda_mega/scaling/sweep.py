@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Optional, Sequence, TextIO
 
 from soda_mega.scaling.manifest import Manifest, ManifestRun
 from soda_mega.scaling.results import COLUMNS
+from soda_mega.utils.shell import UnsafeValueError, plain_name, sbatch_path, slurm_time
 
 LAUNCHERS = ("local", "torchrun", "slurm")
 
@@ -229,13 +230,22 @@ def slurm_script(manifest: Manifest, results_path: Path, nproc: int = 8, overrid
     n = len(manifest.runs)
     if n == 0:
         raise ValueError(f"{manifest.path}: no runs to submit")
-    root = manifest.root.resolve()
+    # NOTE: comment and #SBATCH lines cannot quote: what goes there is checked, never quoted;
+    # everything on a command line goes through shlex.quote (issue 21).
+    grid_name = plain_name(manifest.header.get("grid", {}).get("name", "custom"),
+                           f"{manifest.path}: grid.name")
+    root = sbatch_path(manifest.root.resolve(), "manifest folder")
+    if max_parallel is not None and (isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
+                                     or max_parallel < 1):
+        raise UnsafeValueError(f"--max-parallel: must be a whole number >= 1, got {max_parallel!r}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise UnsafeValueError(f"--nproc: must be a whole number >= 1, got {nproc!r}")
     array = f"0-{n - 1}" + (f"%{max_parallel}" if max_parallel else "")
     extra = " ".join(shlex.quote(o) for o in overrides)
     lines = [
         "#!/usr/bin/env bash",
-        f"# IsoFLOP sweep {manifest.header.get('grid', {}).get('name', '')}: {n} runs, one array task each.",
-        f"#   sbatch {root / 'sweep.sbatch'}",
+        f"# IsoFLOP sweep {grid_name}: {n} runs, one array task each.",
+        f"#   sbatch {root}/sweep.sbatch",
         "# Written by `soda-mega scaling sweep --launcher slurm`; rerun that command to regenerate.",
         "#SBATCH --job-name=soda-scaling",
         f"#SBATCH --array={array}",
@@ -246,8 +256,8 @@ def slurm_script(manifest: Manifest, results_path: Path, nproc: int = 8, overrid
         "#SBATCH --signal=B:USR1@300",
         f"#SBATCH --output={root}/logs/%x-%A_%a.out",
     ]
-    if time_limit:
-        lines.append(f"#SBATCH --time={time_limit}")
+    if time_limit is not None:
+        lines.append(f"#SBATCH --time={slurm_time(time_limit)}")
     lines += [
         "set -euo pipefail",
         f"cd {shlex.quote(str(Path.cwd().resolve()))}",
