@@ -8,30 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flce_cases import errors, make_case, run_reference
+from flce_cases import errors, make_case, run_reference, run_train, upstream_of
 from soda_kernels.flce_train import default_row_chunk, flce_train_reference, train_extra_bytes
-from soda_kernels.fused_linear_cross_entropy import WORK, fused_linear_cross_entropy
+from soda_kernels.fused_linear_cross_entropy import WORK, fused_linear_cross_entropy, row_multiple
 from tolerances import KERNEL_ORACLE, KERNEL_REORDER_FP32
 from test_flce_backward_plan import _cpu_peak_bytes
-
-
-def _upstream(n: int, device, seed: int = 1) -> torch.Tensor:
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def run_train(case, impl, known, upstream=None, weight=None, **kwargs):
-    """Forward with ``known_grad=known``, backward with ``upstream`` (default: ``known``)."""
-    hidden = case["hidden"].detach().clone().requires_grad_()
-    if weight is None:
-        weight = case["weight"].detach().clone().requires_grad_()
-    out = fused_linear_cross_entropy(hidden, weight, case["labels"], case["loss_mask"],
-                                     case["loss_groups"], num_real_vocab=case["n_real"],
-                                     impl=impl, known_grad=known, **kwargs)
-    up = known if upstream is None else upstream
-    (out.loss * up).sum().backward()
-    return {"loss": out.loss.detach(), "lse": out.lse.detach(), "group_loss": out.group_loss,
-            "group_tokens": out.group_tokens, "grad_hidden": hidden.grad,
-            "grad_weight": weight.grad}
 
 
 def _work_by_name() -> dict:
@@ -49,12 +30,13 @@ def test_three_matmuls_match_the_fp64_oracle(device, impl, rows):
     none, and loss and gradients are as close to the fp64 oracle as the fp32 reference."""
     case = make_case(61, 40, 300, n_real=290, device=device, scale=3.0)
     n_a = int(((case["loss_mask"] != 0) & (case["loss_groups"] >= 0)).sum())
-    known = _upstream(61, device)
+    known = upstream_of(61, device)
     WORK.reset()
     result = run_train(case, impl, known, z_loss=1e-2, row_chunk=rows)
     work = _work_by_name()
     assert set(work) == {"logits", "grad_hidden", "grad_weight"}
-    assert all(f == 2 * n_a * 40 * 290 for f in work.values()), work  # padded ids never
+    rows_run = n_a + (-n_a % row_multiple(torch.device(device), impl))  # CUDA pads to 64
+    assert all(f == 2 * rows_run * 40 * 290 for f in work.values()), work  # padded ids never
     oracle = run_reference(case, torch.float64, z_loss=1e-2)  # the same upstream (seed 1)
     plain = run_reference(case, torch.float32, z_loss=1e-2)
     ours, theirs = errors(result, oracle), errors(plain, oracle)
@@ -116,7 +98,7 @@ def test_another_incoming_gradient_is_still_exact(device, impl):
     recompute path's gradients for the difference, so the result is still the oracle's."""
     case = make_case(37, 24, 130, n_real=120, device=device, scale=3.0)
     known = case["loss_mask"].float()
-    for upstream in (2 * known, _upstream(37, device, seed=1)):
+    for upstream in (2 * known, upstream_of(37, device, seed=1)):
         WORK.reset()
         result = run_train(case, impl, known, upstream=upstream, z_loss=1e-2, row_chunk=16)
         assert "dlogits" in _work_by_name()  # the recompute ran for the difference
