@@ -41,8 +41,10 @@ chunk height is a multiple of 64, so every matmul's row dimension is pipelined.
 Memory (:func:`train_extra_bytes`): the chunk buffer (``4 C V_local`` bytes, plus ``e C
 V_local`` for a 16-bit ``dlogits`` copy), the compacted rows (``N_a H e``) and the kept fp32
 ``grad_h`` (``4 N_a H``). :func:`default_row_chunk` sizes ``C`` so that the buffer stays
-within 10% of the weight and its gradient (``0.2 V H e``): the whole loss then stays within
-1.2x the logits-free minimum (bench_kernels' ``loss_memory`` row measures it).
+within 15% of the weight and its gradient buffer: the whole loss then stays within 1.2x the
+logits-free minimum (bench_kernels' ``loss_memory`` row measures it). The chunk height also
+sets the DRAM traffic (``grad_W`` read and written per chunk, ``W`` read twice per chunk):
+:func:`train_cost_model` counts it, and at small ``H`` it exceeds the recompute path's.
 
 Used only where it is exact and cheap: ``grad_W`` must accumulate in fp32 without a
 weight-sized temporary, i.e. fp32 weights or a Megatron DDP fp32 ``main_grad``
@@ -84,8 +86,9 @@ from soda_kernels.fused_linear_cross_entropy import (
     row_multiple,
 )
 
-#: Share of ``W`` + ``grad_W`` bytes the chunk buffers may take (see the module docstring).
-CHUNK_SHARE = 0.1
+#: Share of the bytes of ``W`` and its gradient buffer the chunk buffers may take (see the
+#: module docstring): the loss's other temporaries fit in the rest of the 20% allowance.
+CHUNK_SHARE = 0.15
 
 
 # ============================================================================ plan
@@ -100,13 +103,17 @@ def chunk_row_bytes(n_valid: int, dtype: torch.dtype) -> int:
 
 
 def default_row_chunk(h: int, n_valid: int, dtype: torch.dtype, device: torch.device,
-                      impl: str = "torch") -> int:
-    """Rows per chunk: the chunk buffers take at most :data:`CHUNK_SHARE` of ``W + grad_W``
-    (``2 V H e`` bytes), at least one matmul tile; a multiple of ``row_multiple`` (64 on CUDA)
-    and of 16."""
+                      impl: str = "torch", main_grad: bool = False) -> int:
+    """Rows per chunk: the chunk buffers take at most :data:`CHUNK_SHARE` of ``W`` and its
+    gradient buffer (``V H (e + e_g)`` bytes, ``e_g`` = 4 for an fp32 ``main_grad``, else
+    ``e``), at least one matmul tile; a multiple of ``row_multiple`` (64 on CUDA) and of 16.
+
+    NOTE: ``grad_W`` is read and written once per chunk, so few rows per chunk cost DRAM
+    traffic (:func:`train_cost_model`); the memory target, not speed, sets this height."""
     if n_valid <= 0:
         return 64
-    budget = CHUNK_SHARE * 2 * n_valid * h * _elt(dtype)
+    e = _elt(dtype)
+    budget = CHUNK_SHARE * n_valid * h * (e + (4 if main_grad else e))
     rows = int(budget // chunk_row_bytes(n_valid, dtype))
     step = max(16, row_multiple(device, impl))
     return max(step, rows // step * step)

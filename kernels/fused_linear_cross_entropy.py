@@ -840,7 +840,7 @@ def fused_linear_cross_entropy(
         if row_chunk is not None and row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
         rows = row_chunk or default_row_chunk(hidden.shape[1], max(n_valid, 1), weight.dtype,
-                                              hidden.device, impl)
+                                              hidden.device, impl, main_grad=fuse)
         loss, lse = TrainLinearCrossEntropyFunction.apply(
             hidden.contiguous(), weight if fuse else weight.contiguous(), labels.contiguous(),
             active, known_grad.detach().float().contiguous(), float(z_loss), int(vocab_start),

@@ -237,7 +237,7 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, 
     device = torch.device("cpu" if target == "cpu" else "cuda")
     dtype = {2: torch.bfloat16, 4: torch.float32}[int(e)]
     cols = default_vocab_slice(h, v_valid, device)
-    rows = min(n, default_row_chunk(h, v_valid, dtype, device, impl))
+    rows = min(n, default_row_chunk(h, v_valid, dtype, device, impl, main_grad=True))
     gathered = n * e * h if p.sequence_parallel else 0.0
     held = final_norm + n * 4 + gathered + 4 * n * h
     upcast = (rows * h + cols * h + rows * cols) * 4 if (u and target == "cpu") else 0.0

@@ -165,7 +165,7 @@ def test_frozen_weight_or_hidden_skips_its_matmul(device, impl):
 def test_training_memory_is_bounded_by_the_stated_extra(tmp_path):
     """Forward + backward peak (CPU allocator) into an fp32 main_grad <= kept grad_h + stated
     temporaries + grad_hidden, far below one [V, H] buffer; the default chunk keeps the buffer
-    within a tenth of W + grad_W."""
+    within 15% of W + main_grad."""
     n, h, v = 80, 160, 3000
     case = make_case(n, h, v, mask_fraction=0.0)
     case["loss_groups"] = case["loss_groups"].clamp_min(0)
@@ -174,8 +174,8 @@ def test_training_memory_is_bounded_by_the_stated_extra(tmp_path):
     weight.grad_added_to_main_grad = False
     hidden = case["hidden"].clone().requires_grad_()
     known = torch.ones(n)
-    rows = default_row_chunk(h, v, torch.float32, torch.device("cpu"))
-    assert rows * v * 4 <= 0.1 * 2 * v * h * 4 and rows < n  # several chunks
+    rows = default_row_chunk(h, v, torch.float32, torch.device("cpu"), main_grad=True)
+    assert rows * v * 4 <= 0.15 * v * h * (4 + 4) and rows < n  # several chunks
     args = (case["labels"], case["loss_mask"], case["loss_groups"])
 
     def step():
