@@ -61,9 +61,12 @@ micro-batch's backward in all of Megatron's schedules, so no reduction can start
 last forward has added its share.
 
 ``impl="triton"`` runs the three matmuls with :func:`~.fused_linear_cross_entropy.matmul_triton`
-(fp32 accumulation, grouped tile order, autotuned on CUDA) and the row statistics / softmax
-gradient with PyTorch element-wise ops on the chunk buffer; ``impl="torch"`` uses ``torch.mm``
-(bf16 on CPU in vocabulary slices, so fp32 upcasts stay slice-sized).
+(fp32 accumulation, grouped tile order, autotuned on CUDA) and the softmax gradient with two
+memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
+max / sum-exp / target over column splits) and, after the TP combine,
+``_chunk_dlogits_kernel`` (one read, one write: ``dlogits`` in place in fp32, or straight
+into the 16-bit buffer). ``impl="torch"`` uses ``torch.mm`` and element-wise ops (bf16 on CPU
+in vocabulary slices, so fp32 upcasts stay slice-sized).
 :func:`flce_train_reference` is the plain-autograd oracle of the same contract.
 """
 
@@ -73,8 +76,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
-from soda_kernels._vocab_parallel import combine_across_ranks, interpreting
+from soda_kernels._vocab_parallel import (
+    check_triton_tensors,
+    combine_across_ranks,
+    interpreting,
+    merge_partials,
+)
 from soda_kernels.fused_linear_cross_entropy import (
     WORK,
     _backward,
@@ -85,6 +95,109 @@ from soda_kernels.fused_linear_cross_entropy import (
     matmul_triton,
     row_multiple,
 )
+
+
+# ============================================================================ Triton kernels
+@triton.jit
+def _chunk_stats_kernel(x_ptr, label_ptr, m_ptr, s_ptr, t_ptr, C, V, vocab_start, splits,
+                        stride_x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per (row tile, column split) of the fp32 logits chunk ``x [C, V]``: online max,
+    sum-exp and target logit (0 where the target is elsewhere), fp32."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < C
+    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+    cols_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits) * BLOCK_V
+    v_lo = pid_s * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, V)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = row_ok[:, None] & (cols < v_hi)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # NOTE: rows whose tiles are all masked keep m = -inf; exp(-inf - -inf) is NaN, so
+        # shift by a finite stand-in there (their s stays 0).
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
+        m = m_new
+        hit = (cols[None, :] == target[:, None]) & ok
+        t += tl.sum(tl.where(hit, x, 0.0), axis=1)
+    out = pid_s * C + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(t_ptr + out, t, mask=row_ok)
+
+
+@triton.jit
+def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, vocab_start, z_loss,
+                          stride_x, stride_dl, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``dl[n, v] = g_n (exp(x[n, v] - lse_n) (1 + 2 z lse_n) - [v == y_n])`` for one tile of
+    the chunk; ``dl`` may be ``x`` itself (fp32, in place) or a 16-bit buffer."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < C
+    ok = row_ok[:, None] & (cols < V)[None, :]
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    d = tl.exp(x - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
+    d = d - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
+    d = tl.where((g != 0.0)[:, None], d, 0.0)
+    ptrs = dl_ptr + rows.to(tl.int64)[:, None] * stride_dl + cols[None, :]
+    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=ok)
+
+
+#: Fixed tiles of the two element-wise kernels (memory-bound: one pass each over the chunk).
+#: CPU interpreter: few, small programs.
+_STATS_BLOCKS = {"cuda": dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4),
+                 "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
+_DLOGITS_BLOCKS = {"cuda": dict(BLOCK_N=8, BLOCK_V=512, num_warps=4),
+                   "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
+
+
+def _blocks(table: dict, device: torch.device) -> dict:
+    return dict(table["cuda" if device.type == "cuda" and not interpreting() else "cpu"])
+
+
+def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = None):
+    """This rank's ``(max, sum-exp, target logit)`` per row of the fp32 chunk ``x [C, V]``."""
+    check_triton_tensors(x, labels_c)
+    c, v = x.shape
+    cfg = _blocks(_STATS_BLOCKS, x.device)
+    if splits is None:
+        splits = 1
+        if x.device.type == "cuda" and not interpreting():
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            splits = max(1, min(triton.cdiv(4 * sms, triton.cdiv(c, cfg["BLOCK_N"])),
+                                triton.cdiv(v, cfg["BLOCK_V"])))
+    stats = torch.empty(3, splits, c, device=x.device, dtype=torch.float32)
+    _chunk_stats_kernel[(triton.cdiv(c, cfg["BLOCK_N"]), splits)](
+        x, labels_c, stats[0], stats[1], stats[2], c, v, vocab_start, splits, x.stride(0), **cfg)
+    return merge_partials(stats[0], stats[1], stats[2], dim=0)
+
+
+def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: float):
+    """Fill ``dl`` (``x`` itself, or a 16-bit ``[C, V]`` buffer) with ``g dloss/dlogits``."""
+    check_triton_tensors(x, dl, labels_c)
+    c, v = x.shape
+    cfg = _blocks(_DLOGITS_BLOCKS, x.device)
+    # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
+    # even); there the kernel writes fp32 in place and torch rounds.
+    dest = x if interpreting() else dl
+    grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+    _chunk_dlogits_kernel[grid](x, dest, labels_c, lse, g_c, c, v, vocab_start, float(z_loss),
+                                x.stride(0), dest.stride(0), **cfg)
+    if dest is not dl:
+        dl.copy_(dest)
+    return dl
 
 #: Share of the bytes of ``W`` and its gradient buffer the chunk buffers may take (see the
 #: module docstring): the loss's other temporaries fit in the rest of the 20% allowance.
@@ -145,8 +258,9 @@ def train_cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, row_
     ``bytes`` (perfectly tiled launches, weight re-reads served by L2): the row gather, per
     chunk ``W`` read by matmuls 1 and 2 and the fp32 ``grad_W`` / ``main_grad`` read and
     written by matmul 3 (the first chunk only writes it unless it is ``main_grad``), the
-    chunk's logits written, read and written by the softmax step and read by matmuls 2 and 3
-    (plus a 16-bit copy written and read twice when ``elt`` < 4), ``h_c`` read twice, the fp32
+    chunk's fp32 logits written by matmul 1 and read by the two Triton kernels, ``dlogits``
+    (``elt`` bytes: in place in fp32, else the 16-bit buffer) written once and read by
+    matmuls 2 and 3, ``h_c`` read twice, the fp32
     ``grad_h`` written, all-reduced and read back by the backward, ``grad_hidden`` written.
     ``ideal_bytes``: read ``W`` and ``h`` once, write ``grad_W`` and ``grad_h`` once.
     """
@@ -155,7 +269,7 @@ def train_cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, row_
     gather = n * h * elt + 2 * n_active * h * elt
     weight = chunks * 2 * n_valid * h * elt
     grad_w = chunks * 2 * gw - (0 if main_grad else gw)
-    logits = n_active * n_valid * (4 * 4 + (3 * elt if elt < 4 else 0))
+    logits = n_active * n_valid * (3 * 4 + 3 * elt)
     rows = 2 * n_active * h * elt + 2 * n_active * h * 4 + n * h * elt
     return {"flops": 6 * n_active * h * n_valid, "ideal_flops": 6 * n * h * n_valid,
             "bytes": gather + weight + grad_w + logits + rows,
@@ -230,6 +344,21 @@ def _softmax_grad_(x, labels_c, g_c, vocab_start: int, z_loss: float, group):
     return lse, target
 
 
+def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, group):
+    """:func:`_softmax_grad_` with the two Triton kernels: ``dl`` (``x`` or a 16-bit buffer)
+    gets the scaled dlogits; ``x`` keeps the logits unless ``dl`` is ``x``."""
+    c, v = x.shape
+    if v:
+        m, s, t = chunk_stats_triton(x, labels_c, vocab_start)
+    else:
+        t = x.new_zeros(c)
+        m, s = x.new_full((c,), float("-inf")), x.new_zeros(c)
+    lse, target = combine_across_ranks(m, s, t, group)
+    if v:
+        chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start, z_loss)
+    return lse, target
+
+
 def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accumulate: bool,
                   z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
                   row_chunk: int, vocab_slice: int, need_hidden: bool = True,
@@ -270,12 +399,18 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
             h_c, x = h_a[r0:r1], buf[:r1 - r0]
             if n_valid:
                 _logits(h_c, w, x, impl, vocab_slice)
-            lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_(
-                x, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
+            dl = dl_buf[:r1 - r0] if low else x
+            if impl == "triton":
+                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(
+                    x, dl, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
+            else:
+                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_(
+                    x, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
+                if low and n_valid:
+                    dl.copy_(x)
             if n_valid == 0:
                 grad_h[r0:r1].zero_()
                 continue
-            dl = dl_buf[:r1 - r0].copy_(x) if low else x
             if need_hidden:
                 _grad_hidden(dl, w, grad_h[r0:r1], impl, vocab_slice)
             if need_weight:

@@ -188,3 +188,33 @@ def test_training_memory_is_bounded_by_the_stated_extra(tmp_path):
     peak = _cpu_peak_bytes(step, tmp_path)
     bound = train_extra_bytes(n, h, v, rows, torch.float32) + 4 * n * h + 64 * n
     assert peak <= bound < v * h * 4 / 2, (peak, bound)
+
+
+def test_chunk_kernels_match_torch_with_column_splits(device):
+    """The two Triton kernels of the chunk (statistics over 3 column splits, a ragged last
+    tile, a row whose target is on another rank; dlogits in place and into bf16) against the
+    same maths in torch."""
+    from soda_kernels.flce_train import _softmax_grad_, chunk_dlogits_triton, chunk_stats_triton
+
+    g = torch.Generator().manual_seed(4)
+    c, v, start = 37, 203, 100
+    x = (torch.randn(c, v, generator=g) * 3).to(device)
+    labels = torch.randint(start - 20, start + v, (c,), generator=g).to(device)
+    grad = torch.rand(c, generator=g).to(device)
+    grad[3] = 0.0
+    m, s, t = chunk_stats_triton(x, labels, start, splits=3)
+    local = labels - start
+    inside = (local >= 0) & (local < v)
+    torch.testing.assert_close(m, x.amax(1), rtol=0, atol=0)
+    torch.testing.assert_close(s, torch.exp(x - x.amax(1, keepdim=True)).sum(1))
+    picked = x.gather(1, local.clamp(0, v - 1)[:, None]).squeeze(1)
+    torch.testing.assert_close(t, torch.where(inside, picked, 0.0), rtol=0, atol=0)
+    expected = x.clone()
+    lse, _ = _softmax_grad_(expected, labels, grad, start, 1e-2, None)
+    low = torch.empty(c, v, dtype=torch.bfloat16, device=device)
+    chunk_dlogits_triton(x.clone(), low, labels, lse, grad, start, 1e-2)
+    torch.testing.assert_close(low, expected.to(torch.bfloat16), rtol=2.0 ** -8, atol=1e-6)
+    same = x.clone()
+    chunk_dlogits_triton(same, same, labels, lse, grad, start, 1e-2)
+    torch.testing.assert_close(same, expected, **KERNEL_REORDER_FP32)
+    assert (same[3] == 0).all()
