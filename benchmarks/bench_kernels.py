@@ -554,9 +554,12 @@ def markdown(payload: dict) -> str:
              f"triton {prov['versions'].get('triton')}, dtype {payload['dtype']}", ""]
     if prov["device"]["kind"] != "cuda":
         lines += ["CPU run: Triton kernels ran in the interpreter; these times say nothing about "
-                  "GPU performance.", ""]
-    lines += ["| op | N | H | V_local | impl | fwd ms | bwd ms | fwd+bwd ms | peak MiB | "
-              "triton speedup (fwd+bwd) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "GPU performance." if payload["smoke"] else
+                  "CPU measure: plain PyTorch in fp32, no Triton kernel ran; nothing here is a "
+                  "GPU figure.", ""]
+    if any(r["op"] in ("loss", "embedding") for r in payload["rows"]):
+        lines += ["| op | N | H | V_local | impl | fwd ms | bwd ms | fwd+bwd ms | peak MiB | "
+                  "triton speedup (fwd+bwd) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         if r["op"] not in ("loss", "embedding"):
             continue
