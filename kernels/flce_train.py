@@ -241,7 +241,8 @@ def train_extra_bytes(n_active: int, h: int, n_valid: int, row_chunk: int, dtype
     e = _elt(dtype)
     n_active += -n_active % row_multiple(torch.device("cuda"), impl) if impl == "triton" else 0
     rows = min(row_chunk, max(n_active, 1))
-    extra = rows * chunk_row_bytes(n_valid, dtype) + n_active * h * (e + 4) + 64 * n_active
+    extra = (rows * chunk_row_bytes(n_valid + 64, dtype)  # + Triton's row padding
+             + n_active * h * (e + 4) + 64 * n_active)
     if e != 4:
         s = default_vocab_slice(h, n_valid, torch.device("cpu"))
         extra += 4 * (rows * h + 2 * s * h + rows * s)  # upcasts of h_c, a W slice; results
@@ -389,9 +390,13 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
         w = weight[:n_valid]
         rows_total = n_a + pad
         step = min(row_chunk, rows_total)
-        buf = torch.empty(step, n_valid, device=dev, dtype=torch.float32)
+        # NOTE: Triton: rows padded to a multiple of 64 elements, so every row of the chunk
+        # buffers starts 16-byte aligned (vectorised loads, async copies) whatever V_local is.
+        width = n_valid + (-n_valid % 64 if impl == "triton" else 0)
+        buf = torch.empty(step, width, device=dev, dtype=torch.float32)[:, :n_valid]
         low = weight.dtype != torch.float32
-        dl_buf = torch.empty(step, n_valid, device=dev, dtype=weight.dtype) if low else None
+        dl_buf = (torch.empty(step, width, device=dev, dtype=weight.dtype)[:, :n_valid]
+                  if low else None)
         lse_a = torch.empty(rows_total, device=dev, dtype=torch.float32)
         tgt_a = torch.empty_like(lse_a)
         for i, r0 in enumerate(range(0, rows_total, step)):
