@@ -797,6 +797,8 @@ def fused_linear_cross_entropy(
     vocab_slice: Optional[int] = None,
     fuse_main_grad: bool = True,
     num_groups: int = NUM_LOSS_GROUPS,
+    known_grad: Optional[torch.Tensor] = None,
+    row_chunk: Optional[int] = None,
 ) -> LinearCrossEntropyOutput:
     """Per-token ``lse - logit[label] + z * lse^2`` of ``hidden @ weight^T`` without the logits.
 
@@ -807,6 +809,14 @@ def fused_linear_cross_entropy(
     ``fuse_main_grad`` and the weight has Megatron DDP's fp32 ``main_grad``
     (:func:`fuses_main_grad`), the weight gradient is added into ``main_grad`` instead.
     ``vocab_slice`` (default :func:`default_vocab_slice`) sets the backward's slice width.
+
+    ``known_grad`` (``[N]``, the gradient ``loss`` will receive, e.g. the loss mask when the
+    caller back-propagates the per-token sum) selects the training path of
+    :mod:`soda_kernels.flce_train` when gradients are being recorded and ``grad_W`` can
+    accumulate in fp32 (fp32 weights or Megatron's ``main_grad``): the forward computes both
+    gradients (three matmuls instead of four, ``row_chunk`` rows at a time, default
+    :func:`~soda_kernels.flce_train.default_row_chunk`) and the backward checks the incoming
+    gradient against ``known_grad`` (a mismatch is still exact: it costs the recompute).
     """
     _check_inputs(hidden, weight, labels, impl)
     rank, size = group_rank_size(tp_group)
@@ -821,12 +831,36 @@ def fused_linear_cross_entropy(
         raise ValueError(f"vocab_slice must be >= 1, got {vocab_slice}")
     cols = vocab_slice or default_vocab_slice(hidden.shape[1], max(n_valid, 1), hidden.device)
     fuse = fuse_main_grad and weight.requires_grad and fuses_main_grad(weight)
+    if known_grad is not None and _train_path(hidden, weight, fuse):
+        from soda_kernels.flce_train import TrainLinearCrossEntropyFunction, default_row_chunk
+
+        if known_grad.shape != labels.shape:
+            raise ValueError(f"known_grad must be [N] = [{labels.shape[0]}], got "
+                             f"{tuple(known_grad.shape)}")
+        if row_chunk is not None and row_chunk < 1:
+            raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
+        rows = row_chunk or default_row_chunk(hidden.shape[1], max(n_valid, 1), weight.dtype,
+                                              hidden.device, impl, main_grad=fuse)
+        loss, lse = TrainLinearCrossEntropyFunction.apply(
+            hidden.contiguous(), weight if fuse else weight.contiguous(), labels.contiguous(),
+            active, known_grad.detach().float().contiguous(), float(z_loss), int(vocab_start),
+            int(num_real_vocab), register_group(tp_group), impl, int(cols), int(rows), fuse)
+        sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
+        return LinearCrossEntropyOutput(loss, lse, sums, counts)
     loss, lse = FusedLinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight if fuse else weight.contiguous(), labels.contiguous(), active,
         float(z_loss), int(vocab_start), int(num_real_vocab), register_group(tp_group), impl,
         int(cols), fuse)
     sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
     return LinearCrossEntropyOutput(loss, lse, sums, counts)
+
+
+def _train_path(hidden: torch.Tensor, weight: torch.Tensor, fuse: bool) -> bool:
+    """Whether the three-matmul training path applies (see :mod:`soda_kernels.flce_train`):
+    gradients are recorded and ``grad_W`` can accumulate in fp32 without a weight-sized copy."""
+    needs_grad = hidden.requires_grad or weight.requires_grad
+    return (torch.is_grad_enabled() and needs_grad
+            and (fuse or (weight.dtype == torch.float32 and hidden.dtype == torch.float32)))
 
 
 # ============================================================================ reference

@@ -103,6 +103,9 @@ class SodaGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.layout = layout
         self.loss_impl, self.z_loss = loss_impl, z_loss
+        #: Set while a training schedule back-propagates sum(token_loss * loss_mask) times this
+        #: scale (lm_head then uses the fused loss's three-matmul training path); None: unknown.
+        self.known_loss_grad_scale: float | None = None
         if self.pre_process and embedding_impl == "triton":
             self.embedding.word_embeddings = InterleavedVocabParallelEmbedding.replacing(
                 self.embedding.word_embeddings, self.config, layout)

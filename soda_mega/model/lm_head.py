@@ -20,7 +20,11 @@ same parameter and reductions, lookup by :func:`soda_kernels.interleaved_embeddi
 The fused paths (``torch`` / ``triton``) skip tokens with loss mask 0 before any matmul, and
 under Megatron DDP add the output layer's weight gradient straight into its fp32
 ``main_grad`` (gradient-accumulation fusion: no bf16 gradient, no second weight-sized buffer;
-the ``megatron`` path keeps Megatron's ``ColumnParallelLinear`` behaviour). See
+the ``megatron`` path keeps Megatron's ``ColumnParallelLinear`` behaviour). When the model's
+``known_loss_grad_scale`` is set (the training schedule does, see
+:func:`soda_mega.training.forward_backward.known_loss_gradient`), the downstream gradient of
+each token's loss is ``loss_mask * scale`` and the fused loss computes its gradients in the
+forward with three matmuls (:mod:`soda_kernels.flce_train`). See
 :mod:`soda_kernels.fused_linear_cross_entropy` for the plan, memory and precision policy.
 
 Every loss path returns :class:`LMLoss`: the masked per-token loss and, per loss group
@@ -119,10 +123,17 @@ def language_model_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor
         hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
             hidden_states, tensor_parallel_output_grad=False, group=model.pg_collection.tp)
     s, b, h = hidden_states.shape
+    known_grad = None
+    scale = getattr(model, "known_loss_grad_scale", None)
+    if scale is not None and model.training and torch.is_grad_enabled():
+        # The schedule back-propagates sum(token_loss * loss_mask) (times ``scale``): the
+        # fused loss can compute its gradients in the forward (soda_kernels.flce_train).
+        known_grad = mask_sb.reshape(-1).float() * scale
     out = fused_linear_cross_entropy(
         hidden_states.reshape(s * b, h), model.output_layer.weight, labels_sb.reshape(-1),
         mask_sb.reshape(-1), groups_sb.reshape(-1), z_loss=model.z_loss,
-        num_real_vocab=layout.size, tp_group=group, impl=model.loss_impl, fuse_main_grad=True)
+        num_real_vocab=layout.size, tp_group=group, impl=model.loss_impl, fuse_main_grad=True,
+        known_grad=known_grad)
     return LMLoss(out.loss.view(s, b).t(), out.group_loss, out.group_tokens)
 
 

@@ -141,6 +141,33 @@ def evaluation_mode(model: Sequence[torch.nn.Module]) -> Iterator[None]:
             m.train()
 
 
+@contextmanager
+def known_loss_gradient(model: Sequence[torch.nn.Module]) -> Iterator[float]:
+    """While a training schedule runs: tell the model chunks the downstream gradient of their
+    per-token loss, ``loss_mask * scale``.
+
+    :func:`masked_token_loss` returns ``sum(token_loss * loss_mask)``, Megatron's schedule with
+    ``calculate_per_token_loss`` does not divide it and back-propagates it times
+    ``config.grad_scale_func``'s loss scale (1 when unset), so each token's loss receives its
+    mask times that scale. The fused loss uses this to compute its gradients in the forward
+    (``soda_kernels.flce_train``); its backward checks the gradient really is this one.
+    """
+    chunks = [getattr(m, "module", m) for m in model]
+    config = chunks[0].config
+    scale = 1.0
+    if getattr(config, "grad_scale_func", None) is not None:
+        device = next(chunks[0].parameters()).device
+        scale = float(config.grad_scale_func(torch.ones(1, device=device)))
+    saved = [getattr(c, "known_loss_grad_scale", None) for c in chunks]
+    for chunk in chunks:
+        chunk.known_loss_grad_scale = scale
+    try:
+        yield scale
+    finally:
+        for chunk, value in zip(chunks, saved):
+            chunk.known_loss_grad_scale = value
+
+
 def run_schedule(
     model: Sequence[torch.nn.Module],
     batches: Sequence[dict | None],
@@ -187,8 +214,11 @@ def forward_backward(
     batches = list(micro_batches)
     if len(batches) != num_micro_batches:
         raise ValueError(f"expected {num_micro_batches} micro-batches, got {len(batches)}")
-    losses = run_schedule(model, batches, lm_forward_step, seq_length, micro_batch_size,
-                          forward_only)
+    if forward_only:
+        losses = run_schedule(model, batches, lm_forward_step, seq_length, micro_batch_size, True)
+    else:
+        with known_loss_gradient(model):
+            losses = run_schedule(model, batches, lm_forward_step, seq_length, micro_batch_size)
     totals: dict[str, torch.Tensor] = {}
     for item in losses:
         for key, value in item.items():

@@ -197,14 +197,16 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, 
 
     Fused (``torch`` / ``triton``, :mod:`soda_kernels.fused_linear_cross_entropy`), all
     tokens counted as active (masked ones are compacted away and only lower this): ``lse`` (4
-    bytes per token) is kept. The forward holds the compacted rows (``e n h``) and, on the
-    torch path, one fp32 ``[n, S]`` logits slice (``S`` = the op's vocabulary slice; CPU bf16
-    adds fp32 upcasts of the rows and of a weight slice). The backward holds the compacted
-    rows, the fp32 ``grad_h`` accumulator (``4 n h``) and one ``[n, S]`` dlogits slice
-    (``e``), plus the torch path's fp32 logits slice, and at the end ``grad_hidden``
-    (``e n h``, and its cast from fp32 for bf16). The weight gradient goes straight into DDP's
-    fp32 ``main_grad``: no weight-sized buffer. Under sequence parallelism the hidden states
-    are first gathered to the full sequence (``e h`` per token, kept).
+    bytes per token) is kept. Training runs the three-matmul path
+    (:mod:`soda_kernels.flce_train`: the schedule's downstream gradient is known, and DDP gives
+    the weight an fp32 ``main_grad``): the forward also keeps the fp32 ``grad_h`` of the rows
+    (``4 n h``), and holds the compacted rows (``e n h``) and one chunk buffer of ``C`` rows
+    (fp32 logits, plus a 16-bit dlogits copy: ``C V (4 + e')``, ``C`` from
+    ``default_row_chunk``; CPU bf16 adds fp32 upcasts of the chunk rows and of a weight slice);
+    the backward only writes ``grad_hidden`` (``e n h``, and its cast from fp32 for bf16).
+    The weight gradient goes straight into DDP's fp32 ``main_grad``: no weight-sized buffer.
+    Under sequence parallelism the hidden states are first gathered to the full sequence
+    (``e h`` per token, kept).
     """
     m, p = cfg.model, cfg.parallel
     e = _e(cfg)
@@ -227,20 +229,21 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, 
                 "forward_extra": max(0.0, peak_fwd - held), "backward_extra": backward}
     import torch
 
+    from soda_kernels.flce_train import chunk_row_bytes, default_row_chunk
     from soda_kernels.fused_linear_cross_entropy import default_vocab_slice
 
     n = tokens * sp  # the fused op sees the full sequence under SP
     v_valid = max(1, min(v_local, layout.size))
-    cols = default_vocab_slice(h, v_valid, torch.device("cpu" if target == "cpu" else "cuda"))
+    device = torch.device("cpu" if target == "cpu" else "cuda")
+    dtype = {2: torch.bfloat16, 4: torch.float32}[int(e)]
+    cols = default_vocab_slice(h, v_valid, device)
+    rows = min(n, default_row_chunk(h, v_valid, dtype, device, impl, main_grad=True))
     gathered = n * e * h if p.sequence_parallel else 0.0
-    held = final_norm + n * 4 + gathered
-    upcast = (n * h + cols * h) * 4 if (u and target == "cpu") else 0.0
-    torch_slice = 4 * n * cols + upcast if impl == "torch" else 0.0
-    forward = e * n * h + torch_slice
-    base = e * n * h + 4 * n * h + e * n * cols
-    moments = [torch_slice, e * n * h * (2 if u else 1)]
+    held = final_norm + n * 4 + gathered + 4 * n * h
+    upcast = (rows * h + cols * h + rows * cols) * 4 if (u and target == "cpu") else 0.0
+    forward = e * n * h + rows * chunk_row_bytes(v_valid, dtype) + upcast
     return {"impl": impl, "held": held, "forward_extra": forward,
-            "backward_extra": base + max(moments)}
+            "backward_extra": e * n * h * (2 if u else 1)}
 
 
 def in_flight(cfg: SodaConfig, stage: int, micro_batches: int) -> tuple[int, int]:

@@ -27,7 +27,8 @@ def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
     assert "torch" in result["provenance"]["versions"]
     timed = [r for r in result["rows"] if "fwd_bwd" in r]
     assert not [r for r in result["rows"] if "error" in r]
-    for op, impls in (("loss", {"reference", "torch_eager", "megatron", "soda_torch", "soda_triton"}),
+    for op, impls in (("loss", {"reference", "torch_eager", "megatron", "soda_torch", "soda_triton",
+                                "soda_torch_train", "soda_triton_train"}),
                       ("embedding", {"reference", "torch", "megatron", "soda_triton"})):
         assert impls <= {r["impl"] for r in timed if r["op"] == op}
     for r in timed:
@@ -44,8 +45,16 @@ def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
     for r in costs:
         assert r["flops"] == 8 * r["tokens"] * r["hidden"] * r["vocab_local"]
         assert r["flops_over_ideal"] == 8 / 6 and r["bytes"] > r["ideal_bytes"] > 0
+    # The training path (issue 22): exactly the 6 N H V ideal.
+    trains = [r for r in result["rows"] if r["op"] == "loss_cost_train"]
+    assert {(r["tokens"], r["hidden"], r["tp"]) for r in trains} == {
+        (r["tokens"], r["hidden"], r["tp"]) for r in costs}
+    for r in trains:
+        assert r["flops"] == r["ideal_flops"] == 6 * r["tokens"] * r["hidden"] * r["vocab_local"]
+        assert r["flops_over_ideal"] == 1.0 and r["bytes"] > r["ideal_bytes"] > 0
+    assert "x ideal FLOPs" in md and "| 1.00 |" in md
     # Peak memory at N=2048, H=512, V=144,644 fp32 (issue 13): fused <= 1.2x the logits-free
-    # minimum, materialised logits far above it.
+    # minimum, materialised logits far above it; the training path too (issue 22).
     (mem,) = [r for r in result["rows"] if r["op"] == "loss_memory"]
     assert (mem["tokens"], mem["hidden"], mem["vocab_local"]) == (2048, 512, 144_644)
     minimum = mem["logits_free_minimum_bytes"]
@@ -53,4 +62,29 @@ def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
     assert mem["peak_bytes"]["fused"] >= 2 * 144_644 * 512 * 4
     assert mem["fused_over_minimum"] <= 1.2 and mem["fused_target_met"]
     assert mem["materialised_over_fused"] > 3
+    assert mem["fused_train_over_minimum"] <= 1.2 and mem["fused_train_target_met"]
     assert "logits-free minimum" in md
+
+
+def test_bench_kernels_cpu_measure(tmp_path):
+    """Without a GPU and without --smoke: the CPU measure (issue 22), here at a small shape:
+    fp32 timings of materialised logits, Megatron, the recompute and the training path, each
+    loss equal to the materialised one, the cost model's x ideal FLOPs of both designs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(BENCH), "--cpu-shape", "256", "64", "3000",
+                           "--skip-memory", "--iters", "1", "--warmup", "0",
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "bench_kernels_cpu.json").read_text())
+    timed = {r["impl"]: r for r in result["rows"] if r["op"] == "loss_cpu"}
+    assert set(timed) == {"materialised", "megatron", "soda_torch", "soda_torch_train"}
+    for r in timed.values():
+        assert (r["tokens"], r["hidden"], r["vocab_local"]) == (256, 64, 3000)
+        assert r["fwd_bwd"] > 0 and r["speedup_over_materialised"] > 0
+        assert r["loss_rel_diff_vs_materialised"] < 1e-5, r
+    assert timed["materialised"]["speedup_over_materialised"] == 1.0
+    ratios = {r["op"]: r["flops_over_ideal"] for r in result["rows"] if "flops_over_ideal" in r}
+    assert ratios == {"loss_cost": 8 / 6, "loss_cost_train": 1.0}
+    md = (tmp_path / "bench_kernels_cpu.md").read_text()
+    assert "speedup over materialised" in md and "x ideal FLOPs" in md

@@ -60,9 +60,10 @@ def test_every_phase_runs_in_smoke(smoke):
              for r in json.loads((out / f"{name}.json").read_text())["rows"]]
     assert not [r for r in krows if "error" in r]
     assert {r["impl"] for r in json.loads((out / "kernels_triton.json").read_text())["rows"]
-            if "fwd_bwd" in r} == {"soda_triton"}
+            if "fwd_bwd" in r} == {"soda_triton", "soda_triton_train"}
     timed = {(r["op"], r["impl"]) for r in krows if "fwd_bwd" in r}
-    assert {("loss", "soda_triton"), ("loss", "torch_eager"), ("loss", "megatron"),
+    assert {("loss", "soda_triton"), ("loss", "soda_triton_train"), ("loss", "torch_eager"),
+            ("loss", "megatron"),
             ("embedding", "soda_triton"), ("embedding", "torch"),
             ("embedding", "torch+modality")} <= timed
     assert {r["tp"] for r in krows if r["op"] == "loss"} == {1, 2}

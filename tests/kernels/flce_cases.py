@@ -39,6 +39,25 @@ def run(fn, case: dict, grad_seed: int = 1, **kwargs):
             "group_tokens": out.group_tokens, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
 
 
+def run_train(case, impl, known, upstream=None, **kwargs):
+    """The training path: forward told ``known_grad=known``, backward of ``loss * upstream``
+    (default: ``known``, the announced gradient); returns detached results like :func:`run`."""
+    hidden = case["hidden"].detach().clone().requires_grad_()
+    weight = case["weight"].detach().clone().requires_grad_()
+    out = fused_linear_cross_entropy(hidden, weight, case["labels"], case["loss_mask"],
+                                     case["loss_groups"], num_real_vocab=case["n_real"],
+                                     impl=impl, known_grad=known, **kwargs)
+    up = known if upstream is None else upstream
+    (out.loss * up.to(out.loss.dtype)).sum().backward()
+    return {"loss": out.loss.detach(), "lse": out.lse.detach(), "group_loss": out.group_loss,
+            "group_tokens": out.group_tokens, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+
+
+def upstream_of(n: int, device="cpu", seed: int = 1) -> torch.Tensor:
+    """The random upstream gradient :func:`run` uses for ``grad_seed=seed``."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 def run_fused(case, impl="triton", **kwargs):
     return run(fused_linear_cross_entropy, case, impl=impl, **kwargs)
 

@@ -117,25 +117,42 @@ def test_kernel_choices_resolve(monkeypatch):
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_grad_reduce"])
 def test_four_micro_batches_accumulate_in_main_grad(megatron_one_process, overlap):
-    """Megatron DDP, 4 micro-batches: the fused loss adds the output layer's gradient straight
-    into its fp32 main_grad; every main_grad equals the megatron-loss run's."""
+    """Megatron DDP, 4 micro-batches: the fused losses compute the output layer's gradient in
+    the forward with three matmuls (the schedule's per-token sums make the downstream gradient
+    known) and add it straight into its fp32 main_grad; DDP still sees the weight ready in the
+    backward (with overlap_grad_reduce it asserts a .grad and starts the bucket there); every
+    main_grad equals the megatron-loss run's."""
+    from soda_kernels.fused_linear_cross_entropy import WORK, row_multiple
     from soda_mega.model.gpt import build_model
     from soda_mega.training.forward_backward import forward_backward, wrap_ddp
 
     grads = {}
-    for loss in ("megatron", "triton"):
+    for loss in ("megatron", "triton", "torch"):
         cfg = load_config(preset="tiny", overrides=[
             *SMALL, f"--kernels.loss={loss}", "--training.z_loss=1e-2",
             f"--parallel.overlap_grad_reduce={str(overlap).lower()}"])
         model = wrap_ddp(build_model(cfg), cfg)
-        forward_backward(model, [_batch(cfg, seed=s) for s in range(4)], 4, 32, 2)
+        batches = [_batch(cfg, seed=s) for s in range(4)]
+        WORK.reset()
+        forward_backward(model, batches, 4, 32, 2)
         module = model[0].module
         weight = module.output_layer.weight
-        assert weight.grad is None
-        assert weight.grad_added_to_main_grad == (loss == "triton")
+        assert weight.grad is None and module.known_loss_grad_scale is None
+        assert weight.grad_added_to_main_grad == (loss != "megatron")
+        if loss != "megatron":  # 3 matmuls (in row chunks) per micro-batch, no recompute
+            pad = row_multiple(weight.device, loss)
+            rows = sum(int((b["loss_mask"] != 0).sum()) for b in batches)
+            rows += sum(-int((b["loss_mask"] != 0).sum()) % pad for b in batches)
+            flops = {}
+            for name, m, n, k in WORK.calls:
+                flops[name] = flops.get(name, 0) + 2 * m * n * k
+            size = VocabLayout.from_config(cfg.vocab).size
+            each = 2 * rows * cfg.model.hidden_size * size
+            assert flops == {"logits": each, "grad_hidden": each, "grad_weight": each}, flops
         grads[loss] = {n: p.main_grad.detach().clone() for n, p in module.named_parameters()}
-    assert grads["triton"].keys() == grads["megatron"].keys()
-    for name, grad in grads["triton"].items():
-        ref = grads["megatron"][name]
-        err = float((grad - ref).abs().max() / ref.abs().max())
-        assert err <= PARALLEL_FP32["grad_rel"], f"{name}: {err:.2e}"
+    for loss in ("triton", "torch"):
+        assert grads[loss].keys() == grads["megatron"].keys()
+        for name, grad in grads[loss].items():
+            ref = grads["megatron"][name]
+            err = float((grad - ref).abs().max() / ref.abs().max())
+            assert err <= PARALLEL_FP32["grad_rel"], f"{loss} {name}: {err:.2e}"

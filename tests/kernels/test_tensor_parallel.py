@@ -33,7 +33,7 @@ def ranks(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "triton_train", "torch_train", "reference"])
 @pytest.mark.parametrize("case", list(FLCE_CASES))
 def test_linear_cross_entropy_tp2_equals_tp1(ranks, case, impl):
     for rank in ranks:

@@ -5,7 +5,8 @@ ranks), then the TP=2 result on its vocabulary shard, and writes the differences
 ``rank<r>.json``:
 
 * fused linear cross-entropy, triton and torch, with z-loss: loss, lse, group statistics,
-  hidden gradient (all-reduced) and weight-gradient shard vs TP=1; the TP=2 reference; and
+  hidden gradient (all-reduced) and weight-gradient shard vs TP=1, for the recompute path and
+  the training path (gradients in the forward, ``known_grad``); the TP=2 reference; and
   Megatron-core's ``vocab_parallel_cross_entropy`` on this rank's logits (no z-loss). Two
   vocabularies: 203 real ids over 2 x 102 rows (rank 1 holds one padded row) and 100 real ids
   over 2 x 102 rows (rank 1 holds only padding).
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch.distributed as dist  # noqa: E402
 
-from flce_cases import make_case, run_fused, run_reference  # noqa: E402
+from flce_cases import make_case, run_fused, run_reference, run_train, upstream_of  # noqa: E402
 from soda_mega.config import load_config  # noqa: E402
 from soda_mega.config.schema import ParallelConfig  # noqa: E402
 from soda_mega.parallel import state  # noqa: E402
@@ -67,6 +68,20 @@ def flce_cases(group, rank: int) -> dict:
             one = run_fused(case, impl, z_loss=1e-2)
             two = run_fused(shard, impl, z_loss=1e-2, tp_group=group)
             out[f"{name}/{impl}"] = {
+                "loss": _max_abs(two["loss"], one["loss"]),
+                "lse": _max_abs(two["lse"], one["lse"]),
+                "group_loss": _max_abs(two["group_loss"], one["group_loss"]),
+                "group_tokens_equal": bool(torch.equal(two["group_tokens"], one["group_tokens"])),
+                "grad_hidden": _rel(two["grad_hidden"], one["grad_hidden"]),
+                "grad_weight": _rel(two["grad_weight"], one["grad_weight"][rows]),
+            }
+        # The training path (gradients in the forward, row chunks of 16): the TP=2 shards
+        # against one process, with the announced gradient = the backward's.
+        known = upstream_of(n)
+        for impl in ("triton", "torch"):
+            one = run_train(case, impl, known, z_loss=1e-2, row_chunk=16)
+            two = run_train(shard, impl, known, z_loss=1e-2, row_chunk=16, tp_group=group)
+            out[f"{name}/{impl}_train"] = {
                 "loss": _max_abs(two["loss"], one["loss"]),
                 "lse": _max_abs(two["lse"], one["lse"]),
                 "group_loss": _max_abs(two["group_loss"], one["group_loss"]),

@@ -41,6 +41,14 @@ CASES = {
     "pp2_1f1b": (["--parallel.pipeline_parallel=2"], "full", True),
     "pp2_interleaved": (["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2"], "full", True),
     "dp2": (["--parallel.distributed_optimizer=false"], "dp", True),
+    # The fused loss's training path (gradients in the forward, soda_kernels.flce_train) under
+    # pipelining, with activation recompute, and under TP (the reference runs Megatron's loss).
+    "pp2_1f1b_fused_loss": (["--parallel.pipeline_parallel=2", "--kernels.loss=torch",
+                             "--training.recompute=full"], "full", True),
+    "pp2_interleaved_fused_loss": (["--parallel.pipeline_parallel=2", "--parallel.virtual_pipeline=2",
+                                    "--kernels.loss=torch"], "full", True),
+    "tp2_fused_loss": (["--parallel.tensor_parallel=2", "--kernels.loss=torch",
+                        "--training.recompute=selective"], "full", True),
     # Negative control: sequence parallelism with norm weights NOT marked sequence_parallel, so
     # finalize_model_grads skips their TP all-reduce. Must be detected as a mismatch.
     "tp2_sp_broken": (["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"], "full", False),
@@ -121,7 +129,11 @@ def compare_case(name: str, ref: dict) -> dict:
     batches = ref["batches"]
     if split == "dp":
         batches = split_for_dp(batches, layout.dp_rank, layout.dp)
+    from soda_kernels.fused_linear_cross_entropy import WORK
+
+    WORK.reset()
     result = forward_backward(model, batches, len(batches), SEQ, MICRO_BATCH)
+    loss_matmuls = sorted({call[0] for call in WORK.calls})
     grad_norm = global_grad_norm(model, cfg)
     grad_errors = {}
     for gname, _, param in named_local_params(model):
@@ -139,6 +151,7 @@ def compare_case(name: str, ref: dict) -> dict:
         "grad_rel_err": grad_errors,
         "init_rel_err": init_err,
         "grad_norm": grad_norm,
+        "loss_matmuls": loss_matmuls,
     }
     state.shutdown(keep_process_group=True)
     return out

@@ -72,6 +72,10 @@ def test_layout_matches_single_process(results, case):
         worst = max(item["grad_rel_err"], key=item["grad_rel_err"].get)
         err = item["grad_rel_err"][worst]
         assert err <= PARALLEL_FP32["grad_rel"], f"{case} rank {item['layout']}: {worst} off by {err:.2e}"
+    if case.endswith("_fused_loss"):  # the training path ran (no recompute of the logits)
+        for item in items:
+            expected = ["grad_hidden", "grad_weight", "logits"] if item["is_last_stage"] else []
+            assert item["loss_matmuls"] == expected, (item["layout"], item["loss_matmuls"])
     # The optimizer's global gradient norm (used for clipping) is layout-independent too.
     for item in items:
         assert item["grad_norm"] == pytest.approx(ref_norm, rel=PARALLEL_FP32["grad_rel"])
