@@ -15,7 +15,8 @@ speed.
 :func:`soda_kernels._launch.record_launches`, so each kernel is compiled with the arguments
 production passes -- in particular Triton's JIT specialisation of every integer argument (a
 multiple of 16, equal to 1, or neither) -- for a full vocabulary slice and for the ragged last
-one (5380 columns, not a multiple of 16).
+one (5380 columns, not a multiple of 16). The opt-in TMA variant of the backward matmuls
+(``*_tma``, ``matmul_triton(tma=True)``) is compiled too.
 
 One record per (kernel, slice, dtype, config): ``regs`` and ``spill_bytes`` (the stack frame;
 cuobjdump), ``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
@@ -82,11 +83,14 @@ def production_launches(dtype, scenario: Scenario = SCENARIO) -> list[tuple[str,
         lse, g = torch.empty(n, device=meta), torch.empty(n, device=meta)
         acc = torch.empty(n, h, device=meta)
         main_grad = torch.empty(v, h, device=meta)
-        flce.backward_slices(hidden, weight, labels, lse, g, main_grad, True, acc, 0.0, 0, v,
-                             "triton", vocab_slice)
-        per_slice = len(calls) // -(-v // vocab_slice)
-        out += [("full", c) for c in calls[:per_slice]] + [("last", c) for c in calls[-per_slice:]]
-        calls.clear()
+        per_slice = 3  # dlogits, grad_W, grad_h
+        for tma in (False, True):  # TMA: the opt-in variant of the two matmuls
+            flce.backward_slices(hidden, weight, labels, lse, g, main_grad, True, acc, 0.0, 0, v,
+                                 "triton", vocab_slice, tma=tma)
+            keep = [c for c in calls if c.role != "dlogits"] if tma else calls
+            per = per_slice - tma
+            out += [("full", c) for c in keep[:per]] + [("last", c) for c in keep[-per:]]
+            calls.clear()
         ids = torch.empty(n, dtype=torch.long, device=meta)
         emb.embedding_backward_triton(torch.empty(n, h, dtype=dtype, device=meta), ids, 0, v)
         out += [("all", c) for c in calls]
@@ -235,7 +239,8 @@ def analyse(kernel, num_warps: int) -> dict:
 
 # ============================================================================ records
 KERNEL_NAMES = {"lse": "lse_partials", "dlogits": "grad_logits", "grad_weight": "matmul_grad_weight",
-                "grad_hidden": "matmul_grad_hidden", "embedding_pieces": "embedding_pieces",
+                "grad_hidden": "matmul_grad_hidden", "grad_weight_tma": "matmul_grad_weight_tma",
+                "grad_hidden_tma": "matmul_grad_hidden_tma", "embedding_pieces": "embedding_pieces",
                 "embedding_merge": "embedding_merge"}
 
 

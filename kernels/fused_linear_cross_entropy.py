@@ -310,6 +310,48 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
+@triton.jit
+def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak, stride_bk,
+                       stride_bn, stride_cm, stride_cn, KEY_H, KEY_V, KEY_ROLE,
+                       A_COL_MAJOR: tl.constexpr, ACCUMULATE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_matmul_kernel` with both operands read through TMA tensor descriptors (made on
+    the device, ``tl.make_tensor_descriptor``; Hopper's copy engine zero-fills out-of-bounds
+    rows, so ``B``'s rows past ``K`` need no mask). Same arguments; ``B`` and ``A`` (or ``A^T``
+    when ``A_COL_MAJOR``, the dlogits of ``grad_W``) must be row-major with 16-byte aligned row
+    strides. Opt-in (``matmul_triton(tma=True)``): compiled and checked for sm_90a, not timed."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    if A_COL_MAJOR:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[A_K, A_M], strides=[stride_ak, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[A_M, A_K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                       block_shape=[BLOCK_K, BLOCK_N])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, A_K, BLOCK_K):
+        if A_COL_MAJOR:
+            a = tl.trans(a_desc.load([k0, off_m]))
+        else:
+            a = a_desc.load([off_m, k0])
+        b = b_desc.load([k0, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)  # NOTE: see _logits_tile (interpreter bf16 tl.dot)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c_ok = (rm < M)[:, None] & (rn < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
+
+
 # ============================================================================ tuning
 def _cfg(num_warps, num_stages, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
@@ -350,20 +392,25 @@ _GRAD_H_CONFIGS = [
 ]
 #: Autotune space of each launch role (the ``role`` of :func:`soda_kernels._launch.launch`).
 CONFIGS = {"lse": _LSE_CONFIGS, "dlogits": _DLOGITS_CONFIGS, "grad_weight": _GRAD_W_CONFIGS,
-           "grad_hidden": _GRAD_H_CONFIGS, "matmul": _GRAD_H_CONFIGS}
+           "grad_hidden": _GRAD_H_CONFIGS, "matmul": _GRAD_H_CONFIGS,
+           "grad_weight_tma": _GRAD_W_CONFIGS, "grad_hidden_tma": _GRAD_H_CONFIGS,
+           "matmul_tma": _GRAD_H_CONFIGS}
 #: ``KEY_ROLE`` of each matmul role: Triton's autotuner (and its on-disk cache) keys on the
 #: wrapped kernel, the configs and the key values, so without it grad_W and grad_h (same
 #: kernel, same H, V, ACCUMULATE) would share one entry and one tuned config.
 _MATMUL_ROLE_KEYS = {"matmul": 0, "grad_weight": 1, "grad_hidden": 2}
 _TUNE_KEYS = {"lse": ["H", "n_valid"], "dlogits": ["H", "KEY_V"],
-              "matmul": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"]}
+              "matmul": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"],
+              "matmul_tma": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"]}
 _SMEM_BUDGET = 200 * 1024  # H100 / H200: 228 KB of shared memory per SM, leave room
 _TILE_DIMS = {"lse": ("BLOCK_N", "BLOCK_H", "BLOCK_V"), "dlogits": ("BLOCK_N", "BLOCK_H", "BLOCK_V"),
-              "matmul": ("BLOCK_M", "BLOCK_K", "BLOCK_N")}
+              "matmul": ("BLOCK_M", "BLOCK_K", "BLOCK_N"), "matmul_tma": ("BLOCK_M", "BLOCK_K", "BLOCK_N")}
 
 
 def _kind(role: str) -> str:
-    return role if role in ("lse", "dlogits") else "matmul"
+    if role in ("lse", "dlogits"):
+        return role
+    return "matmul_tma" if role.endswith("_tma") else "matmul"
 
 
 def smem_estimate(role: str, config: triton.Config, elt: int) -> int:
@@ -385,7 +432,8 @@ def _prune(role: str):
     return prune
 
 
-_KERNELS = {"lse": _lse_partials_kernel, "dlogits": _grad_logits_kernel, "matmul": _matmul_kernel}
+_KERNELS = {"lse": _lse_partials_kernel, "dlogits": _grad_logits_kernel, "matmul": _matmul_kernel,
+            "matmul_tma": _matmul_tma_kernel}
 _TUNED = {}
 
 
@@ -395,7 +443,7 @@ def autotuner(role: str):
         kind = _kind(role)
         _TUNED[role] = triton.autotune(
             configs=CONFIGS[role], key=_TUNE_KEYS[kind],
-            restore_value=["c_ptr"] if kind == "matmul" else None,
+            restore_value=["c_ptr"] if kind.startswith("matmul") else None,
             prune_configs_by={"early_config_prune": _prune(role)}, cache_results=True,
         )(_KERNELS[kind])
     return _TUNED[role]
@@ -514,13 +562,20 @@ def grad_logits_triton(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_los
     return out
 
 
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for the device-side TMA descriptors of ``_matmul_tma_kernel``."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
 def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 0,
-                  key_v: int = 0, blocks: Optional[dict] = None):
+                  key_v: int = 0, blocks: Optional[dict] = None, tma: bool = False):
     """``c (+)= a @ b`` (2-D, any strides) with fp32 accumulation; ``c`` fp32 or ``a``'s dtype.
 
     ``a`` may be larger than ``[c rows, b rows]``: its extra rows / columns must be zeros (a
     :func:`padded_width` dlogits slice); they are loaded, never stored. ``name`` is the role
     (``grad_weight`` / ``grad_hidden``: separate autotune entries) and the :data:`WORK` name.
+    ``tma`` reads both operands through TMA descriptors (``_matmul_tma_kernel``; ``b`` and
+    ``a`` or ``a^T`` row-major): compiled and checked for sm_90a, not timed, so off by default.
     """
     check_triton_tensors(a, b, c)
     (a_m, a_k), (k, n), m = a.shape, b.shape, c.shape[0]
@@ -539,9 +594,17 @@ def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 
     role = name if name in _MATMUL_ROLE_KEYS else "matmul"
     args = (a, b, dest, m, n, k, a_m, a_k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             dest.stride(0), dest.stride(1), key_h, key_v, _MATMUL_ROLE_KEYS[role])
+    consts = dict(ACCUMULATE=accumulate, **_flags(a))
+    if tma:
+        if b.stride(1) != 1 or min(a.stride()) != 1:
+            raise ValueError("matmul_triton(tma=True) needs row-major b and row- or column-major a")
+        consts["A_COL_MAJOR"] = a.stride(0) == 1 and a.stride(1) != 1
+        if a.device.type == "cuda":
+            triton.set_allocator(_tma_allocator)
+        role += "_tma"
     _run(role, a.device,
          lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-         args, dict(ACCUMULATE=accumulate, **_flags(a)), blocks)
+         args, consts, blocks)
     if dest is not c:
         c.copy_(dest)
     return c
@@ -690,14 +753,15 @@ def row_multiple(device: torch.device, impl: str) -> int:
 
 def backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate: bool, acc,
                     z_loss: float, vocab_start: int, n_valid: int, impl: str,
-                    vocab_slice: int) -> None:
+                    vocab_slice: int, tma: bool = False) -> None:
     """The backward's pass over vocabulary slices on the compacted rows ``h_a``: per slice,
     dlogits (into one reused buffer whose slices are :func:`padded_width` wide), then
-    ``grad_weight[slice]`` stored or added, then ``acc (+)= dlogits @ W[slice]``."""
+    ``grad_weight[slice]`` stored or added, then ``acc (+)= dlogits @ W[slice]``. ``tma``:
+    the two matmuls read their operands through TMA descriptors (Triton only; opt-in)."""
     n_rows, h = h_a.shape
     triton_impl = impl == "triton"
     fill = grad_logits_triton if triton_impl else grad_logits_torch
-    mm = matmul_triton if triton_impl else matmul_torch
+    mm = (lambda *a, **k: matmul_triton(*a, tma=tma, **k)) if triton_impl else matmul_torch
     s = min(vocab_slice, n_valid)
     dl_buf = torch.empty(n_rows, padded_width(s, impl), device=h_a.device, dtype=weight.dtype)
     for i, v0 in enumerate(range(0, n_valid, s)):

@@ -118,3 +118,28 @@ def test_ragged_slice_keeps_16_divisible_matmul_bounds():
     assert dl["n_cols"] == 140 and dl["n_store"] == padded_width(140) == 144
     assert gw["M"] == 140 and gw["A_M"] == 144 and gw["stride_ak"] % 16 == 0
     assert gh["K"] == 140 and gh["A_K"] == 144 and gh["stride_am"] % 16 == 0
+
+
+@pytest.mark.parametrize("role", ["grad_weight", "grad_hidden"])
+def test_tma_matmul_variant_equals_the_pointer_matmul(role):
+    """The opt-in TMA kernel (descriptors made on the device; out-of-bounds rows zero-filled
+    by the copy engine) on a ragged, padded slice, both A layouts, every config's tiles."""
+    from soda_kernels.fused_linear_cross_entropy import matmul_triton
+
+    g = torch.Generator().manual_seed(0)
+    n_a, h, width = 300, 264, 158
+    dl_buf = torch.randn(n_a, padded_width(272), generator=g)
+    dl = dl_buf[:, :padded_width(width)]
+    dl[:, width:] = 0.0  # the padding the dlogits kernel writes
+    h_a, w_s = torch.randn(n_a, h, generator=g), torch.randn(width, h, generator=g)
+    for config in CONFIGS[role]:
+        if role == "grad_weight":
+            a, b, c0 = dl.t(), h_a, torch.randn(width, h, generator=g)
+        else:
+            a, b, c0 = dl, w_s, torch.randn(n_a, h, generator=g)
+        plain, tma = c0.clone(), c0.clone()
+        matmul_triton(a, b, plain, True, name=role, blocks=config.kwargs)
+        matmul_triton(a, b, tma, True, name=role, blocks=config.kwargs, tma=True)
+        expected = c0.double() + a[:c0.shape[0], :b.shape[0]].double() @ b.double()
+        torch.testing.assert_close(tma, plain, rtol=0, atol=0)
+        torch.testing.assert_close(tma.double(), expected, rtol=1e-5, atol=1e-4)
