@@ -26,7 +26,8 @@ cuobjdump), ``spills_in_main_loop`` (local loads / stores inside the main loop's
 drains and refills at every outer iteration), ``async_copies`` and
 ``sync_loads`` (tensor loads inside the main loops: asynchronous copies vs plain loads, read
 from the pipelined TTGIR), ``narrow_loads_in_main_loop`` (global loads narrower than 16 bytes
-in the main loop's SASS), ``async_copy_bytes`` (the narrowest ``cp.async``) and ``tma``.
+in the main loop's SASS), ``narrow_stores`` (global stores narrower than 16 bytes anywhere),
+``async_copy_bytes`` (the narrowest ``cp.async``) and ``tma``.
 A main loop is a loop that contains a ``tl.dot``.
 """
 
@@ -98,13 +99,15 @@ def production_launches(dtype, scenario: Scenario = SCENARIO) -> list[tuple[str,
 
 
 def configs_of(launch) -> list[dict]:
-    """Tile configurations to compile: the autotune space of a tuned launch, else the fixed
-    one (as ``{"kwargs", "num_warps", "num_stages"}``)."""
+    """Tile configurations to compile: the autotune space of a tuned launch (less what its
+    shared-memory pruning drops), else the fixed one (``{"kwargs", "num_warps", "num_stages"}``)."""
     import soda_kernels.fused_linear_cross_entropy as flce
 
-    if launch.tuned:
+    if launch.tuned:  # what the autotuner's pruning keeps for this dtype (fp32 drops some)
+        elt = next(a.element_size() for a in launch.args if hasattr(a, "element_size"))
         return [dict(kwargs=dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in flce.CONFIGS[launch.role]]
+                for c in flce.CONFIGS[launch.role]
+                if flce.smem_estimate(launch.role, c, elt) <= flce._SMEM_BUDGET]
     blocks = {k: v for k, v in launch.consts.items() if k.isupper() and k.startswith(("BLOCK", "PIECE"))}
     return [dict(kwargs=blocks, num_warps=launch.consts.get("num_warps", 4),
                  num_stages=launch.consts.get("num_stages", 1))]
@@ -232,6 +235,8 @@ def analyse(kernel, num_warps: int) -> dict:
         "sync_loads": sum(loop["sync_loads"] for loop in loops),
         "narrow_loads_in_main_loop": sum(
             1 for ln in in_loop if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_stores": sum(1 for ln in sass.splitlines()
+                             if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
         "async_copy_bytes": min(widths) if widths else None,
         "tma": "cp.async.bulk.tensor" in ptx,
     }
@@ -312,7 +317,7 @@ def problems(row: dict) -> list[str]:
 
 _COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "spills_in_main_loop",
             "smem_bytes", "ctas_per_sm", "mma", "main_loop_nested", "async_copies", "sync_loads",
-            "narrow_loads_in_main_loop", "async_copy_bytes", "tma")
+            "narrow_loads_in_main_loop", "narrow_stores", "async_copy_bytes", "tma")
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -355,7 +360,9 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.markdown:
-        cmd = "TRITON_INTERPRET=0 python -m soda_kernels.compile_check " + " ".join(argv or sys.argv[1:])
+        flags = ["--all"] * args.all + ["--first"] * args.first + [f"--arch {args.arch}"] * (args.arch != 90)
+        cmd = " ".join(["TRITON_INTERPRET=0 python -m soda_kernels.compile_check", *flags,
+                        "--markdown", args.markdown])
         with open(args.markdown, "w") as f:
             f.write(markdown(rows, cmd))
     return 1 if any("error" in r for r in rows) else 0

@@ -69,16 +69,21 @@ IEEE fp32); bf16 / fp16 inputs multiply in their dtype with fp32 accumulation ev
 (logits, ``grad_W``, ``grad_h``); the softmax, lse and losses are fp32. On CPU fp32 is IEEE.
 
 Tuning: on CUDA each kernel is a ``triton.autotune`` over a small pruned Hopper-oriented
-space keyed on ``(H, V_local, dtypes)`` (not on N, which changes with the mask), with grouped
-("swizzled") program order in the backward kernels so programs running together share
+space keyed on ``(H, V_local, dtypes)`` (not on N, which changes with the mask); the two
+backward matmuls are separate roles with their own spaces and entries (``KEY_ROLE``: Triton's
+autotuner and its disk cache would otherwise hand grad_h the config tuned for grad_W). The
+backward kernels use grouped ("swizzled") program order so programs running together share
 weight tiles in L2 (the forward grid runs all row tiles of one vocabulary split together,
-which streams the same weight columns at the same time). The compacted rows are padded to a
-multiple of 64 on CUDA so the matmuls' main loops are software-pipelined;
-:mod:`soda_kernels.compile_check` verifies lowering, shared memory and pipelining for sm_90
-without a GPU. Under
-``TRITON_INTERPRET`` (CPU) the kernels run with one fixed small configuration. A tuned config
-is chosen per process (``cache_results`` keeps it on disk): bits are repeatable for a fixed
-config, not across a re-tune that picks another tile shape.
+which streams the same weight columns at the same time). The forward's V and H loops are one
+flattened software-pipelined loop (``tl.range(flatten=True)``). The compacted rows are padded
+to a multiple of 64 on CUDA and every ``dlogits`` slice to a multiple of 16 columns
+(:func:`padded_width`, zeros), so the matmuls' main loops are software-pipelined with 16-byte
+async copies on every slice, the ragged last one included. :mod:`soda_kernels.compile_check`
+compiles every kernel x config for sm_90a with the production arguments and reads the code
+(``benchmarks/results/sm90_codegen.md``). Under ``TRITON_INTERPRET`` (CPU) the kernels run with
+one fixed small configuration, or any GPU config through :func:`pinned_configs` (the tests run
+every one). A tuned config is chosen per process (``cache_results`` keeps it on disk): bits
+are repeatable for a fixed config, not across a re-tune that picks another tile shape.
 
 :func:`fused_linear_cross_entropy_reference` materialises all logits in fp32 (or fp64) and
 uses autograd: it is the ground truth for tests and benchmarks.
