@@ -1,17 +1,34 @@
-"""Compile the kernels ahead of time for a GPU architecture, without a GPU.
+"""sm_90a code of every kernel, compiled ahead of time without a GPU and read as PTX / SASS.
 
-Triton's wheel ships ``ptxas``, so ``triton.compile`` can lower a kernel to a cubin for
-``sm_90`` (Hopper) on a CPU-only machine. That catches what the CPU interpreter cannot:
-code that does not lower to PTX, and tile configurations that need more shared memory than
-the SM has. It says nothing about speed.
+Triton's wheel ships ``ptxas``, ``cuobjdump`` and ``nvdisasm``, so ``triton.compile`` lowers a
+kernel to an sm_90a cubin on a CPU-only machine and the result can be read. That catches what
+the CPU interpreter cannot -- code that does not lower, tiles that overflow shared memory,
+spills, loads that are not pipelined, matmuls off the tensor cores -- and says nothing about
+speed.
 
-    TRITON_INTERPRET=0 python -m soda_kernels.compile_check          # a representative set
-    TRITON_INTERPRET=0 python -m soda_kernels.compile_check --all    # every autotune config
+    TRITON_INTERPRET=0 python -m soda_kernels.compile_check                 # bf16, every config
+    TRITON_INTERPRET=0 python -m soda_kernels.compile_check --all --json FILE --markdown MD
 
-Prints one JSON line per compiled (kernel, dtype, config): the shared memory the compiler
-allocated, the estimate the autotune pruning uses (``None`` where it has none), and the
-number of async global-to-shared copies in the main loop (> 0: the loop is software-
-pipelined, loads overlapping the tensor-core work).
+**Production arguments.** The launchers of :mod:`.fused_linear_cross_entropy` and
+:mod:`.interleaved_embedding` are called on ``meta`` tensors of a production shape
+(:data:`SCENARIO`: TP1, V = 144,644, H = 2048, 8192 tokens) under
+:func:`soda_kernels._launch.record_launches`, so each kernel is compiled with the arguments
+production passes -- in particular Triton's JIT specialisation of every integer argument (a
+multiple of 16, equal to 1, or neither) -- for a full vocabulary slice and for the ragged last
+one (5380 columns, not a multiple of 16). The opt-in TMA variant of the backward matmuls
+(``*_tma``, ``matmul_triton(tma=True)``) is compiled too.
+
+One record per (kernel, slice, dtype, config): ``regs`` and ``spill_bytes`` (the stack frame;
+cuobjdump), ``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
+``smem_bytes``, ``ctas_per_sm`` (H100 limits: registers, shared memory, threads), ``mma``
+(``wgmma`` / ``mma.sync`` / ``fma``; ``none`` without a ``tl.dot``), ``async_copies`` and
+``main_loop_nested`` (the main loop runs inside another loop, so its software pipeline
+drains and refills at every outer iteration), ``async_copies`` and
+``sync_loads`` (tensor loads inside the main loops: asynchronous copies vs plain loads, read
+from the pipelined TTGIR), ``narrow_loads_in_main_loop`` (global loads narrower than 16 bytes
+in the main loop's SASS), ``narrow_stores`` (global stores narrower than 16 bytes anywhere),
+``async_copy_bytes`` (the narrowest ``cp.async``) and ``tma``.
+A main loop is a loop that contains a ``tl.dot``.
 """
 
 from __future__ import annotations
@@ -19,103 +36,336 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
 
 SMEM_PER_BLOCK_SM90 = 227 * 1024  # H100 / H200: opt-in shared memory per thread block
+SMEM_PER_SM_SM90 = 228 * 1024     # per SM; each resident block also reserves 1 KB
+REGS_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 2048, 32
 
 
-def _compile(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int):
-    """(shared bytes, async copies in the TTGIR) of ``fn`` compiled as the JIT would at run
-    time: pointers and integer arguments marked divisible by 16 (torch allocations, H, the
-    slice width and the padded row count are; see ``row_multiple``), unit strides constant."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@dataclass(frozen=True)
+class Scenario:
+    """The production shape whose launches are compiled (one TP rank's problem)."""
 
-    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name not in constexprs and (types[name].startswith("*") or types[name] == "i32")}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    return kernel.metadata.shared, kernel.asm["ttgir"].count("async_copy_global_to_local")
+    tokens: int = 8192
+    hidden: int = 2048
+    vocab: int = 144_644  # SODA: 128,000 text ids + specials + audio codes; 144,644 % 16 = 4
 
 
-def cases(all_configs: bool):
-    """(name, dtype, fn, types, constexprs, config, smem estimate) to compile."""
+SCENARIO = Scenario()
+
+
+# ============================================================================ production launches
+def production_launches(dtype, scenario: Scenario = SCENARIO) -> list[tuple[str, object]]:
+    """``(slice, Launch)`` of one forward + backward of both kernels at ``scenario``, recorded
+    from the real launchers on ``meta`` tensors; ``slice`` is ``all``, ``full`` or ``last``."""
+    import torch
+
     import soda_kernels.fused_linear_cross_entropy as flce
     import soda_kernels.interleaved_embedding as emb
+    from soda_kernels._launch import record_launches
+
+    meta = torch.device("meta")
+    n, h, v = scenario.tokens, scenario.hidden, scenario.vocab
+    out: list[tuple[str, object]] = []
+    with record_launches() as calls:
+        hidden = torch.empty(n, h, dtype=dtype, device=meta)
+        weight = torch.empty(v, h, dtype=dtype, device=meta)
+        labels = torch.empty(n, dtype=torch.long, device=meta)
+        flce.lse_partials_triton(hidden, weight, labels, 0, v)
+        out += [("all", c) for c in calls]
+        calls.clear()
+        vocab_slice = flce.default_vocab_slice(h, v, meta)
+        lse, g = torch.empty(n, device=meta), torch.empty(n, device=meta)
+        acc = torch.empty(n, h, device=meta)
+        main_grad = torch.empty(v, h, device=meta)
+        per_slice = 3  # dlogits, grad_W, grad_h
+        for tma in (False, True):  # TMA: the opt-in variant of the two matmuls
+            flce.backward_slices(hidden, weight, labels, lse, g, main_grad, True, acc, 0.0, 0, v,
+                                 "triton", vocab_slice, tma=tma)
+            keep = [c for c in calls if c.role != "dlogits"] if tma else calls
+            per = per_slice - tma
+            out += [("full", c) for c in keep[:per]] + [("last", c) for c in keep[-per:]]
+            calls.clear()
+        ids = torch.empty(n, dtype=torch.long, device=meta)
+        emb.embedding_backward_triton(torch.empty(n, h, dtype=dtype, device=meta), ids, 0, v)
+        out += [("all", c) for c in calls]
+    return out
+
+
+def configs_of(launch) -> list[dict]:
+    """Tile configurations to compile: the autotune space of a tuned launch (less what its
+    shared-memory pruning drops), else the fixed one (``{"kwargs", "num_warps", "num_stages"}``)."""
+    import soda_kernels.fused_linear_cross_entropy as flce
+
+    if launch.tuned:  # what the autotuner's pruning keeps for this dtype (fp32 drops some)
+        elt = next(a.element_size() for a in launch.args if hasattr(a, "element_size"))
+        return [dict(kwargs=dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+                for c in flce.CONFIGS[launch.role]
+                if flce.smem_estimate(launch.role, c, elt) <= flce._SMEM_BUDGET]
+    blocks = {k: v for k, v in launch.consts.items() if k.isupper() and k.startswith(("BLOCK", "PIECE"))}
+    return [dict(kwargs=blocks, num_warps=launch.consts.get("num_warps", 4),
+                 num_stages=launch.consts.get("num_stages", 1))]
+
+
+class _Pointer:
+    """What Triton's JIT specialises a tensor argument on: its dtype and its address (a meta
+    tensor has none: a 256-byte aligned base plus the view's offset, as a CUDA allocation)."""
+
+    def __init__(self, t):
+        self.dtype = t.dtype
+        self._ptr = (1 << 32) + t.storage_offset() * t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def compile_launch(launch, config: dict, arch: int = 90):
+    """``triton.compile`` ``launch``'s kernel with its recorded arguments and ``config``."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args = [_Pointer(a) if isinstance(a, torch.Tensor) else a for a in launch.args]
+    kwargs = dict(launch.consts, **config["kwargs"], num_warps=config["num_warps"],
+                  num_stages=config["num_stages"])
+    if kwargs.get("PRECISION") == "ieee" and any(getattr(a, "dtype", None) == torch.float32
+                                                 for a in launch.args[:2]):
+        kwargs["PRECISION"] = "tf32"  # fp32 training runs with TF32 matmuls (dot_precision)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+# ============================================================================ reading the code
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cubin_tools(cubin: bytes) -> tuple[dict, str]:
+    """(resource usage of the kernel function, SASS) via the wheel's cuobjdump / nvdisasm."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}, sass
+
+
+def _ttgir_loops(ttgir: str) -> list[dict]:
+    """Per ``scf.for`` with a dot in its own body: dots, tensor ``tt.load``s, async copies."""
+    loops, stack, depth = [], [], 0
+    for line in ttgir.splitlines():
+        if "scf.for" in line:
+            stack.append((depth, {"dots": 0, "sync_loads": 0, "async_copies": 0,
+                                  "nested": bool(stack)}))
+        if stack:
+            body = stack[-1][1]
+            if "tt.dot " in line or "warp_group_dot " in line:
+                body["dots"] += 1
+            if re.search(r"= tt\.load .*: tensor<", line):
+                body["sync_loads"] += 1
+            if "async_copy_global_to_local" in line or "async_tma_copy" in line or "tt.descriptor_load" in line:
+                body["async_copies"] += 1
+        depth += line.count("{") - line.count("}")
+        while stack and depth <= stack[-1][0]:
+            loops.append(stack.pop()[1])
+    return [loop for loop in loops if loop["dots"]]
+
+
+def _sass_main_loops(sass: str) -> list[list[str]]:
+    """SASS instruction lines of each loop (a label with a later branch back to it) holding
+    a matrix instruction (HGMMA / HMMA) or, without one, an FFMA."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA `?\(?(\.L_x_\d+)\)?", ln)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            loops.append(lines[labels[m.group(1)]:i + 1])
+    mma = [b for b in loops if any(("HGMMA" in ln or "HMMA" in ln) for ln in b)]
+    return mma or [b for b in loops if any("FFMA" in ln for ln in b)]
+
+
+def ctas_per_sm(regs: int, smem: int, num_warps: int) -> int:
+    """Resident blocks per H100 SM: registers (256 per warp granule), shared memory, threads."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // num_warps
+    by_smem = SMEM_PER_SM_SM90 // (smem + 1024)
+    by_threads = THREADS_PER_SM // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, BLOCKS_PER_SM))
+
+
+def analyse(kernel, num_warps: int) -> dict:
+    """The record's code facts of one compiled kernel."""
+    usage, sass = _cubin_tools(kernel.asm["cubin"])
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    has_dot = "tt.dot" in kernel.asm["ttir"]
+    mma = ("wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx
+           else "fma" if has_dot else "none")
+    loops = _ttgir_loops(ttgir)
+    sass_loops = _sass_main_loops(sass) if has_dot else []
+    in_loop = [ln for loop in sass_loops for ln in loop]
+    widths = [int(w, 16) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*, (0x[0-9a-f]+)", ptx)]
+    smem = kernel.metadata.shared
+    return {
+        "regs": usage["REG"], "spill_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
+        "spills_in_main_loop": sum(1 for ln in in_loop if re.search(r"\b(LDL|STL)\b", ln)),
+        "smem_bytes": smem, "ctas_per_sm": ctas_per_sm(usage["REG"], smem, num_warps),
+        "mma": mma, "main_loops": len(loops),
+        "main_loop_nested": any(loop["nested"] for loop in loops),
+        "async_copies": sum(loop["async_copies"] for loop in loops),
+        "sync_loads": sum(loop["sync_loads"] for loop in loops),
+        "narrow_loads_in_main_loop": sum(
+            1 for ln in in_loop if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_stores": sum(1 for ln in sass.splitlines()
+                             if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
+        "async_copy_bytes": min(widths) if widths else None,
+        "tma": "cp.async.bulk.tensor" in ptx,
+    }
+
+
+# ============================================================================ records
+KERNEL_NAMES = {"lse": "lse_partials", "dlogits": "grad_logits", "grad_weight": "matmul_grad_weight",
+                "grad_hidden": "matmul_grad_hidden", "grad_weight_tma": "matmul_grad_weight_tma",
+                "grad_hidden_tma": "matmul_grad_hidden_tma", "embedding_pieces": "embedding_pieces",
+                "embedding_merge": "embedding_merge"}
+
+
+def _jobs(dtypes, only_first: bool) -> list[tuple[str, int, int]]:
+    """``(dtype, launch index, config index)`` of every record to compile."""
+    import torch
 
     out = []
-    for dt in ("bf16", "fp32"):
-        p, elt = f"*{dt}", 2 if dt == "bf16" else 4
-        prec = "tf32" if dt == "bf16" else "ieee"
-        mm = dict(a_ptr=p, b_ptr=p, c_ptr="*fp32", M="i32", N="i32", K="i32", stride_am="i32",
-                  stride_ak="i32", stride_bk="i32", stride_bn="i32", stride_cm="i32",
-                  stride_cn="i32", KEY_H="i32", KEY_V="i32")
-        dl = dict(h_ptr=p, w_ptr=p, label_ptr="*i64", lse_ptr="*fp32", g_ptr="*fp32", dl_ptr=p,
-                  N="i32", H="i32", n_cols="i32", col_start="i32", z_loss="fp32", stride_h="i32",
-                  stride_w="i32", stride_dl="i32", KEY_V="i32")
-        lse = dict(h_ptr=p, w_ptr=p, label_ptr="*i64", m_ptr="*fp32", s_ptr="*fp32",
-                   t_ptr="*fp32", N="i32", H="i32", n_valid="i32", vocab_start="i32",
-                   splits="i32", stride_h="i32", stride_w="i32")
-        for name, fn, types, configs, dims, extra in (
-                # grad_W = dlogits^T h_a (A transposed) and grad_h = dlogits W (A row-major)
-                ("matmul_grad_weight", flce._matmul_kernel, mm, flce._MATMUL_CONFIGS,
-                 ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-                 {"ACCUMULATE": True, "stride_am": 1, "stride_bn": 1, "stride_cn": 1}),
-                ("matmul_grad_hidden", flce._matmul_kernel, mm, flce._MATMUL_CONFIGS,
-                 ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-                 {"ACCUMULATE": True, "stride_ak": 1, "stride_bn": 1, "stride_cn": 1}),
-                ("grad_logits", flce._grad_logits_kernel, dl, flce._DLOGITS_CONFIGS,
-                 ("BLOCK_N", "BLOCK_H", "BLOCK_V"), {}),
-                ("lse_partials", flce._lse_partials_kernel, lse, flce._LSE_CONFIGS,
-                 ("BLOCK_N", "BLOCK_H", "BLOCK_V"), {})):
-            chosen = configs if all_configs else configs[:1]
-            if not all_configs and dt == "fp32":
-                continue  # the bf16 configs are the production path
-            for cfg in chosen:
-                a, k, b = (cfg.kwargs[d] for d in dims)
-                est = (a + b) * k * elt * cfg.num_stages
-                consts = dict(cfg.kwargs, UPCAST=False, PRECISION=prec, **extra)
-                out.append((name, dt, fn, types, consts, (cfg.num_warps, cfg.num_stages), est))
-    for dt in ("bf16",) if not all_configs else ("bf16", "fp32"):
-        pieces = dict(keys_ptr="*i64", perm_ptr="*i64", grad_ptr=f"*{dt}", dw_ptr=f"*{dt}",
-                      head_ptr="*fp32", tail_ptr="*fp32", N="i32", H="i32", V_local="i32",
-                      stride_g="i32", stride_dw="i32", stride_p="i32")
-        merge = dict(keys_ptr="*i64", dw_ptr=f"*{dt}", head_ptr="*fp32", tail_ptr="*fp32",
-                     N="i32", H="i32", V_local="i32", stride_dw="i32", stride_p="i32")
-        blocks = dict(PIECE=64, BLOCK_H=64)
-        out.append(("embedding_pieces", dt, emb._embedding_bwd_pieces_kernel, pieces, blocks,
-                    (4, 1), None))
-        out.append(("embedding_merge", dt, emb._embedding_bwd_merge_kernel, merge, blocks,
-                    (4, 1), None))
+    for dt in dtypes:
+        for i, (_, launch) in enumerate(production_launches(_DTYPES[dt](torch))):
+            out += [(dt, i, j) for j in range(1 if only_first else len(configs_of(launch)))]
     return out
+
+
+_DTYPES = {"bf16": lambda torch: torch.bfloat16, "fp32": lambda torch: torch.float32}
+
+
+def record(job: tuple[str, int, int], arch: int = 90) -> dict:
+    """Compile and read one ``(dtype, launch index, config index)``; ``error`` if it fails."""
+    import torch
+
+    dt, i, j = job
+    part, launch = production_launches(_DTYPES[dt](torch))[i]
+    config = configs_of(launch)[j]
+    row = {"kernel": KERNEL_NAMES.get(launch.role, launch.role), "slice": part, "dtype": dt,
+           "config": dict(config["kwargs"], num_warps=config["num_warps"],
+                          num_stages=config["num_stages"])}
+    try:
+        row.update(analyse(compile_launch(launch, config, arch), config["num_warps"]))
+        row["fits"] = row["smem_bytes"] <= SMEM_PER_BLOCK_SM90
+    except Exception as err:  # noqa: BLE001 - reported per kernel
+        row["error"] = f"{type(err).__name__}: {err}"[:500]
+    return row
+
+
+def records(dtypes=("bf16",), arch: int = 90, only_first: bool = False, jobs: int = 1):
+    """Every record, in a fixed order; ``jobs`` processes compile in parallel."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    todo = _jobs(dtypes, only_first)
+    if jobs <= 1:
+        yield from map(partial(record, arch=arch), todo)
+        return
+    with ProcessPoolExecutor(jobs) as pool:
+        yield from pool.map(partial(record, arch=arch), todo)
+
+
+def problems(row: dict) -> list[str]:
+    """What the CI test refuses in a bf16 record (empty: the code is as intended)."""
+    if "error" in row:
+        return [row["error"]]
+    out = []
+    if not row["fits"]:
+        out.append(f"shared memory {row['smem_bytes']} > {SMEM_PER_BLOCK_SM90}")
+    if row["mma"] not in ("wgmma", "none"):
+        out.append(f"tl.dot lowers to {row['mma']}, not wgmma")
+    if row.get("main_loop_nested"):
+        out.append("main loop nested in another loop: its pipeline drains every outer step")
+    if row["spills_in_main_loop"]:
+        out.append(f"{row['spills_in_main_loop']} spill instructions in the main loop")
+    if row["main_loops"] and (row["sync_loads"] or not row["async_copies"]):
+        out.append(f"main loop: {row['sync_loads']} synchronous tensor loads, "
+                   f"{row['async_copies']} async copies")
+    if row["narrow_loads_in_main_loop"]:
+        out.append(f"{row['narrow_loads_in_main_loop']} narrow global loads in the main loop")
+    return out
+
+
+_COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "spills_in_main_loop",
+            "smem_bytes", "ctas_per_sm", "mma", "main_loop_nested", "async_copies", "sync_loads",
+            "narrow_loads_in_main_loop", "narrow_stores", "async_copy_bytes", "tma")
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    def cell(row, key):
+        v = row.get(key, "")
+        if key == "config":
+            return " ".join(f"{k.replace('BLOCK_', '')}={x}" for k, x in v.items())
+        return str(v)
+
+    head = ["# sm_90a code of the Triton kernels (generated, do not edit)", "",
+            f"Generated by `{command}` (no GPU: compiled for sm_90a with the ptxas, cuobjdump",
+            "and nvdisasm of Triton's wheel; production arguments of TP1, V = 144,644, H = 2048,",
+            "8192 tokens; `last` = the ragged last vocabulary slice). Code facts, not timings:",
+            "see `soda_kernels/compile_check.py` for each column.", "",
+            "| " + " | ".join(_COLUMNS) + " | problems |", "|" + "---|" * (len(_COLUMNS) + 1)]
+    body = ["| " + " | ".join(cell(r, k) for k in _COLUMNS) + " | "
+            + ("; ".join(problems(r)) if r["dtype"] == "bf16" else "") + " |" for r in rows]
+    return "\n".join(head + body) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--all", action="store_true", help="every autotune config, both dtypes")
+    parser.add_argument("--all", action="store_true", help="bf16 and fp32 (default: bf16)")
+    parser.add_argument("--first", action="store_true", help="only each kernel's first config")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per CPU)")
+    parser.add_argument("--json", metavar="FILE", help="write every record as a JSON list")
+    parser.add_argument("--markdown", metavar="FILE", help="write the records as a table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    failed = 0
-    for name, dt, fn, types, consts, (warps, stages), est in cases(args.all):
-        row = {"kernel": name, "dtype": dt, "config": {k: v for k, v in consts.items()
-                                                      if k.isupper() and k != "PRECISION"
-                                                      or k.startswith("stride")},
-               "num_warps": warps, "num_stages": stages, "smem_estimate": est}
-        try:
-            row["smem"], row["async_copies"] = _compile(fn, types, consts, warps, stages,
-                                                        args.arch)
-            row["fits"] = row["smem"] <= SMEM_PER_BLOCK_SM90
-        except Exception as err:  # noqa: BLE001 - reported per kernel
-            row["error"] = f"{type(err).__name__}: {err}"[:500]
-            failed += 1
+    rows: list[dict] = []
+    for row in records(("bf16", "fp32") if args.all else ("bf16",), args.arch, args.first,
+                       args.jobs):
+        rows.append(row)
         print(json.dumps(row), flush=True)
-    return 1 if failed else 0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.markdown:
+        flags = ["--all"] * args.all + ["--first"] * args.first + [f"--arch {args.arch}"] * (args.arch != 90)
+        cmd = " ".join(["TRITON_INTERPRET=0 python -m soda_kernels.compile_check", *flags,
+                        "--markdown", args.markdown])
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, cmd))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -69,16 +69,21 @@ IEEE fp32); bf16 / fp16 inputs multiply in their dtype with fp32 accumulation ev
 (logits, ``grad_W``, ``grad_h``); the softmax, lse and losses are fp32. On CPU fp32 is IEEE.
 
 Tuning: on CUDA each kernel is a ``triton.autotune`` over a small pruned Hopper-oriented
-space keyed on ``(H, V_local, dtypes)`` (not on N, which changes with the mask), with grouped
-("swizzled") program order in the backward kernels so programs running together share
+space keyed on ``(H, V_local, dtypes)`` (not on N, which changes with the mask); the two
+backward matmuls are separate roles with their own spaces and entries (``KEY_ROLE``: Triton's
+autotuner and its disk cache would otherwise hand grad_h the config tuned for grad_W). The
+backward kernels use grouped ("swizzled") program order so programs running together share
 weight tiles in L2 (the forward grid runs all row tiles of one vocabulary split together,
-which streams the same weight columns at the same time). The compacted rows are padded to a
-multiple of 64 on CUDA so the matmuls' main loops are software-pipelined;
-:mod:`soda_kernels.compile_check` verifies lowering, shared memory and pipelining for sm_90
-without a GPU. Under
-``TRITON_INTERPRET`` (CPU) the kernels run with one fixed small configuration. A tuned config
-is chosen per process (``cache_results`` keeps it on disk): bits are repeatable for a fixed
-config, not across a re-tune that picks another tile shape.
+which streams the same weight columns at the same time). The forward's V and H loops are one
+flattened software-pipelined loop (``tl.range(flatten=True)``). The compacted rows are padded
+to a multiple of 64 on CUDA and every ``dlogits`` slice to a multiple of 16 columns
+(:func:`padded_width`, zeros), so the matmuls' main loops are software-pipelined with 16-byte
+async copies on every slice, the ragged last one included. :mod:`soda_kernels.compile_check`
+compiles every kernel x config for sm_90a with the production arguments and reads the code
+(``benchmarks/results/sm90_codegen.md``). Under ``TRITON_INTERPRET`` (CPU) the kernels run with
+one fixed small configuration, or any GPU config through :func:`pinned_configs` (the tests run
+every one). A tuned config is chosen per process (``cache_results`` keeps it on disk): bits
+are repeatable for a fixed config, not across a re-tune that picks another tile shape.
 
 :func:`fused_linear_cross_entropy_reference` materialises all logits in fp32 (or fp64) and
 uses autograd: it is the ground truth for tests and benchmarks.
@@ -91,6 +96,7 @@ crosses the op boundary as its name (see :mod:`._vocab_parallel`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -99,6 +105,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from soda_kernels._launch import gpu_like, launch
 from soda_kernels._vocab_parallel import (
     check_triton_tensors,
     combine_across_ranks,
@@ -211,7 +218,11 @@ def _lse_partials_kernel(h_ptr, w_ptr, label_ptr, m_ptr, s_ptr, t_ptr,
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
+    # NOTE: flatten=True makes Triton's pipeliner fuse this loop with the H loop inside
+    # _logits_tile into one software-pipelined loop: the next V tile's loads are in flight
+    # while this tile's softmax runs, instead of a drain and a new prologue per V tile
+    # (compile_check: one main loop, not nested).
+    for v0 in tl.range(v_lo, v_hi, BLOCK_V, flatten=True):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
         x = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
@@ -230,14 +241,16 @@ def _lse_partials_kernel(h_ptr, w_ptr, label_ptr, m_ptr, s_ptr, t_ptr,
 
 @triton.jit
 def _grad_logits_kernel(h_ptr, w_ptr, label_ptr, lse_ptr, g_ptr, dl_ptr,
-                        N, H, n_cols, col_start, z_loss, stride_h, stride_w, stride_dl,
+                        N, H, n_cols, n_store, col_start, z_loss, stride_h, stride_w, stride_dl,
                         KEY_V,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``dl[n, v] = g_n * (softmax_n,v * (1 + 2 z lse_n) - [v == y_n])`` for one tile of the
     slice ``W[0:n_cols]`` (``w_ptr`` points at the slice; its first column has global id
-    ``col_start``). ``KEY_V`` only keys the autotuner."""
-    pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V),
+    ``col_start``); columns ``[n_cols, n_store)`` of ``dl`` get exact zeros (the padding that
+    keeps the slice width, and so the store and the matmuls' loads, 16-divisible).
+    ``KEY_V`` only keys the autotuner."""
+    pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_store, BLOCK_V),
                             GROUP_M)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -252,22 +265,26 @@ def _grad_logits_kernel(h_ptr, w_ptr, label_ptr, lse_ptr, g_ptr, dl_ptr,
     d = p * (1.0 + 2.0 * z_loss * lse)[:, None]
     d = d - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
     # NOTE: where() rather than multiply, so rows with g = 0 stay 0 even if p overflowed.
-    d = tl.where((g != 0.0)[:, None], d * g[:, None], 0.0)
+    d = tl.where((g != 0.0)[:, None] & col_ok[None, :], d * g[:, None], 0.0)
     ptrs = dl_ptr + rows.to(tl.int64)[:, None] * stride_dl + cols[None, :]
-    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < n_store)[None, :])
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, KEY_H, KEY_V,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak, stride_bk,
+                   stride_bn, stride_cm, stride_cn, KEY_H, KEY_V, KEY_ROLE,
                    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
                    PRECISION: tl.constexpr):
     """``C (+)= A @ B`` with fp32 accumulation, each C tile written once by one program.
 
-    Any strides (transposes are free); ``ACCUMULATE`` adds the fp32 tile to C's current
-    value (Megatron's ``main_grad``, or the fp32 ``grad_h`` accumulator) before the store.
-    ``KEY_H`` / ``KEY_V`` only key the autotuner.
+    ``C`` is ``[M, N]``, ``B`` ``[K, N]``; ``A`` is loaded as ``[A_M, A_K]`` (``A_M >= M``,
+    ``A_K >= K``, the extra rows / columns zeros: the dlogits slice padded to a 16-divisible
+    width, so A's loads stay vectorised and asynchronous on the last, ragged slice; rows of
+    ``B`` beyond ``K`` are masked, never read). Any strides (transposes are free);
+    ``ACCUMULATE`` adds the fp32 tile to C's current value (Megatron's ``main_grad``, or the
+    fp32 ``grad_h`` accumulator) before the store. ``KEY_H`` / ``KEY_V`` / ``KEY_ROLE`` only
+    key the autotuner (``KEY_ROLE`` keeps the two backward matmuls' entries apart).
     """
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -281,10 +298,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    a_m_ok = rm < A_M
+    for k0 in range(0, A_K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=a_m_ok[:, None] & (rk < A_K - k0)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(rk < K - k0)[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)  # NOTE: see _logits_tile (interpreter bf16 tl.dot)
             b = b.to(tl.float32)
@@ -298,14 +315,58 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
+@triton.jit
+def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak, stride_bk,
+                       stride_bn, stride_cm, stride_cn, KEY_H, KEY_V, KEY_ROLE,
+                       A_COL_MAJOR: tl.constexpr, ACCUMULATE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """:func:`_matmul_kernel` with both operands read through TMA tensor descriptors (made on
+    the device, ``tl.make_tensor_descriptor``; Hopper's copy engine zero-fills out-of-bounds
+    rows, so ``B``'s rows past ``K`` need no mask). Same arguments; ``B`` and ``A`` (or ``A^T``
+    when ``A_COL_MAJOR``, the dlogits of ``grad_W``) must be row-major with 16-byte aligned row
+    strides. Opt-in (``matmul_triton(tma=True)``): compiled and checked for sm_90a, not timed."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    if A_COL_MAJOR:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[A_K, A_M], strides=[stride_ak, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[A_M, A_K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                       block_shape=[BLOCK_K, BLOCK_N])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, A_K, BLOCK_K):
+        if A_COL_MAJOR:
+            a = tl.trans(a_desc.load([k0, off_m]))
+        else:
+            a = a_desc.load([off_m, k0])
+        b = b_desc.load([k0, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)  # NOTE: see _logits_tile (interpreter bf16 tl.dot)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c_ok = (rm < M)[:, None] & (rn < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
+
+
 # ============================================================================ tuning
 def _cfg(num_warps, num_stages, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-# NOTE: Hopper-oriented spaces, kept small (each distinct (H, V_local, dtype) key benchmarks
-# every surviving config once). Not measured in the session that wrote them (no GPU); the
-# GPU campaign (benchmarks/gpu_campaign.py) is where they are validated and pruned further.
+# NOTE: Hopper-oriented spaces, kept small (each distinct key benchmarks every surviving
+# config once). Not timed in the session that wrote them (no GPU): their sm_90a code
+# (registers, spills, shared memory, CTAs per SM, wgmma, async copies) is what
+# ``python -m soda_kernels.compile_check`` reports (benchmarks/results/sm90_codegen.md); the
+# GPU campaign (benchmarks/gpu_campaign.sh) is where they are timed and pruned further.
 _LSE_CONFIGS = [
     _cfg(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64),
     _cfg(4, 4, BLOCK_N=64, BLOCK_V=128, BLOCK_H=64),
@@ -318,42 +379,79 @@ _DLOGITS_CONFIGS = [
     _cfg(4, 4, BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_M=8),
 ]
-_MATMUL_CONFIGS = [
+# grad_W = dlogits^T @ h_a: M = slice width, N = H, K = active rows; A is column-major.
+_GRAD_W_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
 ]
+# grad_h += dlogits @ W[slice]: M = active rows, N = H, K = slice width; A is row-major.
+_GRAD_H_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+]
+#: Autotune space of each launch role (the ``role`` of :func:`soda_kernels._launch.launch`).
+CONFIGS = {"lse": _LSE_CONFIGS, "dlogits": _DLOGITS_CONFIGS, "grad_weight": _GRAD_W_CONFIGS,
+           "grad_hidden": _GRAD_H_CONFIGS, "matmul": _GRAD_H_CONFIGS,
+           "grad_weight_tma": _GRAD_W_CONFIGS, "grad_hidden_tma": _GRAD_H_CONFIGS,
+           "matmul_tma": _GRAD_H_CONFIGS}
+#: ``KEY_ROLE`` of each matmul role: Triton's autotuner (and its on-disk cache) keys on the
+#: wrapped kernel, the configs and the key values, so without it grad_W and grad_h (same
+#: kernel, same H, V, ACCUMULATE) would share one entry and one tuned config.
+_MATMUL_ROLE_KEYS = {"matmul": 0, "grad_weight": 1, "grad_hidden": 2}
+_TUNE_KEYS = {"lse": ["H", "n_valid"], "dlogits": ["H", "KEY_V"],
+              "matmul": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"],
+              "matmul_tma": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"]}
 _SMEM_BUDGET = 200 * 1024  # H100 / H200: 228 KB of shared memory per SM, leave room
+_TILE_DIMS = {"lse": ("BLOCK_N", "BLOCK_H", "BLOCK_V"), "dlogits": ("BLOCK_N", "BLOCK_H", "BLOCK_V"),
+              "matmul": ("BLOCK_M", "BLOCK_K", "BLOCK_N"), "matmul_tma": ("BLOCK_M", "BLOCK_K", "BLOCK_N")}
 
 
-def _prune(names):
+def _kind(role: str) -> str:
+    if role in ("lse", "dlogits"):
+        return role
+    return "matmul_tma" if role.endswith("_tma") else "matmul"
+
+
+def smem_estimate(role: str, config: triton.Config, elt: int) -> int:
+    """Bytes of the pipelined operand tiles of ``config`` (``elt`` bytes per element)."""
+    a_m, a_k, b_n = _TILE_DIMS[_kind(role)]
+    return (config.kwargs[a_m] + config.kwargs[b_n]) * config.kwargs[a_k] * elt * config.num_stages
+
+
+def _prune(role: str):
     """Drop configs whose pipelined operand tiles overflow shared memory (fp32 tiles double)."""
-    a_m, a_k, b_n = names
 
     def prune(configs, named_args, **kwargs):
         elt = next(v.element_size() for v in named_args.values() if hasattr(v, "element_size"))
         if named_args.get("UPCAST") or kwargs.get("UPCAST"):
             elt = 4
-        keep = [c for c in configs if (c.kwargs[a_m] + c.kwargs[b_n]) * c.kwargs[a_k] * elt
-                * c.num_stages <= _SMEM_BUDGET]
+        keep = [c for c in configs if smem_estimate(role, c, elt) <= _SMEM_BUDGET]
         return keep or configs[-1:]
 
     return prune
 
 
+_KERNELS = {"lse": _lse_partials_kernel, "dlogits": _grad_logits_kernel, "matmul": _matmul_kernel,
+            "matmul_tma": _matmul_tma_kernel}
 _TUNED = {}
 
 
-def _tuned(kernel, configs, key, prune, restore=None):
-    """The autotuned wrapper of ``kernel`` (built once, only when a CUDA launch needs it)."""
-    name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
-    if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=configs, key=key, restore_value=restore,
-                                       prune_configs_by={"early_config_prune": prune},
-                                       cache_results=True)(kernel)
-    return _TUNED[name]
+def autotuner(role: str):
+    """The ``triton.autotune`` wrapper of ``role``'s kernel (one per role, built on first use)."""
+    if role not in _TUNED:
+        kind = _kind(role)
+        _TUNED[role] = triton.autotune(
+            configs=CONFIGS[role], key=_TUNE_KEYS[kind],
+            restore_value=["c_ptr"] if kind.startswith("matmul") else None,
+            prune_configs_by={"early_config_prune": _prune(role)}, cache_results=True,
+        )(_KERNELS[kind])
+    return _TUNED[role]
 
 
 # Fixed configurations: the CPU interpreter (cost grows with the number of programs, so tiles
@@ -363,21 +461,54 @@ _CPU = {"lse": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=32),
         "matmul": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)}
 
 
+_PINNED: dict = {}
+
+
+@contextmanager
+def pinned_configs(configs: dict):
+    """Within the block, launches of each role in ``configs`` (``lse``, ``dlogits``,
+    ``grad_weight``, ``grad_hidden``; a ``triton.Config`` or its block sizes) use that tile
+    configuration instead of the autotuner's or the CPU's. Tests run every GPU config through
+    the interpreter with it; on a GPU it reproduces one config's bits without a re-tune."""
+    saved = dict(_PINNED)
+    _PINNED.update({role: dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                    if isinstance(c, triton.Config) else dict(c) for role, c in configs.items()})
+    try:
+        yield
+    finally:
+        _PINNED.clear()
+        _PINNED.update(saved)
+
+
 def _flags(x: torch.Tensor) -> dict:
     return dict(UPCAST=interpreting() and x.dtype != torch.float32,
                 PRECISION=dot_precision(x.dtype, x.device))
 
 
 def _use_tuner(device: torch.device, blocks: Optional[dict]) -> bool:
-    return device.type == "cuda" and blocks is None and not interpreting()
+    return gpu_like(device) and blocks is None and not interpreting()
+
+
+def _run(role: str, device: torch.device, grid, args: tuple, consts: dict,
+         blocks: Optional[dict]) -> None:
+    """Launch ``role``'s kernel: autotuned on a GPU, else with ``blocks`` or the CPU tiles.
+    ``grid`` maps the tile configuration to the launch grid."""
+    kernel = _KERNELS[_kind(role)]
+    blocks = blocks or _PINNED.get(role)
+    if _use_tuner(device, blocks):
+        launch(role, kernel, lambda meta: grid(meta), args, consts, tuner=lambda: autotuner(role))
+    else:
+        cfg = dict(blocks or _CPU[_kind(role)])
+        launch(role, kernel, grid(cfg), args, {**consts, **cfg})
 
 
 # ============================================================================ launchers
 def _lse_splits(n: int, n_valid: int, device: torch.device) -> int:
     """Vocabulary splits of the forward grid: enough programs to fill the GPU (~4 per SM)."""
-    if device.type != "cuda" or interpreting():
+    if not gpu_like(device) or interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 132)  # meta: an H100 SXM
     return max(1, min(triton.cdiv(4 * sms, triton.cdiv(n, 128)), triton.cdiv(n_valid, 128)))
 
 
@@ -396,51 +527,65 @@ def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,
         return merge_partials(stats[0], stats[1], stats[2], dim=0)
     args = (hidden, weight, labels, stats[0], stats[1], stats[2], n, h, n_valid, vocab_start,
             splits, hidden.stride(0), weight.stride(0))
-    if _use_tuner(hidden.device, blocks):
-        kernel = _tuned(_lse_partials_kernel, _LSE_CONFIGS, ["H", "n_valid"],
-                        _prune(("BLOCK_N", "BLOCK_H", "BLOCK_V")))
-        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **_flags(hidden))
-    else:
-        cfg = dict(blocks or _CPU["lse"])
-        _lse_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](*args, **_flags(hidden),
-                                                                        **cfg)
+    _run("lse", hidden.device, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits), args,
+         _flags(hidden), blocks)
     return merge_partials(stats[0], stats[1], stats[2], dim=0)
+
+
+def padded_width(cols: int, impl: str = "triton") -> int:
+    """Columns of a ``dlogits`` slice of ``cols`` vocabulary columns: for ``impl="triton"``
+    rounded up to a multiple of 16 (the extra columns hold zeros). A ragged last slice (TP1
+    V = 144,644; TP2 rank 1; TP8 rank 7) then keeps 16-divisible bounds, and Triton keeps the
+    dlogits stores and the matmuls' operand loads vectorised and asynchronous (with a width
+    that is not a multiple of 16 they fall back to scalar 2-byte loads inside the main loop;
+    ``compile_check`` shows both)."""
+    return cols + (-cols % 16) if impl == "triton" else cols
 
 
 def grad_logits_triton(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss: float, out,
                        key_v: Optional[int] = None, blocks: Optional[dict] = None):
-    """Fill ``out`` (``[rows, S]``, any row stride) with ``dloss/dlogits`` of the slice
-    ``w_slice [S, H]`` whose first row has global id ``col_start``."""
+    """Fill ``out`` (``[rows, >= S]``, any row stride) with ``dloss/dlogits`` of the slice
+    ``w_slice [S, H]`` whose first row has global id ``col_start``; columns of ``out`` beyond
+    ``S`` (the :func:`padded_width` padding) get zeros."""
     check_triton_tensors(h_a, w_slice)
     rows, h = h_a.shape
-    cols = w_slice.shape[0]
+    cols, store = w_slice.shape[0], out.shape[1]
     WORK.add("dlogits", rows, cols, h)
     if rows == 0 or cols == 0:
+        out.zero_()
         return out
     # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
     # even); there the kernel writes fp32 and torch rounds.
     dest = out if out.dtype == torch.float32 or not interpreting() else out.float()
-    args = (h_a, w_slice, labels_a, lse_a, g_a, dest, rows, h, cols, col_start, float(z_loss),
-            h_a.stride(0), w_slice.stride(0), dest.stride(0), key_v or cols)
-    if _use_tuner(h_a.device, blocks):
-        kernel = _tuned(_grad_logits_kernel, _DLOGITS_CONFIGS, ["H", "KEY_V"],
-                        _prune(("BLOCK_N", "BLOCK_H", "BLOCK_V")))
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(cols, meta["BLOCK_V"]),)
-        kernel[grid](*args, **_flags(h_a))
-    else:
-        cfg = dict(blocks or _CPU["dlogits"])
-        grid = (triton.cdiv(rows, cfg["BLOCK_N"]) * triton.cdiv(cols, cfg["BLOCK_V"]),)
-        _grad_logits_kernel[grid](*args, **_flags(h_a), **cfg)
+    args = (h_a, w_slice, labels_a, lse_a, g_a, dest, rows, h, cols, store, col_start,
+            float(z_loss), h_a.stride(0), w_slice.stride(0), dest.stride(0), key_v or cols)
+    _run("dlogits", h_a.device,
+         lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(store, meta["BLOCK_V"]),),
+         args, _flags(h_a), blocks)
     if dest is not out:
         out.copy_(dest)
     return out
 
 
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for the device-side TMA descriptors of ``_matmul_tma_kernel``."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
 def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 0,
-                  key_v: int = 0, blocks: Optional[dict] = None):
-    """``c (+)= a @ b`` (2-D, any strides) with fp32 accumulation; ``c`` fp32 or ``a``'s dtype."""
+                  key_v: int = 0, blocks: Optional[dict] = None, tma: bool = False):
+    """``c (+)= a @ b`` (2-D, any strides) with fp32 accumulation; ``c`` fp32 or ``a``'s dtype.
+
+    ``a`` may be larger than ``[c rows, b rows]``: its extra rows / columns must be zeros (a
+    :func:`padded_width` dlogits slice); they are loaded, never stored. ``name`` is the role
+    (``grad_weight`` / ``grad_hidden``: separate autotune entries) and the :data:`WORK` name.
+    ``tma`` reads both operands through TMA descriptors (``_matmul_tma_kernel``; ``b`` and
+    ``a`` or ``a^T`` row-major): compiled and checked for sm_90a, not timed, so off by default.
+    """
     check_triton_tensors(a, b, c)
-    (m, k), n = a.shape, b.shape[1]
+    (a_m, a_k), (k, n), m = a.shape, b.shape, c.shape[0]
+    if a_m < m or a_k < k or c.shape[1] != n:
+        raise ValueError(f"matmul_triton: a {tuple(a.shape)}, b {tuple(b.shape)}, c {tuple(c.shape)}")
     WORK.add(name, m, n, k)
     if m == 0 or n == 0:
         return c
@@ -451,17 +596,20 @@ def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 
     # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores; there a bf16 ``c`` (a
     # slice of the returned grad_W) goes through an fp32 copy of the same size.
     dest = c if c.dtype == torch.float32 or not interpreting() else c.float()
-    args = (a, b, dest, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            dest.stride(0), dest.stride(1), key_h, key_v)
-    if _use_tuner(a.device, blocks):
-        kernel = _tuned(_matmul_kernel, _MATMUL_CONFIGS, ["KEY_H", "KEY_V", "ACCUMULATE"],
-                        _prune(("BLOCK_M", "BLOCK_K", "BLOCK_N")), restore=["c_ptr"])
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        kernel[grid](*args, ACCUMULATE=accumulate, **_flags(a))
-    else:
-        cfg = dict(blocks or _CPU["matmul"])
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _matmul_kernel[grid](*args, ACCUMULATE=accumulate, **_flags(a), **cfg)
+    role = name if name in _MATMUL_ROLE_KEYS else "matmul"
+    args = (a, b, dest, m, n, k, a_m, a_k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            dest.stride(0), dest.stride(1), key_h, key_v, _MATMUL_ROLE_KEYS[role])
+    consts = dict(ACCUMULATE=accumulate, **_flags(a))
+    if tma:
+        if b.stride(1) != 1 or min(a.stride()) != 1:
+            raise ValueError("matmul_triton(tma=True) needs row-major b and row- or column-major a")
+        consts["A_COL_MAJOR"] = a.stride(0) == 1 and a.stride(1) != 1
+        if a.device.type == "cuda":
+            triton.set_allocator(_tma_allocator)
+        role += "_tma"
+    _run(role, a.device,
+         lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+         args, consts, blocks)
     if dest is not c:
         c.copy_(dest)
     return c
@@ -512,12 +660,15 @@ def grad_logits_torch(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss
     local = labels_a.long() - col_start
     hit = ((local >= 0) & (local < w_slice.shape[0])).nonzero().squeeze(1)
     x[hit, local[hit]] -= g_a[hit]
-    out.copy_(x)
+    out[:, :x.shape[1]].copy_(x)
+    out[:, x.shape[1]:].zero_()
     return out
 
 
 def matmul_torch(a, b, c, accumulate: bool, name: str = "matmul", **_):
-    """``c (+)= a @ b`` in plain PyTorch under the same precision policy."""
+    """``c (+)= a @ b`` in plain PyTorch under the same precision policy (``a`` cut to
+    ``[c rows, b rows]``, as :func:`matmul_triton` allows)."""
+    a = a[:c.shape[0], :b.shape[0]]
     WORK.add(name, a.shape[0], b.shape[1], a.shape[1])
     if a.dtype == torch.float32:
         if accumulate:
@@ -537,7 +688,7 @@ def matmul_torch(a, b, c, accumulate: bool, name: str = "matmul", **_):
 def default_vocab_slice(h: int, n_valid: int, device: torch.device) -> int:
     """Backward vocabulary slice ``S``: CUDA ``max(8192, 4 H)`` columns (enough ``grad_W``
     tiles to fill the GPU), CPU 1024; never more than ``n_valid``; a multiple of 256."""
-    cols = max(8192, 4 * h) if device.type == "cuda" else 1024
+    cols = max(8192, 4 * h) if gpu_like(device) else 1024
     return max(1, min(triton.cdiv(cols, 256) * 256, n_valid))
 
 
@@ -550,11 +701,13 @@ def backward_extra_bytes(n_active: int, h: int, vocab_slice: int, dtype: torch.d
     and, for bf16/fp16 on CPU, fp32 upcasts of ``h_a`` and of a weight slice and the fp32
     ``[S, H]`` / ``[N_a, H]`` matmul results. Under ``TRITON_INTERPRET`` bf16 outputs pass through
     fp32 copies of one slice (``4 N_a S + 4 S H``). For ``impl="triton"`` ``N_a`` is rounded
-    up to a multiple of 64, the padding of :func:`row_multiple` on CUDA.
+    up to a multiple of 64, the padding of :func:`row_multiple` on CUDA, and ``S`` to a
+    multiple of 16 (:func:`padded_width`).
     """
     e = torch.empty((), dtype=dtype).element_size()
     if impl == "triton":
         n_active += -n_active % 64
+        vocab_slice = padded_width(vocab_slice, impl)
     extra = n_active * h * (e + 4) + n_active * vocab_slice * e + 64 * n_active
     if impl == "torch":
         extra += 4 * n_active * vocab_slice
@@ -600,7 +753,29 @@ def row_multiple(device: torch.device, impl: str) -> int:
     the Triton matmuls then see a row count divisible by 16, which Triton's JIT specialises
     on and its pipeliner needs to turn the masked loads into async copies (without it the
     ``grad_W`` matmul, whose reduction runs over the rows, is not software-pipelined)."""
-    return 64 if impl == "triton" and device.type == "cuda" and not interpreting() else 1
+    return 64 if impl == "triton" and gpu_like(device) and not interpreting() else 1
+
+
+def backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate: bool, acc,
+                    z_loss: float, vocab_start: int, n_valid: int, impl: str,
+                    vocab_slice: int, tma: bool = False) -> None:
+    """The backward's pass over vocabulary slices on the compacted rows ``h_a``: per slice,
+    dlogits (into one reused buffer whose slices are :func:`padded_width` wide), then
+    ``grad_weight[slice]`` stored or added, then ``acc (+)= dlogits @ W[slice]``. ``tma``:
+    the two matmuls read their operands through TMA descriptors (Triton only; opt-in)."""
+    n_rows, h = h_a.shape
+    triton_impl = impl == "triton"
+    fill = grad_logits_triton if triton_impl else grad_logits_torch
+    mm = (lambda *a, **k: matmul_triton(*a, tma=tma, **k)) if triton_impl else matmul_torch
+    s = min(vocab_slice, n_valid)
+    dl_buf = torch.empty(n_rows, padded_width(s, impl), device=h_a.device, dtype=weight.dtype)
+    for i, v0 in enumerate(range(0, n_valid, s)):
+        w_s = weight[v0:min(v0 + s, n_valid)]
+        dl = dl_buf[:, :padded_width(w_s.shape[0], impl)]  # zero columns past w_s
+        fill(h_a, w_s, labels_a, lse_a, g_a, vocab_start + v0, z_loss, dl, key_v=n_valid)
+        mm(dl.t(), h_a, grad_weight[v0:v0 + w_s.shape[0]], accumulate, name="grad_weight",
+           key_h=h, key_v=n_valid)
+        mm(dl, w_s, acc, i > 0, name="grad_hidden", key_h=h, key_v=n_valid)
 
 
 def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate: bool,
@@ -625,18 +800,8 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
             h_a = torch.cat([h_a, h_a.new_zeros(pad, h)])
             labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
             lse_a, g_a = torch.cat([lse_a, lse_a.new_zeros(pad)]), torch.cat([g_a, g_a.new_zeros(pad)])
-        triton_impl = impl == "triton"
-        fill = grad_logits_triton if triton_impl else grad_logits_torch
-        mm = matmul_triton if triton_impl else matmul_torch
-        s = min(vocab_slice, n_valid)
-        dl_buf = torch.empty(n_a + pad, s, device=hidden.device, dtype=weight.dtype)
-        for i, v0 in enumerate(range(0, n_valid, s)):
-            w_s = weight[v0:min(v0 + s, n_valid)]
-            dl = dl_buf[:, :w_s.shape[0]]
-            fill(h_a, w_s, labels_a, lse_a, g_a, vocab_start + v0, z_loss, dl, key_v=n_valid)
-            mm(dl.t(), h_a, grad_weight[v0:v0 + w_s.shape[0]], accumulate, name="grad_weight",
-               key_h=h, key_v=n_valid)
-            mm(dl, w_s, acc, i > 0, name="grad_hidden", key_h=h, key_v=n_valid)
+        backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate, acc,
+                        z_loss, vocab_start, n_valid, impl, vocab_slice)
     acc = acc[:n_a]
     if group is not None:
         dist.all_reduce(acc, group=group)

@@ -20,7 +20,8 @@ Deterministic backward with bounded work per program: the local ids are stably s
 of other ranks get the sentinel ``V_local`` and sort last) and cut into fixed pieces of
 ``piece`` sorted positions (64 on a GPU). ``_embedding_bwd_pieces_kernel`` runs one program per
 (piece, H block) and sums the gradient rows of each run of equal ids in the piece in fp32
-(a segmented sum done as one exact 0/1 matmul): a run that starts and ends inside the piece
+(a segmented sum done as one exact 0/1 matmul: on the tensor cores in the gradient's own
+dtype for bf16 / fp16, since a 0/1 factor makes every product exact; IEEE fp32 for fp32): a run that starts and ends inside the piece
 is written to its row directly; the part of a run that crosses a piece boundary becomes a
 partial sum (``tail`` of the piece where the run starts, ``head`` of each later piece it
 covers). ``_embedding_bwd_merge_kernel`` then
@@ -50,6 +51,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from soda_kernels._launch import gpu_like, launch
 from soda_kernels._vocab_parallel import (
     check_triton_tensors,
     group_rank_size,
@@ -89,12 +91,16 @@ def _embedding_fwd_kernel(ids_ptr, w_ptr, out_ptr, mod_ptr, N, H, V_local, vocab
 @triton.jit
 def _embedding_bwd_pieces_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, head_ptr, tail_ptr,
                                  N, H, V_local, stride_g, stride_dw, stride_p,
-                                 PIECE: tl.constexpr, BLOCK_H: tl.constexpr):
+                                 PIECE: tl.constexpr, BLOCK_H: tl.constexpr,
+                                 UPCAST: tl.constexpr):
     """One piece of ``PIECE`` sorted positions: whole runs to ``dw``, crossing runs to partials.
 
     Segmented sum as one matmul: ``S[r] = sum_j [run_j == r] G[j]`` with ``run_j`` the
-    piece-local run index (a prefix sum of run starts), an exact 0/1 matrix and fp32 IEEE
-    accumulation in a fixed order.
+    piece-local run index (a prefix sum of run starts) and an exact 0/1 matrix, accumulated in
+    fp32 in a fixed order. bf16 / fp16 gradients multiply in their own dtype on the tensor
+    cores (a 0/1 factor makes every product exact); fp32 gradients use IEEE fp32 (TF32 would
+    round them). Keys are handled as int32 (``V_local < 2**31``), which with the 16-bit operands
+    keeps the kernel within its registers (``compile_check``: no spills).
     """
     c = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -103,24 +109,29 @@ def _embedding_bwd_pieces_kernel(keys_ptr, perm_ptr, grad_ptr, dw_ptr, head_ptr,
     lo = c * PIECE
     pos = lo + tl.arange(0, PIECE)
     inside = pos < N
-    key = tl.load(keys_ptr + pos, mask=inside, other=-2)
-    prev = tl.load(keys_ptr + pos - 1, mask=inside & (pos > lo), other=-2)
+    key = tl.load(keys_ptr + pos, mask=inside, other=-2).to(tl.int32)
+    prev = tl.load(keys_ptr + pos - 1, mask=inside & (pos > lo), other=-2).to(tl.int32)
     start = ((key != prev) | (pos == lo)) & inside
     run = tl.cumsum(start.to(tl.int32), axis=0) - 1
     rows = tl.load(perm_ptr + pos, mask=inside, other=0).to(tl.int64)
     g = tl.load(grad_ptr + rows[:, None] * stride_g + cols[None, :],
-                mask=inside[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                mask=inside[:, None] & col_ok[None, :], other=0.0)
     r = tl.arange(0, PIECE)
     member = (run[None, :] == r[:, None]) & inside[None, :]  # [run r, position j]
-    sums = tl.dot(member.to(tl.float32), g, input_precision="ieee")
+    if UPCAST or grad_ptr.dtype.element_ty == tl.float32:
+        # NOTE: the interpreter's bf16 tl.dot is wrong (see fused_linear_cross_entropy); the
+        # upcast values are the same, so the result equals the GPU's 16-bit MMA.
+        sums = tl.dot(member.to(tl.float32), g.to(tl.float32), input_precision="ieee")
+    else:
+        sums = tl.dot(member.to(g.dtype), g, out_dtype=tl.float32)
     run_key = tl.sum(tl.where(member & start[None, :], key[None, :], 0), axis=1)
     n_runs = tl.max(run, axis=0) + 1
     hi = tl.minimum(lo + PIECE, N)
     # NOTE: scalar loads are clamped in range and then selected, rather than masked: a scalar
     # mask is rejected by Triton's interpreter (3.9) and buys nothing on the GPU.
-    before = tl.load(keys_ptr + tl.maximum(lo - 1, 0))
+    before = tl.load(keys_ptr + tl.maximum(lo - 1, 0)).to(tl.int32)
     before = tl.where(lo > 0, before, -1)
-    after = tl.load(keys_ptr + tl.minimum(hi, N - 1))
+    after = tl.load(keys_ptr + tl.minimum(hi, N - 1)).to(tl.int32)
     after = tl.where(hi < N, after, -1)
     head = (r == 0) & (run_key == before)            # started in an earlier piece
     tail = (r == n_runs - 1) & (run_key == after) & ~head  # continues into the next piece
@@ -192,11 +203,11 @@ def embedding_forward_triton(ids, weight, vocab_start, text_vocab_size, audio_ba
 def _piece(device: torch.device) -> int:
     """Sorted positions per backward program: the bound on its work (a [piece, piece] x
     [piece, BLOCK_H] matmul). Small on the GPU (registers), large in the interpreter."""
-    return 64 if device.type == "cuda" else 512
+    return 64 if gpu_like(device) else 512
 
 
 def _bwd_block_h(h: int, device: torch.device) -> int:
-    return max(16, min(triton.next_power_of_2(h), 64 if device.type == "cuda" else 128))
+    return max(16, min(triton.next_power_of_2(h), 64 if gpu_like(device) else 128))
 
 
 def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
@@ -217,13 +228,15 @@ def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
         pieces = triton.cdiv(n, piece)
         partial = torch.empty(2, pieces, h, device=grad.device, dtype=torch.float32)
         grid = (pieces, triton.cdiv(h, bh))
-        _embedding_bwd_pieces_kernel[grid](keys, perm, grad, grad_w, partial[0], partial[1],
-                                           n, h, num_rows, grad.stride(0), grad_w.stride(0),
-                                           partial.stride(1), PIECE=piece, BLOCK_H=bh)
+        blocks = dict(PIECE=piece, BLOCK_H=bh, num_warps=4, num_stages=1)
+        launch("embedding_pieces", _embedding_bwd_pieces_kernel, grid,
+               (keys, perm, grad, grad_w, partial[0], partial[1], n, h, num_rows,
+                grad.stride(0), grad_w.stride(0), partial.stride(1)),
+               dict(blocks, UPCAST=interpreting() and grad.dtype != torch.float32))
         if pieces > 1:
-            _embedding_bwd_merge_kernel[(pieces - 1, triton.cdiv(h, bh))](
-                keys, grad_w, partial[0], partial[1], n, h, num_rows, grad_w.stride(0),
-                partial.stride(1), PIECE=piece, BLOCK_H=bh)
+            launch("embedding_merge", _embedding_bwd_merge_kernel, (pieces - 1, triton.cdiv(h, bh)),
+                   (keys, grad_w, partial[0], partial[1], n, h, num_rows, grad_w.stride(0),
+                    partial.stride(1)), blocks)
     return grad_w.to(grad.dtype)
 
 

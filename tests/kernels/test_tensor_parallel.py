@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from tolerances import KERNEL_REORDER_FP32, PARALLEL_FP32
+from tolerances import KERNEL_ORACLE, KERNEL_REORDER_FP32, PARALLEL_FP32
 
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 sys.path.insert(0, os.path.dirname(__file__))
+from test_flce_gpu_configs import NUM_CONFIGS  # noqa: E402
 from tp_worker import FLCE_CASES, MODEL_CASES  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -49,6 +50,16 @@ def test_linear_cross_entropy_tp2_equals_tp1(ranks, case, impl):
 def test_linear_cross_entropy_tp2_equals_megatron(ranks, case):
     for rank in ranks:
         assert rank[f"{case}/megatron"]["loss"] <= ATOL
+
+
+@pytest.mark.parametrize("index", range(NUM_CONFIGS))
+def test_every_gpu_config_tp2_matches_the_fp64_oracle(ranks, index):
+    """Each GPU autotune config, pinned and interpreted, on both ranks' shards (ragged last
+    slices, masked rows) within the fp32 oracle rule of the TP=1 test."""
+    for rank in ranks:
+        r = rank[f"gpu_config{index}"]
+        for key, err in r["ours"].items():
+            assert err <= r["torch_fp32"][key] + KERNEL_ORACLE["fp32"][key], (key, r)
 
 
 def test_embedding_tp2_equals_tp1(ranks):

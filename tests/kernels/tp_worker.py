@@ -11,6 +11,8 @@ ranks), then the TP=2 result on its vocabulary shard, and writes the differences
   vocabularies: 203 real ids over 2 x 102 rows (rank 1 holds one padded row) and 100 real ids
   over 2 x 102 rows (rank 1 holds only padding).
 * the fused embedding: output and weight-gradient shard vs TP=1.
+* every GPU autotune config of the fused loss (pinned, run by the interpreter) at TP=2 vs the
+  fp64 oracle.
 * the ``tiny`` model (TP=1, megatron loss, torch embedding) vs TP=2 with both Triton kernels,
   and vs TP=2 + sequence parallelism with the torch loss and the Triton embedding: loss,
   per-modality statistics and every gradient shard.
@@ -104,6 +106,29 @@ def flce_cases(group, rank: int) -> dict:
     return out
 
 
+def gpu_config_cases(group, rank: int) -> dict:
+    """Every GPU autotune config pinned (see test_flce_gpu_configs.py), TP=2 on this rank's
+    shard vs the fp64 oracle of the whole problem: each rank's one vocabulary slice is ragged
+    (220 and 210 real columns)."""
+    from flce_cases import errors
+    from soda_kernels.fused_linear_cross_entropy import pinned_configs
+    from test_flce_gpu_configs import H, N, N_REAL, NUM_CONFIGS, SLICE, V, pinned
+
+    case = make_case(N, H, V, n_real=N_REAL, seed=3, scale=3.0, mask_fraction=0.1)
+    v_local = V // 2
+    rows = slice(rank * v_local, (rank + 1) * v_local)
+    shard = dict(case, weight=case["weight"][rows].clone())
+    exact = run_reference(case, torch.float64, z_loss=1e-2)
+    plain = run_reference(case, torch.float32, z_loss=1e-2)
+    exact["grad_weight"], plain["grad_weight"] = exact["grad_weight"][rows], plain["grad_weight"][rows]
+    out = {}
+    for index in range(NUM_CONFIGS):
+        with pinned_configs(pinned(index)):
+            two = run_fused(shard, "triton", z_loss=1e-2, tp_group=group, vocab_slice=SLICE)
+        out[f"gpu_config{index}"] = {"ours": errors(two, exact), "torch_fp32": errors(plain, exact)}
+    return out
+
+
 def embedding_case(group, rank: int) -> dict:
     from soda_kernels.interleaved_embedding import interleaved_embedding
 
@@ -183,7 +208,8 @@ def main() -> int:
     from megatron.core import parallel_state as ps
 
     group, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
-    results = {**flce_cases(group, rank), **embedding_case(group, rank)}
+    results = {**flce_cases(group, rank), **embedding_case(group, rank),
+               **gpu_config_cases(group, rank)}
     state.shutdown(keep_process_group=True)
     results.update(model_cases())
     with open(os.path.join(args.out_dir, f"rank{dist.get_rank()}.json"), "w") as f:

@@ -1,0 +1,68 @@
+"""Kernel launches that can be recorded instead of run: the production arguments of each kernel.
+
+Every Triton launch of :mod:`.fused_linear_cross_entropy` and :mod:`.interleaved_embedding`
+goes through :func:`launch`. Inside :func:`record_launches` nothing runs: each launch is
+appended to a list with its role, kernel and the exact positional arguments and constexprs the
+launcher built. :mod:`.compile_check` calls the real launchers on ``meta`` tensors (shapes and
+strides, no data) under it, so the kernels are compiled for sm_90 with the argument values --
+and hence the divisibility by 16 that Triton's JIT specialises on -- that production passes,
+not with values a separate description would have to keep in sync.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+_RECORDERS: list[list["Launch"]] = []
+
+
+@dataclass
+class Launch:
+    """One recorded launch. ``kernel`` is the ``@triton.jit`` function (never the autotuner);
+    ``args`` its positional runtime arguments; ``consts`` the constexprs the launcher passed
+    (without the tile configuration when the autotuner would choose it: ``tuned``)."""
+
+    role: str
+    kernel: Any
+    grid: Any
+    args: tuple
+    consts: dict
+    tuned: bool
+
+    @property
+    def named(self) -> dict:
+        """Runtime arguments by parameter name."""
+        return dict(zip(self.kernel.arg_names, self.args))
+
+
+@contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Within the block, :func:`launch` records instead of running (nestable, per thread of use)."""
+    calls: list[Launch] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def recording() -> bool:
+    return bool(_RECORDERS)
+
+
+def gpu_like(device) -> bool:
+    """A CUDA device, or ``meta`` while launches are recorded (compile_check's production
+    launches take the GPU's plan: tile sizes, row padding, autotuned configs)."""
+    return device.type == "cuda" or (device.type == "meta" and recording())
+
+
+def launch(role: str, kernel, grid, args: tuple, consts: dict,
+           tuner: Optional[Callable[[], Any]] = None) -> None:
+    """Run ``kernel[grid](*args, **consts)``, or through ``tuner()`` (its autotuner) when
+    given; inside :func:`record_launches` only record it."""
+    if _RECORDERS:
+        _RECORDERS[-1].append(Launch(role, kernel, grid, tuple(args), dict(consts), tuner is not None))
+        return
+    (tuner() if tuner is not None else kernel)[grid](*args, **consts)
