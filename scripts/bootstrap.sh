@@ -60,7 +60,8 @@ cmd=${1:-test}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) ;;
-  test) exec python -m pytest tests "$@" ;;
+  # --durations=25: the run ends with its 25 slowest tests, so CI logs show where the time goes.
+  test) exec python -m pytest tests --durations=25 "$@" ;;
   demo)
     # The main job on the embedded default: the tiny model on the demo corpus, on CPU.
     if [ ! -f runs/demo-corpus/speech/train/soda_meta.json ] || [ ! -f runs/demo-corpus/text/train/soda_meta.json ]; then

@@ -11,7 +11,6 @@ feeder processes decodes and resamples the unit's audio ahead of the codec.
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -20,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, MimiCodec, to_mono
+from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, shared_mimi, to_mono
 from soda_mega.data.devices import device_for_slot
 from soda_mega.data.documents import recording_documents, s2st_document, segment_frames, text_document
 from soda_mega.data.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
@@ -57,20 +56,6 @@ class WorkerSpec:
 
 
 _STATE: dict = {}
-# NOTE: the last codec built in this process, reused by the next in-process build with the same
-# settings (the demo builds twice; tests build many times): building Mimi takes seconds.
-_CODEC_CACHE: dict[str, MimiCodec] = {}
-
-
-def _codec(settings: dict) -> MimiCodec:
-    runtime = {k: settings[k] for k in ("chunk_seconds", "batch_size")}
-    key = json.dumps({k: v for k, v in settings.items() if k not in runtime}, sort_keys=True)
-    if key not in _CODEC_CACHE:
-        _CODEC_CACHE.clear()
-        _CODEC_CACHE[key] = MimiCodec(**settings, warn=False)
-    codec = _CODEC_CACHE[key]
-    codec.configure(**runtime)
-    return codec
 
 
 def _take_slot(slots) -> int:
@@ -98,7 +83,7 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None, parent: int |
         torch.cuda.set_device(device)  # anything made on "cuda" without an index lands here too
     codec = None
     if spec.codec:
-        codec = _codec(dict(spec.codec, device=device) if device else spec.codec)
+        codec = shared_mimi(**(dict(spec.codec, device=device) if device else spec.codec))
     feeders = None
     if spec.feeders and codec is not None:
         # NOTE: a multiprocessing Pool, not a ProcessPoolExecutor: its processes are daemonic, so

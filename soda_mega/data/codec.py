@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -361,6 +363,36 @@ class MimiCodec(Codec):
             for s in range(0, codes.shape[-1], self.chunk_frames):
                 pieces.append(self.model.decode(codes[..., s:s + self.chunk_frames]).cpu())
         return torch.cat(pieces, dim=-1)[0, 0].float()
+
+
+# NOTE: building Mimi takes seconds (without weights, most of it is calibrating the codebooks),
+# so the last codec built through shared_mimi is kept for the next user in the same process:
+# the demo builds twice, `eval speech` encodes and decodes, tests build and evaluate many times.
+# One codec at a time: a different setting replaces it.
+_SHARED: dict[str, MimiCodec] = {}
+
+
+def shared_mimi(*, chunk_seconds: float = 10.0, batch_size: int = 8, **settings) -> MimiCodec:
+    """The :class:`MimiCodec` of ``settings`` (its constructor's arguments but ``warn``), the
+    one built last in this process when its settings were the same, set to this caller's
+    ``chunk_seconds`` and ``batch_size`` (they change speed and memory, not the model).
+
+    Callers configure it on every call, so one caller's ``configure`` never reaches the next.
+    A weights file is part of the key with its size and modification time: a file replaced
+    at the same path builds a new codec."""
+    weights = settings.get("weights")
+    stamp = None
+    if weights is not None and Path(weights).is_file():
+        st = os.stat(weights)
+        stamp = [str(Path(weights).resolve()), st.st_size, st.st_mtime_ns]
+    device = str(resolve_device(settings.get("device", "auto")))  # "auto" and "cpu" are one codec on CPU
+    key = json.dumps({**settings, "device": device, "_file": stamp}, sort_keys=True, default=str)
+    codec = _SHARED.get(key)
+    if codec is None:
+        _SHARED.clear()  # (the old codec's memory goes before the new one is built)
+        codec = _SHARED[key] = MimiCodec(**settings, warn=False)
+    codec.configure(chunk_seconds, batch_size)
+    return codec
 
 
 def mimi_metadata(num_codebooks: int, weights: str | None, weights_sha256: str | None,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.codec import CodecWeightsError, MimiCodec
+from soda_mega.data.codec import CodecWeightsError, MimiCodec, shared_mimi
 from soda_mega.data.inputs import InputError, load_codes, read_audio
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.tokens.layout import VocabLayout
@@ -56,7 +56,7 @@ class SpeechIO:
     @property
     def codec(self) -> MimiCodec:
         if self._codec is None:  # built on first use: text-only work never pays for it
-            self._codec = MimiCodec(**self._codec_args, warn=False)
+            self._codec = shared_mimi(**self._codec_args)
         return self._codec
 
     # ------------------------------------------------------------------ encode

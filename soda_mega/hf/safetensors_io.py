@@ -1,10 +1,12 @@
 """HuggingFace weight files: ``model.safetensors``, or shards plus ``model.safetensors.index.json``.
 
-The layout is the one ``transformers`` writes with ``save_pretrained(max_shard_size=...)``:
-one file while the weights fit in ``max_shard_size``, otherwise
-``model-0000i-of-0000n.safetensors`` files filled in order and an index whose ``weight_map``
-names the file of each tensor. Tensors are written in a natural order of their names
-(``layers.2`` before ``layers.10``), so two exports of the same weights are the same files.
+The layout is the one ``transformers`` writes with ``save_pretrained(max_shard_size=...)``,
+planned by the same function (``huggingface_hub.split_torch_state_dict_into_shards``): one file
+while the weights fit in ``max_shard_size``, otherwise ``model-0000i-of-0000n.safetensors``
+files filled in order (a tensor larger than the limit gets a file of its own) and an index
+whose ``weight_map`` names the file of each tensor. Tensors are planned and written in a natural
+order of their names (``layers.2`` before ``layers.10``), so two exports of the same weights
+are the same files.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.serialization import StateDictSplit
 
 from soda_mega.hf.files import HFError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_FILE_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's suffix: "" or "-0000i-of-0000n"
 
 
 def _quote(value) -> str:
@@ -31,22 +35,18 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> StateDictSplit:
+    """huggingface_hub's shard plan of ``tensors`` in natural order: file names, the tensors of
+    each file, and the index's ``metadata`` (``total_size``)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-
-def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
-    """Names per shard, filled in natural order; a tensor larger than the limit gets its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in sorted(tensors, key=natural_key):
-        n = _nbytes(tensors[name])
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
+    # NOTE: planned on meta tensors of the same shapes: the export's tensors can be views of one
+    # storage (q/k/v cut from a fused weight), which the hub would count and place as one
+    # storage, but each view is written as its own tensor and its own bytes.
+    shapes = {name: torch.empty(tensors[name].shape, dtype=tensors[name].dtype, device="meta")
+              for name in sorted(tensors, key=natural_key)}
+    return split_torch_state_dict_into_shards(shapes, filename_pattern=_FILE_PATTERN,
+                                              max_shard_size=max_shard_bytes)
 
 
 def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
@@ -54,18 +54,15 @@ def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
     from safetensors.torch import save_file
 
     meta = {"format": "pt"}  # transformers refuses safetensors files without a pt/tf/flax format
-    shards = plan_shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file({k: tensors[k].contiguous() for k in shards[0]}, str(folder / SINGLE), metadata=meta)
-        return [SINGLE]
-    files, weight_map = [], {}
-    for i, names in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    plan = plan_shards(tensors, max_shard_bytes)
+    files = list(plan.filename_to_tensors) or [SINGLE]  # (no tensors: one empty file)
+    for fname in files:
+        names = plan.filename_to_tensors.get(fname, [])
         save_file({k: tensors[k].contiguous() for k in names}, str(folder / fname), metadata=meta)
-        files.append(fname)
-        weight_map.update({k: fname for k in names})
-    index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-             "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}
+    if not plan.is_sharded:
+        return files
+    index = {"metadata": plan.metadata,
+             "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0])))}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return files + [INDEX]
 

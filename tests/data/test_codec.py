@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from soda_mega.data.codec import MimiCodec, file_sha256, to_mono, warn_random_init
+from soda_mega.data.codec import MimiCodec, file_sha256, shared_mimi, to_mono, warn_random_init
 from soda_mega.data.demo import FALLBACK
 from soda_mega.data.inputs import read_audio
 
@@ -48,6 +48,18 @@ def test_encode_shape_rate_and_range(codec, speech):
     # the random codebooks are calibrated: codes follow the audio instead of collapsing to one entry
     assert all(len(torch.unique(codes[k])) > 10 for k in range(8))
     assert (codec.sample_rate, codec.frame_rate, codec.num_codebooks) == (24000, 12.5, 8)
+
+
+def test_the_shared_codec_is_built_once_and_configured_per_caller(codec, speech):
+    """Builds and evaluations in one process reuse the last Mimi of the same settings; each
+    caller gets its own chunk and batch size, whatever the previous caller set."""
+    first = shared_mimi(weights=None, num_codebooks=8, device="cpu", seed=0)
+    first.configure(chunk_seconds=0.8, batch_size=3)
+    again = shared_mimi(weights=None, num_codebooks=8, device="cpu", seed=0, chunk_seconds=2.0)
+    assert again is first and again.chunk_frames == 25 and again.batch_size == 1  # (CPU: 1)
+    assert shared_mimi(weights=None, num_codebooks=8, device="cpu", seed=0).chunk_frames == 125
+    # the same model as a codec built on its own with these settings
+    assert torch.equal(again.encode(speech, 16000), codec.encode(speech, 16000))
 
 
 def test_resampling_and_downmix(codec, speech):

@@ -139,7 +139,7 @@ def test_pairs_command_end_to_end(checkpoint, tasks, tmp_path, capsys):
 def test_speech_command_end_to_end(checkpoint, tasks, tmp_path):
     out = tmp_path / "speech"
     assert cli(["eval", "speech", str(checkpoint), str(tasks.utterances), "--out", str(out),
-                "--shots", "1", "--asr-max-new-tokens", "12", "--tts-max-new-tokens", "60",
+                "--shots", "1", "--asr-max-new-tokens", "12", "--tts-max-new-tokens", "24",
                 "--batch-size", "6"]) == 0
     report = json.loads((out / "report.json").read_text())
     items = [json.loads(l) for l in (out / "items.jsonl").read_text().splitlines()]
