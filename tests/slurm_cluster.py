@@ -55,16 +55,16 @@ def _which(tool: str) -> Optional[str]:
     return shutil.which(tool, path=f"{os.environ.get('PATH', '')}:{_SBIN}")
 
 
-def ensure_installed(timeout_s: float = 900) -> None:
-    """Install the Slurm packages with apt-get when a tool is missing; raise
-    :class:`SlurmUnavailable` saying why where that is impossible (not root, no apt-get) or
-    the install failed."""
+def ensure_installed(timeout_s: float = 300) -> None:
+    """Install the Slurm packages with apt-get when a tool is missing. Raise
+    :class:`SlurmUnavailable` saying why where the cluster cannot run (not root, or Slurm
+    missing and no apt-get), RuntimeError when the install failed."""
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("the test cluster runs slurmctld and slurmd as root (and installs "
+                               f"them with apt-get when missing); this is uid {os.geteuid()}")
     missing = [t for t in TOOLS if _which(t) is None]
     if not missing:
         return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and this is "
-                               "not root, so apt-get cannot install it")
     apt = _which("apt-get")
     if apt is None:
         raise SlurmUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and there "

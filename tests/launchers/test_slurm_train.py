@@ -8,7 +8,8 @@ run (tests/tiny_golden.py) at DP=2 over the two nodes, and ends on the committed
 however often it was stopped, killed, restarted and requeued on the way.
 
 Faults are injected with ``SODA_MEGA_FAULT`` (soda_mega/training/faults.py): a SIGKILL of one
-rank, and sleeps that hold a step open long enough for a signal from outside to land mid-run.
+rank, and ``wait`` faults that hold a step open until a stop signal from outside reaches rank 0,
+so the signal lands mid-run whenever it comes.
 """
 
 from __future__ import annotations
@@ -81,69 +82,64 @@ def _assert_golden(run_dir: Path) -> None:
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
 
-def test_two_nodes_train_the_golden_trace_through_a_killed_rank_and_a_usr1_requeue(
+def test_two_nodes_follow_the_golden_trace_through_a_killed_rank_a_requeue_and_a_cancel(
         slurm_cluster, corpus, tmp_path):
-    """DP=2 over two nodes; rank 1 SIGKILLs itself at step 2 (srun attempt 0): the script runs
-    srun again in the allocation; attempt 1 is sent SIGUSR1 (the job steps, as the script's
-    ``--signal=USR1@300`` does) inside step 4: both ranks save step 4, the job requeues itself
-    once and the requeued run resumes there and finishes on the golden trace."""
+    """One run, DP=2 over the two nodes, stopped in every way but the time limit:
+
+    1. rank 1 SIGKILLs itself in step 2 (srun attempt 0): the script runs srun again in the
+       allocation (``MAX_RESTARTS``); nothing was saved yet, so attempt 1 starts afresh;
+    2. attempt 1 is sent SIGUSR1 inside step 4 (to the job steps, as the script's own
+       ``--signal=USR1@300`` does): both ranks save step 4 and the job requeues itself;
+    3. the requeued run (``Restarts=1``) resumes at step 4 and gets ``scancel`` (SIGTERM) inside
+       step 5: both ranks save step 5, the job ends CANCELLED and is not requeued;
+    4. the same sbatch line submitted again resumes at step 5 and finishes on the golden trace.
+    """
     run_dir = tmp_path / "run"
-    job = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "crash-usr1",
-                   fault="signal:1:2:SIGKILL:0;sleep:0:4:10:1")
-    job.wait_for("rank 0 step 4: sleep")
+    # The last field is the srun attempt (SODA_MEGA_ATTEMPT) a fault is limited to: it counts
+    # from 0 again in a requeued job.
+    job = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "stopped",
+                   fault="signal:1:2:SIGKILL:0;wait:0:4:120:1;wait:0:5:120:0")
+    job.wait_for("rank 0 step 4: wait")
     slurm_cluster.run("scancel", "--signal=USR1", job.id)
+    job.wait_for("rank 0 step 5: wait")
+    job.check(slurm_cluster.job(job.id)["Restarts"] == "1", "not requeued once")
+    slurm_cluster.run("scancel", job.id)
     info = job.finish()
     text = job.text()
-    job.check(info["JobState"] == "COMPLETED" and info["Restarts"] == "1",
+    job.check(info["JobState"] == "CANCELLED" and info["Restarts"] == "1",
               f"state {info['JobState']}, restarts {info['Restarts']}")
     assert "soda-mega: 2 nodes x 1 GPUs" in text
     assert "rank 1 step 2: signal SIGKILL" in text
     assert "training crashed; restart 1 of 3 from the newest checkpoint" in text
     for rank in (0, 1):
-        assert f"SIGUSR1 received (rank {rank})" in text
-    assert "stopped by SIGUSR1 after step 4" in text
-    assert f"requeueing job {job.id}" in text
-    assert text.count("soda-mega: training finished") == 1
+        assert f"SIGUSR1 received (rank {rank})" in text and f"SIGTERM received (rank {rank})" in text
+    assert "stopped by SIGUSR1 after step 4" in text and f"requeueing job {job.id}" in text
+    assert "stopped by SIGTERM after step 5" in text
+    assert "soda-mega: cancelled; saved a checkpoint, not requeued" in text
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000005"
+
+    again = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "resumed")
+    info = again.finish()
+    again.check(info["JobState"] == "COMPLETED", f"state {info['JobState']}")
+    assert "soda-mega: training finished" in again.text()
     _assert_golden(run_dir)
 
 
 def test_time_limit_signal_to_the_batch_shell_saves_and_requeues(slurm_cluster, corpus, tmp_path):
     """``--time=2 --signal=B:USR1@60``: Slurm signals the batch shell 30-60 s after the start
-    (it checks time limits every 30 s), while rank 0 holds step 2 open for 45 s. The script
-    passes the signal on to srun (before the fix bash died of it: no save, no requeue); the
-    ranks save step 2, the job requeues itself and finishes on the golden trace."""
+    (it checks time limits every 30 s, up to 60 s ahead), while rank 0 holds step 2 open until
+    it arrives. The script passes the signal on to srun (before the fix bash died of it: the job
+    FAILED without a save or a requeue); the ranks save step 2, the job requeues itself and
+    finishes on the golden trace."""
     run_dir = tmp_path / "run"
     job = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "time-limit", "--time=2",
-                   "--signal=B:USR1@60", fault="sleep:0:2:45")
+                   "--signal=B:USR1@60", fault="wait:0:2:150")
     info = job.finish()
     text = job.text()
-    # A second requeue is possible when the resumed run is slow to reach its end (its own
-    # warning comes 30-60 s after it starts); the trace must be golden either way.
+    # A second requeue is possible on a slow machine: the resumed run gets its own warning
+    # 30-60 s after it starts. The trace must be golden either way.
     job.check(info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1,
               f"state {info['JobState']}, restarts {info['Restarts']}")
     assert "stopped by SIGUSR1 after step 2" in text
     assert f"requeueing job {job.id}" in text
-    _assert_golden(run_dir)
-
-
-def test_scancel_saves_without_requeue_and_a_new_submission_resumes(slurm_cluster, corpus,
-                                                                    tmp_path):
-    """``scancel`` (SIGTERM) inside step 4: both ranks save it, the job ends CANCELLED without
-    a requeue; the same sbatch line submitted again resumes at step 4 and finishes."""
-    run_dir = tmp_path / "run"
-    first = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "cancelled", fault="sleep:0:4:10")
-    first.wait_for("rank 0 step 4: sleep")
-    slurm_cluster.run("scancel", first.id)
-    info = first.finish()
-    first.check(info["JobState"] == "CANCELLED" and info["Restarts"] == "0",
-                f"state {info['JobState']}, restarts {info['Restarts']}")
-    first.check((run_dir / "checkpoints" / "latest").is_file()
-                and (run_dir / "checkpoints" / "latest").read_text() == "step_00000004",
-                "the cancelled run did not save step 4")
-    assert "stopped by SIGTERM after step 4" in first.text()
-
-    second = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "resumed")
-    info = second.finish()
-    second.check(info["JobState"] == "COMPLETED", f"state {info['JobState']}")
-    assert "soda-mega: training finished" in second.text()
     _assert_golden(run_dir)

@@ -20,9 +20,9 @@ from tolerances import TRAINING_TRACE
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
-# Two runs of the micro grid at one small budget (44 and 29 steps); the wider tokens-per-
+# Two runs of the micro grid at one small budget (29 and 19 steps); the wider tokens-per-
 # parameter band keeps the second width.
-GRID = ["--grid", "micro", "--budgets", "3e11", "--widths", "32,48", "--tokens-per-param", "0.05:1.2"]
+GRID = ["--grid", "micro", "--budgets", "2e11", "--widths", "32,48", "--tokens-per-param", "0.02:1.2"]
 
 
 def _rows(path: Path) -> dict[str, dict]:
