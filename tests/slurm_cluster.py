@@ -325,11 +325,16 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python3 tests/slurm_cluster.py DIR   (as root; Ctrl-C stops the cluster)")
         return 2
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also where a background job ignores SIGINT
+        signal.signal(sig, stop)
     try:
         with running_cluster(Path(argv[0]).resolve()) as cluster:
             print(f"Slurm is up: nodes {', '.join(NODES)}; in another shell:\n"
                   f"  export SLURM_CONF={cluster.env['SLURM_CONF']}\n  sinfo\n"
-                  "Ctrl-C cancels the jobs and stops the daemons.", flush=True)
+                  "Ctrl-C (or SIGTERM) cancels the jobs and stops the daemons.", flush=True)
             while all(p.poll() is None for p in cluster.daemons.values()):
                 time.sleep(1)
             print(f"a daemon exited:\n{cluster.logs()}")
