@@ -65,6 +65,30 @@ def _data_cache(tmp_path_factory):
     os.environ.pop("SODA_MEGA_CACHE", None)
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real two-node Slurm cluster on this machine for the whole session (tests marked
+    ``slurm``): installed with apt-get when missing (root only), otherwise the tests skip saying
+    why. Its daemons are stopped at the end of the session (tests/slurm_cluster.py)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from slurm_cluster import SlurmUnavailable, ensure_installed, running_cluster
+
+    try:
+        ensure_installed()
+    except SlurmUnavailable as err:
+        pytest.skip(str(err))
+    # NOTE: a short folder: slurmd's step sockets live there, and socket paths have 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
+    try:
+        with running_cluster(root) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """End what the tests left running, and say so.
 

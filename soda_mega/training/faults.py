@@ -8,7 +8,10 @@ sets to its restart count, equals it, so a restarted run gets past the fault):
 
 - ``sleep:1:3:600``: rank 1 sleeps 600 s inside step 3 (a hung rank, for the watchdog);
 - ``signal:1:3:SIGUSR1``: rank 1 sends itself SIGUSR1 inside step 3 (a preemption notice that
-  reaches one rank only, mid-step).
+  reaches one rank only, mid-step);
+- ``wait:0:4:120``: rank 0 holds step 4 open until SIGUSR1 or SIGTERM reaches it (at most 120 s),
+  so that a stop signal sent from outside at a time the test does not choose (``scancel``, a
+  SLURM time-limit warning) lands inside that step, and the step goes on as soon as it has.
 
 The trainer calls :func:`inject` once per step, after the step's micro-batches are read and
 before its forward pass, with step 0 once during its set-up, before the model is built, and
@@ -22,7 +25,8 @@ import signal
 import time
 
 ENV = "SODA_MEGA_FAULT"
-ACTIONS = ("sleep", "signal")
+ACTIONS = ("sleep", "signal", "wait")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 POINTS = ("load",)  # named places a STEP may be instead of a step number
 
 
@@ -50,5 +54,32 @@ def inject(step: int | str, rank: int) -> None:
         os.write(2, f"soda-mega: {ENV}: rank {rank} step {step}: {action} {arg}\n".encode())
         if action == "sleep":
             time.sleep(float(arg))
+        elif action == "wait":
+            _wait_for_stop_signal(float(arg))
         else:
             os.kill(os.getpid(), getattr(signal, arg))
+
+
+def _wait_for_stop_signal(seconds: float) -> None:
+    """Sleep until SIGUSR1 / SIGTERM arrives or ``seconds`` pass; the signal still reaches the
+    handler that was installed (the trainer's), or, where none was, its default action."""
+    got: list[int] = []
+    previous = {}
+
+    def record(signum, frame) -> None:
+        got.append(signum)
+        if callable(previous[signum]):
+            previous[signum](signum, frame)
+
+    for sig in STOP_SIGNALS:
+        previous[sig] = signal.signal(sig, record)
+    try:
+        deadline = time.monotonic() + seconds
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for signum in got:
+        if not callable(previous[signum]) and previous[signum] != signal.SIG_IGN:
+            signal.raise_signal(signum)

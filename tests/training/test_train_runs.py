@@ -17,16 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from soda_mega.config import load_config
-from soda_mega.data.synthetic import random_docs, write_split
-from soda_mega.tokens import VocabLayout
 from launch_env import clean_env
+from tiny_golden import GOLDEN, SAVE_AT, STEPS, assert_same_trace, read_trace, run_overrides, write_corpus
 from tolerances import PARALLEL_FP32, TRAINING_TRACE
 
 pytestmark = pytest.mark.distributed
-
-STEPS = 6
-SAVE_AT = 3
 
 
 def _env() -> dict:
@@ -34,10 +29,7 @@ def _env() -> dict:
 
 
 def _args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "--preset", "tiny", f"--data.train={corpus / 'speech'},{corpus / 'text'}",
-            f"--run.dir={run_dir}", f"--run.max_steps={STEPS}", f"--run.save_interval={SAVE_AT}",
-            "--run.eval_interval=3", "--run.eval_batches=2", "--run.log_interval=1",
-            "--run.tensorboard=false", "--training.adam_eps=1e-8", *extra]
+    return ["train", "--preset", "tiny", *run_overrides(corpus, run_dir), *extra]
 
 
 def _train(corpus, run_dir, *extra, procs=1, check=True):
@@ -52,20 +44,12 @@ def _train(corpus, run_dir, *extra, procs=1, check=True):
     return proc
 
 
-def _trace(run_dir: Path, kind: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+_trace = read_trace
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    layout = VocabLayout.from_config(load_config(preset="tiny").vocab)
-    for name, kind, n in (("speech", "speech", 120), ("text", "text", 60)):
-        write_split(root / name / "train", layout, random_docs(layout, n, 20, 300, 1, kind), kind)
-        write_split(root / name / "valid", layout, random_docs(layout, 8, 20, 300, 2, kind), kind,
-                    split="valid")
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +59,7 @@ def reference(corpus, tmp_path_factory):
     return run_dir
 
 
-def _assert_same_trace(got, want, rtol, keys=("loss", "grad_norm")):
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
-        for key in keys:
-            assert a[key] == pytest.approx(b[key], rel=rtol), (key, a["step"], a[key], b[key])
+_assert_same_trace = assert_same_trace
 
 
 def test_reference_run_logs_everything(reference):
@@ -164,9 +144,6 @@ def test_fused_torch_loss_path_trains_like_megatron(corpus, reference, tmp_path)
     interpreter in tests/kernels (a CPU training run through the interpreter takes minutes)."""
     _train(corpus, tmp_path, "--kernels.loss=torch")
     _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["rtol"])
-
-
-GOLDEN = Path(__file__).resolve().parent / "golden_tiny_trace.json"
 
 
 def test_reference_trace_matches_the_committed_golden_trace(reference):
