@@ -1,6 +1,6 @@
 """Loader throughput vs. what a training run consumes (issue 3 item 9, issue 12 items 2, 4, 5, 8).
 
-Measures tokens/s of :class:`soda_mega.data.loader.SodaDataLoader` (packing, mixing, reading
+Measures tokens/s of :class:`soda_mega.data.read.loader.SodaDataLoader` (packing, mixing, reading
 MDS shards, assembling micro-batches, with loader worker processes), and sets it next to the
 tokens/s one GPU of a ``--preset`` run consumes::
 
@@ -41,8 +41,8 @@ import numpy as np
 
 if "--memory-child" not in sys.argv:  # the memory probe imports numpy and the plan only
     from soda_mega.config import load_config
-    from soda_mega.data.loader import SodaDataLoader
-    from soda_mega.data.synthetic import write_split
+    from soda_mega.data.read.loader import SodaDataLoader
+    from soda_mega.data.build.synthetic import write_split
     from soda_mega.model.accounting import flops_per_token
     from soda_mega.tokens import VocabLayout
     from soda_mega.utils.provenance import write_json
@@ -107,8 +107,8 @@ def shuffle_quality(num_docs: int, docs_per_shard: int, window: int, seq: int, b
     """Shard window vs global shuffle on a lengths-only split: shards a rank touches per step,
     the overlap (Jaccard) of neighbouring windows' source shards, and the lag-1 rank
     correlation of the ids of consecutive documents (0 for a perfect shuffle)."""
-    from soda_mega.data.order import StreamOrder
-    from soda_mega.data.steps import StepPlan
+    from soda_mega.data.read.order import StreamOrder
+    from soda_mega.data.read.steps import StepPlan
 
     lengths = np.random.default_rng(1).integers(200, 4000, num_docs)
     counts = [docs_per_shard] * (num_docs // docs_per_shard)
@@ -154,8 +154,8 @@ def _rss() -> dict:
 def memory_child(lengths_path: str, docs_per_shard: int, window: int, seq: int, batch: int) -> dict:
     """A fresh 'rank' (numpy + the plan only): open the split, plan steps early and late, then
     fork a 'worker' that plans other steps; both report their memory."""
-    from soda_mega.data.order import LengthsFile, StreamOrder
-    from soda_mega.data.steps import StepPlan
+    from soda_mega.data.read.order import LengthsFile, StreamOrder
+    from soda_mega.data.read.steps import StepPlan
 
     base = _rss()
     lengths = LengthsFile(lengths_path)  # as DocumentSource opens doc_lengths.npy

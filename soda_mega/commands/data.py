@@ -97,7 +97,7 @@ def _overrides(args) -> list[str]:
 
 
 def _print_results(args, results) -> None:
-    from soda_mega.data.build import result_dict, summary_lines
+    from soda_mega.data.build.builder import result_dict, summary_lines
 
     if args.json:
         print(json.dumps([result_dict(r) for r in results], indent=2))
@@ -159,7 +159,7 @@ def register_build(actions) -> argparse.ArgumentParser:
 
 
 def run_build(args) -> int:
-    from soda_mega.data.build import BuildError, build_dataset, finalize_dataset, parse_part, part_from_env
+    from soda_mega.data.build.builder import BuildError, build_dataset, finalize_dataset, parse_part, part_from_env
 
     inputs = [(k, v) for k, v in (("speech", args.manifest), ("text", args.text), ("s2st", args.s2st)) if v]
     try:
@@ -203,7 +203,7 @@ def run_build(args) -> int:
 def _recording_sources(args) -> list:
     """The Hugging Face datasets or Lhotse manifests of the command line, as build inputs."""
     if args.hf_dataset:
-        from soda_mega.data.hf_input import HFSource
+        from soda_mega.data.build.hf_input import HFSource
 
         if args.quiet:  # the library's own bars (parquet -> arrow conversion), here and in workers
             os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
@@ -218,7 +218,7 @@ def _recording_sources(args) -> list:
                 print(f"[soda-mega data] {source.hub_name}: the local copy in the hub cache, "
                       f"{source.path}", file=sys.stderr)
         return sources
-    from soda_mega.data.lhotse_input import LhotseSource
+    from soda_mega.data.build.lhotse_input import LhotseSource
 
     if args.lhotse_recordings:
         return [LhotseSource(recordings=args.lhotse_recordings, supervisions=args.lhotse_supervisions)]
@@ -247,7 +247,7 @@ def register_plan(actions) -> argparse.ArgumentParser:
 
 
 def run_plan(args) -> int:
-    from soda_mega.data.throughput import ThroughputError, load_rates, plan_lines, project
+    from soda_mega.data.build.throughput import ThroughputError, load_rates, plan_lines, project
 
     if not args.bench:
         print("soda-mega data plan: needs measured rates: run `python benchmarks/bench_codec.py` on a GPU "
@@ -281,8 +281,8 @@ def register_demo(actions) -> argparse.ArgumentParser:
 
 
 def run_demo(args) -> int:
-    from soda_mega.data.build import BuildError
-    from soda_mega.data.demo import build_demo, demo_config
+    from soda_mega.data.build.builder import BuildError
+    from soda_mega.data.build.demo import build_demo, demo_config
 
     cfg = demo_config(args.config, args.preset, _overrides(args))
     try:
@@ -299,7 +299,7 @@ def run_demo(args) -> int:
 
 
 # ----------------------------------------------------------------- registry
-# `data inspect` (soda_mega/data/inspect.py) registers here: append its register function.
+# `data inspect` (soda_mega/data/read/inspect.py) registers here: append its register function.
 def register_inspect(actions) -> argparse.ArgumentParser:
     p = actions.add_parser(
         "inspect", help="counts per modality and document type, hours, one document shown",
@@ -325,11 +325,11 @@ def register_inspect(actions) -> argparse.ArgumentParser:
 
 
 def run_inspect(args) -> int:
-    from soda_mega.data.inspect import inspect_dataset
-    from soda_mega.data.source import DatasetError
+    from soda_mega.data.read.inspect import inspect_dataset
+    from soda_mega.data.read.source import DatasetError
 
     if args.verify:
-        from soda_mega.data.inspect import verify_dataset
+        from soda_mega.data.read.inspect import verify_dataset
 
         report, problems = verify_dataset(args.path)
         print(report)

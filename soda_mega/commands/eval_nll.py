@@ -100,7 +100,7 @@ def eval_config(ckpt_cfg, args):
 def _preflight(cfg, split: str) -> None:
     """Fail before any process group or model is built: missing folders, splits or a dataset of
     another vocabulary layout (the loader checks the same again)."""
-    from soda_mega.data.source import DatasetError, DocumentSource
+    from soda_mega.data.read.source import DatasetError, DocumentSource
     from soda_mega.tokens.layout import VocabLayout
 
     layout = VocabLayout.from_config(cfg.vocab)
@@ -111,7 +111,7 @@ def _preflight(cfg, split: str) -> None:
 
 
 def run(args) -> int:
-    from soda_mega.data.source import DatasetError
+    from soda_mega.data.read.source import DatasetError
     from soda_mega.checkpoint.errors import CheckpointError
     from soda_mega.checkpoint.layout import checkpoint_config, checkpoint_state, resolve_checkpoint
 
@@ -148,7 +148,7 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
     """
     import torch.distributed as dist
 
-    from soda_mega.data.source import DatasetError
+    from soda_mega.data.read.source import DatasetError
     from soda_mega.eval.nll import build_report, evaluate_nll
     from soda_mega.model.gpt import build_model
     from soda_mega.parallel import state

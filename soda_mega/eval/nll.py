@@ -2,7 +2,7 @@
 
 The NLL is the model's plain next-token cross-entropy (nats; the training z-loss term is
 switched off) over the predicted tokens of packed windows, exactly as training validation
-computes it: the same loader (:class:`~soda_mega.data.loader.SodaDataLoader`), the same
+computes it: the same loader (:class:`~soda_mega.data.read.loader.SodaDataLoader`), the same
 Megatron schedules in any TP / PP / VP / DP layout, the same per-token losses from the model's
 loss path (:class:`~soda_mega.model.lm_head.LMLoss`). Only Megatron's ``loss_func`` is our
 own: it also receives the labels and sums loss and token count per *bucket*:
@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.source import DatasetError
+from soda_mega.data.read.loader import SodaDataLoader
+from soda_mega.data.read.source import DatasetError
 from soda_mega.parallel import state
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
 from soda_mega.training.forward_backward import evaluation_mode, lm_forward_step, run_schedule

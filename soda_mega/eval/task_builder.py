@@ -12,7 +12,7 @@ end to end on the demo corpus:
   A model that has learned anything about speech prefers the forward recording.
 
 With ``split="valid"`` only recordings that the data builder holds out (the same hash of the
-record id, :func:`soda_mega.data.build.split_of`) are used, so a model trained on that corpus
+record id, :func:`soda_mega.data.build.builder.split_of`) are used, so a model trained on that corpus
 is evaluated on audio it has not seen.
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from soda_mega.data.build import split_of
+from soda_mega.data.build.builder import split_of
 from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
-from soda_mega.data.inputs import InputError, read_audio, read_manifest
-from soda_mega.data.inspect import write_wav
-from soda_mega.data.writer import atomic_write_text
+from soda_mega.data.build.inputs import InputError, read_audio, read_manifest
+from soda_mega.data.read.inspect import write_wav
+from soda_mega.data.build.writer import atomic_write_text
 
 
 @dataclass

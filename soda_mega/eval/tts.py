@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from soda_mega.data.inspect import write_wav
+from soda_mega.data.read.inspect import write_wav
 from soda_mega.eval.asr import ContextWarning, Utterance
 from soda_mega.eval.prompts import tts_prompt
 from soda_mega.eval.speech_io import SpeechIO

@@ -41,8 +41,8 @@ from soda_mega.checkpoint.trust import read_json
 from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.source import MissingSplitError
+from soda_mega.data.read.loader import SodaDataLoader
+from soda_mega.data.read.source import MissingSplitError
 from soda_mega.model.accounting import flops_per_token
 from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state

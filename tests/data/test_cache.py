@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from soda_mega.data.cache import CacheError, NodeCache
+from soda_mega.data.read.cache import CacheError, NodeCache
 
 
 def test_publish_is_verified_atomic_and_clears_stale_temporaries(tmp_path):

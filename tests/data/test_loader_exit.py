@@ -19,7 +19,7 @@ import textwrap
 import pytest
 
 from soda_mega.config import load_config
-from soda_mega.data.synthetic import random_docs, write_split
+from soda_mega.data.build.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 EXIT_WITHIN_S = 120  # a clean run takes a few seconds; the bug never ends
@@ -56,8 +56,8 @@ def test_process_exits_while_a_failed_loader_iterator_is_alive(garbled, tmp_path
     script = textwrap.dedent(f"""
         import itertools
         from soda_mega.config import load_config
-        from soda_mega.data.loader import SodaDataLoader
-        from soda_mega.data.source import DatasetError
+        from soda_mega.data.read.loader import SodaDataLoader
+        from soda_mega.data.read.source import DatasetError
 
         cfg = load_config(preset="tiny", overrides=[
             "--data.train={garbled}", "--model.seq_length=32", "--data.num_workers=2",

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from soda_mega.config import load_config
-from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.order import StreamOrder
-from soda_mega.data.steps import StepPlan
-from soda_mega.data.synthetic import random_docs, write_split
+from soda_mega.data.read.loader import SodaDataLoader
+from soda_mega.data.read.order import StreamOrder
+from soda_mega.data.read.steps import StepPlan
+from soda_mega.data.build.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 SEQ = 32

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from soda_mega.config import load_config
-from soda_mega.data.cache import NodeCache
-from soda_mega.data.loader import SodaDataLoader
-from soda_mega.data.source import DatasetError
-from soda_mega.data.synthetic import random_docs, write_split
+from soda_mega.data.read.cache import NodeCache
+from soda_mega.data.read.loader import SodaDataLoader
+from soda_mega.data.read.source import DatasetError
+from soda_mega.data.build.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 SEQ = 64
@@ -156,7 +156,7 @@ def test_unreachable_server_is_retried_then_named(s3_server, tmp_path, monkeypat
     import socket
     import time
 
-    from soda_mega.data.cache import CacheError
+    from soda_mega.data.read.cache import CacheError
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -197,7 +197,7 @@ def test_bad_inputs_are_named(checkpoint, tasks, tmp_path, capsys):
 
 
 def test_batched_encoding_equals_one_file_at_a_time(checkpoint, tasks):
-    from soda_mega.data.inputs import InputError
+    from soda_mega.data.build.inputs import InputError
     from soda_mega.eval.speech_io import SpeechIO
     from soda_mega.checkpoint.layout import checkpoint_config
 

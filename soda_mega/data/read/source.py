@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from soda_mega.data.cache import (CacheError, MissingRemoteFile, NodeCache, check_hashes,
+from soda_mega.data.read.cache import (CacheError, MissingRemoteFile, NodeCache, check_hashes,
                                   is_remote, unique_tmp)
-from soda_mega.data.order import LengthsFile, read_range, shard_totals
+from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
 from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
                                            check_index, check_lengths_chunk, check_lengths_header,

@@ -28,7 +28,7 @@ import bisect
 from fractions import Fraction
 from typing import Sequence
 
-from soda_mega.data.order import Piece, StreamOrder
+from soda_mega.data.read.order import Piece, StreamOrder
 
 
 class StepPlan:

@@ -18,7 +18,7 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
    unit's recordings are read, encoded with Mimi (or taken from ``.npy`` codes), tokenized and
    turned into documents; each record goes to ``train`` or ``valid`` by a hash of its id, so
    the split does not depend on input order, worker count or device. Units are written by
-   :class:`~soda_mega.data.writer.UnitWriter` (temp folder, rename, then marker).
+   :class:`~soda_mega.data.build.writer.UnitWriter` (temp folder, rename, then marker).
 3. **Merge** (parent): per split, the units' shards are indexed in unit order and
    ``doc_lengths.npy`` and ``soda_meta.json`` are written (see :mod:`.schema`), from the unit
    markers alone. A build without a single train document fails here.
@@ -56,19 +56,19 @@ from typing import Callable, Sequence
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
-from soda_mega.data.build_worker import (WorkerSpec, init_worker, run_unit, set_progress, shutdown_worker,
+from soda_mega.data.build.build_worker import (WorkerSpec, init_worker, run_unit, set_progress, shutdown_worker,
                                          split_of, worker_device)
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, check_mimi_weights, file_sha256,
                                   mimi_metadata, precomputed_codec_metadata, warn_random_init)
-from soda_mega.data.devices import codec_devices, feeders_per_device
-from soda_mega.data.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
+from soda_mega.data.build.devices import codec_devices, feeders_per_device
+from soda_mega.data.build.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
                                    text_format)
-from soda_mega.data.part_lock import PartLock
-from soda_mega.data.progress import Progress
+from soda_mega.data.build.part_lock import PartLock
+from soda_mega.data.build.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
-from soda_mega.data.target import BuildTarget
+from soda_mega.data.build.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
-from soda_mega.data.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
+from soda_mega.data.build.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
                                    check_marker, clean_partial_units, marker_path, marker_rel, merge_split,
                                    remove_merged_files)
 from soda_mega.errors import SodaUserError
@@ -179,8 +179,8 @@ class Plan:
 
 def is_source(item) -> bool:
     """An input that plans itself (``plan() -> (recordings, skipped, fingerprint)``): a local
-    Hugging Face dataset (:class:`~soda_mega.data.hf_input.HFSource`) or a Lhotse manifest
-    (:class:`~soda_mega.data.lhotse_input.LhotseSource`); other inputs are file paths."""
+    Hugging Face dataset (:class:`~soda_mega.data.build.hf_input.HFSource`) or a Lhotse manifest
+    (:class:`~soda_mega.data.build.lhotse_input.LhotseSource`); other inputs are file paths."""
     return callable(getattr(item, "plan", None))
 
 

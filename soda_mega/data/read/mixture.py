@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soda_mega.data.order import StreamOrder, read_range
+from soda_mega.data.read.order import StreamOrder, read_range
 
 # A piece of a window: (stream, document index, first token, end token) of that document.
 Piece = tuple[int, int, int, int]

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soda_mega.data.cache import is_remote
+from soda_mega.data.read.cache import is_remote
 from soda_mega.data.schema import SPLITS
-from soda_mega.data.source import DatasetError, DocumentSource, MissingSplitError
+from soda_mega.data.read.source import DatasetError, DocumentSource, MissingSplitError
 from soda_mega.tokens.layout import Modality, VocabLayout
 
 
@@ -186,7 +186,7 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
     the dataset's vocabulary layout, masks in {0, 1}, lengths as ``doc_lengths.npy`` says) of
     both splits. Returns (report, number of problems); each problem is named by split, shard
     and document."""
-    from soda_mega.data.cache import NodeCache
+    from soda_mega.data.read.cache import NodeCache
 
     lines = [f"verify {root}"]
     problems: list[str] = []

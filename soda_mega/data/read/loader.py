@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.mixture import PAD_STREAM, MixturePlan, Piece
-from soda_mega.data.order import StreamOrder
-from soda_mega.data.source import DatasetError, DocumentSource, open_sources
-from soda_mega.data.steps import StepPlan
+from soda_mega.data.read.mixture import PAD_STREAM, MixturePlan, Piece
+from soda_mega.data.read.order import StreamOrder
+from soda_mega.data.read.source import DatasetError, DocumentSource, open_sources
+from soda_mega.data.read.steps import StepPlan
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils.lifetime import end_helpers_at_exit, helper_process_init
 

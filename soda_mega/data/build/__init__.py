@@ -1,0 +1,1 @@
+"""Building datasets: inputs -> codec -> documents -> MDS shards (one side of the format)."""

@@ -1,0 +1,1 @@
+"""Reading datasets for training: opening, cache, order, steps, mixture, loader, inspect."""
