@@ -21,7 +21,7 @@ from soda_mega.eval.wer import normalize, word_error_rate
 from soda_mega.inference.decoder import SodaDecoder
 from soda_mega.tokens.layout import VocabLayout
 
-FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "demo_assets" / "fallback"
+FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "build" / "demo_assets" / "fallback"
 
 
 @pytest.fixture(scope="module")

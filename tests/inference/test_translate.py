@@ -13,7 +13,7 @@ from soda_mega.cli import main as cli
 from soda_mega.inference.spans import split_spans
 from soda_mega.tokens.layout import VocabLayout
 
-FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "demo_assets" / "fallback"
+FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "build" / "demo_assets" / "fallback"
 
 
 def test_split_spans_inverts_the_document_layout():
