@@ -9,28 +9,13 @@ with exit 2 and one line naming the path and ``--tokenizer``; nothing is written
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 
-from sec_ckpt_helpers import hostile_copy, replace_file, run_cli_cases, tiny_checkpoint, write_wav
+from sec_ckpt_helpers import run_cli_cases, tiny_checkpoint, with_data_field, write_wav
 
 pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
-
-
-def _checkpoint_with_tokenizer(source: Path, dest: Path, tokenizer: str) -> Path:
-    """A copy of the checkpoint whose configuration names ``tokenizer`` (manifest re-signed)."""
-    from soda_mega.checkpoint.manifest import write_manifest
-
-    step = hostile_copy(source, dest)
-    state = json.loads((step / "trainer_state.json").read_text())
-    state["config"]["data"]["tokenizer"] = tokenizer
-    replace_file(step / "trainer_state.json", json.dumps(state))
-    replace_file(step / "manifest.json", b"")
-    write_manifest(step)
-    return step
 
 
 def test_recorded_tokenizer_paths_are_refused_without_traceback(tmp_path_factory, tmp_path):
@@ -47,7 +32,7 @@ def test_recorded_tokenizer_paths_are_refused_without_traceback(tmp_path_factory
              str(garbage)]
     cases = []
     for i, path in enumerate(paths):
-        step = _checkpoint_with_tokenizer(source, tmp_path / f"run{i}" / "step_00000000", path)
+        step = with_data_field(source, tmp_path / f"run{i}" / "step_00000000", "tokenizer", path)
         cases.append((["translate", str(step), str(audio), "--out", str(tmp_path / f"tr{i}"),
                        "--max-new-tokens", "4"], path))
     results = run_cli_cases([argv for argv, _ in cases], tmp_path, each=120, timeout=900)
