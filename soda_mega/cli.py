@@ -9,6 +9,7 @@ import warnings
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.errors import EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, write_status
+from soda_mega.utils import stop_signals
 
 # sub-command name -> module in soda_mega.commands; each module has
 # ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
@@ -49,6 +50,16 @@ def _quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a SIGUSR1 / SIGTERM during the imports below is recorded, not fatal (`train` acts
+    # on it once its handler is in place; for any other command it is raised again at the end).
+    stop_signals.hold()
+    try:
+        return _main(argv)
+    finally:
+        stop_signals.release()
+
+
+def _main(argv: list[str] | None) -> int:
     _quiet_library_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

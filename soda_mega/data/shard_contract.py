@@ -64,6 +64,9 @@ MAX_SAMPLES = (1 << 30) - 1
 MAX_SHARD_BYTES = 1 << 32
 # Per document, the two string columns (doc_type, record_id) may take this many bytes at most.
 MAX_STRING_BYTES = 8192
+# index.json and soda_meta.json are read whole: a few MB even for 500B tokens (an index entry
+# is ~400 bytes per shard of up to 4 GiB). Anything far larger is not one of them.
+MAX_JSON_BYTES = 256 << 20
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
 _SHARD_FILE = re.compile(r"shard\.[0-9]{1,12}\.mds")
 _HEX = re.compile(r"[0-9a-f]{1,128}")
@@ -77,6 +80,21 @@ class DatasetError(SodaUserError, ValueError):
 
 class MissingSplitError(DatasetError):
     """The dataset has no such split (e.g. no ``valid/``): validation can be switched off."""
+
+
+def read_capped(path: Path, shown: str, limit: int | None = None) -> bytes:
+    """The bytes of the metadata file ``path`` (named ``shown``), refused unread when it holds
+    more than ``limit`` (default :data:`MAX_JSON_BYTES`) bytes."""
+    limit = MAX_JSON_BYTES if limit is None else limit
+    size = Path(path).stat().st_size
+    if size <= limit:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # a file that grows after the stat is still cut at the limit
+        size = len(data)
+    if size > limit:
+        raise DatasetError(f"{shown}: {size:,} bytes, more than any {Path(path).name} of a "
+                           f"soda-mega dataset ({limit:,} at most)")
+    return data
 
 
 def _show(value: Any) -> str:

@@ -74,6 +74,11 @@ class ByteTokenizer:
                 "sha256": hashlib.sha256(BYTE_TOKENIZER_ID.encode()).hexdigest()}
 
 
+# A tokenizer.json is a few MB (Qwen3's is 11 MB); a file far beyond that is not one, and reading
+# it whole would only cost memory.
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
 class HFTokenizer:
     """A local HuggingFace ``tokenizer.json`` (``tokenizers.Tokenizer.from_file``)."""
 
@@ -83,14 +88,19 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ConfigError(f"data.tokenizer: {str(self.path)!r} does not exist; give the path of a "
+        if not self.path.is_file():  # also refuses a FIFO or a device, which would block the read
+            what = "is not a regular file" if self.path.exists() else "does not exist"
+            raise ConfigError(f"data.tokenizer: {str(self.path)[:300]!r} {what}; give the path of a "
                               "local tokenizer.json (nothing is downloaded)")
+        size = self.path.stat().st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise ConfigError(f"data.tokenizer: {str(self.path)[:300]!r} is {size:,} bytes, more than "
+                              f"any tokenizer.json ({MAX_TOKENIZER_BYTES:,} at most)")
         try:
             self._tok = Tokenizer.from_file(str(self.path))
         except Exception as err:  # the Rust side raises plain Exception subclasses
-            raise ConfigError(f"data.tokenizer: {str(self.path)!r} is not a HuggingFace tokenizer.json "
-                              f"({err})") from None
+            raise ConfigError(f"data.tokenizer: {str(self.path)[:300]!r} is not a HuggingFace "
+                              f"tokenizer.json ({str(err)[:200]})") from None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.sha256 = file_sha256(self.path)

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.codec import CodecWeightsError, MimiCodec, shared_mimi
 from soda_mega.data.build.inputs import InputError, load_codes, read_audio
@@ -39,11 +40,7 @@ class SpeechIO:
                 f"file a checkpoint names: pass --mimi-weights PATH (that file, a .safetensors you "
                 f"trust)")
         weights = mimi_weights
-        tok_path = tokenizer or cfg.data.tokenizer
-        if tok_path and not Path(tok_path).is_file():
-            raise FileNotFoundError(f"text tokenizer {tok_path} (from the checkpoint's data.tokenizer) "
-                                    "does not exist here; pass --tokenizer PATH")
-        self.tokenizer = load_tokenizer(tok_path, self.layout, announce=False)
+        self.tokenizer = _tokenizer(tokenizer, cfg.data.tokenizer, self.layout, source)
         self._codec_args = dict(weights=weights, num_codebooks=self.layout.num_codebooks,
                                 seed=cfg.data.mimi_seed, device=device)
         self._codec: MimiCodec | None = None
@@ -134,3 +131,15 @@ class SpeechIO:
 def audio_seconds(layout: VocabLayout, ids: Sequence[int], frame_rate: float = 12.5) -> float:
     n = int(np.sum(np.asarray(ids) >= layout.audio_base))
     return n / layout.num_codebooks / frame_rate
+
+
+def _tokenizer(named: str | None, recorded: str | None, layout: VocabLayout, source: str):
+    """The tokenizer the user named, else the one ``source`` recorded (read as data: a missing,
+    special or oversized file is refused naming ``--tokenizer``), else the byte-level one."""
+    if named or not recorded:
+        return load_tokenizer(named, layout, announce=False)
+    try:
+        return load_tokenizer(recorded, layout, announce=False)
+    except ConfigError as err:
+        raise ConfigError(f"{source}'s data.tokenizer cannot be used here: {err}; pass "
+                          "--tokenizer PATH") from None

@@ -27,8 +27,9 @@ import threading
 import torch
 import torch.distributed as dist
 
-# Index + 1 is the code all-reduced: 0 = keep going; the largest code names the signal.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from soda_mega.utils import stop_signals
+from soda_mega.utils.stop_signals import STOP_SIGNALS
+
 
 
 class TrainingPreempted(Exception):
@@ -61,6 +62,8 @@ class PreemptionFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
+            for signum in stop_signals.claim():  # arrived while soda-mega was starting up
+                self._record(signum, None)
         return self
 
     def restore(self) -> None:

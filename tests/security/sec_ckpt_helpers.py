@@ -58,6 +58,20 @@ def replace_file(path: Path, data: bytes | str) -> None:
     path.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+def with_data_field(source: Path, dest: Path, field: str, value: str) -> Path:
+    """A copy of the checkpoint ``source`` whose configuration's ``data.<field>`` is ``value``
+    (what someone else's checkpoint may record), its manifest signed again."""
+    from soda_mega.checkpoint.manifest import write_manifest
+
+    step = hostile_copy(source, dest)
+    state = json.loads((step / "trainer_state.json").read_text())
+    state["config"]["data"][field] = value
+    replace_file(step / "trainer_state.json", json.dumps(state))
+    replace_file(step / "manifest.json", b"")
+    write_manifest(step)
+    return step
+
+
 def edit_manifest(step: Path, edit) -> None:
     """Apply ``edit(manifest_dict)`` to ``step/manifest.json``."""
     manifest = json.loads((step / "manifest.json").read_text())

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sec_ckpt_helpers import (Evil, hostile_copy, replace_file, run_cli_cases, tiny_checkpoint,
-                              tiny_dataset, write_wav)
+from sec_ckpt_helpers import (Evil, run_cli_cases, tiny_checkpoint, tiny_dataset, with_data_field,
+                              write_wav)
 
 pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
 
@@ -44,19 +44,6 @@ def _record_codec(dataset: Path, weights: Path) -> None:
         meta_path.write_text(json.dumps(meta))
 
 
-def _checkpoint_with_weights(source: Path, dest: Path, weights: Path) -> Path:
-    """A copy of the checkpoint whose configuration names ``weights`` (manifest re-signed)."""
-    from soda_mega.checkpoint.manifest import write_manifest
-
-    step = hostile_copy(source, dest)
-    state = json.loads((step / "trainer_state.json").read_text())
-    state["config"]["data"]["mimi_weights"] = str(weights)
-    replace_file(step / "trainer_state.json", json.dumps(state))
-    replace_file(step / "manifest.json", b"")
-    write_manifest(step)
-    return step
-
-
 def test_codec_weights_from_data_or_checkpoints_are_never_unpickled(tmp_path_factory, tmp_path):
     marker = tmp_path / "marker"
     evil = _evil_weights(tmp_path / "mimi.safetensors", marker)  # the suffix is no safeguard
@@ -65,8 +52,8 @@ def test_codec_weights_from_data_or_checkpoints_are_never_unpickled(tmp_path_fac
     garbage.write_bytes(b"\xff" * 64)
     data = tiny_dataset(tmp_path / "data")
     _record_codec(data, evil)
-    step = _checkpoint_with_weights(tiny_checkpoint(tmp_path_factory),
-                                    tmp_path / "run" / "step_00000000", evil)
+    step = with_data_field(tiny_checkpoint(tmp_path_factory), tmp_path / "run" / "step_00000000",
+                           "mimi_weights", str(evil))
     audio = write_wav(tmp_path / "source.wav")
     wav = tmp_path / "out.wav"
     cases = [  # (argv, text the one error line must hold)

@@ -42,7 +42,8 @@ from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
 from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
                                            check_index, check_lengths_chunk, check_lengths_header,
-                                           check_meta, check_shard_bytes, inflate, inside)
+                                           check_meta, check_shard_bytes, inflate, inside,
+                                           read_capped)
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
 
@@ -61,7 +62,7 @@ def layout_differences(dataset: dict, model: dict) -> list[str]:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_capped(Path(path), what))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{what} is not valid JSON (truncated or damaged?): {err}") from err
 
@@ -181,7 +182,7 @@ class DocumentSource:
         index_path = split_dir / INDEX_FILE
         if not index_path.is_file():
             raise DatasetError(f"{index_path} is missing (the MDS index of the shards)")
-        raw = index_path.read_bytes()
+        raw = read_capped(index_path, str(index_path))
         self._index_sha = hashlib.sha256(raw).hexdigest()
         self.shards = check_index(_parse_index(raw, str(index_path)), self.where)
         self.lengths = _load_lengths(split_dir / LENGTHS_FILE, str(split_dir / LENGTHS_FILE))
@@ -199,7 +200,7 @@ class DocumentSource:
             tmp = unique_tmp(incoming / INDEX_FILE)
             try:
                 self.cache._download_with_retries(f"{url}/{INDEX_FILE}", tmp)
-                raw = tmp.read_bytes()
+                raw = read_capped(tmp, f"{url}/{INDEX_FILE}")
                 break
             except MissingRemoteFile:
                 continue
