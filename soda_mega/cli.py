@@ -50,8 +50,9 @@ def _quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First: a SIGUSR1 / SIGTERM during the imports below is recorded, not fatal (`train` acts
-    # on it once its handler is in place; for any other command it is raised again at the end).
+    # First: a SIGUSR1 / SIGTERM during the imports below is recorded, not fatal. A command
+    # with HANDLES_STOP_SIGNALS (`train`) acts on it once its own handler is in place; for any
+    # other it is raised again as soon as the imports are done.
     stop_signals.hold()
     try:
         return _main(argv)
@@ -67,6 +68,8 @@ def _main(argv: list[str] | None) -> int:
     bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --section.key=value)")
+    if not getattr(sys.modules[args._run.__module__], "HANDLES_STOP_SIGNALS", False):
+        stop_signals.release()  # imports done: the command's own work keeps the usual meaning
     code = EXIT_FAILURE  # an exception that escapes below (traceback printed by Python)
     try:
         code = _run_command(args)

@@ -12,6 +12,10 @@ from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import check_run_layout
 from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
+# SIGUSR1 / SIGTERM that arrive while soda-mega starts are kept for this command's own handler
+# (soda_mega.utils.stop_signals): it finishes the step, saves and exits 4.
+HANDLES_STOP_SIGNALS = True
+
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(

@@ -7,10 +7,9 @@ handler that turns them into "finish the step, save, exit 4"
 would just die, and the launcher would count a crash instead of requeueing.
 
 :func:`hold` is the first thing ``soda-mega`` does: from then on a stop signal is only recorded.
-The trainer :func:`claim` s the recorded ones when its own handler is in place; whatever is still
-held when the command ends is :func:`release` d: the original handlers come back and each held
-signal is raised again, so every other command (and ``train --dry-run``) keeps the meaning the
-signal had for it. Standard library only: this must be importable before anything heavy.
+The trainer :func:`claim` s the recorded ones when its own handler is in place. Every other
+command :func:`release` s them as soon as its imports are done: the original handlers come back
+and each held signal is raised again, so its work keeps the meaning the signal always had. Standard library only: this must be importable before anything heavy.
 """
 
 from __future__ import annotations

@@ -47,6 +47,42 @@ def test_sigusr1_during_the_imports_stops_train_cleanly(corpus, tmp_path):
         (tmp_path / "run" / "checkpoints").glob("step_*"))
 
 
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    caught = int(status.split("SigCgt:")[1].split()[0], 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def test_sigterm_still_ends_other_commands_at_once(tmp_path):
+    """`data demo` (a minute or more of work) releases the held signals after its imports:
+    a SIGTERM during its work ends it right away, as it always did."""
+    proc = subprocess.Popen([sys.executable, "-m", "soda_mega.cli", "data", "demo", str(tmp_path / "demo")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    deadline = time.monotonic() + 60
+    held = released = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        catching = _catches(proc.pid, signal.SIGTERM)
+        held = held or catching
+        released = held and not catching  # held during the imports, released since
+        if released:
+            break
+        time.sleep(0.002)
+    if not released:
+        proc.kill()
+        proc.communicate()
+    assert held, "SIGTERM was never held while soda-mega started"
+    assert released, "SIGTERM was still held 60 s into `data demo`"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.returncode
+    assert time.monotonic() - start < 20
+
+
 def test_held_signals_keep_their_meaning_for_other_code():
     """In-process: while held a signal only is recorded; released, the original handler gets
     it once; a forked child never inherits the recorder."""
