@@ -38,7 +38,9 @@ On a GPU only kernel time counts (memcpy/memset too), attributed through the lau
 correlation id; overlapping kernels (communication on its own stream) can make the shares
 add to more than 100%: the overlap is reported. On a CPU the host does the work: an op's self
 time (its duration minus its children's) counts to its category, and a range's time outside
-any op counts to the range's category.
+any op counts to the range's category. Only the threads that run the steps count: ops of other
+threads (data prefetch, gloo's workers) run beside them and are reported apart
+(``other_threads_seconds``), so the shares add to 100%.
 """
 
 from __future__ import annotations
@@ -318,7 +320,7 @@ def breakdown(trace: dict | str | Path) -> dict:
     clf = Classifier(host)
     seconds = dict.fromkeys(CATEGORIES, 0.0)
     other_ops: collections.Counter = collections.Counter()
-    overlap = 0.0
+    overlap = other_threads = 0.0
     if device:
         launches = {e.args.get("correlation"): e for e in host
                     if e.cat in ("cuda_runtime", "cuda_driver")}
@@ -343,12 +345,16 @@ def breakdown(trace: dict | str | Path) -> dict:
         overlap = sum(seconds[c] for c in CATEGORIES if c != "idle") - busy
         basis = "device kernels"
     else:
+        step_threads = {e.tid for e in host if e.name == STEP}
         for e in host:
             if e.name == STEP or e.cat not in ("cpu_op", "user_annotation"):
                 continue
             own = max(0.0, e.dur - e.child_time)
             inside = sum(hi - lo for lo, hi in _clip(e.ts, e.ts + own, steps, starts))
             if inside <= 0:
+                continue
+            if e.tid not in step_threads:  # runs beside the step (prefetch, gloo): not its time
+                other_threads += inside
                 continue
             cat = clf.category(e)
             seconds[cat] += inside
@@ -365,6 +371,7 @@ def breakdown(trace: dict | str | Path) -> dict:
         "seconds": seconds,
         "share": {k: v / total for k, v in seconds.items()},
         "overlap_seconds": overlap / 1e6,
+        "other_threads_seconds": other_threads / 1e6,
         "other_top": [(name, t / 1e6) for name, t in other_ops.most_common(8)],
     }
 

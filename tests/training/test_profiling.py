@@ -46,6 +46,23 @@ def test_rules_on_a_cpu_trace_by_hand():
     assert result["basis"].startswith("host")
 
 
+def test_cpu_ops_of_other_threads_do_not_count_twice():
+    """On a CPU only the thread that runs the steps is broken down: a data-prefetch or gloo
+    thread working at the same time is reported apart, so the shares still add to 100%
+    (seen at 108.6% when the machine was loaded)."""
+    events = [
+        X("soda/step", 0, 1000, cat="user_annotation"),
+        X("aten::mm", 0, 900),
+        X("aten::copy_", 100, 800, tid=2),               # another thread, same wall time
+        X("gloo:all_reduce", 200, 300, cat="user_annotation", tid=3),
+    ]
+    result = breakdown({"traceEvents": events})
+    assert result["seconds"]["matmul"] == pytest.approx(900e-6)
+    assert result["seconds"]["idle"] == pytest.approx(100e-6)
+    assert sum(result["share"].values()) == pytest.approx(1.0)
+    assert result["other_threads_seconds"] == pytest.approx(1100e-6)
+
+
 def test_rules_on_a_gpu_trace_by_hand():
     """Kernel time by the CPU op that launched it; idle = no kernel running; overlap reported."""
     events = [
