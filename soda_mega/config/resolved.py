@@ -98,12 +98,13 @@ def padded_vocab(vocab: VocabLayout, cfg: SodaConfig) -> int:
     return vocab.padded_size(cfg.parallel.tensor_parallel, cfg.model.make_vocab_size_divisible_by)
 
 
-def resolve_run(cfg: SodaConfig, world_size: int) -> ResolvedRun:
+def resolve_run(cfg: SodaConfig, world_size: int, vocab: VocabLayout | None = None) -> ResolvedRun:
     """The run's vocabulary, padded vocabulary and batch geometry on ``world_size`` ranks;
-    a layout that does not divide fails naming the field (:class:`ConfigError`)."""
+    a layout that does not divide fails naming the field (:class:`ConfigError`). ``vocab``:
+    the layout of ``cfg.vocab`` when the caller derived it already (a command's pre-flight)."""
     check_run_layout(cfg, world_size)
     p, t, m = cfg.parallel, cfg.training, cfg.model
-    vocab = VocabLayout.from_config(cfg.vocab)
+    vocab = vocab or VocabLayout.from_config(cfg.vocab)
     dp = world_size // (p.tensor_parallel * p.pipeline_parallel)
     return ResolvedRun(
         vocab=vocab,

@@ -13,25 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from call_counts import count_calls
 from tiny_golden import run_overrides, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("setup-corpus"))
-
-
-def _count_calls(monkeypatch, owner, name: str, key, seen: Counter) -> None:
-    """Wrap ``owner.name`` (a function or classmethod) so each call adds ``key(args)`` to ``seen``."""
-    raw = owner.__dict__[name]
-    is_classmethod = isinstance(raw, classmethod)
-    real = raw.__func__ if is_classmethod else raw
-
-    def counted(*args, **kwargs):
-        seen[key(*args, **kwargs)] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, classmethod(counted) if is_classmethod else counted)
 
 
 def test_train_opens_each_split_once_and_derives_the_vocabulary_once(corpus, tmp_path, monkeypatch,
@@ -44,11 +32,11 @@ def test_train_opens_each_split_once_and_derives_the_vocabulary_once(corpus, tmp
     opened: Counter = Counter()
     orders: Counter = Counter()
     layouts: Counter = Counter()
-    _count_calls(monkeypatch, DocumentSource, "__init__",
-                 lambda self, root, split="train", *a, **k: (Path(root).name, split), opened)
-    _count_calls(monkeypatch, StreamOrder, "__init__",
-                 lambda self, lengths, *a, **k: len(lengths), orders)
-    _count_calls(monkeypatch, VocabLayout, "from_config", lambda cls, vocab: "layout", layouts)
+    count_calls(monkeypatch, DocumentSource, "__init__",
+                lambda self, root, split="train", *a, **k: (Path(root).name, split), opened)
+    count_calls(monkeypatch, StreamOrder, "__init__",
+                lambda self, lengths, *a, **k: len(lengths), orders)
+    count_calls(monkeypatch, VocabLayout, "from_config", lambda cls, vocab: "layout", layouts)
 
     run_dir = tmp_path / "run"
     rc = main(["train", "--preset", "tiny", *run_overrides(corpus, run_dir), "--run.max_steps=2",

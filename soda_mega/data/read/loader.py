@@ -1,5 +1,10 @@
 """Rank-aware, resumable, packed, weighted-mixture loader of SODA token windows.
 
+A loader is the last step of the set-up's walk down: it takes a split opened once
+(:class:`.split.OpenedSplit`: sources, weights, stream orders) and the run's resolved batch
+geometry (:class:`soda_mega.config.resolved.ResolvedRun`), picks the plan and reads windows.
+Given a bare config it opens the split itself (tools, tests).
+
 Every rank computes the same global plan of windows from document lengths and keeps the
 windows of its data-parallel replica: global batch ``g`` holds windows ``[g*B, (g+1)*B)``, and
 DP rank ``r`` takes its contiguous ``B/dp`` of them, split into micro-batches. Split-packed
