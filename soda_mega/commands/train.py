@@ -50,7 +50,7 @@ def run(args) -> int:
         from soda_mega.training.plan import describe_run
 
         try:
-            print(describe_run(cfg, world))
+            print(describe_run(cfg, world, resolved))
         except ValueError as err:
             print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
             return 2

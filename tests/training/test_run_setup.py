@@ -52,3 +52,16 @@ def test_train_opens_each_split_once_and_derives_the_vocabulary_once(corpus, tmp
     # One order per stream of the train split and one per stream of the valid split.
     assert sum(orders.values()) == 4, orders
     assert layouts["layout"] == 1
+
+
+def test_dry_run_derives_the_vocabulary_once(monkeypatch, capsys):
+    from soda_mega.cli import main
+    from soda_mega.tokens.layout import VocabLayout
+
+    layouts: Counter = Counter()
+    count_calls(monkeypatch, VocabLayout, "from_config", lambda cls, vocab: "layout", layouts)
+    assert main(["train", "--preset", "tiny", "--parallel.tensor_parallel=2", "--dry-run",
+                 "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "world 4 = TP 2 x PP 1 x DP 2" in out
+    assert layouts["layout"] == 1
