@@ -26,10 +26,15 @@ class BatchGeometry:
     """Which windows belong to a rank: sizes of the global batch and of one replica's share."""
 
     seq_length: int
+    """predicted tokens per window (``model.seq_length``)"""
     micro_batch_size: int
+    """windows per micro-batch of one replica"""
     global_batch_size: int
+    """windows per optimizer step, all replicas together"""
     dp_rank: int = 0
+    """the data-parallel replica this geometry is seen from"""
     dp_size: int = 1
+    """data-parallel replicas"""
 
     def __post_init__(self) -> None:
         per_replica, rem = divmod(self.global_batch_size, self.dp_size)
