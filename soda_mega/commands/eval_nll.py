@@ -97,30 +97,33 @@ def eval_config(ckpt_cfg, args):
     return cfg.validate()
 
 
-def _preflight(cfg, split: str) -> None:
-    """Fail before any process group or model is built: missing folders, splits or a dataset of
-    another vocabulary layout (the loader checks the same again)."""
-    from soda_mega.data.read.source import DatasetError, DocumentSource
-    from soda_mega.tokens.layout import VocabLayout
+def _preflight(cfg, split: str, layout):
+    """The split, opened once and before any process group or model is built, so missing
+    folders, splits or a dataset of another vocabulary layout fail first; the evaluation reads
+    this same opened split."""
+    from soda_mega.data.read.source import DatasetError
+    from soda_mega.data.read.split import open_split
 
-    layout = VocabLayout.from_config(cfg.vocab)
     for root in cfg.data.train:
         if not Path(root).is_dir():
             raise DatasetError(f"--data {root}: no such folder")
-        DocumentSource(root, split, layout)
+    return open_split(cfg, split, layout)
 
 
 def run(args) -> int:
     from soda_mega.data.read.source import DatasetError
     from soda_mega.checkpoint.errors import CheckpointError
     from soda_mega.checkpoint.layout import checkpoint_config, checkpoint_state, resolve_checkpoint
+    from soda_mega.tokens.layout import VocabLayout
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         step_dir = resolve_checkpoint(args.checkpoint)
         saved = checkpoint_state(step_dir)
         cfg = eval_config(checkpoint_config(step_dir), args)
-        _preflight(cfg, args.split)
+        # The checkpoint's vocabulary layout, derived once for the data checks, model and report.
+        vocab = VocabLayout.from_config(cfg.vocab)
+        data = _preflight(cfg, args.split, vocab)
         if args.split == "train" and not args.max_batches:
             raise DatasetError("--split train reads the training loader's endless shuffled order: "
                                "give --max-batches N")
@@ -131,7 +134,7 @@ def run(args) -> int:
     checkpoint = {"path": str(step_dir), "step": saved.get("step"),
                   "weights_only": bool(saved.get("weights_only", False))}
     report = evaluate(cfg, step_dir, checkpoint, args.split, args.max_batches,
-                      progress=not args.quiet and rank0)
+                      progress=not args.quiet and rank0, data=data)
     if report is None:
         return 2
     if rank0:
@@ -140,8 +143,9 @@ def run(args) -> int:
 
 
 def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int | None,
-             progress: bool) -> dict | None:
+             progress: bool, data=None) -> dict | None:
     """Build the layout and model, load the checkpoint, evaluate; None after a data error.
+    ``data``: the split opened by the pre-flight (its layout is the checkpoint's vocabulary).
 
     A process group that exists already (a caller evaluating several layouts in the same
     processes) is kept; one created here is destroyed again.
@@ -149,7 +153,8 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
     import torch.distributed as dist
 
     from soda_mega.data.read.source import DatasetError
-    from soda_mega.eval.nll import build_report, evaluate_nll
+    from soda_mega.config.resolved import resolve_run
+    from soda_mega.eval.nll import build_report, evaluate_nll, replicas_config
     from soda_mega.model.gpt import build_model
     from soda_mega.parallel import state
     from soda_mega.checkpoint.load import load_checkpoint
@@ -160,15 +165,20 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
         rank0 = dist.get_rank() == 0
         if progress:
             print(f"[{PREFIX}] loading {step_dir}", file=sys.stderr, flush=True)
-        chunks = build_model(cfg)
+        # Evaluation has no optimizer step: one global batch is one micro-batch per replica.
+        world = dist.get_world_size()
+        resolved = resolve_run(replicas_config(cfg, state.current_layout().dp), world,
+                               data.layout if data is not None else None)
+        chunks = build_model(cfg, resolved=resolved)
         load_checkpoint(step_dir, chunks, optimizer=None, restore_rng=False)
         try:
-            result = evaluate_nll(chunks, cfg, split, max_batches, progress=progress)
+            result = evaluate_nll(chunks, cfg, split, max_batches, progress=progress, data=data,
+                                  run=resolved)
         except DatasetError as err:
             if rank0:
                 print(f"{PREFIX}: {err}", file=sys.stderr)
             return None
-        return build_report(result, cfg, checkpoint, split, max_batches)
+        return build_report(result, cfg, checkpoint, split, max_batches, resolved.vocab)
     finally:
         state.shutdown(keep_process_group=not owned)
 

@@ -9,7 +9,7 @@ import sys
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
-from soda_mega.config.schema import check_run_layout
+from soda_mega.config.resolved import resolve_run
 from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
 # SIGUSR1 / SIGTERM that arrive while soda-mega starts are kept for this command's own handler
@@ -48,12 +48,13 @@ def run(args) -> int:
     cfg = load_config(args.config, args.preset, args.overrides)
     world = (args.world_size if args.dry_run and args.world_size
              else int(os.environ.get("WORLD_SIZE", "1")))
-    check_run_layout(cfg, world)
+    # The run's vocabulary, padded vocabulary and batch geometry, once (checks the layout).
+    resolved = resolve_run(cfg, world)
     if args.dry_run:
         from soda_mega.training.plan import describe_run
 
         try:
-            print(describe_run(cfg, world))
+            print(describe_run(cfg, world, resolved))
         except ValueError as err:
             print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
             return 2
@@ -68,7 +69,7 @@ def run(args) -> int:
     # cleanly (exit 4, the launcher requeues it) instead of killing the process.
     preemption = PreemptionFlag().install()
     try:
-        Trainer(cfg).run(preemption)
+        Trainer(cfg, resolved).run(preemption)
     except TrainingDiverged as err:
         print(f"soda-mega: training stopped: {err}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -31,9 +31,11 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from soda_mega.config.resolved import ResolvedRun
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.source import DatasetError
+from soda_mega.data.read.split import OpenedSplit
 from soda_mega.parallel import state
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
 from soda_mega.training.forward_backward import evaluation_mode, lm_forward_step, run_schedule
@@ -166,13 +168,23 @@ def planned_micro_batches(loader: SodaDataLoader, split: str, max_batches: int |
     return min(micro, max_batches) if max_batches else micro
 
 
+def replicas_config(cfg: SodaConfig, dp: int) -> SodaConfig:
+    """``cfg`` whose global batch is one micro-batch per data-parallel replica: the loader's
+    windows are then dealt round-robin in both the single-pass (valid) and the training order."""
+    return replace(cfg, training=replace(cfg.training,
+                                         global_batch_size=cfg.training.micro_batch_size * dp))
+
+
 def evaluate_nll(chunks: Sequence[torch.nn.Module], cfg: SodaConfig, split: str = "valid",
-                 max_batches: int | None = None, progress: bool = True) -> NLLResult:
+                 max_batches: int | None = None, progress: bool = True, *,
+                 data: OpenedSplit | None = None, run: ResolvedRun | None = None) -> NLLResult:
     """NLL per bucket of ``chunks`` (this rank's model chunks, weights loaded) on ``cfg.data``.
 
     Needs the parallel state of ``cfg.parallel`` (:func:`soda_mega.parallel.state.initialize`);
     every rank returns the same reduced result. ``max_batches`` counts micro-batches over all
     data-parallel replicas; ``split="train"`` needs it (the training order never ends).
+    ``data``: the split opened once by the caller (else opened here); ``run``: the resolved
+    run of :func:`replicas_config`'s config (its global batch is one micro-batch per replica).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -181,10 +193,11 @@ def evaluate_nll(chunks: Sequence[torch.nn.Module], cfg: SodaConfig, split: str 
                          "give --max-batches")
     lay = state.current_layout()
     mbs, seq = cfg.training.micro_batch_size, cfg.model.seq_length
-    # One global batch is one micro-batch per replica: the loader's windows are then dealt
-    # round-robin in both the single-pass (valid) and the training (train) order.
-    cfg = replace(cfg, training=replace(cfg.training, global_batch_size=mbs * lay.dp))
-    loader = SodaDataLoader(cfg, split, num_workers=0)
+    cfg = replicas_config(cfg, lay.dp)
+    if run is not None and run.batch.global_batch_size != cfg.training.global_batch_size:
+        raise ValueError(f"the resolved run's global batch is {run.batch.global_batch_size}, "
+                         f"evaluation takes one micro-batch per replica ({mbs} x {lay.dp})")
+    loader = SodaDataLoader(cfg, split, num_workers=0, data=data, run=run)
     vocab = loader.layout
     planned = planned_micro_batches(loader, split, max_batches)
     if planned == 0:
@@ -251,9 +264,10 @@ def _reduce(stats: torch.Tensor, windows: int, reporter: bool) -> tuple[list[flo
 
 # ----------------------------------------------------------------------------- report
 def build_report(result: NLLResult, cfg: SodaConfig, checkpoint: dict, split: str,
-                 max_batches: int | None) -> dict:
-    """The JSON report: per-bucket metrics plus what was evaluated and how."""
-    vocab = VocabLayout.from_config(cfg.vocab)
+                 max_batches: int | None, vocab: VocabLayout | None = None) -> dict:
+    """The JSON report: per-bucket metrics plus what was evaluated and how (``vocab``: the
+    layout of ``cfg.vocab`` when the caller has it)."""
+    vocab = vocab or VocabLayout.from_config(cfg.vocab)
     buckets = {"overall": bucket_metrics(*result.overall())}
     for name in result.names:
         buckets[name] = bucket_metrics(*result.bucket(name))

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from soda_mega.config.resolved import ResolvedRun, padded_vocab
 from soda_mega.config.schema import SodaConfig
 from soda_mega.model.init import initialize_weights
 from soda_mega.model.lm_head import InterleavedVocabParallelEmbedding, language_model_loss, resolve_impl
@@ -131,16 +132,21 @@ class SodaGPTModel(GPTModel):
         return logits.masked_fill(~keep, float("-inf")), bias
 
 
-def padded_vocab_size(cfg: SodaConfig) -> int:
-    return VocabLayout.from_config(cfg.vocab).padded_size(
-        cfg.parallel.tensor_parallel, cfg.model.make_vocab_size_divisible_by
-    )
+def build_model(cfg: SodaConfig, *, resolved: ResolvedRun | None = None,
+                **config_overrides) -> list[SodaGPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), in ``params_dtype``.
 
-
-def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage), in ``params_dtype``."""
+    ``resolved``: the run's vocabulary layout and padded vocabulary, computed once by the
+    command (:func:`soda_mega.config.resolved.resolve_run`); derived from ``cfg`` without it."""
     tcfg = transformer_config(cfg, **config_overrides)
-    layout = VocabLayout.from_config(cfg.vocab)
+    if resolved is not None:
+        if resolved.tensor_parallel != cfg.parallel.tensor_parallel:
+            raise ValueError(f"the resolved run pads the vocabulary for TP {resolved.tensor_parallel}, "
+                             f"parallel.tensor_parallel is {cfg.parallel.tensor_parallel}")
+        layout, padded = resolved.vocab, resolved.padded_vocab
+    else:
+        layout = VocabLayout.from_config(cfg.vocab)
+        padded = padded_vocab(layout, cfg)
     layer_spec = qwen3_layer_spec(cfg.model.qk_norm, cfg.kernels.attention)
     vp = cfg.parallel.virtual_pipeline
     chunks = []
@@ -153,7 +159,7 @@ def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
         model = SodaGPTModel(
             config=tcfg,
             transformer_layer_spec=block,
-            vocab_size=padded_vocab_size(cfg),
+            vocab_size=padded,
             max_sequence_length=cfg.model.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
@@ -167,6 +173,6 @@ def build_model(cfg: SodaConfig, **config_overrides) -> list[SodaGPTModel]:
             z_loss=cfg.training.z_loss,
         )
         chunks.append(model)
-    initialize_weights(chunks, cfg)
+    initialize_weights(chunks, cfg, vocab_size=layout.size)
     return chunks
 

@@ -34,12 +34,14 @@ def param_seed(seed: int, global_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def full_shape(global_name: str, local_shape: torch.Size, cfg: SodaConfig) -> tuple[int, ...]:
-    """Shape of the unsharded tensor (vocabulary matrices without padding rows)."""
+def full_shape(global_name: str, local_shape: torch.Size, cfg: SodaConfig,
+               vocab_size: int | None = None) -> tuple[int, ...]:
+    """Shape of the unsharded tensor (vocabulary matrices without padding rows);
+    ``vocab_size``: the layout's size when the caller has it (else derived from ``cfg``)."""
     m = cfg.model
     h = m.hidden_size
     if global_name.endswith(("word_embeddings.weight", "output_layer.weight")):
-        return (VocabLayout.from_config(cfg.vocab).size, h)
+        return (vocab_size or VocabLayout.from_config(cfg.vocab).size, h)
     if global_name.endswith("linear_qkv.weight"):
         return ((m.num_attention_heads + 2 * m.num_kv_heads) * m.head_dim, h)
     if global_name.endswith("linear_proj.weight"):
@@ -72,7 +74,7 @@ def _draw_threads() -> int:
 
 
 @torch.no_grad()
-def initialize_weights(chunks, cfg: SodaConfig) -> None:
+def initialize_weights(chunks, cfg: SodaConfig, vocab_size: int | None = None) -> None:
     """Fill every parameter of this rank's chunks with its slice of the layout-free init.
 
     The full tensors are drawn in a few threads at a time (at most ``2 x threads`` in flight,
@@ -80,12 +82,13 @@ def initialize_weights(chunks, cfg: SodaConfig) -> None:
     the number of threads."""
     tp_rank = ps.get_tensor_model_parallel_rank()
     tp_size = ps.get_tensor_model_parallel_world_size()
+    vocab_size = vocab_size or VocabLayout.from_config(cfg.vocab).size
     params = list(named_local_params(chunks))
     threads = _draw_threads()
 
     def draw(item):
         gname, _, param = item
-        return init_full_tensor(gname, full_shape(gname, param.shape, cfg), cfg)
+        return init_full_tensor(gname, full_shape(gname, param.shape, cfg, vocab_size), cfg)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque = deque()

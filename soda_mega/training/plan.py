@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from soda_mega.config.loader import dump_config
+from soda_mega.config.resolved import ResolvedRun, resolve_run
 from soda_mega.config.schema import SodaConfig
 from soda_mega.model.accounting import BYTES, per_rank_parameters
 from soda_mega.tokens.layout import VocabLayout
@@ -179,7 +180,8 @@ def layer_backward_working_bytes(cfg: SodaConfig, tokens: int) -> float:
     return tokens * e * (2 * m.hidden_size / sp + 3 * f) + e * m.hidden_size * 2 * f
 
 
-def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, float]:
+def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda",
+               vocab: VocabLayout | None = None) -> dict[str, float]:
     """Bytes of the output layer + loss for one micro-batch on the last stage.
 
     ``held``: kept from the loss forward to its backward, with the final norm's saved tensors
@@ -214,7 +216,7 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda") -> dict[str, 
     tp = p.tensor_parallel
     sp = tp if p.sequence_parallel else 1
     h = m.hidden_size
-    layout = VocabLayout.from_config(cfg.vocab)
+    layout = vocab or VocabLayout.from_config(cfg.vocab)
     v_local = layout.padded_size(tp, m.make_vocab_size_divisible_by) // tp
     z = cfg.training.z_loss > 0
     final_norm = tokens * (((4 + e) * h + 4) / sp + e * h / sp)  # norm saves + its output
@@ -341,8 +343,10 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: SodaConfig, world_size: int = 1,
-                assumptions: Optional[MemoryAssumptions] = None) -> MemoryPlan:
-    """Predict the per-GPU memory of ``cfg`` on ``world_size`` GPUs (see the module docstring)."""
+                assumptions: Optional[MemoryAssumptions] = None,
+                vocab: VocabLayout | None = None) -> MemoryPlan:
+    """Predict the per-GPU memory of ``cfg`` on ``world_size`` GPUs (see the module docstring);
+    ``vocab``: the run's vocabulary layout when the caller resolved it already."""
     a = assumptions or MemoryAssumptions()
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_parallel, p.pipeline_parallel
@@ -356,12 +360,12 @@ def plan_memory(cfg: SodaConfig, world_size: int = 1,
     e = _e(cfg)
     sp = tp if p.sequence_parallel else 1
     tokens = m.seq_length * t.micro_batch_size
-    layout = VocabLayout.from_config(cfg.vocab)
+    layout = vocab or VocabLayout.from_config(cfg.vocab)
     ranks = per_rank_parameters(m, layout, tp, pp)
     rope = rope_table_bytes(cfg)
     stored = layer_stored_bytes(cfg, a.target) * tokens + (0 if t.recompute == "full" else rope)
     full_layer = layer_activation_terms(cfg, a.target)["total"] * tokens + rope
-    loss = loss_terms(cfg, tokens, a.target)
+    loss = loss_terms(cfg, tokens, a.target, layout)
     layer_bwd = layer_backward_working_bytes(cfg, tokens)
     if t.recompute == "full":
         layer_bwd += full_layer  # the layer being recomputed holds its whole activation set
@@ -442,21 +446,18 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> lis
     return lines
 
 
-def describe_run(cfg: SodaConfig, world_size: int) -> str:
-    """Human-readable plan of a run on ``world_size`` GPUs (raises on an impossible layout)."""
+def describe_run(cfg: SodaConfig, world_size: int, resolved: ResolvedRun | None = None) -> str:
+    """Human-readable plan of a run on ``world_size`` GPUs (raises on an impossible layout);
+    ``resolved``: the run's resolved pieces when the command computed them already."""
     from soda_mega.training.trainer import peak_learning_rate, total_steps
 
     p, t = cfg.parallel, cfg.training
-    model_ranks = p.tensor_parallel * p.pipeline_parallel
-    if world_size % model_ranks:
-        raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {model_ranks}")
-    dp = world_size // model_ranks
-    per_replica, rem = divmod(t.global_batch_size, dp * t.micro_batch_size)
-    if rem:
-        raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                         f"micro_batch_size {t.micro_batch_size} x DP {dp}")
+    resolved = resolved or resolve_run(cfg, world_size)
+    if resolved.world_size != world_size:
+        raise ValueError(f"the run was resolved for {resolved.world_size} ranks, not {world_size}")
+    dp, per_replica = resolved.dp, resolved.grad_accum
     steps = total_steps(cfg)
-    plan = plan_memory(cfg, world_size)
+    plan = plan_memory(cfg, world_size, vocab=resolved.vocab)
     lines = [
         "# resolved configuration",
         dump_config(cfg).rstrip(),

@@ -40,13 +40,15 @@ from soda_mega.checkpoint.save import save_checkpoint
 from soda_mega.checkpoint.trust import read_json
 from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.config.loader import dump_config
+from soda_mega.config.resolved import ResolvedRun, resolve_run
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.source import MissingSplitError
+from soda_mega.data.read.split import OpenedSplit, open_split
 from soda_mega.model.accounting import flops_per_token
 from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state
-from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
+from soda_mega.tokens.layout import LOSS_GROUPS
 from soda_mega.training import faults
 from soda_mega.training.forward_backward import (StepResult, evaluation_mode, forward_backward,
                                                   wrap_ddp)
@@ -150,19 +152,31 @@ def _stats_dict(vec: torch.Tensor, prefix: str = "") -> dict:
 
 
 class Trainer:
-    """Builds everything for a run and drives it; ``run()`` trains to the end (or max_steps)."""
+    """Builds everything for a run and drives it; ``run()`` trains to the end (or max_steps).
 
-    def __init__(self, cfg: SodaConfig) -> None:
+    The set-up walks down once: the run's resolved pieces (``resolved``: vocabulary layout,
+    padded vocabulary, batch geometry; computed by the command, else here from the world size)
+    go to the model and the loaders; each split is opened once (:func:`open_split`) and handed
+    to its loader, the valid split to a fresh loader at every validation."""
+
+    def __init__(self, cfg: SodaConfig, resolved: ResolvedRun | None = None) -> None:
         self.cfg = cfg
         self.layout = state.initialize(cfg.parallel, cfg.training.seed)
         faults.inject(0, dist.get_rank())  # step 0: set-up
+        self.resolved = resolved or resolve_run(cfg, dist.get_world_size())
+        if (self.resolved.dp, self.resolved.tensor_parallel) != (self.layout.dp, self.layout.tp):
+            raise ValueError(f"the run was resolved for DP {self.resolved.dp} x TP "
+                             f"{self.resolved.tensor_parallel}, the process groups are DP "
+                             f"{self.layout.dp} x TP {self.layout.tp}")
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         start_over(self.run_dir, self.ckpt_dir, cfg.run.resume, cfg.run.overwrite)
         if cfg.training.init_from and not (cfg.run.resume and has_checkpoints(self.ckpt_dir)):
             initial_checkpoint(cfg.training.init_from, cfg)  # a wrong model fails before any work
-        self.model = wrap_ddp(build_model(cfg), cfg)
-        self.loader = SodaDataLoader(cfg, "train")
+        self.model = wrap_ddp(build_model(cfg, resolved=self.resolved), cfg)
+        vocab = self.resolved.vocab
+        self.loader = SodaDataLoader(cfg, "train", data=open_split(cfg, "train", vocab),
+                                     run=self.resolved)
         data_tokens = self.loader.epoch_tokens()  # with data.packing=whole: padded windows
         self.steps_total = total_steps(cfg, data_tokens)
         if cfg.training.epochs is not None and dist.get_rank() == 0:
@@ -173,15 +187,17 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.training, self.steps_total, self.peak_lr)
         self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
         self.has_valid = True
+        self.valid_data: OpenedSplit | None = None
         if cfg.run.eval_interval:
             try:
-                SodaDataLoader(cfg, "valid", num_workers=0)
+                self.valid_data = open_split(cfg, "valid", vocab)
             except MissingSplitError as err:  # any other data error (e.g. a vocabulary) stops the run
                 self.has_valid = False
                 if dist.get_rank() == 0:
                     print(f"soda-mega: validation is off: {err}", flush=True)
-        self.micro_per_step = self.loader.geometry.micro_batches_per_step
-        vocab = VocabLayout.from_config(cfg.vocab)
+            else:
+                self._valid_loader()  # a plan that cannot be made fails at set-up, not at step N
+        self.micro_per_step = self.resolved.grad_accum
         self.flops_per_token = flops_per_token(cfg.model, vocab.size).training
         self.peak_tflops = peak_tflops(cfg.run.peak_tflops)
         self.step = 0
@@ -201,6 +217,13 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
 
     # ------------------------------------------------------------------ helpers
+    def _valid_loader(self) -> SodaDataLoader:
+        """A fresh loader (first window on) over the valid split opened at set-up."""
+        if self.valid_data is None:
+            self.valid_data = open_split(self.cfg, "valid", self.resolved.vocab)
+        return SodaDataLoader(self.cfg, "valid", num_workers=0, data=self.valid_data,
+                              run=self.resolved)
+
     def _global_stats(self, result: StepResult) -> torch.Tensor:
         """Loss sums/counts of the whole global batch, known on every rank."""
         vec = _stats_vector(result) if self.is_reporter else torch.zeros(8, dtype=torch.float64)
@@ -276,15 +299,16 @@ class Trainer:
         lr = self.schedule.lr_at(self.step)
         set_hyperparameters(self.optimizer, lr, self.cfg.training.weight_decay)
         start = time.perf_counter()
-        result = forward_backward(self.model, batches, self.micro_per_step,
-                                  self.cfg.model.seq_length, self.cfg.training.micro_batch_size)
+        batch = self.resolved.batch
+        result = forward_backward(self.model, batches, self.micro_per_step, batch.seq_length,
+                                  batch.micro_batch_size)
         stats = self._global_stats(result)
         loss_finite = bool(torch.isfinite(stats).all())
         updated, grad_norm = self._guarded_update(loss_finite)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        step_tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length
+        step_tokens = batch.tokens_per_step
         self.step += 1
         self.tokens += step_tokens
         tokens_per_s = step_tokens / seconds
@@ -299,7 +323,7 @@ class Trainer:
 
     def validate(self) -> dict:
         """Held-out NLL per token, overall and per loss group (z-loss excluded)."""
-        loader = SodaDataLoader(self.cfg, "valid", num_workers=0)
+        loader = self._valid_loader()
         # run.eval_batches counts micro-batches over all replicas, dealt round-robin, so every
         # layout evaluates the same windows.
         limit = max(1, self.cfg.run.eval_batches // self.layout.dp) if self.cfg.run.eval_batches else None

@@ -1,5 +1,10 @@
 """Rank-aware, resumable, packed, weighted-mixture loader of SODA token windows.
 
+A loader is the last step of the set-up's walk down: it takes a split opened once
+(:class:`.split.OpenedSplit`: sources, weights, stream orders) and the run's resolved batch
+geometry (:class:`soda_mega.config.resolved.ResolvedRun`), picks the plan and reads windows.
+Given a bare config it opens the split itself (tools, tests).
+
 Every rank computes the same global plan of windows from document lengths and keeps the
 windows of its data-parallel replica: global batch ``g`` holds windows ``[g*B, (g+1)*B)``, and
 DP rank ``r`` takes its contiguous ``B/dp`` of them, split into micro-batches. Split-packed
@@ -26,64 +31,23 @@ from __future__ import annotations
 
 import itertools
 import sys
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from soda_mega.config.resolved import BatchGeometry, ResolvedRun
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.mixture import PAD_STREAM, MixturePlan, Piece
-from soda_mega.data.read.order import StreamOrder
-from soda_mega.data.read.source import DatasetError, DocumentSource, open_sources
+from soda_mega.data.read.source import DatasetError, DocumentSource
+from soda_mega.data.read.split import OpenedSplit, open_split
 from soda_mega.data.read.steps import StepPlan
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils.lifetime import end_helpers_at_exit, helper_process_init
 
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    """Which windows belong to this rank: sizes of the global batch and of this replica's share."""
-
-    seq_length: int
-    micro_batch_size: int
-    global_batch_size: int
-    dp_rank: int = 0
-    dp_size: int = 1
-
-    def __post_init__(self) -> None:
-        per_replica, rem = divmod(self.global_batch_size, self.dp_size)
-        if rem or per_replica % self.micro_batch_size:
-            raise ValueError(
-                f"training.global_batch_size={self.global_batch_size} must be a multiple of "
-                f"training.micro_batch_size={self.micro_batch_size} x data-parallel size {self.dp_size}"
-            )
-
-    @property
-    def micro_batches_per_step(self) -> int:
-        return self.global_batch_size // (self.dp_size * self.micro_batch_size)
-
-    def first_window(self, micro: int) -> int:
-        """Global index of the first window of this rank's ``micro``-th micro-batch."""
-        step, m = divmod(micro, self.micro_batches_per_step)
-        per_replica = self.global_batch_size // self.dp_size
-        return step * self.global_batch_size + self.dp_rank * per_replica + m * self.micro_batch_size
-
-
-def mixture_weights(sources: Sequence[DocumentSource], explicit: Sequence[float],
-                    text_fraction: float) -> list[float]:
-    """Per-source weights: explicit ones, else ``text_fraction`` of tokens for text sources and
-    the rest for speech sources, each group split by token count."""
-    if explicit:
-        return [float(w) for w in explicit]
-    kinds = [s.kind for s in sources]
-    tokens = [float(s.num_tokens) for s in sources]
-    text_total = sum(t for t, k in zip(tokens, kinds) if k == "text")
-    speech_total = sum(t for t, k in zip(tokens, kinds) if k != "text")
-    if text_total == 0 or speech_total == 0:
-        return tokens  # a single group: natural proportions
-    return [t / text_total * text_fraction if k == "text" else t / speech_total * (1 - text_fraction)
-            for t, k in zip(tokens, kinds)]
+# BatchGeometry lives with the run's other resolved pieces; it is re-exported here for callers
+# that build a loader's geometry by hand.
+__all__ = ["BatchGeometry", "SodaDataLoader", "WindowAssembler"]
 
 
 class WindowAssembler:
@@ -209,49 +173,58 @@ class SodaDataLoader:
 
     def __init__(self, cfg: SodaConfig, split: str = "train", *, dp_rank: int | None = None,
                  dp_size: int | None = None, needs_data: bool | None = None,
-                 num_workers: int | None = None) -> None:
+                 num_workers: int | None = None, data: OpenedSplit | None = None,
+                 run: ResolvedRun | None = None) -> None:
+        """``data``: the split opened once by the caller (a trainer hands the same one to every
+        validation loader); ``run``: the run's resolved vocabulary and batch geometry. Without
+        them (tools, tests, evaluation) both are derived from ``cfg`` here."""
         if dp_rank is None or dp_size is None or needs_data is None:
             rank, size, needed = _parallel_coordinates()
             dp_rank = rank if dp_rank is None else dp_rank
             dp_size = size if dp_size is None else dp_size
             needs_data = needed if needs_data is None else needs_data
-        self.layout = VocabLayout.from_config(cfg.vocab)
-        roots = list(cfg.data.train) + (list(cfg.data.valid) if split == "valid" else [])
-        if not roots:
-            raise DatasetError("data.train: no datasets given (build one with `soda-mega data build`)")
-        self.sources = open_sources(roots, split, self.layout, cfg.data)
-        self.training = split == "train"
-        weights = mixture_weights(self.sources, cfg.data.weights if self.training else (),
-                                  cfg.data.text_fraction)
-        self.geometry = BatchGeometry(cfg.model.seq_length, cfg.training.micro_batch_size,
-                                      cfg.training.global_batch_size, dp_rank, dp_size)
+        if data is None:
+            layout = run.vocab if run is not None else VocabLayout.from_config(cfg.vocab)
+            data = open_split(cfg, split, layout)
+        elif data.split != split:
+            raise ValueError(f"a loader of the {split} split was handed the {data.split} split")
+        if run is not None:
+            if run.dp != dp_size:
+                raise ValueError(f"the resolved run has data-parallel size {run.dp}, "
+                                 f"this rank's parallel state {dp_size}")
+            self.geometry = run.batch.for_rank(dp_rank)
+        else:
+            self.geometry = BatchGeometry(cfg.model.seq_length, cfg.training.micro_batch_size,
+                                          cfg.training.global_batch_size, dp_rank, dp_size)
+        self.data = data
+        self.layout = data.layout
+        self.sources = data.sources
+        self.training = data.training
+        self.weights = data.weights
         self.seed = cfg.training.seed
         self.shuffle_window = cfg.data.shuffle_window
+        seq = self.geometry.seq_length
         whole = cfg.data.packing == "whole"
-        orders = [StreamOrder(s.lengths, s.shard_counts, self.seed, i,
-                              self.shuffle_window if self.training else 0, shuffle=self.training,
-                              totals=s.shard_tokens)
-                  for i, s in enumerate(self.sources)]
+        orders = data.orders(self.seed, self.shuffle_window if self.training else 0,
+                             shuffle=self.training)
         if self.training and not whole:
             self.plan: MixturePlan | StepPlan = StepPlan(
-                orders, weights, cfg.model.seq_length, cfg.training.global_batch_size)
+                orders, self.weights, seq, self.geometry.global_batch_size)
         else:
-            self.plan = MixturePlan([s.lengths for s in self.sources], weights,
-                                    cfg.model.seq_length + 1, seed=self.seed,
-                                    shuffle=self.training, single_pass=not self.training,
-                                    whole_documents=whole, orders=orders)
+            self.plan = MixturePlan([s.lengths for s in self.sources], self.weights, seq + 1,
+                                    seed=self.seed, shuffle=self.training,
+                                    single_pass=not self.training, whole_documents=whole,
+                                    orders=orders)
         self.too_long = 0  # documents whole-document packing leaves out
         if whole:
-            self.too_long = sum(s.count_longer_than(cfg.model.seq_length + 1) for s in self.sources)
+            self.too_long = data.too_long(seq + 1)
             if self.too_long:
-                total = sum(len(s) for s in self.sources)
-                print(f"[soda-mega data] data.packing=whole: {self.too_long} of {total} {split} "
-                      f"documents are longer than model.seq_length + 1 = {cfg.model.seq_length + 1} "
-                      "tokens and are left out", file=sys.stderr, flush=True)
+                print(f"[soda-mega data] data.packing=whole: {self.too_long} of "
+                      f"{data.num_documents} {split} documents are longer than model.seq_length "
+                      f"+ 1 = {seq + 1} tokens and are left out", file=sys.stderr, flush=True)
         self.assembler = WindowAssembler(self.sources, self.layout, cfg.data.reset_at_document)
         self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
         self.needs_data = needs_data
-        self.weights = weights
         self._start_micro = 0
         self._consumed = 0
         # Sequential plans: a copy advanced one global batch per consumed step, so that
@@ -262,10 +235,10 @@ class SodaDataLoader:
         """Tokens one pass over the training datasets takes: the documents' tokens, or with
         ``data.packing=whole`` the windows of one pass (padding included) x seq_length."""
         if isinstance(self.plan, StepPlan) or not self.plan.whole_documents:
-            return sum(s.num_tokens for s in self.sources)
+            return self.data.num_tokens
         one_pass = MixturePlan(self.plan.lengths, self.weights, self.plan.window_tokens,
                                seed=0, shuffle=False, single_pass=True, whole_documents=True,
-                               shard_counts=[s.shard_counts for s in self.sources])
+                               orders=self.data.orders(0, 0, shuffle=False))
         windows = 0
         while one_pass.next_window() is not None:
             windows += 1
@@ -305,13 +278,12 @@ class SodaDataLoader:
 
     def close(self) -> None:
         """Let this process's background shard prefetches finish."""
-        for source in self.sources:
-            source.close()
+        self.data.close()
 
     # ------------------------------------------------------------------ resume
     def datasets(self) -> list[dict]:
         """Identity of the loaded datasets (saved with the state, checked on resume)."""
-        return [s.identity for s in self.sources]
+        return self.data.datasets()
 
     def state_dict(self) -> dict:
         """Loader position at the last global-batch boundary (save only at step boundaries).

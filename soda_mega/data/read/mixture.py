@@ -76,8 +76,12 @@ class MixturePlan:
             raise ValueError("need one weight per stream and at least one stream")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+        if orders is not None and len(orders) != len(lengths):
+            raise ValueError(f"{len(orders)} stream orders for {len(lengths)} streams")
         for i, lens in enumerate(lengths):
-            if weights[i] > 0 and (len(lens) == 0 or _total(lens) == 0):
+            # The orders know their token totals (from the opened split): no pass over lengths.
+            if weights[i] > 0 and (len(lens) == 0 or (
+                    orders[i].epoch_tokens if orders is not None else _total(lens)) == 0):
                 raise ValueError(f"stream {i} has weight {weights[i]} but no tokens")
         if window_tokens < 2:
             raise ValueError("window_tokens must be >= 2 (seq_length + 1)")

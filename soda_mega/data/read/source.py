@@ -48,7 +48,7 @@ from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
 
 __all__ = ["DatasetError", "DocumentSource", "MissingSplitError", "INDEX_FILE", "layout_differences",
-           "open_sources", "read_meta"]
+           "read_meta"]
 
 
 def layout_differences(dataset: dict, model: dict) -> list[str]:
@@ -86,26 +86,6 @@ def _load_lengths(path: Path, shown: str) -> LengthsFile:
         raise DatasetError(f"{shown} is not a valid .npy array (truncated or damaged?): {err}") from err
     check_lengths_header(lengths.dtype, lengths.shape, shown)
     return lengths
-
-
-def open_sources(roots, split: str, layout: VocabLayout | None, data_cfg) -> list["DocumentSource"]:
-    """The splits of ``roots`` with one node cache configured by the ``data`` config section."""
-    cache = NodeCache(data_cfg.cache_dir, data_cfg.cache_limit, data_cfg.download_timeout,
-                      data_cfg.download_retries)
-    sources = [DocumentSource(r, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
-                              prefetch_threads=data_cfg.prefetch_threads) for r in roots]
-    cached = [s for s in sources if s.remote or s.shards[0].get("compression")]
-    if cache.limit and cached:
-        # The plan reads one block of shuffle_window shards per dataset and prefetches the next.
-        window = data_cfg.shuffle_window or max(len(s.shards) for s in cached)
-        need = sum(2 * min(window, len(s.shards)) * max(x["raw_data"]["bytes"] for x in s.shards)
-                   for s in cached)
-        if cache.limit < need:
-            print(f"[soda-mega data] data.cache_limit={cache.limit} is below the ~{need} bytes of "
-                  f"two blocks of data.shuffle_window={data_cfg.shuffle_window} shards per remote "
-                  "dataset: shards will be fetched again and again (raise the limit or lower "
-                  "the window)", file=sys.stderr, flush=True)
-    return sources
 
 
 class DocumentSource:
