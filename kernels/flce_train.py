@@ -60,7 +60,7 @@ the last micro-batch) and adds nothing. Every micro-batch's forward precedes the
 micro-batch's backward in all of Megatron's schedules, so no reduction can start before the
 last forward has added its share.
 
-``impl="triton"`` runs the three matmuls with :func:`~.fused_linear_cross_entropy.matmul_triton`
+``impl="triton"`` runs the three matmuls with :func:`~.flce_ops.matmul_triton`
 (fp32 accumulation, grouped tile order, autotuned on CUDA) and the softmax gradient with two
 memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
 max / sum-exp / target over column splits) and, after the TP combine,
@@ -72,132 +72,20 @@ in vocabulary slices, so fp32 upcasts stay slice-sized).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
 
-from soda_kernels._vocab_parallel import (
-    check_triton_tensors,
-    combine_across_ranks,
-    interpreting,
-    merge_partials,
-)
-from soda_kernels.fused_linear_cross_entropy import (
+from soda_kernels._vocab_parallel import combine_across_ranks, interpreting, resolve_group
+from soda_kernels.flce_backward import _backward, _n_valid, default_vocab_slice, row_multiple
+from soda_kernels.flce_ops import (
     WORK,
-    _backward,
     _mm_f32,
-    default_vocab_slice,
-    fused_linear_cross_entropy_reference,
+    chunk_dlogits_triton,
+    chunk_stats_triton,
     matmul_torch,
     matmul_triton,
-    row_multiple,
 )
 
-
-# ============================================================================ Triton kernels
-@triton.jit
-def _chunk_stats_kernel(x_ptr, label_ptr, m_ptr, s_ptr, t_ptr, C, V, vocab_start, splits,
-                        stride_x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per (row tile, column split) of the fp32 logits chunk ``x [C, V]``: online max,
-    sum-exp and target logit (0 where the target is elsewhere), fp32."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < C
-    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    cols_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits) * BLOCK_V
-    v_lo = pid_s * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, V)
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        ok = row_ok[:, None] & (cols < v_hi)[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        # NOTE: rows whose tiles are all masked keep m = -inf; exp(-inf - -inf) is NaN, so
-        # shift by a finite stand-in there (their s stays 0).
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
-        m = m_new
-        hit = (cols[None, :] == target[:, None]) & ok
-        t += tl.sum(tl.where(hit, x, 0.0), axis=1)
-    out = pid_s * C + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(t_ptr + out, t, mask=row_ok)
-
-
-@triton.jit
-def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, vocab_start, z_loss,
-                          stride_x, stride_dl, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``dl[n, v] = g_n (exp(x[n, v] - lse_n) (1 + 2 z lse_n) - [v == y_n])`` for one tile of
-    the chunk; ``dl`` may be ``x`` itself (fp32, in place) or a 16-bit buffer."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < C
-    ok = row_ok[:, None] & (cols < V)[None, :]
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-    d = tl.exp(x - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
-    d = d - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
-    d = tl.where((g != 0.0)[:, None], d, 0.0)
-    ptrs = dl_ptr + rows.to(tl.int64)[:, None] * stride_dl + cols[None, :]
-    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=ok)
-
-
-#: Fixed tiles of the two element-wise kernels (memory-bound: one pass each over the chunk).
-#: CPU interpreter: few, small programs.
-_STATS_BLOCKS = {"cuda": dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4),
-                 "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
-_DLOGITS_BLOCKS = {"cuda": dict(BLOCK_N=8, BLOCK_V=512, num_warps=4),
-                   "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
-
-
-def _blocks(table: dict, device: torch.device) -> dict:
-    return dict(table["cuda" if device.type == "cuda" and not interpreting() else "cpu"])
-
-
-def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = None):
-    """This rank's ``(max, sum-exp, target logit)`` per row of the fp32 chunk ``x [C, V]``."""
-    check_triton_tensors(x, labels_c)
-    c, v = x.shape
-    cfg = _blocks(_STATS_BLOCKS, x.device)
-    if splits is None:
-        splits = 1
-        if x.device.type == "cuda" and not interpreting():
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = max(1, min(triton.cdiv(4 * sms, triton.cdiv(c, cfg["BLOCK_N"])),
-                                triton.cdiv(v, cfg["BLOCK_V"])))
-    stats = torch.empty(3, splits, c, device=x.device, dtype=torch.float32)
-    _chunk_stats_kernel[(triton.cdiv(c, cfg["BLOCK_N"]), splits)](
-        x, labels_c, stats[0], stats[1], stats[2], c, v, vocab_start, splits, x.stride(0), **cfg)
-    return merge_partials(stats[0], stats[1], stats[2], dim=0)
-
-
-def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: float):
-    """Fill ``dl`` (``x`` itself, or a 16-bit ``[C, V]`` buffer) with ``g dloss/dlogits``."""
-    check_triton_tensors(x, dl, labels_c)
-    c, v = x.shape
-    cfg = _blocks(_DLOGITS_BLOCKS, x.device)
-    # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
-    # even); there the kernel writes fp32 in place and torch rounds.
-    dest = x if interpreting() else dl
-    grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-    _chunk_dlogits_kernel[grid](x, dest, labels_c, lse, g_c, c, v, vocab_start, float(z_loss),
-                                x.stride(0), dest.stride(0), **cfg)
-    if dest is not dl:
-        dl.copy_(dest)
-    return dl
 
 #: Share of the bytes of ``W`` and its gradient buffer the chunk buffers may take (see the
 #: module docstring): the loss's other temporaries fit in the rest of the 20% allowance.
@@ -439,9 +327,6 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, active, known_grad, z_loss, vocab_start,
                 num_real_vocab, group, impl, vocab_slice, row_chunk, fuse_main_grad):
-        from soda_kernels._vocab_parallel import resolve_group
-        from soda_kernels.fused_linear_cross_entropy import _n_valid
-
         n_valid = _n_valid(weight, vocab_start, num_real_vocab)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if fuse_main_grad:
@@ -471,9 +356,6 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             # Linear in the upstream gradient: add the recompute path's gradients for the
             # difference (inactive rows have no gradient whatever they receive).
-            from soda_kernels._vocab_parallel import resolve_group
-            from soda_kernels.fused_linear_cross_entropy import _n_valid
-
             z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice = ctx.args
             target = param.main_grad if param is not None else grad_w
             if target is None:  # the weight needs no gradient (so it is fp32): scratch
@@ -496,6 +378,8 @@ def flce_train_reference(hidden, weight, labels, known_grad, loss_mask=None, los
                          **kwargs):
     """Oracle of the contract: the plain-PyTorch reference's loss and its autograd gradients
     for upstream gradient ``known_grad``; returns ``(output, grad_hidden, grad_weight)``."""
+    from soda_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
+
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     out = fused_linear_cross_entropy_reference(h, w, labels, loss_mask, loss_groups, **kwargs)
