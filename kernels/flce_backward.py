@@ -16,6 +16,7 @@ import triton
 
 from soda_kernels._launch import gpu_like
 from soda_kernels._vocab_parallel import interpreting
+from soda_kernels.flce_roofline import recompute_launches
 from soda_kernels.flce_ops import (
     grad_logits_torch,
     grad_logits_triton,
@@ -32,56 +33,86 @@ def default_vocab_slice(h: int, n_valid: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(cols, 256) * 256, n_valid))
 
 
+#: Share of the logits-free minimum (``W`` + its gradient buffer + hidden + grad_hidden + one
+#: ``dlogits`` slice) that the backward's extra ``dlogits`` slices of a ``grad_h`` pass may
+#: take on a GPU, next to ``h_a`` and the fp32 accumulator: the loss stays <= 1.2x.
+GRAD_H_SHARE = 0.15
+
+
+def default_grad_h_slices(n: int, h: int, vocab_slice: int, n_valid: int, dtype: torch.dtype,
+                          device: torch.device, impl: str, main_grad: bool = False) -> int:
+    """Vocabulary slices per ``grad_h`` pass of the backward (:func:`backward_slices`).
+
+    Each pass reads and writes the fp32 ``[N_a, H]`` accumulator (``8 N_a H`` bytes: ~134 MB
+    at N = 8192, H = 2048, once per 8192-column slice, 2.4 GB per micro-batch at TP1);
+    keeping ``k`` slices' ``dlogits`` (``N_a S e`` bytes each) divides that by ``k``. On a GPU
+    ``k`` is the most that fits :data:`GRAD_H_SHARE` of the logits-free minimum (``N`` rows:
+    the bound holds whatever the mask); 1 on CPU, where the accumulator stays in cache and
+    the CPU measurements were made with one slice per pass; 1 when a Triton slice is not a
+    multiple of 16 columns (slices sit back to back in the pass's buffer, and only the last
+    one may be padded)."""
+    if not gpu_like(device) or interpreting() or n_valid <= 0 or n <= 0:
+        return 1
+    if impl == "triton" and vocab_slice % 16:
+        return 1
+    e = torch.empty((), dtype=dtype).element_size()
+    minimum = n_valid * h * (e + (4 if main_grad else e)) + 2 * n * h * e + n * vocab_slice * e
+    spare = GRAD_H_SHARE * minimum - n * h * (e + 4)
+    k = 1 + int(max(0.0, spare) // (n * vocab_slice * e))
+    return max(1, min(k, triton.cdiv(n_valid, vocab_slice)))
+
+
 def backward_extra_bytes(n_active: int, h: int, vocab_slice: int, dtype: torch.dtype,
-                         impl: str) -> int:
+                         impl: str, grad_h_slices: int = 1) -> int:
     """Upper bound of the backward's temporaries (besides grad_hidden and grad_W).
 
-    ``h_a`` (``N_a H e``) + fp32 ``grad_h`` accumulator (``4 N_a H``) + one ``dlogits`` slice
-    (``N_a S e``) + O(N_a) vectors; ``impl="torch"`` adds its fp32 logits slice (``4 N_a S``)
-    and, for bf16/fp16 on CPU, fp32 upcasts of ``h_a`` and of a weight slice and the fp32
-    ``[S, H]`` / ``[N_a, H]`` matmul results. Under ``TRITON_INTERPRET`` bf16 outputs pass through
-    fp32 copies of one slice (``4 N_a S + 4 S H``). For ``impl="triton"`` ``N_a`` is rounded
-    up to a multiple of 64, the padding of :func:`row_multiple` on CUDA, and ``S`` to a
-    multiple of 16 (:func:`padded_width`).
+    ``h_a`` (``N_a H e``) + fp32 ``grad_h`` accumulator (``4 N_a H``) + the ``dlogits`` of one
+    ``grad_h`` pass (``grad_h_slices`` slices, ``N_a k S e``) + O(N_a) vectors;
+    ``impl="torch"`` adds its fp32 logits slice (``4 N_a S``) and, for bf16/fp16 on CPU, fp32
+    upcasts of ``h_a`` and of the pass's ``dlogits`` and weight rows and the fp32 matmul
+    results. Under ``TRITON_INTERPRET`` bf16 outputs pass through fp32 copies of one slice
+    (``4 N_a S + 4 S H``). For ``impl="triton"`` ``N_a`` is rounded up to a multiple of 64,
+    the padding of :func:`row_multiple` on CUDA, and ``S`` to a multiple of 16
+    (:func:`padded_width`).
     """
     e = torch.empty((), dtype=dtype).element_size()
     if impl == "triton":
         n_active += -n_active % 64
         vocab_slice = padded_width(vocab_slice, impl)
-    extra = n_active * h * (e + 4) + n_active * vocab_slice * e + 64 * n_active
+    group = vocab_slice * max(1, grad_h_slices)
+    extra = n_active * h * (e + 4) + n_active * group * e + 64 * n_active
     if impl == "torch":
         extra += 4 * n_active * vocab_slice
         if e != 4:
-            extra += 4 * (n_active * h + vocab_slice * h) * 2 + 4 * n_active * vocab_slice
+            extra += 4 * (n_active * h + group * h) * 2 + 4 * n_active * group
     elif interpreting() and e != 4:
         extra += 4 * n_active * vocab_slice + 4 * vocab_slice * h
     return extra
 
 
 def cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, vocab_slice: int,
-               main_grad: bool = False) -> dict:
+               main_grad: bool = False, grad_h_slices: int = 1) -> dict:
     """FLOPs and DRAM bytes of one forward + backward of this design, next to the ideal.
 
     ``flops``: the four ``2 N_a H V`` matmuls (forward logits, recomputed logits, grad_W,
     grad_h); ``ideal_flops`` = ``6 N H V``, what a loss that kept its logits would need.
-    ``bytes``: every launch reads each operand once and writes each output once (a perfectly
-    tiled kernel; weight re-reads across row tiles served by L2): the row gathers, ``W``
-    twice in the backward and once in the forward, ``dlogits`` written once and read twice,
-    ``h_a`` read twice per slice, the fp32 ``grad_h`` accumulator read-modify-written per
-    slice, ``grad_W`` written once (``main_grad``: read and written in fp32).
-    ``ideal_bytes``: read ``W`` and ``h`` once, write ``grad_W`` and ``grad_h`` once.
+    ``bytes``: the launches of :func:`~.flce_roofline.recompute_launches` (each operand read
+    once, each output written once; weight re-reads across row tiles served by L2): the row
+    gathers, ``W`` once in the forward and twice in the backward, ``dlogits`` written once and
+    read twice, ``h_a`` read twice per slice, the fp32 ``grad_h`` accumulator
+    read-modify-written once per ``grad_h`` pass, ``grad_W`` written once (``main_grad``: read
+    and written in fp32). ``ideal_bytes``: read ``W`` and ``h`` once, write ``grad_W`` and
+    ``grad_h`` once. ``grad_h_passes``: accumulator passes.
     """
     slices = triton.cdiv(n_valid, max(1, min(vocab_slice, n_valid))) if n_valid else 0
-    gather = n * h * elt + n_active * h * elt
-    forward = gather + n_active * h * elt + n_valid * h * elt
-    grad_w = n_valid * h * (8 if main_grad else elt)
-    backward = (gather + 2 * slices * n_active * h * elt + 2 * n_valid * h * elt
-                + 3 * n_active * n_valid * elt + grad_w
-                + max(0, 2 * slices - 1) * n_active * h * 4 + n_active * h * 4 + n * h * elt)
-    return {"flops": 8 * n_active * h * n_valid, "ideal_flops": 6 * n * h * n_valid,
-            "bytes": forward + backward,
+    passes = triton.cdiv(slices, max(1, grad_h_slices))
+    launches = recompute_launches(n, n_active, h, n_valid, elt, vocab_slice, main_grad,
+                                  grad_h_slices)
+    return {"flops": launches.flops, "ideal_flops": 6 * n * h * n_valid,
+            "bytes": launches.bytes,
             "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt)),
-            "slices": slices}
+            "slices": slices, "grad_h_passes": passes,
+            "grad_h_accumulator_bytes": (8 * passes - 4 * bool(passes)) * n_active * h}
 
 
 def _n_valid(weight: torch.Tensor, vocab_start: int, num_real_vocab: int) -> int:
@@ -98,29 +129,39 @@ def row_multiple(device: torch.device, impl: str) -> int:
 
 def backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate: bool, acc,
                     z_loss: float, vocab_start: int, n_valid: int, impl: str,
-                    vocab_slice: int, tma: bool = False) -> None:
+                    vocab_slice: int, tma: bool = False, grad_h_slices: int = 1) -> None:
     """The backward's pass over vocabulary slices on the compacted rows ``h_a``: per slice,
-    dlogits (into one reused buffer whose slices are :func:`padded_width` wide), then
-    ``grad_weight[slice]`` stored or added, then ``acc (+)= dlogits @ W[slice]``. ``tma``:
-    the two matmuls read their operands through TMA descriptors (Triton only; opt-in)."""
+    dlogits (into one reused buffer, the last slice :func:`padded_width` wide), then
+    ``grad_weight[slice]`` stored or added; per ``grad_h_slices`` slices (one ``grad_h``
+    pass) ``acc (+)= dlogits[pass] @ W[pass]``, so the fp32 accumulator is read and written
+    once per pass, not per slice (:func:`default_grad_h_slices`). ``tma``: the two matmuls
+    read their operands through TMA descriptors (Triton only; opt-in)."""
     n_rows, h = h_a.shape
     triton_impl = impl == "triton"
     fill = grad_logits_triton if triton_impl else grad_logits_torch
     mm = (lambda *a, **k: matmul_triton(*a, tma=tma, **k)) if triton_impl else matmul_torch
     s = min(vocab_slice, n_valid)
-    dl_buf = torch.empty(n_rows, padded_width(s, impl), device=h_a.device, dtype=weight.dtype)
-    for i, v0 in enumerate(range(0, n_valid, s)):
-        w_s = weight[v0:min(v0 + s, n_valid)]
-        dl = dl_buf[:, :padded_width(w_s.shape[0], impl)]  # zero columns past w_s
-        fill(h_a, w_s, labels_a, lse_a, g_a, vocab_start + v0, z_loss, dl, key_v=n_valid)
-        mm(dl.t(), h_a, grad_weight[v0:v0 + w_s.shape[0]], accumulate, name="grad_weight",
-           key_h=h, key_v=n_valid)
-        mm(dl, w_s, acc, i > 0, name="grad_hidden", key_h=h, key_v=n_valid)
+    k = max(1, grad_h_slices) if not (triton_impl and s % 16) else 1
+    group = min(k * s, n_valid)
+    dl_buf = torch.empty(n_rows, padded_width(group, impl), device=h_a.device,
+                         dtype=weight.dtype)
+    for p, g0 in enumerate(range(0, n_valid, group)):
+        g1 = min(g0 + group, n_valid)
+        for v0 in range(g0, g1, s):
+            w_s = weight[v0:min(v0 + s, g1)]
+            # NOTE: slices lie back to back (s is 16-divisible when k > 1); only the pass's
+            # last slice can be ragged, and its zero padding ends the pass's columns.
+            dl = dl_buf[:, v0 - g0:v0 - g0 + padded_width(w_s.shape[0], impl)]
+            fill(h_a, w_s, labels_a, lse_a, g_a, vocab_start + v0, z_loss, dl, key_v=n_valid)
+            mm(dl.t(), h_a, grad_weight[v0:v0 + w_s.shape[0]], accumulate, name="grad_weight",
+               key_h=h, key_v=n_valid)
+        mm(dl_buf[:, :padded_width(g1 - g0, impl)], weight[g0:g1], acc, p > 0,
+           name="grad_hidden", key_h=h, key_v=n_valid)
 
 
 def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate: bool,
               z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
-              vocab_slice: int) -> torch.Tensor:
+              vocab_slice: int, grad_h_slices: int = 1) -> torch.Tensor:
     """grad_hidden; ``grad_weight`` (``[V_local, H]``) gets ``dloss/dW`` stored or added."""
     idx = active.nonzero().squeeze(1)
     n_a, h = idx.numel(), hidden.shape[1]
@@ -141,7 +182,8 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
             labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
             lse_a, g_a = torch.cat([lse_a, lse_a.new_zeros(pad)]), torch.cat([g_a, g_a.new_zeros(pad)])
         backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate, acc,
-                        z_loss, vocab_start, n_valid, impl, vocab_slice)
+                        z_loss, vocab_start, n_valid, impl, vocab_slice,
+                        grad_h_slices=grad_h_slices)
     acc = acc[:n_a]
     if group is not None:
         dist.all_reduce(acc, group=group)

@@ -67,22 +67,39 @@ def _online_lse_step(x, ok, cols, target, m, s, t):
 
 
 @triton.jit
+def _stats_start(label_ptr, N, n_cols, vocab_start, splits, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    """This program's rows (``program_id(0)``), their target columns and column range of split
+    ``program_id(1)`` (of ``splits`` over ``n_cols``), and the empty online statistics."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
+    cols_per_split = tl.cdiv(tl.cdiv(n_cols, BLOCK_V), splits) * BLOCK_V
+    v_lo = tl.program_id(1) * cols_per_split
+    v_hi = tl.minimum(v_lo + cols_per_split, n_cols)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    return rows, row_ok, target, v_lo, v_hi, m, s, t
+
+
+@triton.jit
+def _stats_store(m_ptr, s_ptr, t_ptr, rows, row_ok, N, m, s, t):
+    """Store this split's statistics at ``[program_id(1), rows]`` of the ``[splits, N]`` outputs."""
+    out = tl.program_id(1) * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(t_ptr + out, t, mask=row_ok)
+
+
+@triton.jit
 def _lse_partials_kernel(h_ptr, w_ptr, label_ptr, m_ptr, s_ptr, t_ptr,
                          N, H, n_valid, vocab_start, splits, stride_h, stride_w,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Per (row tile, vocabulary split): online max / sum-exp / target logit, fp32."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    cols_per_split = tl.cdiv(tl.cdiv(n_valid, BLOCK_V), splits) * BLOCK_V
-    v_lo = pid_s * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, n_valid)
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rows, row_ok, target, v_lo, v_hi, m, s, t = _stats_start(label_ptr, N, n_valid, vocab_start,
+                                                             splits, BLOCK_N, BLOCK_V)
     # NOTE: flatten=True makes Triton's pipeliner fuse this loop with the H loop inside
     # _logits_tile into one software-pipelined loop: the next V tile's loads are in flight
     # while this tile's softmax runs, instead of a drain and a new prologue per V tile
@@ -93,10 +110,7 @@ def _lse_partials_kernel(h_ptr, w_ptr, label_ptr, m_ptr, s_ptr, t_ptr,
         x = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_h, stride_w,
                          BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
         m, s, t = _online_lse_step(x, col_ok[None, :], cols, target, m, s, t)
-    out = pid_s * N + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(t_ptr + out, t, mask=row_ok)
+    _stats_store(m_ptr, s_ptr, t_ptr, rows, row_ok, N, m, s, t)
 
 
 @triton.jit
@@ -224,34 +238,25 @@ def _chunk_stats_kernel(x_ptr, label_ptr, m_ptr, s_ptr, t_ptr, C, V, vocab_start
                         stride_x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per (row tile, column split) of the fp32 logits chunk ``x [C, V]``: online max,
     sum-exp and target logit (0 where the target is elsewhere), fp32."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < C
-    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    cols_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits) * BLOCK_V
-    v_lo = pid_s * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, V)
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rows, row_ok, target, v_lo, v_hi, m, s, t = _stats_start(label_ptr, C, V, vocab_start, splits,
+                                                             BLOCK_N, BLOCK_V)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = row_ok[:, None] & (cols < v_hi)[None, :]
         x = tl.load(x_rows + cols[None, :], mask=ok, other=float("-inf"))
         m, s, t = _online_lse_step(x, ok, cols, target, m, s, t)
-    out = pid_s * C + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(t_ptr + out, t, mask=row_ok)
+    _stats_store(m_ptr, s_ptr, t_ptr, rows, row_ok, C, m, s, t)
 
 
 @triton.jit
-def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, vocab_start, z_loss,
-                          stride_x, stride_dl, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, n_store, vocab_start,
+                          z_loss, stride_x, stride_dl, BLOCK_N: tl.constexpr,
+                          BLOCK_V: tl.constexpr):
     """``dl[n, v] = g_n (exp(x[n, v] - lse_n) (1 + 2 z lse_n) - [v == y_n])`` for one tile of
-    the chunk; ``dl`` may be ``x`` itself (fp32, in place) or a 16-bit buffer."""
+    the chunk's ``V`` columns; columns ``[V, n_store)`` of ``dl`` get exact zeros (the padding
+    that keeps the gradient matmuls' bounds 16-divisible). ``dl`` may be ``x`` itself (fp32,
+    in place) or a 16-bit buffer."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -264,6 +269,6 @@ def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, vocab_
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
     d = tl.exp(x - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
     d = d - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
-    d = tl.where((g != 0.0)[:, None], d, 0.0)
+    d = tl.where((g != 0.0)[:, None] & ok, d, 0.0)
     ptrs = dl_ptr + rows.to(tl.int64)[:, None] * stride_dl + cols[None, :]
-    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=ok)
+    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < n_store)[None, :])

@@ -260,17 +260,20 @@ def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = No
     return merge_partials(stats[0], stats[1], stats[2], dim=0)
 
 
-def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: float):
-    """Fill ``dl`` (``x`` itself, or a 16-bit ``[C, V]`` buffer) with ``g dloss/dlogits``."""
+def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: float,
+                         n_cols: int = -1):
+    """Fill ``dl`` (``x`` itself, or a 16-bit buffer of ``x``'s shape) with ``g dloss/dlogits``
+    of ``x``'s first ``n_cols`` columns (default all) and zeros in the rest."""
     check_triton_tensors(x, dl, labels_c)
-    c, v = x.shape
+    c, store = x.shape
+    v = store if n_cols < 0 else n_cols
     cfg = _blocks(_DLOGITS_BLOCKS, x.device)
     # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
     # even); there the kernel writes fp32 in place and torch rounds.
     dest = x if interpreting() else dl
-    grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+    grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(store, cfg["BLOCK_V"]))
     launch("chunk_dlogits", _chunk_dlogits_kernel, grid,
-           (x, dest, labels_c, lse, g_c, c, v, vocab_start, float(z_loss), x.stride(0),
+           (x, dest, labels_c, lse, g_c, c, v, store, vocab_start, float(z_loss), x.stride(0),
             dest.stride(0)), cfg)
     if dest is not dl:
         dl.copy_(dest)

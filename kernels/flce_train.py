@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 
 from soda_kernels._vocab_parallel import combine_across_ranks, interpreting, resolve_group
-from soda_kernels.flce_backward import _backward, _n_valid, default_vocab_slice, row_multiple
+from soda_kernels.flce_backward import _backward, _n_valid, row_multiple
 from soda_kernels.flce_ops import (
     WORK,
     _mm_f32,
@@ -84,86 +84,17 @@ from soda_kernels.flce_ops import (
     chunk_stats_triton,
     matmul_torch,
     matmul_triton,
+    padded_width,
 )
-
-
-#: Share of the bytes of ``W`` and its gradient buffer the chunk buffers may take (see the
-#: module docstring): the loss's other temporaries fit in the rest of the 20% allowance.
-CHUNK_SHARE = 0.15
-
-
-# ============================================================================ plan
-def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def chunk_row_bytes(n_valid: int, dtype: torch.dtype) -> int:
-    """Bytes per chunk row: the fp32 logits / dlogits row, plus a 16-bit dlogits copy."""
-    e = _elt(dtype)
-    return n_valid * (4 + (0 if e == 4 else e))
-
-
-def default_row_chunk(h: int, n_valid: int, dtype: torch.dtype, device: torch.device,
-                      impl: str = "torch", main_grad: bool = False) -> int:
-    """Rows per chunk: the chunk buffers take at most :data:`CHUNK_SHARE` of ``W`` and its
-    gradient buffer (``V H (e + e_g)`` bytes, ``e_g`` = 4 for an fp32 ``main_grad``, else
-    ``e``), at least one matmul tile; a multiple of ``row_multiple`` (64 on CUDA) and of 16.
-
-    NOTE: ``grad_W`` is read and written once per chunk, so few rows per chunk cost DRAM
-    traffic (:func:`train_cost_model`); the memory target, not speed, sets this height."""
-    if n_valid <= 0:
-        return 64
-    e = _elt(dtype)
-    budget = CHUNK_SHARE * n_valid * h * (e + (4 if main_grad else e))
-    rows = int(budget // chunk_row_bytes(n_valid, dtype))
-    step = max(16, row_multiple(device, impl))
-    return max(step, rows // step * step)
-
-
-def train_extra_bytes(n_active: int, h: int, n_valid: int, row_chunk: int, dtype: torch.dtype,
-                      impl: str = "torch") -> int:
-    """Upper bound of the temporaries of the forward (besides inputs, ``grad_W`` / ``main_grad``
-    and the outputs): chunk buffers, compacted rows ``h_a`` (``N_a H e``), the fp32 ``grad_h``
-    kept for backward (``4 N_a H``), O(N_a) vectors; ``impl="torch"`` with 16-bit operands on
-    CPU adds slice-sized fp32 upcasts and matmul results."""
-    e = _elt(dtype)
-    n_active += -n_active % row_multiple(torch.device("cuda"), impl) if impl == "triton" else 0
-    rows = min(row_chunk, max(n_active, 1))
-    extra = (rows * chunk_row_bytes(n_valid + 64, dtype)  # + Triton's row padding
-             + n_active * h * (e + 4) + 64 * n_active)
-    if e != 4:
-        s = default_vocab_slice(h, n_valid, torch.device("cpu"))
-        extra += 4 * (rows * h + 2 * s * h + rows * s)  # upcasts of h_c, a W slice; results
-        if interpreting():
-            extra += 4 * rows * n_valid  # bf16 matmul outputs pass through fp32 copies
-    return extra
-
-
-def train_cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, row_chunk: int,
-                     main_grad: bool = True) -> dict:
-    """FLOPs and DRAM bytes of one forward + backward of the three-matmul path.
-
-    ``flops`` = ``6 N_a H V`` (logits, grad_h, grad_W); ``ideal_flops`` = ``6 N H V``.
-    ``bytes`` (perfectly tiled launches, weight re-reads served by L2): the row gather, per
-    chunk ``W`` read by matmuls 1 and 2 and the fp32 ``grad_W`` / ``main_grad`` read and
-    written by matmul 3 (the first chunk only writes it unless it is ``main_grad``), the
-    chunk's fp32 logits written by matmul 1 and read by the two Triton kernels, ``dlogits``
-    (``elt`` bytes: in place in fp32, else the 16-bit buffer) written once and read by
-    matmuls 2 and 3, ``h_c`` read twice, the fp32
-    ``grad_h`` written, all-reduced and read back by the backward, ``grad_hidden`` written.
-    ``ideal_bytes``: read ``W`` and ``h`` once, write ``grad_W`` and ``grad_h`` once.
-    """
-    chunks = -(-n_active // max(1, row_chunk)) if n_active else 0
-    gw = n_valid * h * 4
-    gather = n * h * elt + 2 * n_active * h * elt
-    weight = chunks * 2 * n_valid * h * elt
-    grad_w = chunks * 2 * gw - (0 if main_grad else gw)
-    logits = n_active * n_valid * (3 * 4 + 3 * elt)
-    rows = 2 * n_active * h * elt + 2 * n_active * h * 4 + n * h * elt
-    return {"flops": 6 * n_active * h * n_valid, "ideal_flops": 6 * n * h * n_valid,
-            "bytes": gather + weight + grad_w + logits + rows,
-            "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt)),
-            "chunks": chunks}
+# Re-exported: the plan's names stay importable from here.
+from soda_kernels.flce_plan import (  # noqa: F401
+    CHUNK_SHARE,
+    choose_train_plan,
+    chunk_row_bytes,
+    default_row_chunk,
+    train_cost_model,
+    train_extra_bytes,
+)
 
 
 # ============================================================================ forward
@@ -233,25 +164,78 @@ def _softmax_grad_(x, labels_c, g_c, vocab_start: int, z_loss: float, group):
     return lse, target
 
 
-def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, group):
-    """:func:`_softmax_grad_` with the two Triton kernels: ``dl`` (``x`` or a 16-bit buffer)
-    gets the scaled dlogits; ``x`` keeps the logits unless ``dl`` is ``x``."""
-    c, v = x.shape
-    if v:
-        m, s, t = chunk_stats_triton(x, labels_c, vocab_start)
+def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, group,
+                         n_valid: int):
+    """:func:`_softmax_grad_` with the two Triton kernels on the chunk's first ``n_valid``
+    columns: ``dl`` (``x`` or a 16-bit buffer, both at least :func:`padded_width` wide) gets
+    the scaled dlogits and zeros in its padding columns; ``x`` keeps the logits unless ``dl``
+    is ``x``."""
+    c = x.shape[0]
+    if n_valid:
+        m, s, t = chunk_stats_triton(x[:, :n_valid], labels_c, vocab_start)
     else:
         t = x.new_zeros(c)
         m, s = x.new_full((c,), float("-inf")), x.new_zeros(c)
     lse, target = combine_across_ranks(m, s, t, group)
-    if v:
-        chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start, z_loss)
+    if n_valid:
+        chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start, z_loss, n_valid)
     return lse, target
+
+
+def train_rows(h_a, w, labels_a, g_a, grad_h, grad_weight, accumulate: bool, z_loss: float,
+               vocab_start: int, group, impl: str, row_chunk: int, group_rows: int,
+               vocab_slice: int, need_hidden: bool = True, need_weight: bool = True):
+    """The loop over the compacted rows ``h_a`` (``w`` = the ``n_valid`` real rows of the
+    weight): per chunk of ``row_chunk`` rows the fp32 logits and the softmax gradient (into
+    the group's ``dlogits``), per group of ``group_rows`` rows (a multiple of the chunk; the
+    chunk itself for fp32) ``grad_h[group]`` and ``grad_weight (+)= dlogits^T h``. Returns the
+    rows' ``(lse, target logit)``. Triton: the buffers' rows are padded to a multiple of 64
+    elements (16-byte aligned rows) and the matmuls read ``dlogits`` :func:`padded_width` wide
+    (zero columns), so their operand loads stay vectorised and asynchronous."""
+    rows_total, n_valid = h_a.shape[0], w.shape[0]
+    dev, tri = h_a.device, impl == "triton"
+    step = min(row_chunk, rows_total)
+    low = w.dtype != torch.float32
+    span = min(max(group_rows, step) // step * step, rows_total) if low else step
+    width = n_valid + (-n_valid % 64 if tri else 0)
+    store = padded_width(n_valid, impl)
+    buf = torch.empty(step, width, device=dev, dtype=torch.float32)
+    dl_buf = torch.empty(span, width, device=dev, dtype=w.dtype) if low else None
+    lse_a = torch.empty(rows_total, device=dev, dtype=torch.float32)
+    tgt_a = torch.empty_like(lse_a)
+    for g0 in range(0, rows_total, span):
+        g1 = min(g0 + span, rows_total)
+        for r0 in range(g0, g1, step):
+            r1 = min(r0 + step, g1)
+            x = buf[:r1 - r0]
+            if n_valid:
+                _logits(h_a[r0:r1], w, x[:, :n_valid], impl, vocab_slice)
+            dl = dl_buf[r0 - g0:r1 - g0] if low else x
+            if tri:
+                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(
+                    x[:, :store], dl[:, :store], labels_a[r0:r1], g_a[r0:r1], vocab_start,
+                    z_loss, group, n_valid)
+            else:
+                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_(
+                    x, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
+                if low and n_valid:
+                    dl.copy_(x)
+        if n_valid == 0:
+            grad_h[g0:g1].zero_()
+            continue
+        dlg = (dl_buf if low else buf)[:g1 - g0, :store]
+        if need_hidden:
+            _grad_hidden(dlg, w, grad_h[g0:g1], impl, vocab_slice)
+        if need_weight:
+            _grad_weight(dlg, h_a[g0:g1], grad_weight[:n_valid], accumulate or g0 > 0, impl,
+                         vocab_slice)
+    return lse_a, tgt_a
 
 
 def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accumulate: bool,
                   z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
                   row_chunk: int, vocab_slice: int, need_hidden: bool = True,
-                  need_weight: bool = True):
+                  need_weight: bool = True, group_rows: int = 0):
     """Loss, lse, the compacted indices and the fp32 ``grad_h`` of the active rows.
 
     ``grad_weight`` (fp32 ``[V_local, H]``) gets ``dloss/dW`` for the upstream gradient
@@ -275,41 +259,10 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
             h_a = torch.cat([h_a, h_a.new_zeros(pad, h)])
             labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
             g_a = torch.cat([g_a, g_a.new_zeros(pad)])
-        w = weight[:n_valid]
-        rows_total = n_a + pad
-        step = min(row_chunk, rows_total)
-        # NOTE: Triton: rows padded to a multiple of 64 elements, so every row of the chunk
-        # buffers starts 16-byte aligned (vectorised loads, async copies) whatever V_local is.
-        width = n_valid + (-n_valid % 64 if impl == "triton" else 0)
-        buf = torch.empty(step, width, device=dev, dtype=torch.float32)[:, :n_valid]
-        low = weight.dtype != torch.float32
-        dl_buf = (torch.empty(step, width, device=dev, dtype=weight.dtype)[:, :n_valid]
-                  if low else None)
-        lse_a = torch.empty(rows_total, device=dev, dtype=torch.float32)
-        tgt_a = torch.empty_like(lse_a)
-        for i, r0 in enumerate(range(0, rows_total, step)):
-            r1 = min(r0 + step, rows_total)
-            h_c, x = h_a[r0:r1], buf[:r1 - r0]
-            if n_valid:
-                _logits(h_c, w, x, impl, vocab_slice)
-            dl = dl_buf[:r1 - r0] if low else x
-            if impl == "triton":
-                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(
-                    x, dl, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
-            else:
-                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_(
-                    x, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
-                if low and n_valid:
-                    dl.copy_(x)
-            if n_valid == 0:
-                grad_h[r0:r1].zero_()
-                continue
-            if need_hidden:
-                _grad_hidden(dl, w, grad_h[r0:r1], impl, vocab_slice)
-            if need_weight:
-                _grad_weight(dl, h_c, grad_weight[:n_valid], accumulate or i > 0, impl,
-                             vocab_slice)
-        del buf, dl_buf, h_a
+        lse_a, tgt_a = train_rows(h_a, weight[:n_valid], labels_a, g_a, grad_h, grad_weight,
+                                  accumulate, z_loss, vocab_start, group, impl, row_chunk,
+                                  group_rows, vocab_slice, need_hidden, need_weight)
+        del h_a
         lse_a, tgt_a = lse_a[:n_a], tgt_a[:n_a]
         lse.index_copy_(0, idx, lse_a)
         loss.index_copy_(0, idx, lse_a - tgt_a + z_loss * lse_a * lse_a)
@@ -326,7 +279,8 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, active, known_grad, z_loss, vocab_start,
-                num_real_vocab, group, impl, vocab_slice, row_chunk, fuse_main_grad):
+                num_real_vocab, group, impl, vocab_slice, row_chunk, group_rows, grad_h_slices,
+                fuse_main_grad):
         n_valid = _n_valid(weight, vocab_start, num_real_vocab)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if fuse_main_grad:
@@ -336,10 +290,11 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
             accumulate = False
         loss, lse, idx, grad_h = train_forward(
             hidden, weight, labels, active, known_grad, target, accumulate, z_loss, vocab_start,
-            n_valid, resolve_group(group), impl, row_chunk, vocab_slice, need_h, need_w)
+            n_valid, resolve_group(group), impl, row_chunk, vocab_slice, need_h, need_w,
+            group_rows)
         ctx.save_for_backward(hidden, weight, labels, active, lse, known_grad, idx, grad_h,
                               None if fuse_main_grad else target)
-        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice)
+        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices)
         ctx.param = weight if fuse_main_grad else None
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -356,7 +311,7 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             # Linear in the upstream gradient: add the recompute path's gradients for the
             # difference (inactive rows have no gradient whatever they receive).
-            z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice = ctx.args
+            z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, slices = ctx.args
             target = param.main_grad if param is not None else grad_w
             if target is None:  # the weight needs no gradient (so it is fp32): scratch
                 target = torch.zeros_like(weight)
@@ -365,12 +320,12 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
             grad_h += _backward((grad_loss - known).contiguous(), hidden, weight, labels, active,
                                 lse, target, True, z_loss, vocab_start,
                                 _n_valid(weight, vocab_start, num_real_vocab),
-                                resolve_group(group), impl, vocab_slice).float()
+                                resolve_group(group), impl, vocab_slice, slices).float()
         grad_h = grad_h.to(hidden.dtype) if ctx.needs_input_grad[0] else None
         if param is not None:
             param.grad_added_to_main_grad = True
             grad_w = weight.detach()  # placeholder, as in FusedLinearCrossEntropyFunction
-        return (grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None)
+        return (grad_h, grad_w) + (None,) * 13
 
 
 # ============================================================================ reference

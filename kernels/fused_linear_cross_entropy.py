@@ -116,6 +116,7 @@ from soda_kernels.flce_backward import (  # noqa: F401
     backward_extra_bytes,
     backward_slices,
     cost_model,
+    default_grad_h_slices,
     default_vocab_slice,
     row_multiple,
 )
@@ -176,15 +177,15 @@ def _flce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.
                    labels: torch.Tensor, active: torch.Tensor, lse: torch.Tensor,
                    grad_weight: torch.Tensor, accumulate: bool, z_loss: float,
                    vocab_start: int, num_real_vocab: int, group: str, impl: str,
-                   vocab_slice: int) -> torch.Tensor:
+                   vocab_slice: int, grad_h_slices: int) -> torch.Tensor:
     return _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate,
                      z_loss, vocab_start, _n_valid(weight, vocab_start, num_real_vocab),
-                     resolve_group(group), impl, vocab_slice)
+                     resolve_group(group), impl, vocab_slice, grad_h_slices)
 
 
 @_flce_backward.register_fake
 def _(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate, z_loss,
-      vocab_start, num_real_vocab, group, impl, vocab_slice):
+      vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices):
     return torch.empty_like(hidden)
 
 
@@ -203,12 +204,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, active, z_loss, vocab_start, num_real_vocab,
-                group, impl, vocab_slice, fuse_main_grad):
+                group, impl, vocab_slice, grad_h_slices, fuse_main_grad):
         loss, lse = torch.ops.soda_kernels.flce_forward(
             hidden, weight, labels, active, z_loss, vocab_start, num_real_vocab, group, impl,
             vocab_slice)
         ctx.save_for_backward(hidden, weight, labels, active, lse)
-        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice)
+        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices)
         # forward() receives the caller's objects: the Parameter, with its main_grad attribute.
         ctx.param = weight if fuse_main_grad else None
         ctx.mark_non_differentiable(lse)
@@ -228,7 +229,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if param is not None:
             param.grad_added_to_main_grad = True
             target = weight.detach()  # placeholder, see the class docstring
-        return grad_h, target, None, None, None, None, None, None, None, None, None
+        return grad_h, target, None, None, None, None, None, None, None, None, None, None
 
 
 def fuses_main_grad(weight: torch.Tensor) -> bool:
@@ -297,6 +298,8 @@ def fused_linear_cross_entropy(
     num_groups: int = NUM_LOSS_GROUPS,
     known_grad: Optional[torch.Tensor] = None,
     row_chunk: Optional[int] = None,
+    group_rows: Optional[int] = None,
+    grad_h_slices: Optional[int] = None,
 ) -> LinearCrossEntropyOutput:
     """Per-token ``lse - logit[label] + z * lse^2`` of ``hidden @ weight^T`` without the logits.
 
@@ -312,9 +315,14 @@ def fused_linear_cross_entropy(
     caller back-propagates the per-token sum) selects the training path of
     :mod:`soda_kernels.flce_train` when gradients are being recorded and ``grad_W`` can
     accumulate in fp32 (fp32 weights or Megatron's ``main_grad``): the forward computes both
-    gradients (three matmuls instead of four, ``row_chunk`` rows at a time, default
-    :func:`~soda_kernels.flce_train.default_row_chunk`) and the backward checks the incoming
-    gradient against ``known_grad`` (a mismatch is still exact: it costs the recompute).
+    gradients (three matmuls instead of four, ``row_chunk`` rows of logits at a time and one
+    pair of gradient matmuls per ``group_rows`` rows) and the backward checks the incoming
+    gradient against ``known_grad`` (a mismatch is still exact: it costs the recompute). On a
+    GPU :func:`~soda_kernels.flce_plan.choose_train_plan` may keep the recompute path instead
+    when its roofline model predicts it faster (logged at DEBUG on ``soda_kernels.flce``);
+    giving ``row_chunk`` or ``group_rows`` forces the three matmuls with those sizes.
+    ``grad_h_slices`` (default :func:`~soda_kernels.flce_backward.default_grad_h_slices`):
+    vocabulary slices per pass over the recompute backward's fp32 ``grad_h`` accumulator.
     """
     _check_inputs(hidden, weight, labels, impl)
     rank, size = group_rank_size(tp_group)
@@ -329,26 +337,33 @@ def fused_linear_cross_entropy(
         raise ValueError(f"vocab_slice must be >= 1, got {vocab_slice}")
     cols = vocab_slice or default_vocab_slice(hidden.shape[1], max(n_valid, 1), hidden.device)
     fuse = fuse_main_grad and weight.requires_grad and fuses_main_grad(weight)
+    for name, value in (("row_chunk", row_chunk), ("group_rows", group_rows),
+                        ("grad_h_slices", grad_h_slices)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    n, h = hidden.shape
+    slices = grad_h_slices or default_grad_h_slices(n, h, cols, n_valid, weight.dtype,
+                                                    hidden.device, impl, main_grad=fuse)
     if known_grad is not None and _train_path(hidden, weight, fuse):
-        from soda_kernels.flce_train import TrainLinearCrossEntropyFunction, default_row_chunk
+        from soda_kernels.flce_train import TrainLinearCrossEntropyFunction, choose_train_plan
 
         if known_grad.shape != labels.shape:
             raise ValueError(f"known_grad must be [N] = [{labels.shape[0]}], got "
                              f"{tuple(known_grad.shape)}")
-        if row_chunk is not None and row_chunk < 1:
-            raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
-        rows = row_chunk or default_row_chunk(hidden.shape[1], max(n_valid, 1), weight.dtype,
-                                              hidden.device, impl, main_grad=fuse)
-        loss, lse = TrainLinearCrossEntropyFunction.apply(
-            hidden.contiguous(), weight if fuse else weight.contiguous(), labels.contiguous(),
-            active, known_grad.detach().float().contiguous(), float(z_loss), int(vocab_start),
-            int(num_real_vocab), register_group(tp_group), impl, int(cols), int(rows), fuse)
-        sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
-        return LinearCrossEntropyOutput(loss, lse, sums, counts)
+        plan = choose_train_plan(n, h, max(n_valid, 1), weight.dtype, hidden.device, impl, fuse,
+                                 cols, slices, row_chunk or 0, group_rows or 0)
+        if plan.path == "three_matmul":
+            loss, lse = TrainLinearCrossEntropyFunction.apply(
+                hidden.contiguous(), weight if fuse else weight.contiguous(),
+                labels.contiguous(), active, known_grad.detach().float().contiguous(),
+                float(z_loss), int(vocab_start), int(num_real_vocab), register_group(tp_group),
+                impl, int(cols), int(plan.row_chunk), int(plan.group_rows), int(slices), fuse)
+            sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
+            return LinearCrossEntropyOutput(loss, lse, sums, counts)
     loss, lse = FusedLinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight if fuse else weight.contiguous(), labels.contiguous(), active,
         float(z_loss), int(vocab_start), int(num_real_vocab), register_group(tp_group), impl,
-        int(cols), fuse)
+        int(cols), int(slices), fuse)
     sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
     return LinearCrossEntropyOutput(loss, lse, sums, counts)
 
