@@ -145,7 +145,7 @@ def _grad_logits_kernel(h_ptr, w_ptr, label_ptr, lse_ptr, g_ptr, dl_ptr,
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak, stride_bk,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, C_N, stride_am, stride_ak, stride_bk,
                    stride_bn, stride_cm, stride_cn, KEY_H, KEY_V, KEY_ROLE,
                    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
@@ -183,14 +183,14 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak,
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
-    c_ok = m_ok[:, None] & n_ok[None, :]
+    c_ok = m_ok[:, None] & (rn < C_N)[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
-def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride_ak, stride_bk,
+def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, C_N, stride_am, stride_ak, stride_bk,
                        stride_bn, stride_cm, stride_cn, KEY_H, KEY_V, KEY_ROLE,
                        A_COL_MAJOR: tl.constexpr, ACCUMULATE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -225,7 +225,7 @@ def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = off_n + tl.arange(0, BLOCK_N)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
-    c_ok = (rm < M)[:, None] & (rn < N)[None, :]
+    c_ok = (rm < M)[:, None] & (rn < C_N)[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_ok)
@@ -234,18 +234,21 @@ def _matmul_tma_kernel(a_ptr, b_ptr, c_ptr, M, N, K, A_M, A_K, stride_am, stride
 
 # ============================================================================ training path's chunk kernels
 @triton.jit
-def _chunk_stats_kernel(x_ptr, label_ptr, m_ptr, s_ptr, t_ptr, C, V, vocab_start, splits,
+def _chunk_stats_kernel(x_ptr, label_ptr, m_ptr, s_ptr, t_ptr, C, V, n_load, vocab_start, splits,
                         stride_x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per (row tile, column split) of the fp32 logits chunk ``x [C, V]``: online max,
-    sum-exp and target logit (0 where the target is elsewhere), fp32."""
+    sum-exp and target logit (0 where the target is elsewhere), fp32. Loads are bounded by
+    ``n_load >= V`` (the buffer's 16-divisible width: vectorised loads); columns past ``V``
+    do not count."""
     rows, row_ok, target, v_lo, v_hi, m, s, t = _stats_start(label_ptr, C, V, vocab_start, splits,
                                                              BLOCK_N, BLOCK_V)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        ok = row_ok[:, None] & (cols < v_hi)[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=ok, other=float("-inf"))
-        m, s, t = _online_lse_step(x, ok, cols, target, m, s, t)
+        x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < n_load)[None, :],
+                    other=float("-inf"))
+        m, s, t = _online_lse_step(x, row_ok[:, None] & (cols < v_hi)[None, :], cols, target,
+                                   m, s, t)
     _stats_store(m_ptr, s_ptr, t_ptr, rows, row_ok, C, m, s, t)
 
 
@@ -255,20 +258,23 @@ def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, n_stor
                           BLOCK_V: tl.constexpr):
     """``dl[n, v] = g_n (exp(x[n, v] - lse_n) (1 + 2 z lse_n) - [v == y_n])`` for one tile of
     the chunk's ``V`` columns; columns ``[V, n_store)`` of ``dl`` get exact zeros (the padding
-    that keeps the gradient matmuls' bounds 16-divisible). ``dl`` may be ``x`` itself (fp32,
-    in place) or a 16-bit buffer."""
+    that keeps the gradient matmuls' bounds 16-divisible; ``x`` must be readable there). ``dl``
+    may be ``x`` itself (fp32, in place) or a 16-bit buffer."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < C
     ok = row_ok[:, None] & (cols < V)[None, :]
+    stored = row_ok[:, None] & (cols < n_store)[None, :]
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    # NOTE: loaded up to n_store (16-divisible: vectorised loads); columns past V discarded.
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=stored,
+                other=0.0)
     d = tl.exp(x - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
     d = d - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
     d = tl.where((g != 0.0)[:, None] & ok, d, 0.0)
     ptrs = dl_ptr + rows.to(tl.int64)[:, None] * stride_dl + cols[None, :]
-    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < n_store)[None, :])
+    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=stored)

@@ -127,19 +127,21 @@ def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 
     """``c (+)= a @ b`` (2-D, any strides) with fp32 accumulation; ``c`` fp32 or ``a``'s dtype.
 
     ``a`` may be larger than ``[c rows, b rows]``: its extra rows / columns must be zeros (a
-    :func:`padded_width` dlogits slice); they are loaded, never stored. ``name`` is the role
+    :func:`padded_width` dlogits slice); they are loaded, never stored. Without
+    ``accumulate`` ``c`` may have more columns than ``b`` (a :func:`padded_width` logits
+    chunk): they get zeros. ``name`` is the role
     (``grad_weight`` / ``grad_hidden``: separate autotune entries) and the :data:`WORK` name.
     ``tma`` reads both operands through TMA descriptors (``_matmul_tma_kernel``; ``b`` and
     ``a`` or ``a^T`` row-major): compiled and checked for sm_90a, not timed, so off by default.
     """
     check_triton_tensors(a, b, c)
-    (a_m, a_k), (k, n), m = a.shape, b.shape, c.shape[0]
-    if a_m < m or a_k < k or c.shape[1] != n:
+    (a_m, a_k), (k, n), (m, c_n) = a.shape, b.shape, c.shape
+    if a_m < m or a_k < k or c_n < n or (accumulate and c_n != n):
         raise ValueError(f"matmul_triton: a {tuple(a.shape)}, b {tuple(b.shape)}, c {tuple(c.shape)}")
     WORK.add(name, m, n, k)
-    if m == 0 or n == 0:
+    if m == 0 or c_n == 0:
         return c
-    if k == 0:
+    if k == 0 or n == 0:
         if not accumulate:
             c.zero_()
         return c
@@ -147,7 +149,7 @@ def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 
     # slice of the returned grad_W) goes through an fp32 copy of the same size.
     dest = c if c.dtype == torch.float32 or not interpreting() else c.float()
     role = name if name in _MATMUL_ROLE_KEYS else "matmul"
-    args = (a, b, dest, m, n, k, a_m, a_k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    args = (a, b, dest, m, n, k, a_m, a_k, c_n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             dest.stride(0), dest.stride(1), key_h, key_v, _MATMUL_ROLE_KEYS[role])
     consts = dict(ACCUMULATE=accumulate, **_flags(a))
     if tma:
@@ -247,16 +249,20 @@ def _blocks(table: dict, device: torch.device) -> dict:
     return dict(table["cuda" if gpu_like(device) and not interpreting() else "cpu"])
 
 
-def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = None):
-    """This rank's ``(max, sum-exp, target logit)`` per row of the fp32 chunk ``x [C, V]``."""
+def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = None,
+                       n_cols: int = -1):
+    """This rank's ``(max, sum-exp, target logit)`` per row of the fp32 chunk ``x [C, >= V]``
+    over its first ``n_cols`` columns (default all; the rest is padding that is loaded, so
+    the loads stay vectorised, and not counted)."""
     check_triton_tensors(x, labels_c)
-    c, v = x.shape
+    c, width = x.shape
+    v = width if n_cols < 0 else n_cols
     cfg = _blocks(_STATS_BLOCKS, x.device)
     splits = splits or _splits(c, v, cfg["BLOCK_N"], cfg["BLOCK_V"], x.device)
     stats = torch.empty(3, splits, c, device=x.device, dtype=torch.float32)
     launch("chunk_stats", _chunk_stats_kernel, (triton.cdiv(c, cfg["BLOCK_N"]), splits),
-           (x, labels_c, stats[0], stats[1], stats[2], c, v, vocab_start, splits, x.stride(0)),
-           cfg)
+           (x, labels_c, stats[0], stats[1], stats[2], c, v, width, vocab_start, splits,
+            x.stride(0)), cfg)
     return merge_partials(stats[0], stats[1], stats[2], dim=0)
 
 

@@ -172,7 +172,7 @@ def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, 
     is ``x``."""
     c = x.shape[0]
     if n_valid:
-        m, s, t = chunk_stats_triton(x[:, :n_valid], labels_c, vocab_start)
+        m, s, t = chunk_stats_triton(x, labels_c, vocab_start, n_cols=n_valid)
     else:
         t = x.new_zeros(c)
         m, s = x.new_full((c,), float("-inf")), x.new_zeros(c)
@@ -209,7 +209,7 @@ def train_rows(h_a, w, labels_a, g_a, grad_h, grad_weight, accumulate: bool, z_l
             r1 = min(r0 + step, g1)
             x = buf[:r1 - r0]
             if n_valid:
-                _logits(h_a[r0:r1], w, x[:, :n_valid], impl, vocab_slice)
+                _logits(h_a[r0:r1], w, x[:, :store], impl, vocab_slice)
             dl = dl_buf[r0 - g0:r1 - g0] if low else x
             if tri:
                 lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(

@@ -91,12 +91,13 @@ _GRAD_H_CONFIGS = [
 #: Autotune space of each launch role (the ``role`` of :func:`soda_kernels._launch.launch`).
 CONFIGS = {"lse": _LSE_CONFIGS, "dlogits": _DLOGITS_CONFIGS, "grad_weight": _GRAD_W_CONFIGS,
            "grad_hidden": _GRAD_H_CONFIGS, "matmul": _GRAD_H_CONFIGS,
+           "logits": _GRAD_H_CONFIGS,
            "grad_weight_tma": _GRAD_W_CONFIGS, "grad_hidden_tma": _GRAD_H_CONFIGS,
            "matmul_tma": _GRAD_H_CONFIGS}
 #: ``KEY_ROLE`` of each matmul role: Triton's autotuner (and its on-disk cache) keys on the
 #: wrapped kernel, the configs and the key values, so without it grad_W and grad_h (same
 #: kernel, same H, V, ACCUMULATE) would share one entry and one tuned config.
-_MATMUL_ROLE_KEYS = {"matmul": 0, "grad_weight": 1, "grad_hidden": 2}
+_MATMUL_ROLE_KEYS = {"matmul": 0, "grad_weight": 1, "grad_hidden": 2, "logits": 3}
 _TUNE_KEYS = {"lse": ["H", "n_valid"], "dlogits": ["H", "KEY_V"],
               "matmul": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"],
               "matmul_tma": ["KEY_H", "KEY_V", "KEY_ROLE", "ACCUMULATE"]}
