@@ -51,7 +51,7 @@ def default_grad_h_slices(n: int, h: int, vocab_slice: int, n_valid: int, dtype:
     the CPU measurements were made with one slice per pass; 1 when a Triton slice is not a
     multiple of 16 columns (slices sit back to back in the pass's buffer, and only the last
     one may be padded)."""
-    if not gpu_like(device) or interpreting() or n_valid <= 0 or n <= 0:
+    if not gpu_like(device) or n_valid <= 0 or n <= 0:
         return 1
     if impl == "triton" and vocab_slice % 16:
         return 1

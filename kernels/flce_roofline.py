@@ -73,13 +73,19 @@ def device_peak(name: Optional[str]) -> DevicePeak:
 # ============================================================================ launches
 @dataclass
 class Launches:
-    """The launches of one design: ``(name, flops, bytes)`` each."""
+    """The launches of one design: ``(name, flops, bytes)`` per kind of launch (summed over
+    its ``count(name)`` launches)."""
 
     items: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
 
     def add(self, name: str, flops: float, nbytes: float, times: int = 1) -> None:
         if times > 0:
             self.items.append((name, float(flops) * times, float(nbytes) * times))
+            self.counts[name] = self.counts.get(name, 0) + times
+
+    def count(self, name: str) -> int:
+        return self.counts.get(name, 0)
 
     @property
     def flops(self) -> int:
@@ -133,9 +139,9 @@ def recompute_launches(n: int, n_active: int, h: int, v: int, elt: int, vocab_sl
         out.add("grad_weight", 2 * n_active * cols * h,
                 n_active * cols * elt + n_active * h * elt + cols * h * gw, count)
     for i, (cols, count) in enumerate(_parts(v, s * max(1, grad_h_slices))):
-        acc = (8 * n_active * h) * count - (4 * n_active * h if i == 0 else 0)
-        out.add("grad_hidden", 2 * n_active * cols * h * count,
-                (n_active * cols * elt + cols * h * elt) * count + acc)
+        first = 4 * n_active * h if i == 0 else 0  # the first pass only writes
+        out.add("grad_hidden", 2 * n_active * cols * h,
+                n_active * cols * elt + cols * h * elt + 8 * n_active * h - first / count, count)
     out.add("scatter", 0, scatter)
     return out
 
@@ -161,9 +167,9 @@ def train_launches(n: int, n_active: int, h: int, v: int, elt: int, row_chunk: i
         out.add("chunk_dlogits", 0, 4 * rows * v + dl * rows * v, count)
     for i, (rows, count) in enumerate(_parts(n_active, r)):
         out.add("grad_hidden", 2 * rows * v * h, rows * v * dl + v * h * elt + 4 * rows * h, count)
-        first = 0 if main_grad or i else 4 * v * h
-        out.add("grad_weight", 2 * rows * v * h * count,
-                (rows * v * dl + rows * h * elt + 8 * v * h) * count - first)
+        first = 0 if main_grad or i else 4 * v * h  # an fp32 gradient: the first only writes
+        out.add("grad_weight", 2 * rows * v * h,
+                rows * v * dl + rows * h * elt + 8 * v * h - first / count, count)
     out.add("scatter", 0, scatter)
     return out
 
