@@ -31,7 +31,7 @@ from soda_kernels.flce_roofline import (
     device_peak,
     recompute_launches,
     train_launches,
-    _summary,
+    summary,
 )
 
 LOG = logging.getLogger("soda_kernels.flce")
@@ -57,8 +57,9 @@ def default_row_chunk(h: int, n_valid: int, dtype: torch.dtype, device: torch.de
     gradient buffer (``V H (e + e_g)`` bytes, ``e_g`` = 4 for an fp32 ``main_grad``, else
     ``e``), at least one matmul tile; a multiple of ``row_multiple`` (64 on CUDA) and of 16.
 
-    NOTE: ``grad_W`` is read and written once per chunk, so few rows per chunk cost DRAM
-    traffic (:func:`train_cost_model`); the memory target, not speed, sets this height."""
+    This is the budget of the chunk buffers: on a GPU :func:`choose_train_plan` spends it on a
+    smaller fp32 chunk and a taller 16-bit ``dlogits`` group (fewer ``main_grad`` passes); on
+    CPU the chunk takes all of it and a group is one chunk."""
     if n_valid <= 0:
         return 64
     e = _elt(dtype)
@@ -129,8 +130,8 @@ def plan_for_peak(n: int, h: int, n_valid: int, dtype: torch.dtype, peak: Device
         * chunk_row_bytes(n_valid, dtype)
     c, r = best_train_sizes(n, h, n_valid, e, budget, step, peak, main_grad)
     s = vocab_slice or default_vocab_slice(h, n_valid, torch.device("cuda"))
-    three = _summary(train_launches(n, n, h, n_valid, e, c, r, main_grad), peak, e)
-    rec = _summary(recompute_launches(n, n, h, n_valid, e, s, main_grad, grad_h_slices), peak, e)
+    three = summary(train_launches(n, n, h, n_valid, e, c, r, main_grad), peak, e)
+    rec = summary(recompute_launches(n, n, h, n_valid, e, s, main_grad, grad_h_slices), peak, e)
     path = "three_matmul" if three["seconds"] <= rec["seconds"] else "recompute"
     reason = (f"{peak.name} roofline (computed, not measured): three matmuls "
               f"{three['seconds'] * 1e3:.2f} ms ({three['gb']:.1f} GB, main_grad "
@@ -141,6 +142,7 @@ def plan_for_peak(n: int, h: int, n_valid: int, dtype: torch.dtype, peak: Device
 
 
 _LOGGED: set = set()
+_PLANS: dict = {}
 
 
 def choose_train_plan(n: int, h: int, n_valid: int, dtype: torch.dtype, device: torch.device,
@@ -159,8 +161,12 @@ def choose_train_plan(n: int, h: int, n_valid: int, dtype: torch.dtype, device: 
         plan = TrainPlan("three_matmul", default, default, grad_h_slices,
                          "CPU: three matmuls, one group per chunk (the measured CPU choice)", {})
     else:
-        plan = plan_for_peak(n, h, n_valid, dtype, device_peak(torch.cuda.get_device_name(device)),
-                             step, main_grad, vocab_slice, grad_h_slices)
+        name = torch.cuda.get_device_name(device)
+        key = (n, h, n_valid, dtype, name, step, main_grad, vocab_slice, grad_h_slices)
+        if key not in _PLANS:  # NOTE: the search costs ~ms; one per shape per process
+            _PLANS[key] = plan_for_peak(n, h, n_valid, dtype, device_peak(name), step, main_grad,
+                                        vocab_slice, grad_h_slices)
+        plan = _PLANS[key]
     key = (plan.path, plan.row_chunk, plan.group_rows, plan.grad_h_slices, n, h, n_valid)
     if key not in _LOGGED:
         _LOGGED.add(key)

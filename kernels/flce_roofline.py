@@ -192,7 +192,8 @@ class TrainPlan:
                 f"{self.group_rows}, grad_h_slices={self.grad_h_slices}): {self.reason}")
 
 
-def _summary(launches: Launches, peak: DevicePeak, elt: int) -> dict:
+def summary(launches: Launches, peak: DevicePeak, elt: int) -> dict:
+    """Predicted seconds, GB moved, main_grad GB (the ``grad_weight`` launches) and TFLOP."""
     return {"seconds": launches.seconds(peak, elt), "gb": launches.bytes / 1e9,
             "main_grad_gb": launches.bytes_of("grad_weight") / 1e9,
             "tflop": launches.flops / 1e12}

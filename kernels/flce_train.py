@@ -7,14 +7,17 @@ known loss scale). With that gradient the forward can finish the whole computati
 logits exist, and the output layer costs exactly the three matmuls of materialised logits,
 ``6 N_a H V`` FLOPs (the recompute path of :mod:`.fused_linear_cross_entropy` needs four)::
 
-    for each chunk of C active rows (h_c [C, H]), the full local vocabulary at once:
+    for each group of R active rows, in chunks of C rows (h_c [C, H]; R a multiple of C):
       x      = h_c @ W^T                        matmul 1, into one fp32 [C, V_local] buffer
       lse_n  = log sum_v exp x_n,v              this rank's (max, sum-exp, target), combined
                                                 over the TP group (one MAX + one SUM
                                                 all-reduce of [2, C], as the recompute path)
-      x     <- g_n (softmax_n,v (1 + 2 z lse_n) - [v == y_n])      dlogits, in place
-      grad_h_c  = x @ W                         matmul 2 (fp32, this rank's partial sum)
-      grad_W   += x^T @ h_c                     matmul 3, added into Megatron's fp32
+      dl_c  <- g_n (softmax_n,v (1 + 2 z lse_n) - [v == y_n])
+                                                dlogits: in place in x (fp32), or into the
+                                                group's 16-bit [R, V_local] buffer
+    then, once per group:
+      grad_h_g  = dl_g @ W                      matmul 2 (fp32, this rank's partial sum)
+      grad_W   += dl_g^T @ h_g                  matmul 3, added into Megatron's fp32
                                                 ``main_grad`` (or an fp32 weight gradient)
 
 Why rows and not vocabulary slices: the softmax gradient of one column needs the row's final
@@ -22,8 +25,12 @@ logsumexp over the whole (TP-global) vocabulary, so a pass over vocabulary slice
 produce ``grad_W`` until every slice's logits were seen; it has to recompute them (the fourth
 matmul of the recompute path) or keep them (``N x V``). A chunk of rows has all its columns
 at once: its ``lse`` is final when its logits are, and nothing is computed twice. The price
-is that ``grad_W`` is read and written once per chunk (fp32 ``V H``), where the recompute
-path writes it once: :func:`train_cost_model` counts those bytes.
+is DRAM traffic: ``W`` is read once per chunk and once per group, and ``grad_W`` (fp32
+``V H``) read and written once per group, where the recompute path writes it once. Keeping a
+group of chunks' 16-bit ``dlogits`` (``R > C`` within the same memory budget) divides the
+``main_grad`` traffic by ``R / C``; :mod:`.flce_plan` picks ``C`` and ``R`` and, on a GPU,
+whether this path or the recompute path is predicted faster (:mod:`.flce_roofline`; at
+N = 8192, H = 2048, V = 144,644 bf16 on an H100 it keeps the recompute path).
 
 After the loop the fp32 ``grad_h`` of the ``N_a`` active rows is all-reduced over TP (the
 input gradient of a column-parallel linear) and kept for the backward, which only checks that
@@ -38,18 +45,16 @@ Masked rows are compacted away before any matmul (as in the recompute path); on 
 compacted rows are padded with zero rows to a multiple of 64 (``row_multiple``), and the
 chunk height is a multiple of 64, so every matmul's row dimension is pipelined.
 
-Memory (:func:`train_extra_bytes`): the chunk buffer (``4 C V_local`` bytes, plus ``e C
-V_local`` for a 16-bit ``dlogits`` copy), the compacted rows (``N_a H e``) and the kept fp32
-``grad_h`` (``4 N_a H``). :func:`default_row_chunk` sizes ``C`` so that the buffer stays
-within 15% of the weight and its gradient buffer: the whole loss then stays within 1.2x the
-logits-free minimum (bench_kernels' ``loss_memory`` row measures it). The chunk height also
-sets the DRAM traffic (``grad_W`` read and written per chunk, ``W`` read twice per chunk):
-:func:`train_cost_model` counts it, and at small ``H`` it exceeds the recompute path's.
+Memory (:func:`train_extra_bytes`): the fp32 chunk buffer (``4 C V_local`` bytes), for 16-bit
+weights the group's ``dlogits`` (``e R V_local``), the compacted rows (``N_a H e``) and the kept
+fp32 ``grad_h`` (``4 N_a H``). The buffers stay within 15% of the weight and its gradient
+buffer (:data:`~.flce_plan.CHUNK_SHARE`): the whole loss then stays within 1.2x the
+logits-free minimum (bench_kernels' ``loss_memory`` row measures it).
 
 Used only where it is exact and cheap: ``grad_W`` must accumulate in fp32 without a
 weight-sized temporary, i.e. fp32 weights or a Megatron DDP fp32 ``main_grad``
-(``_train_path`` in :mod:`.fused_linear_cross_entropy`); everything else (eval, no-grad, an unknown downstream gradient, bf16
-without ``main_grad``) runs the recompute path. Deterministic: fixed chunk order, fixed
+(``_train_path`` in :mod:`.fused_linear_cross_entropy`); everything else (eval, no-grad, an
+unknown downstream gradient, bf16 without ``main_grad``) runs the recompute path. Deterministic: fixed chunk order, fixed
 matmul shapes, no atomics.
 
 Megatron DDP: the weight's gradient is complete when the forward returns, but DDP learns of
@@ -61,8 +66,9 @@ micro-batch's backward in all of Megatron's schedules, so no reduction can start
 last forward has added its share.
 
 ``impl="triton"`` runs the three matmuls with :func:`~.flce_ops.matmul_triton`
-(fp32 accumulation, grouped tile order, autotuned on CUDA) and the softmax gradient with two
-memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
+(fp32 accumulation, grouped tile order, autotuned on CUDA; the logits chunk and ``dlogits``
+padded to 16 columns so stores and operand loads stay 16-byte wide) and the softmax gradient
+with two memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
 max / sum-exp / target over column splits) and, after the TP combine,
 ``_chunk_dlogits_kernel`` (one read, one write: ``dlogits`` in place in fp32, or straight
 into the 16-bit buffer). ``impl="torch"`` uses ``torch.mm`` and element-wise ops (bf16 on CPU
