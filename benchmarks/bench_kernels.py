@@ -622,9 +622,11 @@ def markdown(payload: dict) -> str:
                          f"{r['ideal_bytes'] / 1e9:.2f} | {r['bytes_over_ideal']:.2f} |")
     plans = [r for r in payload["rows"] if r["op"] == "loss_plan"]
     if plans:
+        elt = next((r["bytes_per_element"] for r in payload["rows"] if r["op"] == "loss_cost"), 2)
         lines += ["", "Fused loss design a GPU run would choose (`soda_kernels.flce_plan."
-                  "choose_train_plan`): roofline model per launch, datasheet peaks x "
-                  "efficiency; **computed, not measured**:", "",
+                  f"choose_train_plan`; {elt} bytes per element, grad_W into fp32 main_grad): "
+                  "roofline model per launch, datasheet peaks x efficiency; **computed, not "
+                  "measured**:", "",
                   "| device | N | H | V_local | TP | choice | three matmuls: C, R / GB (main_grad) "
                   "/ ms | recompute: grad_h slices / GB / ms |", "|---|---|---|---|---|---|---|---|"]
         for r in plans:
