@@ -51,8 +51,12 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 # ============================================================================ tuning
-def _cfg(num_warps, num_stages, **blocks):
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+def _space(names: str, rows: list[tuple], **fixed) -> list[triton.Config]:
+    """One config per ``(num_warps, num_stages, *block sizes)`` row; the block sizes are named
+    by ``names`` (space-separated), ``fixed`` adds the same constexprs to every config."""
+    keys = names.split()
+    return [triton.Config(dict(zip(keys, row[2:]), **fixed), num_warps=row[0], num_stages=row[1])
+            for row in rows]
 
 
 # NOTE: Hopper-oriented spaces, kept small (each distinct key benchmarks every surviving
@@ -60,34 +64,21 @@ def _cfg(num_warps, num_stages, **blocks):
 # (registers, spills, shared memory, CTAs per SM, wgmma, async copies) is what
 # ``python -m soda_kernels.compile_check`` reports (benchmarks/results/sm90_codegen.md); the
 # GPU campaign (benchmarks/gpu_campaign.sh) is where they are timed and pruned further.
-_LSE_CONFIGS = [
-    _cfg(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64),
-    _cfg(4, 4, BLOCK_N=64, BLOCK_V=128, BLOCK_H=64),
-    _cfg(8, 3, BLOCK_N=64, BLOCK_V=256, BLOCK_H=64),
-    _cfg(4, 4, BLOCK_N=128, BLOCK_V=64, BLOCK_H=64),
-]
-_DLOGITS_CONFIGS = [
-    _cfg(8, 3, BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_M=8),
-]
+# Rows: (num_warps, num_stages, block sizes...).
+_LSE_CONFIGS = _space("BLOCK_N BLOCK_V BLOCK_H", [
+    (8, 3, 128, 128, 64), (4, 4, 64, 128, 64), (8, 3, 64, 256, 64), (4, 4, 128, 64, 64)])
+_DLOGITS_CONFIGS = _space("BLOCK_N BLOCK_V BLOCK_H", [
+    (8, 3, 128, 128, 64), (8, 3, 128, 256, 64), (4, 4, 64, 128, 64), (4, 4, 128, 128, 32)],
+    GROUP_M=8)
 # grad_W = dlogits^T @ h_a: M = slice width, N = H, K = active rows; A is column-major.
-_GRAD_W_CONFIGS = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-]
-# grad_h += dlogits @ W[slice]: M = active rows, N = H, K = slice width; A is row-major.
-_GRAD_H_CONFIGS = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-]
+_GRAD_W_CONFIGS = _space("BLOCK_M BLOCK_N BLOCK_K", [
+    (8, 3, 128, 256, 64), (8, 3, 256, 128, 64), (8, 3, 128, 128, 64), (4, 4, 128, 128, 32),
+    (4, 4, 64, 128, 64)], GROUP_M=8)
+# grad_h += dlogits @ W[slice]: M = active rows, N = H, K = slice width; A is row-major. Also
+# the training path's logits chunk (M = chunk rows, N = V_local, K = H).
+_GRAD_H_CONFIGS = _space("BLOCK_M BLOCK_N BLOCK_K", [
+    (8, 3, 128, 256, 64), (8, 4, 128, 256, 32), (8, 3, 256, 128, 64), (8, 3, 128, 128, 64),
+    (4, 4, 64, 128, 64)], GROUP_M=8)
 #: Autotune space of each launch role (the ``role`` of :func:`soda_kernels._launch.launch`).
 CONFIGS = {"lse": _LSE_CONFIGS, "dlogits": _DLOGITS_CONFIGS, "grad_weight": _GRAD_W_CONFIGS,
            "grad_hidden": _GRAD_H_CONFIGS, "matmul": _GRAD_H_CONFIGS,
