@@ -272,33 +272,50 @@ def cost_rows(torch, args) -> list[dict]:
     the GPU's vocabulary slice and with the gradient added into an fp32 ``main_grad``."""
     from soda_mega.tokens import VocabLayout
 
-    from soda_kernels.flce_train import default_row_chunk, train_cost_model
-    from soda_kernels.fused_linear_cross_entropy import cost_model, default_vocab_slice
+    from soda_kernels.flce_plan import plan_for_peak, train_cost_model
+    from soda_kernels.flce_roofline import PEAKS
+    from soda_kernels.fused_linear_cross_entropy import (
+        cost_model,
+        default_grad_h_slices,
+        default_vocab_slice,
+    )
 
     tokens, hidden, tps = (([8192, 16384], [512, 1024, 2048, 2560], [1, 2, 4]) if args.smoke
                            else (args.tokens, args.hidden, args.tp))
     elt = 4 if args.dtype == "fp32" and not args.smoke else 2
     dtype = torch.float32 if elt == 4 else torch.bfloat16
     layout = VocabLayout.soda_default()
+    gpu = torch.device("cuda")  # the GPU plan (no device needed: sizes only)
     rows = []
     for tp in tps:
         v_local = SODA_VOCAB if tp == 1 else layout.padded_size(tp, 128) // tp
         for n in tokens:
             for h in hidden:
-                cols = default_vocab_slice(h, v_local, torch.device("cuda"))
-                cost = cost_model(n, n, h, v_local, elt, cols, main_grad=True)
+                cols = default_vocab_slice(h, v_local, gpu)
+                slices = default_grad_h_slices(n, h, cols, v_local, dtype, gpu, "triton", True)
+                cost = cost_model(n, n, h, v_local, elt, cols, main_grad=True,
+                                  grad_h_slices=slices)
                 rows.append({"op": "loss_cost", "tokens": n, "hidden": h, "vocab_local": v_local,
-                             "tp": tp, "bytes_per_element": elt, "vocab_slice": cols, **cost,
+                             "tp": tp, "bytes_per_element": elt, "vocab_slice": cols,
+                             "grad_h_slices": slices, **cost,
                              "flops_over_ideal": cost["flops"] / cost["ideal_flops"],
                              "bytes_over_ideal": cost["bytes"] / cost["ideal_bytes"]})
-                chunk = default_row_chunk(h, v_local, dtype, torch.device("cuda"), "triton",
-                                          main_grad=True)
-                cost = train_cost_model(n, n, h, v_local, elt, chunk, main_grad=True)
+                plans = {name: plan_for_peak(n, h, v_local, dtype, PEAKS[name], 64, True, cols,
+                                             slices) for name in ("H100", "H200")}
+                chunk, group = plans["H100"].row_chunk, plans["H100"].group_rows
+                cost = train_cost_model(n, n, h, v_local, elt, chunk, True, group_rows=group)
                 rows.append({"op": "loss_cost_train", "tokens": n, "hidden": h,
                              "vocab_local": v_local, "tp": tp, "bytes_per_element": elt,
-                             "row_chunk": chunk, **cost,
+                             "row_chunk": chunk, "group_rows": group, **cost,
                              "flops_over_ideal": cost["flops"] / cost["ideal_flops"],
                              "bytes_over_ideal": cost["bytes"] / cost["ideal_bytes"]})
+                for name, plan in plans.items():
+                    rows.append({"op": "loss_plan", "tokens": n, "hidden": h,
+                                 "vocab_local": v_local, "tp": tp, "device": name,
+                                 "path": plan.path, "row_chunk": plan.row_chunk,
+                                 "group_rows": plan.group_rows, "grad_h_slices": slices,
+                                 "reason": plan.reason, "predicted": plan.predicted,
+                                 "computed_not_measured": True})
     return rows
 
 
@@ -587,7 +604,7 @@ def markdown(payload: dict) -> str:
             ("loss_cost", "recompute path (`cost_model`: logits, recomputed logits, grad_W, "
              "grad_h)", "vocab_slice"),
             ("loss_cost_train", "training path (`soda_kernels.flce_train.train_cost_model`: "
-             "logits, grad_h, grad_W)", "row_chunk")):
+             "logits per chunk, grad_h and grad_W per group of group_rows rows)", "row_chunk")):
         costs = [r for r in payload["rows"] if r["op"] == op]
         if not costs:
             continue
@@ -603,6 +620,21 @@ def markdown(payload: dict) -> str:
                          f"{r['flops'] / 1e9:.1f} | {r['ideal_flops'] / 1e9:.1f} | "
                          f"{r['flops_over_ideal']:.2f} | {r['bytes'] / 1e9:.2f} | "
                          f"{r['ideal_bytes'] / 1e9:.2f} | {r['bytes_over_ideal']:.2f} |")
+    plans = [r for r in payload["rows"] if r["op"] == "loss_plan"]
+    if plans:
+        elt = next((r["bytes_per_element"] for r in payload["rows"] if r["op"] == "loss_cost"), 2)
+        lines += ["", "Fused loss design a GPU run would choose (`soda_kernels.flce_plan."
+                  f"choose_train_plan`; {elt} bytes per element, grad_W into fp32 main_grad): "
+                  "roofline model per launch, datasheet peaks x efficiency; **computed, not "
+                  "measured**:", "",
+                  "| device | N | H | V_local | TP | choice | three matmuls: C, R / GB (main_grad) "
+                  "/ ms | recompute: grad_h slices / GB / ms |", "|---|---|---|---|---|---|---|---|"]
+        for r in plans:
+            t3, rc = r["predicted"]["three_matmul"], r["predicted"]["recompute"]
+            lines.append(f"| {r['device']} | {r['tokens']} | {r['hidden']} | {r['vocab_local']} | "
+                         f"{r['tp']} | {r['path']} | {r['row_chunk']}, {r['group_rows']} / "
+                         f"{t3['gb']:.1f} ({t3['main_grad_gb']:.1f}) / {t3['seconds'] * 1e3:.2f} | "
+                         f"{r['grad_h_slices']} / {rc['gb']:.1f} / {rc['seconds'] * 1e3:.2f} |")
     for r in payload["rows"]:
         if r["op"] == "loss_memory":
             mib = {k: v / 2**20 for k, v in r["peak_bytes"].items()}

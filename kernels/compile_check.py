@@ -16,7 +16,10 @@ speed.
 production passes -- in particular Triton's JIT specialisation of every integer argument (a
 multiple of 16, equal to 1, or neither) -- for a full vocabulary slice and for the ragged last
 one (5380 columns, not a multiple of 16). The opt-in TMA variant of the backward matmuls
-(``*_tma``, ``matmul_triton(tma=True)``) is compiled too.
+(``*_tma``, ``matmul_triton(tma=True)``) is compiled too, and so is the training path of
+:mod:`.flce_train` (``chunk``: the logits matmul and the two memory-bound passes over a
+chunk; ``group``: the ``grad_h`` and ``grad_W`` matmuls of a group) at the chunk and group
+heights its plan picks for an H100 (:func:`~.flce_plan.plan_for_peak`).
 
 One record per (kernel, slice, dtype, config): ``regs`` and ``spill_bytes`` (the stack frame;
 cuobjdump), ``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
@@ -27,8 +30,9 @@ drains and refills at every outer iteration), ``async_copies`` and
 ``sync_loads`` (tensor loads inside the main loops: asynchronous copies vs plain loads, read
 from the pipelined TTGIR), ``narrow_loads_in_main_loop`` (global loads narrower than 16 bytes
 in the main loop's SASS), ``narrow_stores`` (global stores narrower than 16 bytes anywhere),
-``async_copy_bytes`` (the narrowest ``cp.async``) and ``tma``.
-A main loop is a loop that contains a ``tl.dot``.
+``narrow_loads_in_loops`` (for kernels without a ``tl.dot``, the memory-bound ones: global
+loads narrower than 16 bytes inside any loop), ``async_copy_bytes`` (the narrowest
+``cp.async``) and ``tma``. A main loop is a loop that contains a ``tl.dot``.
 """
 
 from __future__ import annotations
@@ -62,13 +66,20 @@ SCENARIO = Scenario()
 
 # ============================================================================ production launches
 def production_launches(dtype, scenario: Scenario = SCENARIO) -> list[tuple[str, object]]:
-    """``(slice, Launch)`` of one forward + backward of both kernels at ``scenario``, recorded
-    from the real launchers on ``meta`` tensors; ``slice`` is ``all``, ``full`` or ``last``."""
+    """``(slice, Launch)`` of one forward + backward of every kernel at ``scenario``, recorded
+    from the real launchers on ``meta`` tensors. ``slice``: ``all`` (the forward, the
+    embedding), ``full`` / ``last`` (the recompute backward's first and last launch of each
+    role: a full vocabulary slice / ``grad_h`` pass, and the ragged last one), ``chunk`` /
+    ``group`` (the training path's per-chunk and per-group launches at the sizes its plan
+    chooses for an H100)."""
     import torch
 
+    import soda_kernels.flce_train as train
+    from soda_kernels.flce_plan import plan_for_peak
     import soda_kernels.fused_linear_cross_entropy as flce
     import soda_kernels.interleaved_embedding as emb
     from soda_kernels._launch import record_launches
+    from soda_kernels.flce_roofline import PEAKS
 
     meta = torch.device("meta")
     n, h, v = scenario.tokens, scenario.hidden, scenario.vocab
@@ -81,17 +92,26 @@ def production_launches(dtype, scenario: Scenario = SCENARIO) -> list[tuple[str,
         out += [("all", c) for c in calls]
         calls.clear()
         vocab_slice = flce.default_vocab_slice(h, v, meta)
+        slices = flce.default_grad_h_slices(n, h, vocab_slice, v, dtype, meta, "triton", True)
         lse, g = torch.empty(n, device=meta), torch.empty(n, device=meta)
         acc = torch.empty(n, h, device=meta)
         main_grad = torch.empty(v, h, device=meta)
-        per_slice = 3  # dlogits, grad_W, grad_h
         for tma in (False, True):  # TMA: the opt-in variant of the two matmuls
             flce.backward_slices(hidden, weight, labels, lse, g, main_grad, True, acc, 0.0, 0, v,
-                                 "triton", vocab_slice, tma=tma)
-            keep = [c for c in calls if c.role != "dlogits"] if tma else calls
-            per = per_slice - tma
-            out += [("full", c) for c in keep[:per]] + [("last", c) for c in keep[-per:]]
+                                 "triton", vocab_slice, tma=tma, grad_h_slices=slices)
+            keep = [c for c in calls if c.role != "dlogits"] if tma else list(calls)
+            roles = list(dict.fromkeys(c.role for c in keep))
+            out += [("full", next(c for c in keep if c.role == r)) for r in roles]
+            out += [("last", [c for c in keep if c.role == r][-1]) for r in roles]
             calls.clear()
+        plan = plan_for_peak(n, h, v, dtype, PEAKS["H100"], 64, True, vocab_slice, slices)
+        rows = plan.group_rows if dtype != torch.float32 else plan.row_chunk
+        h_a = torch.empty(rows, h, dtype=dtype, device=meta)
+        grad_h = torch.empty(rows, h, device=meta)
+        train.train_rows(h_a, weight, labels[:rows], g[:rows], grad_h, main_grad, True, 0.0, 0,
+                         None, "triton", plan.row_chunk, plan.group_rows, vocab_slice)
+        out += [("chunk", c) for c in calls[:3]] + [("group", c) for c in calls[-2:]]
+        calls.clear()
         ids = torch.empty(n, dtype=torch.long, device=meta)
         emb.embedding_backward_triton(torch.empty(n, h, dtype=dtype, device=meta), ids, 0, v)
         out += [("all", c) for c in calls]
@@ -190,9 +210,8 @@ def _ttgir_loops(ttgir: str) -> list[dict]:
     return [loop for loop in loops if loop["dots"]]
 
 
-def _sass_main_loops(sass: str) -> list[list[str]]:
-    """SASS instruction lines of each loop (a label with a later branch back to it) holding
-    a matrix instruction (HGMMA / HMMA) or, without one, an FFMA."""
+def _sass_loops(sass: str) -> list[list[str]]:
+    """SASS instruction lines of each loop (a label with a later branch back to it)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
     loops = []
@@ -200,6 +219,13 @@ def _sass_main_loops(sass: str) -> list[list[str]]:
         m = re.search(r"BRA `?\(?(\.L_x_\d+)\)?", ln)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             loops.append(lines[labels[m.group(1)]:i + 1])
+    return loops
+
+
+def _sass_main_loops(sass: str) -> list[list[str]]:
+    """SASS instruction lines of each loop holding a matrix instruction (HGMMA / HMMA) or,
+    without one, an FFMA."""
+    loops = _sass_loops(sass)
     mma = [b for b in loops if any(("HGMMA" in ln or "HMMA" in ln) for ln in b)]
     return mma or [b for b in loops if any("FFMA" in ln for ln in b)]
 
@@ -237,6 +263,9 @@ def analyse(kernel, num_warps: int) -> dict:
             1 for ln in in_loop if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
         "narrow_stores": sum(1 for ln in sass.splitlines()
                              if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_loads_in_loops": 0 if has_dot else sum(
+            1 for loop in _sass_loops(sass) for ln in loop
+            if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
         "async_copy_bytes": min(widths) if widths else None,
         "tma": "cp.async.bulk.tensor" in ptx,
     }
@@ -244,6 +273,8 @@ def analyse(kernel, num_warps: int) -> dict:
 
 # ============================================================================ records
 KERNEL_NAMES = {"lse": "lse_partials", "dlogits": "grad_logits", "grad_weight": "matmul_grad_weight",
+                "logits": "matmul_logits", "chunk_stats": "chunk_stats",
+                "chunk_dlogits": "chunk_dlogits",
                 "grad_hidden": "matmul_grad_hidden", "grad_weight_tma": "matmul_grad_weight_tma",
                 "grad_hidden_tma": "matmul_grad_hidden_tma", "embedding_pieces": "embedding_pieces",
                 "embedding_merge": "embedding_merge"}
@@ -312,12 +343,15 @@ def problems(row: dict) -> list[str]:
                    f"{row['async_copies']} async copies")
     if row["narrow_loads_in_main_loop"]:
         out.append(f"{row['narrow_loads_in_main_loop']} narrow global loads in the main loop")
+    if row.get("narrow_loads_in_loops"):
+        out.append(f"{row['narrow_loads_in_loops']} narrow global loads in a loop (no tl.dot)")
     return out
 
 
 _COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "spills_in_main_loop",
             "smem_bytes", "ctas_per_sm", "mma", "main_loop_nested", "async_copies", "sync_loads",
-            "narrow_loads_in_main_loop", "narrow_stores", "async_copy_bytes", "tma")
+            "narrow_loads_in_main_loop", "narrow_loads_in_loops", "narrow_stores",
+            "async_copy_bytes", "tma")
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -330,7 +364,8 @@ def markdown(rows: list[dict], command: str) -> str:
     head = ["# sm_90a code of the Triton kernels (generated, do not edit)", "",
             f"Generated by `{command}` (no GPU: compiled for sm_90a with the ptxas, cuobjdump",
             "and nvdisasm of Triton's wheel; production arguments of TP1, V = 144,644, H = 2048,",
-            "8192 tokens; `last` = the ragged last vocabulary slice). Code facts, not timings:",
+            "8192 tokens; `last` = the ragged last vocabulary slice / grad_h pass; `chunk` and",
+            "`group` = the three-matmul training path at its H100 plan). Code facts, not timings:",
             "see `soda_kernels/compile_check.py` for each column.", "",
             "| " + " | ".join(_COLUMNS) + " | problems |", "|" + "---|" * (len(_COLUMNS) + 1)]
     body = ["| " + " | ".join(cell(r, k) for k in _COLUMNS) + " | "

@@ -7,14 +7,17 @@ known loss scale). With that gradient the forward can finish the whole computati
 logits exist, and the output layer costs exactly the three matmuls of materialised logits,
 ``6 N_a H V`` FLOPs (the recompute path of :mod:`.fused_linear_cross_entropy` needs four)::
 
-    for each chunk of C active rows (h_c [C, H]), the full local vocabulary at once:
+    for each group of R active rows, in chunks of C rows (h_c [C, H]; R a multiple of C):
       x      = h_c @ W^T                        matmul 1, into one fp32 [C, V_local] buffer
       lse_n  = log sum_v exp x_n,v              this rank's (max, sum-exp, target), combined
                                                 over the TP group (one MAX + one SUM
                                                 all-reduce of [2, C], as the recompute path)
-      x     <- g_n (softmax_n,v (1 + 2 z lse_n) - [v == y_n])      dlogits, in place
-      grad_h_c  = x @ W                         matmul 2 (fp32, this rank's partial sum)
-      grad_W   += x^T @ h_c                     matmul 3, added into Megatron's fp32
+      dl_c  <- g_n (softmax_n,v (1 + 2 z lse_n) - [v == y_n])
+                                                dlogits: in place in x (fp32), or into the
+                                                group's 16-bit [R, V_local] buffer
+    then, once per group:
+      grad_h_g  = dl_g @ W                      matmul 2 (fp32, this rank's partial sum)
+      grad_W   += dl_g^T @ h_g                  matmul 3, added into Megatron's fp32
                                                 ``main_grad`` (or an fp32 weight gradient)
 
 Why rows and not vocabulary slices: the softmax gradient of one column needs the row's final
@@ -22,8 +25,12 @@ logsumexp over the whole (TP-global) vocabulary, so a pass over vocabulary slice
 produce ``grad_W`` until every slice's logits were seen; it has to recompute them (the fourth
 matmul of the recompute path) or keep them (``N x V``). A chunk of rows has all its columns
 at once: its ``lse`` is final when its logits are, and nothing is computed twice. The price
-is that ``grad_W`` is read and written once per chunk (fp32 ``V H``), where the recompute
-path writes it once: :func:`train_cost_model` counts those bytes.
+is DRAM traffic: ``W`` is read once per chunk and once per group, and ``grad_W`` (fp32
+``V H``) read and written once per group, where the recompute path writes it once. Keeping a
+group of chunks' 16-bit ``dlogits`` (``R > C`` within the same memory budget) divides the
+``main_grad`` traffic by ``R / C``; :mod:`.flce_plan` picks ``C`` and ``R`` and, on a GPU,
+whether this path or the recompute path is predicted faster (:mod:`.flce_roofline`; at
+N = 8192, H = 2048, V = 144,644 bf16 on an H100 it keeps the recompute path).
 
 After the loop the fp32 ``grad_h`` of the ``N_a`` active rows is all-reduced over TP (the
 input gradient of a column-parallel linear) and kept for the backward, which only checks that
@@ -38,18 +45,16 @@ Masked rows are compacted away before any matmul (as in the recompute path); on 
 compacted rows are padded with zero rows to a multiple of 64 (``row_multiple``), and the
 chunk height is a multiple of 64, so every matmul's row dimension is pipelined.
 
-Memory (:func:`train_extra_bytes`): the chunk buffer (``4 C V_local`` bytes, plus ``e C
-V_local`` for a 16-bit ``dlogits`` copy), the compacted rows (``N_a H e``) and the kept fp32
-``grad_h`` (``4 N_a H``). :func:`default_row_chunk` sizes ``C`` so that the buffer stays
-within 15% of the weight and its gradient buffer: the whole loss then stays within 1.2x the
-logits-free minimum (bench_kernels' ``loss_memory`` row measures it). The chunk height also
-sets the DRAM traffic (``grad_W`` read and written per chunk, ``W`` read twice per chunk):
-:func:`train_cost_model` counts it, and at small ``H`` it exceeds the recompute path's.
+Memory (:func:`train_extra_bytes`): the fp32 chunk buffer (``4 C V_local`` bytes), for 16-bit
+weights the group's ``dlogits`` (``e R V_local``), the compacted rows (``N_a H e``) and the kept
+fp32 ``grad_h`` (``4 N_a H``). The buffers stay within 15% of the weight and its gradient
+buffer (:data:`~.flce_plan.CHUNK_SHARE`): the whole loss then stays within 1.2x the
+logits-free minimum (bench_kernels' ``loss_memory`` row measures it).
 
 Used only where it is exact and cheap: ``grad_W`` must accumulate in fp32 without a
 weight-sized temporary, i.e. fp32 weights or a Megatron DDP fp32 ``main_grad``
-(``_train_path`` in :mod:`.fused_linear_cross_entropy`); everything else (eval, no-grad, an unknown downstream gradient, bf16
-without ``main_grad``) runs the recompute path. Deterministic: fixed chunk order, fixed
+(``_train_path`` in :mod:`.fused_linear_cross_entropy`); everything else (eval, no-grad, an
+unknown downstream gradient, bf16 without ``main_grad``) runs the recompute path. Deterministic: fixed chunk order, fixed
 matmul shapes, no atomics.
 
 Megatron DDP: the weight's gradient is complete when the forward returns, but DDP learns of
@@ -60,9 +65,10 @@ the last micro-batch) and adds nothing. Every micro-batch's forward precedes the
 micro-batch's backward in all of Megatron's schedules, so no reduction can start before the
 last forward has added its share.
 
-``impl="triton"`` runs the three matmuls with :func:`~.fused_linear_cross_entropy.matmul_triton`
-(fp32 accumulation, grouped tile order, autotuned on CUDA) and the softmax gradient with two
-memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
+``impl="triton"`` runs the three matmuls with :func:`~.flce_ops.matmul_triton`
+(fp32 accumulation, grouped tile order, autotuned on CUDA; the logits chunk and ``dlogits``
+padded to 16 columns so stores and operand loads stay 16-byte wide) and the softmax gradient
+with two memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
 max / sum-exp / target over column splits) and, after the TP combine,
 ``_chunk_dlogits_kernel`` (one read, one write: ``dlogits`` in place in fp32, or straight
 into the 16-bit buffer). ``impl="torch"`` uses ``torch.mm`` and element-wise ops (bf16 on CPU
@@ -72,210 +78,29 @@ in vocabulary slices, so fp32 upcasts stay slice-sized).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
-import triton
-import triton.language as tl
 
-from soda_kernels._vocab_parallel import (
-    check_triton_tensors,
-    combine_across_ranks,
-    interpreting,
-    merge_partials,
-)
-from soda_kernels.fused_linear_cross_entropy import (
+from soda_kernels._vocab_parallel import combine_across_ranks, interpreting, resolve_group
+from soda_kernels.flce_backward import _backward, _n_valid, row_multiple
+from soda_kernels.flce_ops import (
     WORK,
-    _backward,
     _mm_f32,
-    default_vocab_slice,
-    fused_linear_cross_entropy_reference,
+    chunk_dlogits_triton,
+    chunk_stats_triton,
     matmul_torch,
     matmul_triton,
-    row_multiple,
+    padded_width,
 )
-
-
-# ============================================================================ Triton kernels
-@triton.jit
-def _chunk_stats_kernel(x_ptr, label_ptr, m_ptr, s_ptr, t_ptr, C, V, vocab_start, splits,
-                        stride_x, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per (row tile, column split) of the fp32 logits chunk ``x [C, V]``: online max,
-    sum-exp and target logit (0 where the target is elsewhere), fp32."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < C
-    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    cols_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits) * BLOCK_V
-    v_lo = pid_s * cols_per_split
-    v_hi = tl.minimum(v_lo + cols_per_split, V)
-    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        ok = row_ok[:, None] & (cols < v_hi)[None, :]
-        x = tl.load(x_rows + cols[None, :], mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        # NOTE: rows whose tiles are all masked keep m = -inf; exp(-inf - -inf) is NaN, so
-        # shift by a finite stand-in there (their s stays 0).
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), axis=1)
-        m = m_new
-        hit = (cols[None, :] == target[:, None]) & ok
-        t += tl.sum(tl.where(hit, x, 0.0), axis=1)
-    out = pid_s * C + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(t_ptr + out, t, mask=row_ok)
-
-
-@triton.jit
-def _chunk_dlogits_kernel(x_ptr, dl_ptr, label_ptr, lse_ptr, g_ptr, C, V, vocab_start, z_loss,
-                          stride_x, stride_dl, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """``dl[n, v] = g_n (exp(x[n, v] - lse_n) (1 + 2 z lse_n) - [v == y_n])`` for one tile of
-    the chunk; ``dl`` may be ``x`` itself (fp32, in place) or a 16-bit buffer."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < C
-    ok = row_ok[:, None] & (cols < V)[None, :]
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    target = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64) - vocab_start
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-    d = tl.exp(x - lse[:, None]) * (g * (1.0 + 2.0 * z_loss * lse))[:, None]
-    d = d - tl.where(cols[None, :] == target[:, None], g[:, None], 0.0)
-    d = tl.where((g != 0.0)[:, None], d, 0.0)
-    ptrs = dl_ptr + rows.to(tl.int64)[:, None] * stride_dl + cols[None, :]
-    tl.store(ptrs, d.to(dl_ptr.dtype.element_ty), mask=ok)
-
-
-#: Fixed tiles of the two element-wise kernels (memory-bound: one pass each over the chunk).
-#: CPU interpreter: few, small programs.
-_STATS_BLOCKS = {"cuda": dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4),
-                 "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
-_DLOGITS_BLOCKS = {"cuda": dict(BLOCK_N=8, BLOCK_V=512, num_warps=4),
-                   "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
-
-
-def _blocks(table: dict, device: torch.device) -> dict:
-    return dict(table["cuda" if device.type == "cuda" and not interpreting() else "cpu"])
-
-
-def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = None):
-    """This rank's ``(max, sum-exp, target logit)`` per row of the fp32 chunk ``x [C, V]``."""
-    check_triton_tensors(x, labels_c)
-    c, v = x.shape
-    cfg = _blocks(_STATS_BLOCKS, x.device)
-    if splits is None:
-        splits = 1
-        if x.device.type == "cuda" and not interpreting():
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            splits = max(1, min(triton.cdiv(4 * sms, triton.cdiv(c, cfg["BLOCK_N"])),
-                                triton.cdiv(v, cfg["BLOCK_V"])))
-    stats = torch.empty(3, splits, c, device=x.device, dtype=torch.float32)
-    _chunk_stats_kernel[(triton.cdiv(c, cfg["BLOCK_N"]), splits)](
-        x, labels_c, stats[0], stats[1], stats[2], c, v, vocab_start, splits, x.stride(0), **cfg)
-    return merge_partials(stats[0], stats[1], stats[2], dim=0)
-
-
-def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: float):
-    """Fill ``dl`` (``x`` itself, or a 16-bit ``[C, V]`` buffer) with ``g dloss/dlogits``."""
-    check_triton_tensors(x, dl, labels_c)
-    c, v = x.shape
-    cfg = _blocks(_DLOGITS_BLOCKS, x.device)
-    # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
-    # even); there the kernel writes fp32 in place and torch rounds.
-    dest = x if interpreting() else dl
-    grid = (triton.cdiv(c, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-    _chunk_dlogits_kernel[grid](x, dest, labels_c, lse, g_c, c, v, vocab_start, float(z_loss),
-                                x.stride(0), dest.stride(0), **cfg)
-    if dest is not dl:
-        dl.copy_(dest)
-    return dl
-
-#: Share of the bytes of ``W`` and its gradient buffer the chunk buffers may take (see the
-#: module docstring): the loss's other temporaries fit in the rest of the 20% allowance.
-CHUNK_SHARE = 0.15
-
-
-# ============================================================================ plan
-def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def chunk_row_bytes(n_valid: int, dtype: torch.dtype) -> int:
-    """Bytes per chunk row: the fp32 logits / dlogits row, plus a 16-bit dlogits copy."""
-    e = _elt(dtype)
-    return n_valid * (4 + (0 if e == 4 else e))
-
-
-def default_row_chunk(h: int, n_valid: int, dtype: torch.dtype, device: torch.device,
-                      impl: str = "torch", main_grad: bool = False) -> int:
-    """Rows per chunk: the chunk buffers take at most :data:`CHUNK_SHARE` of ``W`` and its
-    gradient buffer (``V H (e + e_g)`` bytes, ``e_g`` = 4 for an fp32 ``main_grad``, else
-    ``e``), at least one matmul tile; a multiple of ``row_multiple`` (64 on CUDA) and of 16.
-
-    NOTE: ``grad_W`` is read and written once per chunk, so few rows per chunk cost DRAM
-    traffic (:func:`train_cost_model`); the memory target, not speed, sets this height."""
-    if n_valid <= 0:
-        return 64
-    e = _elt(dtype)
-    budget = CHUNK_SHARE * n_valid * h * (e + (4 if main_grad else e))
-    rows = int(budget // chunk_row_bytes(n_valid, dtype))
-    step = max(16, row_multiple(device, impl))
-    return max(step, rows // step * step)
-
-
-def train_extra_bytes(n_active: int, h: int, n_valid: int, row_chunk: int, dtype: torch.dtype,
-                      impl: str = "torch") -> int:
-    """Upper bound of the temporaries of the forward (besides inputs, ``grad_W`` / ``main_grad``
-    and the outputs): chunk buffers, compacted rows ``h_a`` (``N_a H e``), the fp32 ``grad_h``
-    kept for backward (``4 N_a H``), O(N_a) vectors; ``impl="torch"`` with 16-bit operands on
-    CPU adds slice-sized fp32 upcasts and matmul results."""
-    e = _elt(dtype)
-    n_active += -n_active % row_multiple(torch.device("cuda"), impl) if impl == "triton" else 0
-    rows = min(row_chunk, max(n_active, 1))
-    extra = (rows * chunk_row_bytes(n_valid + 64, dtype)  # + Triton's row padding
-             + n_active * h * (e + 4) + 64 * n_active)
-    if e != 4:
-        s = default_vocab_slice(h, n_valid, torch.device("cpu"))
-        extra += 4 * (rows * h + 2 * s * h + rows * s)  # upcasts of h_c, a W slice; results
-        if interpreting():
-            extra += 4 * rows * n_valid  # bf16 matmul outputs pass through fp32 copies
-    return extra
-
-
-def train_cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, row_chunk: int,
-                     main_grad: bool = True) -> dict:
-    """FLOPs and DRAM bytes of one forward + backward of the three-matmul path.
-
-    ``flops`` = ``6 N_a H V`` (logits, grad_h, grad_W); ``ideal_flops`` = ``6 N H V``.
-    ``bytes`` (perfectly tiled launches, weight re-reads served by L2): the row gather, per
-    chunk ``W`` read by matmuls 1 and 2 and the fp32 ``grad_W`` / ``main_grad`` read and
-    written by matmul 3 (the first chunk only writes it unless it is ``main_grad``), the
-    chunk's fp32 logits written by matmul 1 and read by the two Triton kernels, ``dlogits``
-    (``elt`` bytes: in place in fp32, else the 16-bit buffer) written once and read by
-    matmuls 2 and 3, ``h_c`` read twice, the fp32
-    ``grad_h`` written, all-reduced and read back by the backward, ``grad_hidden`` written.
-    ``ideal_bytes``: read ``W`` and ``h`` once, write ``grad_W`` and ``grad_h`` once.
-    """
-    chunks = -(-n_active // max(1, row_chunk)) if n_active else 0
-    gw = n_valid * h * 4
-    gather = n * h * elt + 2 * n_active * h * elt
-    weight = chunks * 2 * n_valid * h * elt
-    grad_w = chunks * 2 * gw - (0 if main_grad else gw)
-    logits = n_active * n_valid * (3 * 4 + 3 * elt)
-    rows = 2 * n_active * h * elt + 2 * n_active * h * 4 + n * h * elt
-    return {"flops": 6 * n_active * h * n_valid, "ideal_flops": 6 * n * h * n_valid,
-            "bytes": gather + weight + grad_w + logits + rows,
-            "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt)),
-            "chunks": chunks}
+# Re-exported: the plan's names stay importable from here.
+from soda_kernels.flce_plan import (  # noqa: F401
+    CHUNK_SHARE,
+    choose_train_plan,
+    chunk_row_bytes,
+    default_row_chunk,
+    train_cost_model,
+    train_extra_bytes,
+)
 
 
 # ============================================================================ forward
@@ -345,25 +170,78 @@ def _softmax_grad_(x, labels_c, g_c, vocab_start: int, z_loss: float, group):
     return lse, target
 
 
-def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, group):
-    """:func:`_softmax_grad_` with the two Triton kernels: ``dl`` (``x`` or a 16-bit buffer)
-    gets the scaled dlogits; ``x`` keeps the logits unless ``dl`` is ``x``."""
-    c, v = x.shape
-    if v:
-        m, s, t = chunk_stats_triton(x, labels_c, vocab_start)
+def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, group,
+                         n_valid: int):
+    """:func:`_softmax_grad_` with the two Triton kernels on the chunk's first ``n_valid``
+    columns: ``dl`` (``x`` or a 16-bit buffer, both at least :func:`padded_width` wide) gets
+    the scaled dlogits and zeros in its padding columns; ``x`` keeps the logits unless ``dl``
+    is ``x``."""
+    c = x.shape[0]
+    if n_valid:
+        m, s, t = chunk_stats_triton(x, labels_c, vocab_start, n_cols=n_valid)
     else:
         t = x.new_zeros(c)
         m, s = x.new_full((c,), float("-inf")), x.new_zeros(c)
     lse, target = combine_across_ranks(m, s, t, group)
-    if v:
-        chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start, z_loss)
+    if n_valid:
+        chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start, z_loss, n_valid)
     return lse, target
+
+
+def train_rows(h_a, w, labels_a, g_a, grad_h, grad_weight, accumulate: bool, z_loss: float,
+               vocab_start: int, group, impl: str, row_chunk: int, group_rows: int,
+               vocab_slice: int, need_hidden: bool = True, need_weight: bool = True):
+    """The loop over the compacted rows ``h_a`` (``w`` = the ``n_valid`` real rows of the
+    weight): per chunk of ``row_chunk`` rows the fp32 logits and the softmax gradient (into
+    the group's ``dlogits``), per group of ``group_rows`` rows (a multiple of the chunk; the
+    chunk itself for fp32) ``grad_h[group]`` and ``grad_weight (+)= dlogits^T h``. Returns the
+    rows' ``(lse, target logit)``. Triton: the buffers' rows are padded to a multiple of 64
+    elements (16-byte aligned rows) and the matmuls read ``dlogits`` :func:`padded_width` wide
+    (zero columns), so their operand loads stay vectorised and asynchronous."""
+    rows_total, n_valid = h_a.shape[0], w.shape[0]
+    dev, tri = h_a.device, impl == "triton"
+    step = min(row_chunk, rows_total)
+    low = w.dtype != torch.float32
+    span = min(max(group_rows, step) // step * step, rows_total) if low else step
+    width = n_valid + (-n_valid % 64 if tri else 0)
+    store = padded_width(n_valid, impl)
+    buf = torch.empty(step, width, device=dev, dtype=torch.float32)
+    dl_buf = torch.empty(span, width, device=dev, dtype=w.dtype) if low else None
+    lse_a = torch.empty(rows_total, device=dev, dtype=torch.float32)
+    tgt_a = torch.empty_like(lse_a)
+    for g0 in range(0, rows_total, span):
+        g1 = min(g0 + span, rows_total)
+        for r0 in range(g0, g1, step):
+            r1 = min(r0 + step, g1)
+            x = buf[:r1 - r0]
+            if n_valid:
+                _logits(h_a[r0:r1], w, x[:, :store], impl, vocab_slice)
+            dl = dl_buf[r0 - g0:r1 - g0] if low else x
+            if tri:
+                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(
+                    x[:, :store], dl[:, :store], labels_a[r0:r1], g_a[r0:r1], vocab_start,
+                    z_loss, group, n_valid)
+            else:
+                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_(
+                    x, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
+                if low and n_valid:
+                    dl.copy_(x)
+        if n_valid == 0:
+            grad_h[g0:g1].zero_()
+            continue
+        dlg = (dl_buf if low else buf)[:g1 - g0, :store]
+        if need_hidden:
+            _grad_hidden(dlg, w, grad_h[g0:g1], impl, vocab_slice)
+        if need_weight:
+            _grad_weight(dlg, h_a[g0:g1], grad_weight[:n_valid], accumulate or g0 > 0, impl,
+                         vocab_slice)
+    return lse_a, tgt_a
 
 
 def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accumulate: bool,
                   z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
                   row_chunk: int, vocab_slice: int, need_hidden: bool = True,
-                  need_weight: bool = True):
+                  need_weight: bool = True, group_rows: int = 0):
     """Loss, lse, the compacted indices and the fp32 ``grad_h`` of the active rows.
 
     ``grad_weight`` (fp32 ``[V_local, H]``) gets ``dloss/dW`` for the upstream gradient
@@ -387,41 +265,10 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
             h_a = torch.cat([h_a, h_a.new_zeros(pad, h)])
             labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
             g_a = torch.cat([g_a, g_a.new_zeros(pad)])
-        w = weight[:n_valid]
-        rows_total = n_a + pad
-        step = min(row_chunk, rows_total)
-        # NOTE: Triton: rows padded to a multiple of 64 elements, so every row of the chunk
-        # buffers starts 16-byte aligned (vectorised loads, async copies) whatever V_local is.
-        width = n_valid + (-n_valid % 64 if impl == "triton" else 0)
-        buf = torch.empty(step, width, device=dev, dtype=torch.float32)[:, :n_valid]
-        low = weight.dtype != torch.float32
-        dl_buf = (torch.empty(step, width, device=dev, dtype=weight.dtype)[:, :n_valid]
-                  if low else None)
-        lse_a = torch.empty(rows_total, device=dev, dtype=torch.float32)
-        tgt_a = torch.empty_like(lse_a)
-        for i, r0 in enumerate(range(0, rows_total, step)):
-            r1 = min(r0 + step, rows_total)
-            h_c, x = h_a[r0:r1], buf[:r1 - r0]
-            if n_valid:
-                _logits(h_c, w, x, impl, vocab_slice)
-            dl = dl_buf[:r1 - r0] if low else x
-            if impl == "triton":
-                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(
-                    x, dl, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
-            else:
-                lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_(
-                    x, labels_a[r0:r1], g_a[r0:r1], vocab_start, z_loss, group)
-                if low and n_valid:
-                    dl.copy_(x)
-            if n_valid == 0:
-                grad_h[r0:r1].zero_()
-                continue
-            if need_hidden:
-                _grad_hidden(dl, w, grad_h[r0:r1], impl, vocab_slice)
-            if need_weight:
-                _grad_weight(dl, h_c, grad_weight[:n_valid], accumulate or i > 0, impl,
-                             vocab_slice)
-        del buf, dl_buf, h_a
+        lse_a, tgt_a = train_rows(h_a, weight[:n_valid], labels_a, g_a, grad_h, grad_weight,
+                                  accumulate, z_loss, vocab_start, group, impl, row_chunk,
+                                  group_rows, vocab_slice, need_hidden, need_weight)
+        del h_a
         lse_a, tgt_a = lse_a[:n_a], tgt_a[:n_a]
         lse.index_copy_(0, idx, lse_a)
         loss.index_copy_(0, idx, lse_a - tgt_a + z_loss * lse_a * lse_a)
@@ -438,10 +285,8 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, active, known_grad, z_loss, vocab_start,
-                num_real_vocab, group, impl, vocab_slice, row_chunk, fuse_main_grad):
-        from soda_kernels._vocab_parallel import resolve_group
-        from soda_kernels.fused_linear_cross_entropy import _n_valid
-
+                num_real_vocab, group, impl, vocab_slice, row_chunk, group_rows, grad_h_slices,
+                fuse_main_grad):
         n_valid = _n_valid(weight, vocab_start, num_real_vocab)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if fuse_main_grad:
@@ -451,10 +296,11 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
             accumulate = False
         loss, lse, idx, grad_h = train_forward(
             hidden, weight, labels, active, known_grad, target, accumulate, z_loss, vocab_start,
-            n_valid, resolve_group(group), impl, row_chunk, vocab_slice, need_h, need_w)
+            n_valid, resolve_group(group), impl, row_chunk, vocab_slice, need_h, need_w,
+            group_rows)
         ctx.save_for_backward(hidden, weight, labels, active, lse, known_grad, idx, grad_h,
                               None if fuse_main_grad else target)
-        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice)
+        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices)
         ctx.param = weight if fuse_main_grad else None
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -471,10 +317,7 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             # Linear in the upstream gradient: add the recompute path's gradients for the
             # difference (inactive rows have no gradient whatever they receive).
-            from soda_kernels._vocab_parallel import resolve_group
-            from soda_kernels.fused_linear_cross_entropy import _n_valid
-
-            z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice = ctx.args
+            z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, slices = ctx.args
             target = param.main_grad if param is not None else grad_w
             if target is None:  # the weight needs no gradient (so it is fp32): scratch
                 target = torch.zeros_like(weight)
@@ -483,12 +326,12 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
             grad_h += _backward((grad_loss - known).contiguous(), hidden, weight, labels, active,
                                 lse, target, True, z_loss, vocab_start,
                                 _n_valid(weight, vocab_start, num_real_vocab),
-                                resolve_group(group), impl, vocab_slice).float()
+                                resolve_group(group), impl, vocab_slice, slices).float()
         grad_h = grad_h.to(hidden.dtype) if ctx.needs_input_grad[0] else None
         if param is not None:
             param.grad_added_to_main_grad = True
             grad_w = weight.detach()  # placeholder, as in FusedLinearCrossEntropyFunction
-        return (grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None)
+        return (grad_h, grad_w) + (None,) * 13
 
 
 # ============================================================================ reference
@@ -496,6 +339,8 @@ def flce_train_reference(hidden, weight, labels, known_grad, loss_mask=None, los
                          **kwargs):
     """Oracle of the contract: the plain-PyTorch reference's loss and its autograd gradients
     for upstream gradient ``known_grad``; returns ``(output, grad_hidden, grad_weight)``."""
+    from soda_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
+
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     out = fused_linear_cross_entropy_reference(h, w, labels, loss_mask, loss_groups, **kwargs)

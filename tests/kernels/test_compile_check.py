@@ -2,7 +2,9 @@
 arguments (soda_kernels.compile_check; Triton's wheel ships ptxas, cuobjdump, nvdisasm): for
 bf16, every autotune config of every kernel, the full and the ragged last vocabulary slice,
 multiplies on wgmma, has no spills in its main loop and loads every operand of its main loop
-asynchronously with 16-byte copies. Says nothing about speed: that needs a GPU."""
+asynchronously with 16-byte copies; the training path's chunk and group launches too, its
+memory-bound passes with 16-byte loads and stores. Says nothing about speed: that needs a
+GPU."""
 
 from __future__ import annotations
 
@@ -39,8 +41,30 @@ def test_every_kernel_config_and_slice_is_compiled(bf16_records):
     assert {("lse_partials", "all"), ("embedding_pieces", "all"), ("embedding_merge", "all")} <= seen
     for kernel, role in (("lse_partials", "lse"), ("matmul_grad_weight", "grad_weight"),
                          ("matmul_grad_hidden", "grad_hidden"), ("grad_logits", "dlogits")):
-        configs = [r["config"] for r in bf16_records if r["kernel"] == kernel]
+        configs = [r["config"] for r in bf16_records if r["kernel"] == kernel
+                   and r["slice"] in ("all", "full", "last")]
         assert len(configs) == len(flce.CONFIGS[role]) * (1 if kernel == "lse_partials" else 2)
+    # The three-matmul training path: per chunk and per group, every config of its matmuls.
+    assert {("matmul_logits", "chunk"), ("chunk_stats", "chunk"), ("chunk_dlogits", "chunk"),
+            ("matmul_grad_hidden", "group"), ("matmul_grad_weight", "group")} <= seen
+    for kernel, role in (("matmul_logits", "logits"), ("matmul_grad_weight", "grad_weight"),
+                         ("matmul_grad_hidden", "grad_hidden")):
+        configs = [r for r in bf16_records if r["kernel"] == kernel
+                   and r["slice"] in ("chunk", "group")]
+        assert len(configs) == len(flce.CONFIGS[role])
+
+
+def test_training_path_is_vectorised_and_spill_free(bf16_records):
+    """The memory-bound passes over a chunk read its fp32 logits with 16-byte loads and write
+    dlogits with 16-byte stores (bounds padded to 16 columns), the logits matmul stores its
+    padded fp32 chunk with 16-byte stores, and none of them spills."""
+    train = {r["kernel"]: r for r in bf16_records if r["slice"] == "chunk"}
+    for kernel in ("chunk_stats", "chunk_dlogits"):
+        r = train[kernel]
+        assert r["mma"] == "none" and r["spill_bytes"] == 0 and r["narrow_loads_in_loops"] == 0, r
+    assert train["chunk_dlogits"]["narrow_stores"] == 0, train["chunk_dlogits"]
+    logits = [r for r in bf16_records if r["kernel"] == "matmul_logits"]
+    assert logits and all(r["narrow_stores"] == 0 and r["spill_bytes"] == 0 for r in logits), logits
 
 
 def test_bf16_code_is_wgmma_spill_free_and_asynchronous(bf16_records):
@@ -51,7 +75,7 @@ def test_bf16_code_is_wgmma_spill_free_and_asynchronous(bf16_records):
            if problems(r)}
     assert not bad, json.dumps(bad, indent=1)
     for r in production:
-        if r["kernel"] != "embedding_merge":  # the only kernel without a tl.dot
+        if r["kernel"] not in ("embedding_merge", "chunk_stats", "chunk_dlogits"):  # no tl.dot
             assert r["mma"] == "wgmma", r
         if r["main_loops"]:
             assert r["async_copy_bytes"] == 16 and r["async_copies"] >= 2, r

@@ -158,11 +158,11 @@ def test_backward_is_bitwise_repeatable_and_slicing_only_reorders(device, impl):
 
 def test_padding_the_compacted_rows_changes_nothing(device, monkeypatch):
     """On CUDA the compacted rows are padded with zero rows (row_multiple); forced here."""
-    import soda_kernels.fused_linear_cross_entropy as flce
+    import soda_kernels.flce_backward as flce_backward
 
     case = make_case(37, 40, 203, n_real=190, device=device, scale=3.0)
     plain = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
-    monkeypatch.setattr(flce, "row_multiple", lambda device, impl: 16)
+    monkeypatch.setattr(flce_backward, "row_multiple", lambda device, impl: 16)
     WORK.reset()
     padded = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
     n_a = int(((case["loss_mask"] != 0) & (case["loss_groups"] >= 0)).sum())

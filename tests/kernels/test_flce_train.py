@@ -47,7 +47,7 @@ def test_three_matmuls_match_the_fp64_oracle(device, impl, rows):
     assert (result["grad_weight"][290:] == 0).all()
 
 
-def _bf16_micro_batches(impl, known_grad: bool, device):
+def _bf16_micro_batches(impl, known_grad: bool, device, **kwargs):
     """Two bf16 micro-batches into a fresh fp32 main_grad: per-step errors vs the fp64 oracle
     (loss, grad_hidden) and the accumulated main_grad's error."""
     n, h, v = 45, 32, 150
@@ -63,7 +63,8 @@ def _bf16_micro_batches(impl, known_grad: bool, device):
         hidden = case["hidden"].clone().requires_grad_()
         out = fused_linear_cross_entropy(hidden, weight, case["labels"], case["loss_mask"],
                                          case["loss_groups"], z_loss=1e-2, impl=impl,
-                                         known_grad=known if known_grad else None, row_chunk=16)
+                                         known_grad=known if known_grad else None, row_chunk=16,
+                                         **kwargs)
         assert weight.grad_added_to_main_grad == (step > 0)  # DDP learns of it in backward
         (out.loss * known).sum().backward()
         assert weight.grad_added_to_main_grad
