@@ -65,6 +65,31 @@ def _data_cache(tmp_path_factory):
     os.environ.pop("SODA_MEGA_CACHE", None)
 
 
+def tree_fingerprint(root) -> dict:
+    """{relative path: (size, sha256)} of every file under ``root``: a shared fixture compares
+    it at the end of the session, so a test that changed what others read fails instead of
+    passing its change on."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def golden_corpus(tmp_path_factory):
+    """The golden tiny run's corpus (tests/tiny_golden.py), written once for every test that
+    trains on it (the training runs, the runtime faults, the Slurm launcher and sweep). READ
+    ONLY: copy it before changing anything; a change fails the session's last user."""
+    from tiny_golden import write_corpus
+
+    root = write_corpus(tmp_path_factory.mktemp("golden-corpus"))
+    before = tree_fingerprint(root)
+    yield root
+    assert tree_fingerprint(root) == before, f"a test changed the shared corpus {root}"
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A real two-node Slurm cluster on this machine for the whole session (tests marked

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from launch_env import clean_env
-from tiny_golden import (STEPS, assert_same_trace, golden_trace, read_trace, run_overrides,
-                         write_corpus)
+from tiny_golden import STEPS, assert_same_trace, golden_trace, read_trace, run_overrides
 from tolerances import TRAINING_TRACE
 
 pytestmark = pytest.mark.slurm
@@ -33,8 +32,9 @@ JOB_TIMEOUT_S = 420  # one job, restarts and requeues included; ~1-2 min on an i
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("golden-corpus"))
+def corpus(golden_corpus) -> Path:
+    """The session's golden corpus (read only; tests/conftest.py)."""
+    return golden_corpus
 
 
 def _free_port() -> int:

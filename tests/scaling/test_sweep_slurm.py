@@ -14,7 +14,6 @@ import pytest
 
 from launch_env import clean_env
 from soda_mega.cli import main
-from tiny_golden import write_corpus
 from tolerances import TRAINING_TRACE
 
 pytestmark = pytest.mark.slurm
@@ -36,8 +35,9 @@ def _grid(corpus: Path, out: Path) -> Path:
     return out / "manifest.json"
 
 
-def test_slurm_sweep_fills_the_results_of_the_local_launcher(slurm_cluster, tmp_path, capsys):
-    corpus = write_corpus(tmp_path / "corpus")
+def test_slurm_sweep_fills_the_results_of_the_local_launcher(slurm_cluster, golden_corpus, tmp_path,
+                                                              capsys):
+    corpus = golden_corpus  # read only (tests/conftest.py)
     local = _grid(corpus, tmp_path / "local")
     on_slurm = _grid(corpus, tmp_path / "slurm")
     capsys.readouterr()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from launch_env import clean_env
-from tiny_golden import GOLDEN, SAVE_AT, STEPS, assert_same_trace, read_trace, run_overrides, write_corpus
+from tiny_golden import GOLDEN, SAVE_AT, STEPS, assert_same_trace, read_trace, run_overrides
 from tolerances import PARALLEL_FP32, TRAINING_TRACE
 
 pytestmark = pytest.mark.distributed
@@ -48,14 +48,27 @@ _trace = read_trace
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+def corpus(golden_corpus):
+    """The session's golden corpus (read only; tests/conftest.py)."""
+    return golden_corpus
 
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("reference")
     _train(corpus, run_dir)
+    return run_dir
+
+
+TP2 = ["--parallel.tensor_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def tp2_run(corpus, tmp_path_factory):
+    """The TP=2 run (2 processes), trained once: the layout test compares its trace, the
+    resume test copies its step-3 checkpoint; both only read it."""
+    run_dir = tmp_path_factory.mktemp("tp2")
+    _train(corpus, run_dir, *TP2, procs=2)
     return run_dir
 
 
@@ -78,15 +91,20 @@ def test_reference_run_logs_everything(reference):
 
 
 @pytest.mark.parametrize("layout", [
-    ["--parallel.tensor_parallel=2"],
+    TP2,
     ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"],
     ["--parallel.pipeline_parallel=2"],
     [],  # DP=2 with the distributed optimizer
 ], ids=["tp2", "tp2_sp", "pp2", "dp2"])
-def test_two_process_layouts_follow_the_one_process_trace(corpus, reference, tmp_path, layout):
-    _train(corpus, tmp_path, *layout, procs=2)
-    _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["rtol"])
-    _assert_same_trace(_trace(tmp_path, "valid"), _trace(reference, "valid"),
+def test_two_process_layouts_follow_the_one_process_trace(corpus, reference, tmp_path, layout,
+                                                         request):
+    if layout == TP2:
+        run_dir = request.getfixturevalue("tp2_run")  # the run the TP=2 resume test starts from
+    else:
+        run_dir = tmp_path
+        _train(corpus, run_dir, *layout, procs=2)
+    _assert_same_trace(_trace(run_dir), _trace(reference), TRAINING_TRACE["rtol"])
+    _assert_same_trace(_trace(run_dir, "valid"), _trace(reference, "valid"),
                        PARALLEL_FP32["loss_rtol"], keys=("valid_loss",))
 
 
@@ -106,9 +124,8 @@ def test_kill_9_then_resume_continues_the_same_trace(corpus, reference, tmp_path
     _assert_same_trace(_trace(tmp_path), _trace(reference), TRAINING_TRACE["resume_rtol"])
 
 
-def test_tp2_checkpoint_resumes_on_one_process(corpus, tmp_path):
-    tp2 = tmp_path / "tp2"
-    _train(corpus, tp2, "--parallel.tensor_parallel=2", procs=2)
+def test_tp2_checkpoint_resumes_on_one_process(corpus, tp2_run, tmp_path):
+    tp2 = tp2_run
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tp2 / "checkpoints" / f"step_{SAVE_AT:08d}",
