@@ -30,6 +30,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_SESSION_LAYOUT: list = []  # the layout megatron_one_process set up, once it has
+
+
 @pytest.fixture(scope="session")
 def megatron_one_process():
     """Megatron-core parallel state for TP=PP=DP=1 inside the pytest process (gloo, 1 rank)."""
@@ -37,8 +40,26 @@ def megatron_one_process():
     from soda_mega.parallel import state
 
     layout = state.initialize(ParallelConfig(), seed=1234)
+    _SESSION_LAYOUT.append(layout)
     yield layout
+    _SESSION_LAYOUT.clear()
     state.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _megatron_one_process_kept():
+    """An in-process command (``eval nll``, ``train``) sets up its own layout and tears it down
+    when it ends; the session's TP=PP=DP=1 state is put back for the tests that come after."""
+    yield
+    if not _SESSION_LAYOUT:
+        return
+    from megatron.core import parallel_state as ps
+
+    from soda_mega.config.schema import ParallelConfig
+    from soda_mega.parallel import state
+
+    if not ps.model_parallel_is_initialized() or state.current_layout() != _SESSION_LAYOUT[0]:
+        state.initialize(ParallelConfig(), seed=1234)
 
 
 @pytest.fixture(scope="session")
