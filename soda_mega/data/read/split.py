@@ -27,9 +27,8 @@ from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.cache import NodeCache
 from soda_mega.data.read.order import StreamOrder
 from soda_mega.data.read.source import DatasetError, DocumentSource
+from soda_mega.data.schema import SPLITS
 from soda_mega.tokens.layout import VocabLayout
-
-SPLITS = ("train", "valid")
 
 
 def mixture_weights(sources: Sequence[DocumentSource], explicit: Sequence[float],
