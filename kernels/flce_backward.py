@@ -16,7 +16,7 @@ import triton
 
 from soda_kernels._launch import gpu_like
 from soda_kernels._vocab_parallel import interpreting
-from soda_kernels.flce_roofline import recompute_launches
+from soda_kernels.flce_roofline import ideal_work, recompute_launches
 from soda_kernels.flce_ops import (
     grad_logits_torch,
     grad_logits_triton,
@@ -108,9 +108,8 @@ def cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, vocab_slic
     passes = triton.cdiv(slices, max(1, grad_h_slices))
     launches = recompute_launches(n, n_active, h, n_valid, elt, vocab_slice, main_grad,
                                   grad_h_slices)
-    return {"flops": launches.flops, "ideal_flops": 6 * n * h * n_valid,
-            "bytes": launches.bytes,
-            "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt)),
+    return {"flops": launches.flops, "bytes": launches.bytes,
+            **ideal_work(n, h, n_valid, elt, main_grad),
             "slices": slices, "grad_h_passes": passes,
             "grad_h_accumulator_bytes": (8 * passes - 4 * bool(passes)) * n_active * h}
 

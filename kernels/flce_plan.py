@@ -29,6 +29,7 @@ from soda_kernels.flce_roofline import (
     TrainPlan,
     best_train_sizes,
     device_peak,
+    ideal_work,
     recompute_launches,
     train_launches,
     summary,
@@ -110,9 +111,8 @@ def train_cost_model(n: int, n_active: int, h: int, n_valid: int, elt: int, row_
     launches = train_launches(n, n_active, h, n_valid, elt, row_chunk, group, main_grad)
     chunks = -(-n_active // max(1, row_chunk)) if n_active else 0
     groups = -(-n_active // max(1, row_chunk if elt == 4 else group)) if n_active else 0
-    return {"flops": launches.flops, "ideal_flops": 6 * n * h * n_valid,
-            "bytes": launches.bytes,
-            "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt)),
+    return {"flops": launches.flops, "bytes": launches.bytes,
+            **ideal_work(n, h, n_valid, elt, main_grad),
             "chunks": chunks, "groups": groups,
             "main_grad_bytes": launches.bytes_of("grad_weight")}
 

@@ -102,6 +102,14 @@ class Launches:
         return sum(peak.seconds(f, b, elt) for _, f, b in self.items)
 
 
+def ideal_work(n: int, h: int, n_valid: int, elt: int, main_grad: bool) -> dict:
+    """The floor of any design: ``6 N H V`` FLOPs (what a loss that kept its logits needs), and
+    ``W`` and ``h`` read once, ``grad_W`` (fp32 read + write into ``main_grad``) and ``grad_h``
+    written once."""
+    return {"ideal_flops": 6 * n * h * n_valid,
+            "ideal_bytes": 2 * n * h * elt + n_valid * h * (elt + (8 if main_grad else elt))}
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // max(1, b))
 
