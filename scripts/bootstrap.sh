@@ -60,8 +60,11 @@ cmd=${1:-test}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) ;;
+  # -n 2: two pytest-xdist workers, one per core of the CI machine, each taking whole test
+  # modules, the longest first (tests/conftest.py); SODA_TEST_WORKERS changes the count and
+  # `-n 0` among the arguments runs everything in this one process (for -s or --pdb).
   # --durations=25: the run ends with its 25 slowest tests, so CI logs show where the time goes.
-  test) exec python -m pytest tests --durations=25 "$@" ;;
+  test) exec python -m pytest tests -n "${SODA_TEST_WORKERS:-2}" --durations=25 "$@" ;;
   demo)
     # The main job on the embedded default: the tiny model on the demo corpus, on CPU.
     if [ ! -f runs/demo-corpus/speech/train/soda_meta.json ] || [ ! -f runs/demo-corpus/text/train/soda_meta.json ]; then

@@ -21,7 +21,61 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+# Two pytest workers share the 2 cores of CI (pytest-xdist, `-n 2`): each computes on one thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+# The test modules of the real Slurm (tests marked ``slurm``): one worker runs them all, in turn,
+# as they share one session cluster (its slurmd ports, tests/slurm_cluster.py).
+_SLURM_MODULES = (
+    "tests/data/test_build_slurm.py",
+    "tests/launchers/test_slurm_train.py",
+    "tests/scaling/test_sweep_slurm.py",
+)
+# The work units that take longest (seconds in a one-process run on the 2-core CI machine). They
+# start first, so that the two workers end together instead of one finishing a long module
+# alone at the end. Only the wall time depends on this list.
+_LONGEST_FIRST = (
+    "slurm",  # 210 s, mostly waiting for Slurm's time limits and requeues
+    "tests/training/test_runtime_faults.py",  # 128 s
+    "tests/training/test_train_runs.py",  # 126 s
+    "tests/checkpoint/test_recovery.py",  # 122 s
+    "tests/benchmarks/test_gpu_campaign.py",  # 65 s
+    "tests/benchmarks/test_bench_kernels.py",  # 41 s
+    "tests/training/test_train_remote.py",  # 35 s
+    "tests/kernels/test_compile_check.py",  # 33 s
+)
+
+
+def work_unit(nodeid: str) -> str:
+    """What one pytest-xdist worker runs as a whole: a test module, so that its module fixtures
+    are built once, or all the Slurm modules together."""
+    module = nodeid.split("::", 1)[0]
+    return "slurm" if module in _SLURM_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules to each worker (pytest-xdist's ``loadscope`` with ``work_unit`` for scope),
+    handed out in collection order: the longest first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    strays = sorted({item.nodeid.split("::", 1)[0] for item in items
+                     if item.get_closest_marker("slurm") and work_unit(item.nodeid) != "slurm"})
+    if strays:
+        raise pytest.UsageError(f"tests/conftest.py: add {strays} to _SLURM_MODULES (their tests "
+                                "are marked slurm and must share the Slurm worker)")
+    rank = {unit: i for i, unit in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -14,12 +14,15 @@ import importlib
 import importlib.metadata as metadata
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from packaging.version import Version
+
+from launch_env import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +140,48 @@ def test_streaming_base_exports(streaming):
     if importlib.util.find_spec("torchvision") is None:
         # The compat path must not have run streaming/__init__.py (which imports the vision extras).
         assert "streaming.vision" not in sys.modules
+
+
+def test_writing_and_reading_shards_imports_only_the_streaming_parts_used(tmp_path):
+    """A shard writer and reader (the trainer, each loader worker, each build worker) import
+    ``streaming.base.format`` alone: not ``streaming.base``'s data loader and, through it,
+    ``transformers`` (about 1 s of CPU per process). The whole namespace is still there for
+    whoever asks for it afterwards."""
+    code = f"""
+import sys
+from pathlib import Path
+from soda_mega.config import load_config
+from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.read.source import DocumentSource
+from soda_mega.tokens import VocabLayout
+
+layout = VocabLayout.from_config(load_config(preset="tiny").vocab)
+docs = random_docs(layout, 5, 20, 40, 1, "text")
+root = Path({str(tmp_path)!r})
+write_split(root / "train", layout, docs, "text")
+source = DocumentSource(root, "train", layout)
+assert [list(source.get(i)[0]) for i in range(5)] == [list(d) for d in docs]
+heavy = sorted(m for m in ("transformers", "streaming.base.dataloader", "streaming.base.dataset",
+                           "streaming.vision") if m in sys.modules)
+from soda_mega.data.streaming_compat import streaming_base
+print(heavy, hasattr(streaming_base(), "StreamingDataset"))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[]", "True"], proc.stdout
+
+
+@pytest.mark.parametrize("first", ["storage"])
+def test_a_process_may_enter_streaming_through_any_module(first):
+    """A fresh process whose first shard access is a download (``storage``) or a hash check
+    imports that module first; streaming's util -> format -> reader -> util circle must not
+    meet a half-initialised module there (a spawned loader process did, before the fix)."""
+    code = (f"from soda_mega.data.streaming_compat import streaming_module\n"
+            f"streaming_module({first!r}); print(streaming_module('format').MDSWriter.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=clean_env())
+    assert proc.returncode == 0 and proc.stdout.split() == ["MDSWriter"], proc.stderr[-3000:]
 
 
 def test_streaming_version():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, MDS_COLUMNS
-from soda_mega.data.streaming_compat import streaming_base
+from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens import VocabLayout
 
 
@@ -24,7 +24,7 @@ def write_split(split_dir: Path, layout: VocabLayout, docs: list[np.ndarray], ki
     """MDS shards + soda_meta.json + doc_lengths.npy for ``docs`` (one document each);
     ``hashes`` (e.g. ``["xxh64"]``) are written into the index for verification on read."""
     split_dir.mkdir(parents=True, exist_ok=True)
-    writer_cls = streaming_base().MDSWriter
+    writer_cls = streaming_module("format").MDSWriter
     with writer_cls(out=str(split_dir), columns=MDS_COLUMNS, compression=compression,
                     size_limit=size_limit, hashes=hashes or None) as writer:
         for i, doc in enumerate(docs):

@@ -35,7 +35,7 @@ from soda_mega.data.documents import Document
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SHARD_HASHES, SPLITS
 from soda_mega.data.shard_contract import (DatasetError, check_index, check_lengths_chunk, check_meta,
                                            check_shard)
-from soda_mega.data.streaming_compat import streaming_base
+from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.data.build.target import BuildTarget
 from soda_mega.tokens.layout import VocabLayout
 
@@ -139,7 +139,7 @@ class UnitWriter:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             out = str(tmp) if self.target.remote is None else \
                 (str(tmp), self.target.url(f"{split}/{UNITS_DIR}/{self.name}"))
-            writer = streaming_base().MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=self.size_limit,
+            writer = streaming_module("format").MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=self.size_limit,
                                                 hashes=list(SHARD_HASHES))
             self._writers[split] = writer
         writer.write({"tokens": doc.tokens.astype(np.int32), "loss_mask": doc.loss_mask.astype(np.uint8),

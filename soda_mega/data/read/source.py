@@ -100,6 +100,8 @@ class DocumentSource:
         self.skip_bad = skip_bad
         self.prefetch_threads = prefetch_threads
         self.remote = is_remote(self.name)
+        # The shard reader's module, imported once here rather than in each loader worker.
+        streaming_module("format")
         if self.remote:
             self._open_remote(self.name.rstrip("/"), split)
         else:
