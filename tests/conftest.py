@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-# Two pytest workers share the 2 cores of CI (pytest-xdist, `-n 2`): each computes on one thread.
+# pytest-xdist workers (scripts/bootstrap.sh runs three on the 2 cores of CI) compute on one
+# thread each.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
@@ -195,9 +196,12 @@ def pytest_sessionfinish(session, exitstatus):
     A process a test leaves behind (a DataLoader worker of an iterator a traceback kept alive, a
     server) keeps the session from ending: pytest's exit waits for its multiprocessing children,
     and any process holding the output pipe keeps CI waiting. This ends them and names them; the
-    test that started one has a bug to fix."""
+    test that started one has a bug to fix. Under pytest-xdist each worker ends its own; the
+    controller's children are the workers themselves, which xdist ends."""
     import psutil
 
+    if session.config.pluginmanager.has_plugin("dsession"):  # the xdist controller
+        return
     me = psutil.Process()
     left = []
     for child in me.children(recursive=True):
@@ -215,6 +219,17 @@ def pytest_sessionfinish(session, exitstatus):
         child.kill()
     if alive:
         names = "\n".join(f"  pid {c.pid}: {cmd[:200]}" for c, cmd in left if c in alive)
-        session.config.get_terminal_writer().line(
-            f"\nconftest: {len(alive)} process(es) outlived their tests and were killed:\n{names}",
-            yellow=True)
+        text = f"\nconftest: {len(alive)} process(es) outlived their tests and were killed:\n{names}"
+        worker_output = getattr(session.config, "workeroutput", None)
+        if worker_output is not None:  # an xdist worker: the controller prints it
+            worker_output["outlived"] = text
+        else:
+            session.config.get_terminal_writer().line(text, yellow=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The xdist controller prints what a worker's ``pytest_sessionfinish`` had to end."""
+    text = getattr(node, "workeroutput", {}).get("outlived")
+    if text:
+        node.config.get_terminal_writer().line(f"\n[{node.gateway.id}] {text.lstrip()}", yellow=True)
