@@ -9,7 +9,7 @@ needs a few submodules (``format`` for the MDS reader and writer, ``compression`
 ``hashing``, ``storage``), so both packages are registered bare: their ``__path__`` only, no
 ``__init__`` side effects, and each submodule is imported on its own. ``streaming_base()``
 completes ``streaming.base`` for the callers that want its whole namespace (``StreamingDataset``).
-A ``streaming`` another library already imported in full is used as it is.
+When another library has already imported ``streaming`` in full, that import is used.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _light_base() -> types.ModuleType:
     if base is None:
         base = _bare_package("streaming.base")
         # NOTE: ``format`` first, as the package's own __init__ does: ``util`` imports
-        # ``format``, whose reader imports names from ``util``; entered through ``util`` (by
-        # ``storage`` or ``hashing``) that circle meets a half-initialised ``util``.
+        # ``format``, whose reader imports names from ``util``; entered through ``util`` (as
+        # ``storage`` does) that circle meets a half-initialised ``util``.
         importlib.import_module("streaming.base.format")
     return base
 

@@ -139,8 +139,8 @@ class UnitWriter:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             out = str(tmp) if self.target.remote is None else \
                 (str(tmp), self.target.url(f"{split}/{UNITS_DIR}/{self.name}"))
-            writer = streaming_module("format").MDSWriter(out=out, columns=MDS_COLUMNS, size_limit=self.size_limit,
-                                                hashes=list(SHARD_HASHES))
+            writer = streaming_module("format").MDSWriter(
+                out=out, columns=MDS_COLUMNS, size_limit=self.size_limit, hashes=list(SHARD_HASHES))
             self._writers[split] = writer
         writer.write({"tokens": doc.tokens.astype(np.int32), "loss_mask": doc.loss_mask.astype(np.uint8),
                       "doc_type": doc.doc_type, "record_id": doc.record_id})
