@@ -12,6 +12,8 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def clean_env() -> dict:
     """This process's environment without torch.distributed variables, one OpenMP thread per
     process (two gloo ranks share the 2 cores of CI) and library warnings off."""
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    # PYTEST_XDIST_*: a pytest a test starts is no pytest-xdist worker, whatever this one is.
+    env = {k: v for k, v in os.environ.items()
+           if k not in _DIST_VARS and not k.startswith("PYTEST_XDIST_")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return env
