@@ -34,7 +34,7 @@ _SLURM_MODULES = (
     "tests/scaling/test_sweep_slurm.py",
 )
 # The work units that take longest (seconds in a one-process run on the 2-core CI machine). They
-# start first, so that the two workers end together instead of one finishing a long module
+# start first, so that the workers end together instead of one finishing a long module
 # alone at the end. Only the wall time depends on this list.
 _LONGEST_FIRST = (
     "slurm",  # 210 s, mostly waiting for Slurm's time limits and requeues
