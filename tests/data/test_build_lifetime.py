@@ -15,6 +15,10 @@ import psutil
 from build_helpers import codes_corpus
 
 GONE_WITHIN_S = 20
+# CPU a spawned worker may spend in all when its build is killed as it starts: Python's start-up
+# and the light modules that carry its arguments. Importing torch alone takes more, and a worker
+# that set up first (torch, its codec) outlived a killed build by over 20 s on a loaded machine.
+STARTUP_CPU_S = 1.0
 
 
 def _workers(pid: int) -> list[psutil.Process]:
@@ -30,6 +34,14 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system
 
 
 def test_killed_build_takes_its_workers_with_it(tmp_path):
@@ -49,10 +61,15 @@ def test_killed_build_takes_its_workers_with_it(tmp_path):
         build.kill()
         build.wait()
         deadline = time.time() + GONE_WITHIN_S
+        cpu = {w.pid: 0.0 for w in workers}
         while time.time() < deadline and any(map(_alive, workers)):
-            time.sleep(0.1)
+            for w in workers:
+                cpu[w.pid] = max(cpu[w.pid], _cpu_seconds(w))
+            time.sleep(0.02)
         left = [w.pid for w in workers if _alive(w)]
         assert not left, f"workers {left} outlived the killed build by {GONE_WITHIN_S} s"
+        # They end as soon as they start: the parent-death signal comes before any set-up.
+        assert max(cpu.values()) < STARTUP_CPU_S, f"CPU seconds of each worker before it ended: {cpu}"
     finally:
         for w in workers:
             if _alive(w):

@@ -14,7 +14,6 @@ import hashlib
 import multiprocessing as mp
 import os
 import sys
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -28,31 +27,14 @@ from soda_mega.data.build.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.build.writer import UnitWriter
 from soda_mega.tokens.layout import VocabLayout
-from soda_mega.utils.lifetime import die_with
+from soda_mega.data.build.worker_spec import INIT_FEEDER, WorkerSpec
+from soda_mega.utils.lifetime import spawned_dying_with
 
 
 def split_of(record_id: str, valid_fraction: float) -> str:
     """``valid`` for a stable ``valid_fraction`` share of record ids, else ``train``."""
     h = int.from_bytes(hashlib.sha256(record_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
     return "valid" if h / 2.0**64 < valid_fraction else "train"
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker process needs (picklable)."""
-
-    root: str  # the local folder written to: OUT itself, or the stage of a remote OUT
-    kind: str
-    layout: dict
-    tokenizer: str | None
-    doc_types: tuple[str, ...]
-    valid_fraction: float
-    shard_size_limit: int
-    codec: dict | None = None  # MimiCodec kwargs, None when no record needs encoding
-    threads: int = 0  # torch threads per worker (0 = leave torch's default)
-    remote: str | None = None  # remote OUT (s3://...), None for a local build
-    devices: tuple[str, ...] = ()  # device path: the codec devices, one per worker slot
-    feeders: int = 0  # decode/resample processes per worker (device path only)
 
 
 _STATE: dict = {}
@@ -67,13 +49,11 @@ def _take_slot(slots) -> int:
     return slot
 
 
-def init_worker(spec: WorkerSpec, progress_queue=None, slots=None, parent: int | None = None) -> None:
-    """Set up this process for :func:`run_unit`; ``slots`` (a shared counter) hands out devices;
-    ``parent``: the pid of the build that spawned this worker (it dies with it)."""
+def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
+    """Set up this process for :func:`run_unit`; ``slots`` (a shared counter) hands out devices.
+    A spawned worker runs it through :func:`~soda_mega.utils.lifetime.spawned_dying_with`, so it
+    dies with the build that spawned it."""
     import torch
-
-    if parent is not None:
-        die_with(parent)  # a killed build leaves no worker behind
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -88,8 +68,8 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None, parent: int |
     if spec.feeders and codec is not None:
         # NOTE: a multiprocessing Pool, not a ProcessPoolExecutor: its processes are daemonic, so
         # they end with this worker however it ends (a nested executor hung the worker's exit).
-        feeders = mp.get_context("spawn").Pool(spec.feeders, initializer=_init_feeder,
-                                               initargs=(os.getpid(),))
+        feeders = mp.get_context("spawn").Pool(spec.feeders, initializer=spawned_dying_with,
+                                               initargs=(os.getpid(), INIT_FEEDER))
     target = BuildTarget(spec.remote, staging=spec.root) if spec.remote else BuildTarget(spec.root)
     shutdown_worker()
     _STATE.update(spec=spec, layout=layout, queue=progress_queue, target=target, codec=codec,
@@ -177,11 +157,11 @@ def _batch_size() -> int:
 
 
 # ----------------------------------------------------------------- feeders (device path)
-def _init_feeder(worker: int) -> None:
+def init_feeder() -> None:
+    """A feeder process's set-up (after it armed its parent-death signal: see ``init_worker``)."""
     import torch
 
     torch.set_num_threads(1)
-    die_with(worker)
 
 
 def decode_for_codec(path) -> tuple[np.ndarray | InputError, float]:

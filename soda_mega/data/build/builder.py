@@ -56,8 +56,8 @@ from typing import Callable, Sequence
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
-from soda_mega.data.build.build_worker import (WorkerSpec, init_worker, run_unit, set_progress, shutdown_worker,
-                                         split_of, worker_device)
+from soda_mega.data.build.build_worker import (init_worker, run_unit, set_progress, shutdown_worker, split_of,
+                                         worker_device)
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, check_mimi_weights, file_sha256,
                                   mimi_metadata, precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.build.devices import codec_devices, feeders_per_device
@@ -68,11 +68,13 @@ from soda_mega.data.build.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
 from soda_mega.data.build.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
+from soda_mega.data.build.worker_spec import INIT_WORKER, WorkerSpec
 from soda_mega.data.build.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
                                    check_marker, clean_partial_units, marker_path, marker_rel, merge_split,
                                    remove_merged_files)
 from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
+from soda_mega.utils.lifetime import spawned_dying_with
 
 __all__ = ["BuildError", "BuildResult", "build_dataset", "finalize_dataset", "make_plan", "parse_part",
            "part_from_env", "part_units", "result_dict", "split_of", "summary_lines"]
@@ -506,8 +508,9 @@ def _run_pool(spec, pending, progress, on_unit_done, completed, n_workers, worke
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
     slots = ctx.Value("i", 0)
-    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=init_worker,
-                               initargs=(spec, reports, slots, os.getpid()))
+    # A killed build leaves no worker behind: each arms its parent-death signal first.
+    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=spawned_dying_with,
+                               initargs=(os.getpid(), INIT_WORKER, spec, reports, slots))
 
     def drain() -> None:
         while True:
