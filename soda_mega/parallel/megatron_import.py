@@ -39,15 +39,19 @@ WANDB_HIDDEN_FROM = ("megatron.core.inference.contexts.dynamic_context", "megatr
 
 
 def compile_on_first_call(fn: Callable) -> Callable:
-    """``torch.compile(fn)``, made when the returned function is first called."""
+    """``torch.compile(fn)``, made when the returned function is first called. Called while an
+    enclosing ``torch.compile`` traces, it is ``fn`` itself, traced into the enclosing graph
+    (what TorchDynamo does with a compiled function it meets while tracing)."""
     compiled: Callable | None = None
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal compiled
-        if compiled is None:
-            import torch
+        import torch
 
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if compiled is None:
             compiled = torch.compile(fn)
         return compiled(*args, **kwargs)
 

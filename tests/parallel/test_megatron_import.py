@@ -49,3 +49,23 @@ def test_the_fused_function_is_compiled_at_its_first_call_only(monkeypatch):
     torch.testing.assert_close(fused(x), swish(x), rtol=0, atol=0)
     torch.testing.assert_close(fused(x, beta=2.0), swish(x, 2.0), rtol=0, atol=0)
     assert made == [swish]
+
+
+def test_inside_an_enclosing_compile_the_function_is_traced_not_compiled_again(monkeypatch):
+    def swish(x):
+        return x * torch.sigmoid(x)
+
+    fused = compile_on_first_call(swish)
+    made = []
+    real_compile = torch.compile
+
+    def outer(x):
+        return fused(x) + 1
+
+    outer_compiled = real_compile(outer, backend="eager", fullgraph=True)  # no graph break
+    monkeypatch.setattr(torch, "compile", lambda fn: made.append(fn) or fn)
+    x = torch.randn(5)
+    torch.testing.assert_close(outer_compiled(x), swish(x) + 1, rtol=0, atol=0)
+    assert made == []  # traced into the enclosing graph
+    fused(x)
+    assert made == [swish]  # an eager call still compiles it, once
