@@ -1,6 +1,6 @@
 """Importing Megatron-core without the two heavy imports it makes and soda-mega never uses.
 
-``import megatron.core`` (0.16.x) costs about 4 s of CPU over torch's own import in every
+``import megatron.core`` (0.16.x) costs about 3.5 s of CPU over torch's own import in every
 process that builds, trains, evaluates or exports a model (``python -X importtime -c "import
 megatron.core"``); about 1.8 s of that are two imports made at import time for code soda-mega
 does not run there:

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from soda_mega.parallel.megatron_import import compile_on_first_call
-from tests.launch_env import clean_env
+from launch_env import clean_env
 
 
 def test_importing_megatron_through_soda_mega_leaves_dynamo_and_wandb_out():
