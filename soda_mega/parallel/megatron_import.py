@@ -42,13 +42,13 @@ def compile_on_first_call(fn: Callable) -> Callable:
     """``torch.compile(fn)``, made when the returned function is first called. Called while an
     enclosing ``torch.compile`` traces, it is ``fn`` itself, traced into the enclosing graph
     (what TorchDynamo does with a compiled function it meets while tracing)."""
+    import torch  # already loaded where Megatron decorates (its jit module imports it)
+
     compiled: Callable | None = None
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal compiled
-        import torch
-
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if compiled is None:
