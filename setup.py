@@ -49,5 +49,5 @@ setup(
         # flash-attn ships no wheel on PyPI and builds against the local CUDA toolkit.
         "flash": ["flash-attn>=2.6"],
     },
-    entry_points={"console_scripts": ["soda-mega=soda_mega.cli:main"]},
+    entry_points={"console_scripts": ["soda-mega=soda_mega.cli:console_main"]},
 )

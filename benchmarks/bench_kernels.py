@@ -689,7 +689,10 @@ def plot(payload: dict, path: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch  # noqa: F401 - imported here so --help stays fast
+    from soda_mega.utils.startup import import_torch_frozen
+
+    import_torch_frozen()  # imported here so --help stays fast; frozen: this process's start
+    import torch
 
     cpu_measure = not torch.cuda.is_available() and not args.smoke
     if not torch.cuda.is_available() and args.smoke:

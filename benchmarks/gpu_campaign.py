@@ -958,10 +958,14 @@ def child(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.phase or args.probe_megatron:
+    if args.probe_megatron:
+        # NOTE: before anything of soda_mega: the probe imports the newest megatron-core first
+        return probe_megatron(Path(args.out))
+    from soda_mega.utils.startup import import_torch_frozen
+
+    import_torch_frozen()  # this process's start (the parent or one phase)
+    if args.phase:
         # children inherit TRITON_INTERPRET from the parent (see _child_env)
-        if args.probe_megatron:
-            return probe_megatron(Path(args.out))
         return child(args)
     import torch
 
