@@ -54,6 +54,7 @@ def console_main() -> int:
     """The ``soda-mega`` command (and ``python -m soda_mega.cli``): :func:`main` in a process of
     its own, so torch is imported frozen first (soda_mega.utils.startup: ~1 s less CPU per
     training process). Tests and other in-process callers use :func:`main`."""
+    stop_signals.hold()  # first, as in main(): torch's import is the slowest part of start-up
     import_torch_frozen()
     return main()
 
