@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
+from soda_mega.utils.startup import import_torch_frozen
 
-from soda_mega.cli import main
-from soda_mega.parallel.state import init_distributed
+import_torch_frozen()  # a process of its own (a no-op where a test module imports this one)
+import torch.distributed as dist  # noqa: E402
+
+from soda_mega.cli import main  # noqa: E402
+from soda_mega.parallel.state import init_distributed  # noqa: E402
 
 
 def run() -> int:

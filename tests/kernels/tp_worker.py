@@ -26,7 +26,10 @@ import os
 import sys
 import warnings
 
-import torch
+from soda_mega.utils.startup import import_torch_frozen
+
+import_torch_frozen()  # a process of its own (a no-op where a test module imports this one)
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

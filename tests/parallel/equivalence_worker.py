@@ -21,6 +21,9 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
+from soda_mega.utils.startup import import_torch_frozen  # noqa: E402
+
+import_torch_frozen()  # a process of its own (a no-op where a test module imports this one)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
