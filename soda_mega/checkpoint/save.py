@@ -38,6 +38,7 @@ from soda_mega.checkpoint.resume import REPLACED, chain, pointer_target
 from soda_mega.checkpoint.sharded import (barrier, model_sharded_state_dict, optimizer_metadata,
                                           rank, unwrap, world)
 from soda_mega.checkpoint.trust import RNG_DIR, read_json
+from soda_mega.utils.lifetime import forks_finish_their_work
 
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _FULL_WORDS = ("No space left", "File too large", "Disk quota", "unexpected pos")
@@ -108,11 +109,12 @@ def _fail(failures: list, tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
-                    keep_last: int = 3) -> Path:
+                    keep_last: int = 3, writer_init=None) -> Path:
     """Save model, optimizer, RNG and ``trainer_state`` (JSON-able) as ``step_<step>``.
 
     ``optimizer=None`` writes a weights-only checkpoint (``soda-mega import hf``): it can be
     evaluated, exported, or start a run through ``training.init_from``, but not resumed.
+    ``writer_init``: called first in every process the save forks to write (fault injection).
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -130,7 +132,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded, is_loading=False, metadata=optimizer_metadata())
-        dist_checkpointing.save(sharded, str(tmp))
+        # NOTE: the writer processes Megatron forks ignore the stop signals that torchrun and
+        # SLURM send to the whole process group: killed, they never report and this rank waits
+        # for them forever. The signal still reaches this process, which saves and stops.
+        with forks_finish_their_work(writer_init):
+            dist_checkpointing.save(sharded, str(tmp))
         (tmp / RNG_DIR).mkdir(exist_ok=True)
         # Plain tensors and values only: read back with torch.load(weights_only=True).
         torch.save({"cpu": torch.get_rng_state(),

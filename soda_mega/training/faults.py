@@ -2,7 +2,10 @@
 
 ``SODA_MEGA_FAULT`` holds one or more faults separated by ``;``, each
 ``ACTION:RANK:STEP:ARG[:ATTEMPT]`` (RANK is the global rank, STEP the step being computed,
-counted from 1, 0 for the trainer's set-up, or ``load`` for the checkpoint load of a resume;
+counted from 1, 0 for the trainer's set-up, ``load`` for the checkpoint load of a resume, or
+``write`` for the first process each checkpoint save forks (Megatron's first writer, or the
+background process of an asynchronous save), as the first thing that process does, or
+``write@N`` for that of the save of step N only;
 with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
 sets to its restart count, equals it, so a restarted run gets past the fault):
 
@@ -11,7 +14,10 @@ sets to its restart count, equals it, so a restarted run gets past the fault):
   reaches one rank only, mid-step);
 - ``wait:0:4:120``: rank 0 holds step 4 open until SIGUSR1 or SIGTERM reaches it (at most 120 s),
   so that a stop signal sent from outside at a time the test does not choose (``scancel``, a
-  SLURM time-limit warning) lands inside that step, and the step goes on as soon as it has.
+  SLURM time-limit warning) lands inside that step, and the step goes on as soon as it has;
+- ``wait:0:write@3:120``: the first writer process of rank 0's save of step 3 holds its write
+  open until a stop signal reaches it (at most 120 s): a signal sent to the process group lands
+  inside that save.
 
 The trainer calls :func:`inject` once per step, after the step's micro-batches are read and
 before its forward pass, with step 0 once during its set-up, before the model is built, and
@@ -21,13 +27,15 @@ with ``load`` just before it reads the checkpoint it resumes from.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
 ENV = "SODA_MEGA_FAULT"
 ACTIONS = ("sleep", "signal", "wait")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-POINTS = ("load",)  # named places a STEP may be instead of a step number
+POINTS = ("load", "write")  # named places a STEP may be instead of a step number
+_WRITE_AT = re.compile(r"write@\d+")
 
 
 def parse(text: str) -> list[tuple[str, int, int, str, int | None]]:
@@ -38,7 +46,7 @@ def parse(text: str) -> list[tuple[str, int, int, str, int | None]]:
             raise ValueError(f"{ENV}: {item!r} is not ACTION:RANK:STEP:ARG[:ATTEMPT] with ACTION "
                              f"one of {', '.join(ACTIONS)}")
         attempt = int(parts[4]) if len(parts) == 5 else None
-        step = parts[2] if parts[2] in POINTS else int(parts[2])
+        step = parts[2] if parts[2] in POINTS or _WRITE_AT.fullmatch(parts[2]) else int(parts[2])
         faults.append((parts[0], int(parts[1]), step, parts[3], attempt))
     return faults
 
@@ -49,7 +57,8 @@ def inject(step: int | str, rank: int) -> None:
         return
     attempt_now = int(os.environ.get("SODA_MEGA_ATTEMPT", "0"))
     for action, fault_rank, fault_step, arg, attempt in parse(text):
-        if (fault_rank, fault_step) != (rank, step) or attempt not in (None, attempt_now):
+        here = fault_step == step or (fault_step == "write" and str(step).startswith("write@"))
+        if fault_rank != rank or not here or attempt not in (None, attempt_now):
             continue
         os.write(2, f"soda-mega: {ENV}: rank {rank} step {step}: {action} {arg}\n".encode())
         if action == "sleep":
@@ -58,6 +67,13 @@ def inject(step: int | str, rank: int) -> None:
             _wait_for_stop_signal(float(arg))
         else:
             os.kill(os.getpid(), getattr(signal, arg))
+
+
+def writer_fault(step: int, rank: int, index: int) -> None:
+    """The ``write@N`` point, run first in each process a save of ``step`` forks (``index``:
+    0 for the first; soda_mega.utils.lifetime.forks_finish_their_work)."""
+    if index == 0:
+        inject(f"write@{step}", rank)
 
 
 def _wait_for_stop_signal(seconds: float) -> None:

@@ -22,6 +22,7 @@ run by passes over its datasets instead of a token budget.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from fractions import Fraction
@@ -264,7 +265,9 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                               self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints)
+                               self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints,
+                               writer_init=functools.partial(faults.writer_fault, self.step,
+                                                             dist.get_rank()))
 
     def maybe_resume(self) -> bool:
         path = find_resume_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None

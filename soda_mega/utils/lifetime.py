@@ -33,11 +33,19 @@ children still running with SIGTERM and then waits for them, forever if they ign
 DataLoader iterator kept alive by a traceback held to the end did that).
 :func:`end_helpers_at_exit` registers an exit hook that runs first and ends them within a grace
 period, SIGKILL after it.
+
+Processes forked *inside* :func:`forks_finish_their_work` (Megatron's checkpoint writers, and the
+background process of an asynchronous save with its own writers) ignore the stop signals from
+their first instruction: the stop signal that torchrun or SLURM sends to the whole process group
+during a save used to kill them, and the trainer then waited forever for their results. The
+signals are blocked across the fork itself, so none can land between the fork and the child's
+hooks; the parent gets its own copy as soon as the fork returns.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import importlib
 import multiprocessing
@@ -53,6 +61,10 @@ _PR_SET_PDEATHSIG = 1
 # libc's prctl (None: not looked up yet, False: not available)
 _state = {"hook": False, "main": None, "forker": None, "parent": None, "prctl": None,
           "exit_hook": False}
+# Inside forks_finish_their_work: the callable each forked child runs first (None: not inside)
+# and how many processes the block has forked so far (in a child: counting its own forks on).
+_finishing: dict = {"child_init": None, "forks": 0}
+_STOPS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_GRACE_S = 5.0  # how long a daemon child has to end after SIGTERM at exit
 _manager = None  # the adopted Megatron results-queue manager (kept alive with the process)
 
@@ -141,9 +153,42 @@ def _end_daemon_children() -> None:
             child.join()
 
 
+@contextlib.contextmanager
+def forks_finish_their_work(child_init=None):
+    """Processes forked in this block ignore SIGTERM / SIGUSR1 and run ``child_init(index)``
+    first (a test's fault injection; ``index`` counts the processes forked in the block, 0 for
+    the first, their own forks included): a writer of a checkpoint finishes its bounded work
+    and exits, and the process that forked it decides what a stop signal means. Also makes
+    every later fork from the main thread die with this process
+    (:func:`children_die_with_this_process`)."""
+    children_die_with_this_process()
+    previous = _finishing["child_init"], _finishing["forks"]
+    _finishing["child_init"], _finishing["forks"] = child_init or _no_init, 0
+    try:
+        yield
+    finally:
+        _finishing["child_init"], _finishing["forks"] = previous
+
+
+def _no_init(_index: int) -> None:
+    return None
+
+
 def _before_fork() -> None:
     _state["forker"] = threading.get_ident()
     _state["parent"] = os.getpid()
+    if _finishing["child_init"] is not None:
+        _finishing["forks"] += 1
+        # NOTE: blocked, not ignored: a signal that arrives during the fork stays pending in the
+        # parent (delivered when _after_fork_parent unblocks it) and is discarded in the child,
+        # whose handlers are SIG_IGN by the time it unblocks.
+        _state["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+
+
+def _after_fork_parent() -> None:
+    blocked = _state.pop("blocked", None)
+    if blocked is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def children_die_with_this_process() -> None:
@@ -156,13 +201,22 @@ def children_die_with_this_process() -> None:
     _state["main"] = threading.main_thread().ident
     _prctl()
     end_helpers_at_exit()
-    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_child_check)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                        after_in_child=_after_fork_child_check)
     _state["hook"] = True
 
 
 def _after_fork_child_check() -> None:
     if _state["forker"] == _state["main"]:
         die_with_parent()
+    blocked = _state.pop("blocked", None)
+    if blocked is not None:
+        # NOTE: after every other at-fork hook of this child (this one is registered after
+        # soda_mega.utils.stop_signals', which puts the default handlers back): the stop
+        # signals stay ignored for the life of this helper.
+        ignore_stop_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _finishing["child_init"](_finishing["forks"] - 1)
 
 
 def adopt_megatron_writer_queue() -> None:

@@ -32,9 +32,12 @@ def _record(signum: int, _frame) -> None:
 
 def _forget_in_child() -> None:
     # NOTE: a forked helper (a multiprocessing pool's worker, which terminate() stops with
-    # SIGTERM) must not inherit the recorder: it gets the original handlers back.
+    # SIGTERM) must not inherit the recorder: it gets the original handlers back. A child that
+    # another at-fork hook made ignore them (a checkpoint writer: soda_mega.utils.lifetime)
+    # keeps ignoring them.
     for sig, handler in _previous.items():
-        signal.signal(sig, handler)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, handler)
     _previous.clear()
     _pending.clear()
 
