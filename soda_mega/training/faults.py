@@ -64,7 +64,9 @@ def inject(step: int | str, rank: int) -> None:
         if action == "sleep":
             time.sleep(float(arg))
         elif action == "wait":
-            _wait_for_stop_signal(float(arg))
+            got = _wait_for_stop_signal(float(arg))
+            how = signal.Signals(got).name if got else "the time limit"
+            os.write(2, f"soda-mega: {ENV}: rank {rank} step {step}: wait ended by {how}\n".encode())
         else:
             os.kill(os.getpid(), getattr(signal, arg))
 
@@ -76,9 +78,10 @@ def writer_fault(step: int, rank: int, index: int) -> None:
         inject(f"write@{step}", rank)
 
 
-def _wait_for_stop_signal(seconds: float) -> None:
+def _wait_for_stop_signal(seconds: float) -> int | None:
     """Sleep until SIGUSR1 / SIGTERM arrives or ``seconds`` pass; the signal still reaches the
-    handler that was installed (the trainer's), or, where none was, its default action."""
+    handler that was installed (the trainer's), or, where none was, its default action.
+    Returns the signal that ended the wait (None: the time limit)."""
     got: list[int] = []
     previous = {}
 
@@ -99,3 +102,4 @@ def _wait_for_stop_signal(seconds: float) -> None:
     for signum in got:
         if not callable(previous[signum]) and previous[signum] != signal.SIG_IGN:
             signal.raise_signal(signum)
+    return got[0] if got else None

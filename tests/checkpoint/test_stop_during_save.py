@@ -114,6 +114,7 @@ def test_sigusr1_to_the_group_while_a_writer_writes_saves_the_step(corpus, tmp_p
     code = run.finish()
     text = run.text()
     assert code == 4, text[-3000:]
+    assert "rank 0 step write@2: wait ended by SIGUSR1" in text, text[-3000:]
     assert "stopped by SIGUSR1 after step 2; saved" in text, text[-3000:]
     assert _latest(run_dir) == "step_00000002" and _leftovers(run_dir) == []
     _finish_and_compare(corpus, run_dir)

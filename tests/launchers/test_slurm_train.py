@@ -148,3 +148,23 @@ def test_time_limit_signal_to_the_batch_shell_saves_and_requeues(slurm_cluster, 
     assert "stopped by SIGUSR1 after step 2" in text
     assert f"requeueing job {job.id}" in text
     _assert_golden(run_dir)
+
+
+def test_scancel_usr1_inside_a_save_saves_the_step_and_requeues(slurm_cluster, corpus, tmp_path):
+    """``scancel --signal=USR1`` lands while rank 0's first checkpoint writer holds the save of
+    step 3 open (``wait:0:write@3``). Before the fix the writer died of it, rank 0 waited for
+    it forever, ``step_00000003.tmp`` stayed and the job was never requeued (issue 31). Now the
+    writer finishes, both ranks save step 3, the job requeues itself and the resumed run ends
+    on the golden trace."""
+    run_dir = tmp_path / "run"
+    job = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "in-save", fault="wait:0:write@3:120")
+    job.wait_for("rank 0 step write@3: wait")
+    slurm_cluster.run("scancel", "--signal=USR1", job.id)
+    info = job.finish()
+    text = job.text()
+    job.check(info["JobState"] == "COMPLETED" and info["Restarts"] == "1",
+              f"state {info['JobState']}, restarts {info['Restarts']}")
+    assert "rank 0 step write@3: wait ended by SIGUSR1" in text
+    assert "stopped by SIGUSR1 after step 3" in text and f"requeueing job {job.id}" in text
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    _assert_golden(run_dir)
