@@ -74,12 +74,19 @@ def _gather(local: list) -> list:
     return [item for part in parts for item in part]
 
 
-def write_manifest(step_dir: Path) -> dict:
-    """Hash the files of ``step_dir`` (all ranks, a share each); rank 0 writes the manifest."""
+def write_manifest(step_dir: Path, known: dict[str, tuple[int, str]] | None = None) -> dict:
+    """Hash the files of ``step_dir`` (all ranks, a share each); rank 0 writes the manifest.
+
+    ``known``: ``{name: (size, hash)}`` of files this rank hashed as it wrote them (an
+    asynchronous save's background process; collected from every rank here); a file whose
+    size has changed since is hashed again."""
     step_dir = Path(step_dir)
     names = checkpoint_files(step_dir)
     sizes = {n: (step_dir / n).stat().st_size for n in names}
-    hashes = dict(_gather([(n, file_hash(step_dir / n)) for n in _share(sizes)]))
+    known = {n: h for n, (size, h) in _gather(sorted((known or {}).items()))
+             if sizes.get(n) == size}
+    todo = {n: size for n, size in sizes.items() if n not in known}
+    hashes = {**known, **dict(_gather([(n, file_hash(step_dir / n)) for n in _share(todo)]))}
     manifest = {"format": 1, "hash": HASH,
                 "files": {n: {"size": sizes[n], HASH: hashes[n]} for n in names}}
     if rank() == 0:

@@ -16,6 +16,7 @@ way of the new one (left by an abandoned timeline, e.g. after a fallback) is mov
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -50,15 +51,22 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _in_process_results_queue() -> None:
-    """NOTE: Megatron's file writer hands its results over a queue that, by default, lives in
-    a *spawned* ``multiprocessing`` manager: a second Python process (~290 MB) that outlives a
-    killed trainer for minutes. A synchronous save puts and gets in this process only, so a
-    plain queue does the same job without that process."""
+@contextlib.contextmanager
+def writer_results(results):
+    """Megatron's file writer hands its results over ``results`` in this block.
+
+    NOTE: by default that queue lives in a *spawned* ``multiprocessing`` manager: a second
+    Python process (~290 MB) that outlives a killed trainer for minutes. A synchronous save puts
+    and gets in this process only (a plain ``queue.Queue``); an asynchronous one reads a pipe
+    from its background process (:class:`~soda_mega.checkpoint.async_save.ChildPipe`)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = queue.Queue()
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = results
+    try:
+        yield results
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -108,15 +116,8 @@ def _fail(failures: list, tmp: Path, final: Path) -> None:
                           f"partial {tmp.name} was removed and the previous checkpoint is untouched")
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
-                    keep_last: int = 3, writer_init=None) -> Path:
-    """Save model, optimizer, RNG and ``trainer_state`` (JSON-able) as ``step_<step>``.
-
-    ``optimizer=None`` writes a weights-only checkpoint (``soda-mega import hf``): it can be
-    evaluated, exported, or start a run through ``training.init_from``, but not resumed.
-    ``writer_init``: called first in every process the save forks to write (fault injection).
-    """
-    root = Path(root)
+def begin(root: Path, step: int) -> tuple[Path, Path]:
+    """``(step_N.tmp, step_N)`` of a new save; rank 0 makes the empty ``.tmp`` (collective)."""
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank() == 0:
@@ -125,42 +126,48 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
             shutil.rmtree(tmp)  # debris of a save that was killed
         tmp.mkdir()
     barrier()
-    error = None
-    try:
-        _in_process_results_queue()
-        sharded = model_sharded_state_dict(unwrap(model))
-        if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(
-                sharded, is_loading=False, metadata=optimizer_metadata())
-        # NOTE: the writer processes Megatron forks ignore the stop signals that torchrun and
-        # SLURM send to the whole process group: killed, they never report and this rank waits
-        # for them forever. The signal still reaches this process, which saves and stops.
-        with forks_finish_their_work(writer_init):
-            dist_checkpointing.save(sharded, str(tmp))
-        (tmp / RNG_DIR).mkdir(exist_ok=True)
-        # Plain tensors and values only: read back with torch.load(weights_only=True).
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    "world_size": world()},
-                   tmp / RNG_DIR / f"rank{rank()}.pt")
-        if rank() == 0:
-            previous, _ = pointer_target(root)
-            state = {**trainer_state, "previous": previous.name if previous else None}
-            write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported on every rank by _fail
-        error = err
+    return tmp, final
+
+
+def sharded_state(model, optimizer) -> dict:
+    sharded = model_sharded_state_dict(unwrap(model))
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, is_loading=False, metadata=optimizer_metadata())
+    return sharded
+
+
+def write_small_files(root: Path, tmp: Path, trainer_state: dict) -> None:
+    """This rank's RNG states; on rank 0 the trainer state, with the ``latest`` before it."""
+    (tmp / RNG_DIR).mkdir(exist_ok=True)
+    # Plain tensors and values only: read back with torch.load(weights_only=True).
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "world_size": world()},
+               tmp / RNG_DIR / f"rank{rank()}.pt")
+    if rank() == 0:
+        previous, _ = pointer_target(root)
+        state = {**trainer_state, "previous": previous.name if previous else None}
+        write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+
+
+def check_agreed(error: BaseException | None, tmp: Path, final: Path) -> None:
+    """Collective: when any rank failed (``error``), remove ``tmp`` and raise on every rank."""
     failures = _agree(error)
     if failures:
         _fail(failures, tmp, final)
+
+
+def publish(root: Path, tmp: Path, final: Path, keep_last: int,
+            known: dict[str, tuple[int, str]] | None = None) -> Path:
+    """Collective: hash ``tmp`` into its manifest (``known``: files some rank hashed already),
+    rename it to ``final``, point ``latest`` at it, prune. Raises on every rank on failure."""
+    error = None
     try:
-        write_manifest(tmp)
-        error = None
+        write_manifest(tmp, known)
     except OSError as err:
         error = err
-    failures = _agree(error)
-    if failures:
-        _fail(failures, tmp, final)
-    error = None
+    check_agreed(error, tmp, final)
     if rank() == 0:
         try:
             if final.exists():
@@ -176,6 +183,33 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, traine
         raise CheckpointError(f"publishing {final} failed{full}: {_summary(failures[0][1])}; "
                               f"'latest' in {root} still names the checkpoint it named before")
     return final
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict,
+                    keep_last: int = 3, writer_init=None) -> Path:
+    """Save model, optimizer, RNG and ``trainer_state`` (JSON-able) as ``step_<step>``, now
+    (:class:`~soda_mega.checkpoint.async_save.AsyncSaver` saves in the background).
+
+    ``optimizer=None`` writes a weights-only checkpoint (``soda-mega import hf``): it can be
+    evaluated, exported, or start a run through ``training.init_from``, but not resumed.
+    ``writer_init(index)``: called first in every process the save forks to write (tests' fault
+    injection; :func:`soda_mega.utils.lifetime.forks_finish_their_work`).
+    """
+    root = Path(root)
+    tmp, final = begin(root, step)
+    error = None
+    try:
+        sharded = sharded_state(model, optimizer)
+        # NOTE: the writer processes Megatron forks ignore the stop signals that torchrun and
+        # SLURM send to the whole process group: killed, they never report and this rank waits
+        # for them forever. The signal still reaches this process, which saves and stops.
+        with forks_finish_their_work(writer_init), writer_results(queue.Queue()):
+            dist_checkpointing.save(sharded, str(tmp))
+        write_small_files(root, tmp, trainer_state)
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported on every rank by _fail
+        error = err
+    check_agreed(error, tmp, final)
+    return publish(root, tmp, final, keep_last)
 
 
 def _move_aside(root: Path, folder: Path) -> None:

@@ -297,6 +297,10 @@ class RunConfig:
     eval_batches: int = fld(50, "micro-batches per validation pass over all DP replicas (0 = the whole split)", ge=0)
     save_interval: int = fld(1000, "steps between checkpoints (0 = only at the end)", ge=0)
     keep_checkpoints: int = fld(3, "newest checkpoints to keep", ge=1)
+    async_save: bool = fld(True, "write checkpoints in a background process: the loop blocks only "
+                           "while the state is handed over (a copy to host memory); the checkpoint "
+                           "is published once every rank's write has finished (false = the loop "
+                           "waits for the whole save)")
     resume: bool = fld(True, "continue from the newest checkpoint in run.dir when there is one")
     overwrite: bool = fld(False, "with resume=false: move run.dir's checkpoints, metrics and "
                           "tensorboard files to run.dir/replaced/<time>/ and start over "

@@ -37,6 +37,7 @@ from soda_mega.checkpoint.layout import (STATE_FILE, checkpoint_config, checkpoi
 from soda_mega.checkpoint.load import load_checkpoint
 from soda_mega.checkpoint.resume import (check_resumable, find_resume_checkpoint,
                                          has_checkpoints, start_over)
+from soda_mega.checkpoint.async_save import AsyncSaver, SaveReport
 from soda_mega.checkpoint.save import save_checkpoint
 from soda_mega.checkpoint.trust import read_json
 from soda_mega.checkpoint.weights import check_same_model
@@ -209,6 +210,8 @@ class Trainer:
         self.is_logger = (self.layout.is_last_stage and self.layout.tp_rank == 0
                           and self.layout.dp_rank == 0)
         self.is_reporter = self.layout.is_last_stage and self.layout.tp_rank == 0
+        self.saver = (AsyncSaver(self.ckpt_dir, cfg.run.keep_checkpoints) if cfg.run.async_save
+                      else None)
         self.sink = MetricsSink(self.run_dir, self.is_logger, cfg.run.tensorboard, self.steps_total)
         # NVML samples of the logging rank's GPU, added to the records every log interval; a
         # one-line notice and no keys where there is no NVIDIA driver. Started by run().
@@ -263,11 +266,44 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def save(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
-                               self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints,
-                               writer_init=functools.partial(faults.writer_fault, self.step,
-                                                             dist.get_rank()))
+    def save(self, wait: bool = False) -> Path:
+        """Checkpoint this step: in the background with ``run.async_save`` (``wait``: until it
+        is published), else now. Returns the ``step_N`` folder it is (or will be) published as."""
+        writer_init = functools.partial(faults.writer_fault, self.step, dist.get_rank())
+        if self.saver is None:
+            started = time.perf_counter()
+            path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer,
+                                   self.trainer_state(), keep_last=self.cfg.run.keep_checkpoints,
+                                   writer_init=writer_init)
+            self._saved(SaveReport.of(self.step, path, started))
+            return path
+        self.finish_save(before=self.step)
+        self.saver.start(self.step, self.model, self.optimizer, self.trainer_state(),
+                         writer_init=writer_init)
+        self._say(f"saving step {self.step} in the background")
+        if wait:
+            self.finish_save()
+        return step_dir(self.ckpt_dir, self.step)
+
+    def finish_save(self, before: int | None = None) -> None:
+        """Wait for the save in flight (if any) and publish it; ``before``: the step whose save
+        had to wait for it (logged with the time waited)."""
+        if self.saver is None or self.saver.in_flight is None:
+            return
+        started = time.perf_counter()
+        report = self.saver.wait()
+        if before is not None:
+            self._say(f"the save of step {before} waited {time.perf_counter() - started:.2f} s "
+                      f"for the write of step {report.step} to finish (at most one in flight)")
+        self._saved(report)
+
+    def _saved(self, report: SaveReport | None) -> None:
+        if report is not None:
+            self._say(report.line())
+
+    def _say(self, line: str) -> None:
+        if self.is_logger:
+            print(f"soda-mega: {line}", flush=True)
 
     def maybe_resume(self) -> bool:
         path = find_resume_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
@@ -415,10 +451,10 @@ class Trainer:
                 self.sink.write(valid)
                 self.sink.console(self.step, _format(valid), done_this_run)
                 records.append(valid)
+            if self.saver is not None:
+                self._saved(self.saver.poll())  # publishes a finished background save
             if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == end:
-                path = self.save()
-                if self.is_logger:
-                    print(f"soda-mega: saved {path}", flush=True)
+                self.save(wait=self.step == end)
             if self.step < end and (signal_name := preemption.agreed()):
                 self._stop_on_signal(signal_name, saved=bool(
                     cfg.save_interval and self.step % cfg.save_interval == 0))
@@ -431,7 +467,11 @@ class Trainer:
 
     def _stop_on_signal(self, signal_name: str, saved: bool) -> None:
         """Every rank agreed to stop after this step: save it (unless just saved), then raise."""
-        path = step_dir(self.ckpt_dir, self.step) if saved else self.save()
+        if saved:
+            self.finish_save()
+            path = step_dir(self.ckpt_dir, self.step)
+        else:
+            path = self.save(wait=True)
         if self.telemetry is not None:
             self.telemetry.stop()
         self.sink.close()

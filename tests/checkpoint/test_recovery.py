@@ -125,9 +125,13 @@ def _under_fsize_limit(limit: int, argv: list[str]) -> list[str]:
     return [sys.executable, "-c", setup, *argv]
 
 
-def test_a_full_disk_during_save_says_so_and_removes_the_partial_checkpoint(corpus, tmp_path):
-    # A real limit on file size (a checkpoint file is ~18 MiB): the kernel fails the write.
-    argv = [sys.executable, "-m", "soda_mega.cli", *train_args(corpus, tmp_path, "--run.max_steps=1")]
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_a_full_disk_during_save_says_so_and_removes_the_partial_checkpoint(corpus, tmp_path,
+                                                                            async_save):
+    # A real limit on file size (a checkpoint file is ~18 MiB): the kernel fails the write (in
+    # the background process of an asynchronous save, in Megatron's writers of a synchronous one).
+    argv = [sys.executable, "-m", "soda_mega.cli",
+            *train_args(corpus, tmp_path, "--run.max_steps=1", f"--run.async_save={async_save}")]
     proc = subprocess.run(_under_fsize_limit(4 << 20, argv), capture_output=True, text=True,
                           env=clean_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -103,20 +103,29 @@ def _finish_and_compare(corpus: Path, run_dir: Path) -> None:
     assert _latest(run_dir) == f"step_{STEPS:08d}"
 
 
-def test_sigusr1_to_the_group_while_a_writer_writes_saves_the_step(corpus, tmp_path):
-    """Rank 0's writers of the step-2 save hold the write open until the group's SIGUSR1
-    reaches them (``SODA_MEGA_FAULT=wait:0:write@2``): the writer finishes, the step is saved,
-    exit 4, nothing left behind; the resumed run follows the golden trace."""
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_sigusr1_to_the_group_while_a_writer_writes_saves_the_step(corpus, tmp_path, mode):
+    """The first process rank 0's save of step 2 forks (the background writer of an async
+    save, Megatron's first writer process of a synchronous one) holds the write open until the
+    group's SIGUSR1 reaches it (``SODA_MEGA_FAULT=wait:0:write@2``): the write finishes, the
+    step the run stops at is saved, exit 4, nothing left behind; the resumed run follows the
+    golden trace."""
     run_dir = tmp_path / "run"
-    run = Trainer(corpus, run_dir, "--run.save_interval=1", fault=f"wait:0:write@2:{HANG_S}")
+    run = Trainer(corpus, run_dir, "--run.save_interval=1", f"--run.async_save={mode == 'async'}",
+                  fault=f"wait:0:write@2:{HANG_S}")
     run.wait_for_line("rank 0 step write@2: wait")
     run.signal_group(signal.SIGUSR1)
     code = run.finish()
     text = run.text()
     assert code == 4, text[-3000:]
     assert "rank 0 step write@2: wait ended by SIGUSR1" in text, text[-3000:]
-    assert "stopped by SIGUSR1 after step 2; saved" in text, text[-3000:]
-    assert _latest(run_dir) == "step_00000002" and _leftovers(run_dir) == []
+    # A synchronous save blocks the loop: the run stops right after step 2. An asynchronous
+    # one lets the loop go on to step 3, whose save waits for step 2's.
+    stopped = 2 if mode == "sync" else int(_latest(run_dir)[5:])
+    assert f"stopped by SIGUSR1 after step {stopped}; saved" in text, text[-3000:]
+    assert _latest(run_dir) == f"step_{stopped:08d}" and _leftovers(run_dir) == []
+    if mode == "async":
+        assert "saved step 2 (" in text and "saving step 2 in the background" in text
     _finish_and_compare(corpus, run_dir)
 
 
@@ -158,4 +167,34 @@ def test_stop_signals_at_random_moments_of_saves(corpus, tmp_path):
         assert f"stopped by {sig.name} after step {saved}; saved" in text, (why, text[-3000:])
         assert saved > step, why
         step = saved
+    _finish_and_compare(corpus, run_dir)
+
+
+def _group_alive(pgid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return alive
+
+
+def test_kill_9_during_a_background_write_keeps_latest_and_the_writer_dies_too(corpus, tmp_path):
+    """kill -9 of the trainer while the background process of its step-2 save is writing (held
+    open by the fault): the writer dies with it, ``latest`` still names step 1, and the resumed
+    run follows the golden trace."""
+    run_dir = tmp_path / "run"
+    run = Trainer(corpus, run_dir, "--run.save_interval=1", fault=f"wait:0:write@2:{HANG_S}")
+    run.wait_for_line("rank 0 step write@2: wait")
+    os.kill(run.proc.pid, signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while _group_alive(run.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_alive(run.proc.pid) == [], "a writer outlived its killed trainer"
+    assert _latest(run_dir) == "step_00000001"
     _finish_and_compare(corpus, run_dir)
