@@ -18,6 +18,7 @@ throughput          ``Trainer.train_step`` of soda-135m / 1.7b / 600m / 4b with 
 throughput_triton   the same with the triton kernels
 planner             the memory plan's prediction vs ``max_memory_allocated`` of each run above
 profile             a short ``torch.profiler`` breakdown of soda-1.7b
+checkpoint          the save stall of soda-135m, sync vs async (``benchmarks/bench_checkpoint.py``)
 megatron_newest     information only: does the newest megatron-core import and train a step
 ==================  =========================================================================
 
@@ -712,7 +713,12 @@ register(Phase("codec", 40, 120, "Mimi codec throughput (data build; target >= 2
                command=("{python}", "benchmarks/bench_codec.py", "--out-dir", "{phase_dir}",
                         "--budget-s", "30"),
                smoke_args=("--smoke",)))
-register(Phase("megatron_newest", 30, 150, "newest megatron-core: import + one step (information)",
+register(Phase("checkpoint", 20, 90, "checkpoint save stall of soda-135m, sync vs async (issue 31 target: "
+               "async stall <= 10% of the sync save)",
+               command=("{python}", "benchmarks/bench_checkpoint.py", "--out", "{phase_dir}",
+                        "--saves", "1"),
+               smoke_args=("--smoke",)))
+register(Phase("megatron_newest", 20, 150, "newest megatron-core: import + one step (information)",
                run=phase_megatron_newest))
 
 

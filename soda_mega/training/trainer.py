@@ -433,6 +433,7 @@ class Trainer:
                                   f"{self.bad_steps} in a row", done_this_run)
                 if self.bad_steps >= cfg.max_bad_steps:
                     self.sink.write(record)
+                    self.finish_save()  # the last good checkpoint may still be in flight
                     raise TrainingDiverged(
                         f"{self.bad_steps} consecutive steps had a non-finite loss or gradient norm "
                         f"(last at step {self.step}); lower training.lr, check the data, or resume "

@@ -254,7 +254,7 @@ def test_help_lists_the_phases():
                           timeout=120, cwd=REPO)
     assert proc.returncode == 0
     for name in ("env", "pytest", "kernels", "kernels_triton", "throughput", "throughput_triton",
-                 "planner", "profile", "codec", "megatron_newest"):
+                 "planner", "profile", "codec", "checkpoint", "megatron_newest"):
         assert f"{name}:" in proc.stdout
 
 

@@ -112,26 +112,28 @@ def test_sigterm_to_the_launcher_reaches_every_worker_and_its_helpers(corpus, tm
 
 def test_a_hung_rank_dumps_every_stack_and_the_launcher_restarts_the_run(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    # Rank 1 sleeps inside step 2 in the first attempt; the restart resumes from step 1, and
+    # Rank 1 sleeps inside step 3 in the first attempt; the restart resumes from step 1, and
     # there rank 0 sleeps while loading that checkpoint (a stuck file system); the second
-    # restart gets through.
+    # restart gets through. NOTE: step 3, not 2: saves are asynchronous, and the save of step 1
+    # is published for sure only once the save of step 2 has waited for it; the save of step 2,
+    # still in flight when step 3 hangs, is lost with the process.
     timeout = 20
     proc = _launcher(tmp_path, corpus, run_dir, f"--run.step_timeout_s={timeout}",
                      "--run.save_interval=1",
-                     env={"SODA_MEGA_FAULT": "sleep:1:2:600:0;sleep:0:load:600:1",
+                     env={"SODA_MEGA_FAULT": "sleep:1:3:600:0;sleep:0:load:600:1",
                           "MAX_RESTARTS": "2"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert f"step 2 made no progress for run.step_timeout_s={timeout}" in log
+    assert f"step 3 made no progress for run.step_timeout_s={timeout}" in log
     assert f"the set-up (checkpoint load, data start) made no progress for run.step_timeout_s={timeout}" in log
     assert "restart 1 of 2 from the newest checkpoint" in log
     assert "restart 2 of 2 from the newest checkpoint" in log
     stacks = {p.name: p.read_text() for p in (run_dir / "stacks").iterdir()}
     assert sorted(stacks) == ["setup-rank00000.txt", "setup-rank00001.txt",
-                              "step00000002-rank00000.txt", "step00000002-rank00001.txt"]
+                              "step00000003-rank00000.txt", "step00000003-rank00001.txt"]
     # The sleeping rank shows where it sleeps; the other one waits inside the training step.
-    assert "faults.py" in stacks["step00000002-rank00001.txt"]
-    assert "train_step" in stacks["step00000002-rank00000.txt"]
+    assert "faults.py" in stacks["step00000003-rank00001.txt"]
+    assert "train_step" in stacks["step00000003-rank00000.txt"]
     assert "faults.py" in stacks["setup-rank00000.txt"]
     assert "maybe_resume" in stacks["setup-rank00000.txt"]
     trace = _trace(run_dir)
