@@ -213,7 +213,7 @@ def run_sweep_command(args) -> int:
         for run in runs:
             state = "recorded, would skip" if run.run_id in done else "to run"
             print(f"# {run.run_id} ({state})")
-            notice = ignored_settings_notice(manifest, run)
+            notice = ignored_settings_notice(manifest, run, args.overrides)
             if notice:
                 print(f"soda-mega: {notice}", file=sys.stderr)
             print(command_line(train_command(manifest, run, args.launcher, args.nproc, args.overrides)))

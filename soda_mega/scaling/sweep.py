@@ -80,16 +80,20 @@ def train_command(manifest: Manifest, run: ManifestRun, launcher: str = "local",
             *port, *train]
 
 
-def ignored_settings_notice(manifest: Manifest, run: ManifestRun) -> Optional[str]:
+def ignored_settings_notice(manifest: Manifest, run: ManifestRun,
+                            overrides: Iterable[str] = ()) -> Optional[str]:
     """One line naming the settings of ``run``'s config file that name places of this machine
-    (not used: :func:`train_command` pins them), or None when it sets none. A config that does
-    not load says nothing here: the run's own ``train`` reports it."""
+    and that ``overrides`` (the user's) do not set (not used: :func:`train_command` pins them),
+    or None when there are none. A config that does not load says nothing here: the run's own
+    ``train`` reports it."""
     path = manifest.config_path(run)
     try:
         found = node_settings_of(load_config(path))
     except (ConfigError, OSError):
         return None
-    return ignored_notice(f"scaling sweep: {path}", found)
+    given = {o.lstrip("-").split("=", 1)[0] for o in overrides}
+    return ignored_notice(f"scaling sweep: {path}",
+                          {k: v for k, v in found.items() if k not in given})
 
 
 # ----------------------------------------------------------------------------- results file
@@ -201,7 +205,7 @@ def run_sweep(manifest: Manifest, results_path: Path, launcher: str = "local", n
         run_dir = manifest.run_dir(run)
         log = run_dir / "train.log"
         argv = train_command(manifest, run, launcher, nproc, overrides, python)
-        notice = ignored_settings_notice(manifest, run)
+        notice = ignored_settings_notice(manifest, run, overrides)
         if notice:
             print(f"{tag}: {notice}", file=sys.stderr, flush=True)
         print(f"{tag}: d={run.hidden_size} L={run.num_layers} N={run.n_params / 1e6:.2f}M "

@@ -127,6 +127,9 @@ def test_sweep_dry_run_says_which_manifest_settings_are_ignored(tmp_path, capsys
     lines = [line for line in err.splitlines() if "data.cache_dir" in line]
     assert len(lines) == 1 and str(config) in lines[0] and "/somewhere/else" in lines[0], err
     assert os.path.basename(str(config)) in lines[0]
+    # A setting the user gives the sweep is theirs: nothing to say about it.
+    assert main(["scaling", "sweep", str(path), "--dry-run", "--data.cache_dir=/mine"]) == 0
+    assert "data.cache_dir" not in capsys.readouterr().err
 
 
 def test_eviction_deletes_only_files_the_cache_wrote(tmp_path):

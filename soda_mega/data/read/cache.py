@@ -71,8 +71,8 @@ class CacheError(OSError):
 
 
 class UnsafeCacheError(CacheError, SodaUserError):
-    """The cache folder, or something in it, could be changed by someone else (a folder others
-    can write, a symlink the cache did not make): refused rather than used."""
+    """The cache folder, or something in it, cannot be used safely: someone else could change it
+    (a folder others can write, a symlink the cache did not make), or it cannot be made."""
 
 
 class MissingRemoteFile(CacheError, FileNotFoundError):
@@ -267,17 +267,23 @@ class NodeCache:
         :func:`check_private_folder`), every folder below it is a real folder of this user
         (never a symlink: the cache makes none)."""
         pid, checked = self._ready
-        if pid != os.getpid():
-            make_private_folder(self.root)
-            pid, checked = self._ready = (os.getpid(), set())
         path = self.root
-        for part in Path(rel).parts:
-            if part in ("..", "/") or part.startswith("/"):
-                raise ValueError(f"{rel}: not a path inside the cache")
-            path = path / part
-            if path not in checked:
-                _make_folder(path)
-                checked.add(path)
+        try:
+            if pid != os.getpid():
+                make_private_folder(self.root)
+                pid, checked = self._ready = (os.getpid(), set())
+            for part in Path(rel).parts:
+                if part in ("..", "/") or part.startswith("/"):
+                    raise ValueError(f"{rel}: not a path inside the cache")
+                path = path / part
+                if path not in checked:
+                    _make_folder(path)
+                    checked.add(path)
+        except CacheError:
+            raise
+        except OSError as err:  # not ours to write (permissions, a file in the way, ...)
+            raise UnsafeCacheError(f"cache folder {path}: cannot be made or used "
+                                   f"({err.strerror or err}); {_ADVICE}") from None
         return path
 
     def _relative(self, local: Path) -> Path:
@@ -486,10 +492,13 @@ class NodeCache:
                 if keep is not None and path == keep:
                     continue
                 # A file being made again right now (its lock held) is left alone.
-                with file_lock(path.with_name(path.name + ".lock"), blocking=False) as locked:
-                    if not locked:
-                        continue
-                    self._remove(path, entry_path)
+                try:
+                    with file_lock(path.with_name(path.name + ".lock"), blocking=False) as locked:
+                        if not locked:
+                            continue
+                        self._remove(path, entry_path)
+                except FileNotFoundError:  # its folder was removed meanwhile
+                    entry_path.unlink(missing_ok=True)
                 total -= size
                 self.evicted += 1
 
