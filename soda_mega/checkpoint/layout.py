@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from soda_mega.checkpoint.errors import CheckpointError
 from soda_mega.checkpoint.trust import read_json
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.loader import apply_mapping
+from soda_mega.config.places import ignored_notice, without_node_settings
 from soda_mega.config.schema import SodaConfig
 
 LATEST = "latest"
@@ -71,11 +73,28 @@ def checkpoint_state(path: str | os.PathLike) -> dict:
 
 
 def checkpoint_config(path: str | os.PathLike) -> SodaConfig:
-    """The resolved configuration the checkpoint was written with."""
-    saved = checkpoint_state(path)["config"]
+    """The resolved configuration the checkpoint was written with, less the settings that name
+    places of the machine that wrote it (:mod:`soda_mega.config.places`: the cache folder and
+    limit, the run folder), which take their default values; the caller's own overrides then
+    decide them. One line (once per checkpoint and process) names a cache setting left out."""
+    state_file = resolve_checkpoint(path) / STATE_FILE
+    state = checkpoint_state(path)
+    saved = state.get("config") if isinstance(state, dict) else None
     cfg = SodaConfig()
     try:
-        apply_mapping(cfg, saved, f"{resolve_checkpoint(path)}/{STATE_FILE}")
-        return cfg.validate()
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{state_file}: config must be a mapping of sections, got "
+                              f"{type(saved).__name__}")
+        saved, dropped = without_node_settings(saved)
+        apply_mapping(cfg, saved, str(state_file))
+        cfg.validate()
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {path}: its configuration does not load: {err}") from None
+    notice = ignored_notice(f"checkpoint {state_file}", dropped)
+    if notice and str(state_file) not in _NOTICED and int(os.environ.get("RANK", "0")) == 0:
+        _NOTICED.add(str(state_file))
+        print(f"soda-mega: {notice}", file=sys.stderr, flush=True)
+    return cfg
+
+
+_NOTICED: set[str] = set()  # trainer_state.json files whose notice this process printed

@@ -192,7 +192,8 @@ def register_sweep(actions) -> argparse.ArgumentParser:
 
 def run_sweep_command(args) -> int:
     from soda_mega.scaling.manifest import read_manifest
-    from soda_mega.scaling.sweep import recorded_runs, run_sweep, slurm_script, submit_slurm, train_command
+    from soda_mega.scaling.sweep import (ignored_settings_notice, recorded_runs, run_sweep, slurm_script,
+                                         submit_slurm, train_command)
     from soda_mega.utils.shell import command_line
 
     manifest = read_manifest(args.manifest)
@@ -212,6 +213,9 @@ def run_sweep_command(args) -> int:
         for run in runs:
             state = "recorded, would skip" if run.run_id in done else "to run"
             print(f"# {run.run_id} ({state})")
+            notice = ignored_settings_notice(manifest, run, args.overrides)
+            if notice:
+                print(f"soda-mega: {notice}", file=sys.stderr)
             print(command_line(train_command(manifest, run, args.launcher, args.nproc, args.overrides)))
         return 0
     report = run_sweep(manifest, results, args.launcher, args.nproc, args.overrides, args.index)

@@ -195,8 +195,9 @@ class DataConfig:
             "shuffle of all documents (needs memory per rank in proportion to the documents)", ge=0)
     cache_dir: Optional[str] = fld(
         None, "node-local folder caching remote shards (s3://, gs://, oci://, hf:// datasets) and "
-              "decompressed shards, shared by the node's ranks and workers (none = "
-              "$SODA_MEGA_CACHE, else $TMPDIR/soda-mega-<uid>/data-cache)")
+              "decompressed shards, shared by the node's ranks and workers; it must be yours and "
+              "writable by nobody else (none = $SODA_MEGA_CACHE, else "
+              "$TMPDIR/soda-mega-<uid>/data-cache); never taken from a checkpoint")
     cache_limit: int = fld(0, "bytes of shards the node cache may hold before the least recently "
                               "used are evicted (0 = no limit); keep it above a few shuffle "
                               "windows of shards", ge=0)

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, TextIO
 
+from soda_mega.config import ConfigError, load_config
+from soda_mega.config.places import ignored_notice, node_setting_overrides, node_settings_of
 from soda_mega.scaling.manifest import Manifest, ManifestRun
 from soda_mega.scaling.results import COLUMNS
 from soda_mega.utils.shell import UnsafeValueError, plain_name, sbatch_path, slurm_time
@@ -65,13 +67,33 @@ def train_command(manifest: Manifest, run: ManifestRun, launcher: str = "local",
     """The command line that trains ``run`` (``local`` or ``torchrun``)."""
     if launcher not in ("local", "torchrun"):
         raise ValueError(f"launcher {launcher!r} starts no process by itself; use local or torchrun")
+    # NOTE: the run's config file comes with the manifest, maybe from elsewhere: the settings
+    # that name places of this machine (the data cache, the run folder) are pinned before the
+    # user's own overrides, which still win (config.places).
     train = ["-m", "soda_mega.cli", "train", "--config", str(manifest.config_path(run).resolve()),
+             *node_setting_overrides(skip=("run.dir",)),
              f"--run.dir={manifest.run_dir(run).resolve()}", *overrides]
     if launcher == "local":
         return [python, *train]
     port = [] if master_port is None else ["--master-port", str(master_port)]
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             *port, *train]
+
+
+def ignored_settings_notice(manifest: Manifest, run: ManifestRun,
+                            overrides: Iterable[str] = ()) -> Optional[str]:
+    """One line naming the settings of ``run``'s config file that name places of this machine
+    and that ``overrides`` (the user's) do not set (not used: :func:`train_command` pins them),
+    or None when there are none. A config that does not load says nothing here: the run's own
+    ``train`` reports it."""
+    path = manifest.config_path(run)
+    try:
+        found = node_settings_of(load_config(path))
+    except (ConfigError, OSError):
+        return None
+    given = {o.lstrip("-").split("=", 1)[0] for o in overrides}
+    return ignored_notice(f"scaling sweep: {path}",
+                          {k: v for k, v in found.items() if k not in given})
 
 
 # ----------------------------------------------------------------------------- results file
@@ -183,6 +205,9 @@ def run_sweep(manifest: Manifest, results_path: Path, launcher: str = "local", n
         run_dir = manifest.run_dir(run)
         log = run_dir / "train.log"
         argv = train_command(manifest, run, launcher, nproc, overrides, python)
+        notice = ignored_settings_notice(manifest, run, overrides)
+        if notice:
+            print(f"{tag}: {notice}", file=sys.stderr, flush=True)
         print(f"{tag}: d={run.hidden_size} L={run.num_layers} N={run.n_params / 1e6:.2f}M "
               f"D={run.tokens / 1e6:.2f}M tokens, {run.steps} steps; log {log}", file=out, flush=True)
         t0 = time.monotonic()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +45,36 @@ def test_eviction_removes_least_recently_used_shards_only(tmp_path):
     assert left == ["shard.00000.mds", "shard.00002.mds"], left
     assert cache.evicted == 1
     assert (tmp_path / "d" / "doc_lengths.npy").exists() and cache.usage() <= 250
+
+
+def _publish_many(args):
+    root, limit, seed = args
+    import random
+
+    cache = NodeCache(root, limit=limit)
+    rng = random.Random(seed)
+    for _ in range(30):
+        name = f"shard.{rng.randrange(12):05d}.mds"
+        path = cache.publish(Path(root) / "d" / name, lambda t, n=name: t.write_bytes(n.encode() * 10))
+        try:
+            assert path.read_bytes() == name.encode() * 10
+        except FileNotFoundError:  # evicted by another process meanwhile: fetched again on use
+            pass
+    return cache.misses, cache.evicted
+
+
+def test_processes_publishing_and_evicting_together_keep_the_index_whole(tmp_path):
+    """Ranks of one node publish and evict in one cache at once: every file left has its entry
+    and its bytes, no entry outlives its file, no temporary stays, and the limit holds."""
+    root = tmp_path / "cache"
+    limit = 5 * 150
+    with mp.get_context("spawn").Pool(4) as pool:
+        counts = pool.map(_publish_many, [(str(root), limit, seed) for seed in range(4)])
+    assert sum(m for m, _ in counts) >= 12 and sum(e for _, e in counts) > 0
+    cache = NodeCache(root, limit=limit)
+    cache.evict()
+    entries = {str(path) for _, path, _, _ in cache._entries()}
+    files = {str(p) for p in (root / "d").glob("shard.*.mds")}
+    assert entries == files and cache.usage() <= limit
+    assert all(Path(f).read_bytes() == Path(f).name.encode() * 10 for f in files)
+    assert not list(root.rglob("*.tmp"))

@@ -18,27 +18,61 @@ needs around it:
 * **a size limit with eviction**: after each publish, shard files are removed least recently
   used first until the cache is under ``limit`` bytes (metadata files are never evicted). A
   file evicted while a reader still needs it is simply fetched again.
+
+The cache trusts only what it wrote itself, in a folder only its user can write:
+
+* **a private folder**: the cache folder must be owned by the user and writable by nobody else,
+  and so must every folder above it that others could use to swap it (a sticky ``/tmp`` is
+  fine); otherwise it is refused (:class:`UnsafeCacheError`, exit 2) rather than used. Folders
+  it makes are mode 0700;
+* **no foreign symlinks**: the cache makes no symlinks, so it follows none inside its folder (a
+  lock file or sub-folder that is one is refused, naming it);
+* **its own index**: every file it publishes gets an entry under ``.soda-cache/entries/``
+  (relative path, size, an xxh3-64 hash of the bytes and the dataset index's hashes). A file
+  at a cache key without a matching entry (planted, half-written, or left by an older version)
+  is never served: it is made again. Eviction deletes only files that have an entry, never by
+  name pattern. At each use the file's size is compared with its entry (cheap); ``rehash=True``
+  (``data inspect --verify``) hashes the bytes again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
+import json
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
+import xxhash
+
 from soda_mega.data.streaming_compat import streaming_module
+from soda_mega.errors import SodaUserError
 
 _NOT_FOUND_CODES = {"404", "403", "NoSuchKey", "NoSuchBucket", "AccessDenied"}
+# The cache's own record of what it wrote: one small JSON file per published file.
+INDEX_DIR = ".soda-cache"
+_ENTRIES = "entries"
+_HASH = "xxh3_64"
+_BLOCK = 8 << 20
+_ADVICE = ("set data.cache_dir (or $SODA_MEGA_CACHE) to a folder of yours that only you can "
+           "write (chmod go-w), or remove it")
 
 
 class CacheError(OSError):
     """A file could not be fetched or verified (the message names it)."""
+
+
+class UnsafeCacheError(CacheError, SodaUserError):
+    """The cache folder, or something in it, cannot be used safely: someone else could change it
+    (a folder others can write, a symlink the cache did not make), or it cannot be made."""
 
 
 class MissingRemoteFile(CacheError, FileNotFoundError):
@@ -65,15 +99,130 @@ def unique_tmp(path: Path) -> Path:
                           f"{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file ``path`` (created 0600), never through a symlink or onto a
+    FIFO or device someone planted there."""
+    try:
+        # NOTE: O_NONBLOCK only so that a planted FIFO cannot block the open; flock ignores it.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeCacheError(f"cache lock file {path} is a symlink, which the cache never "
+                                   f"makes: refused; {_ADVICE}") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeCacheError(f"cache lock file {path} is not a regular file: refused; {_ADVICE}")
+    return fd
+
+
 @contextlib.contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def file_lock(path: Path, blocking: bool = True):
+    """An exclusive ``flock`` on ``path``; yields False (holding nothing) when ``blocking`` is
+    off and another process holds it."""
+    fd = _open_lock(Path(path))
+    try:
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _unsafe(st: os.stat_result, uid: int, own: bool) -> str | None:
+    """Why a folder with this ``stat`` lets someone other than ``uid`` change what is in it
+    (None when it does not). ``own``: it must belong to ``uid`` (else root may own it too)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != uid and (own or st.st_uid != 0):
+        return f"is owned by uid {st.st_uid}, not by you (uid {uid})"
+    # A sticky folder (/tmp) lets others add names but not rename or remove yours.
+    if st.st_mode & 0o022 and (own or not st.st_mode & stat.S_ISVTX):
+        who = "others" if st.st_mode & 0o002 else "its group"
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_private_folder(root: Path) -> None:
+    """Refuse ``root`` (an existing folder) unless only this user can change what it holds:
+    it is owned by the user and writable by nobody else, every folder above it is the user's or
+    root's and writable by nobody else unless sticky, and every symlink on the way belongs to
+    the user or root."""
+    uid = os.geteuid()
+    root = Path(os.path.abspath(root))
+    walked = Path(root.anchor)
+    for part in root.parts[1:]:
+        walked = walked / part
+        st = os.lstat(walked)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (uid, 0):
+            raise UnsafeCacheError(f"cache folder {root}: {walked} is a symlink of uid "
+                                   f"{st.st_uid}, not yours: refused; {_ADVICE}")
+    real = Path(os.path.realpath(root))
+    why = _unsafe(os.stat(real), uid, own=True)
+    if why:
+        raise UnsafeCacheError(f"cache folder {root} {why}: someone else could plant files in it; "
+                               f"{_ADVICE}")
+    _check_above(root, real.parents)
+
+
+def _check_above(root: Path, folders) -> None:
+    """Refuse the cache folder ``root`` when one of ``folders`` (those above it) lets others
+    rename or replace what it holds."""
+    uid = os.geteuid()
+    for folder in folders:
+        why = _unsafe(os.stat(folder), uid, own=False)
+        if why:
+            raise UnsafeCacheError(f"cache folder {root}: the folder above it, {folder}, {why}: "
+                                   f"someone else could swap the cache; {_ADVICE}")
+
+
+def make_private_folder(root: Path) -> None:
+    """``root`` made when missing (its missing folders mode 0700, only below folders that pass
+    :func:`check_private_folder`'s rules), then checked."""
+    root = Path(os.path.abspath(root))
+    missing = []
+    existing = root
+    while not os.path.lexists(existing):
+        missing.append(existing)
+        existing = existing.parent
+    if missing:
+        real = Path(os.path.realpath(existing))
+        _check_above(root, [real, *real.parents])
+        for folder in reversed(missing):
+            _make_folder(folder)
+    check_private_folder(root)
+
+
+def _make_folder(path: Path) -> None:
+    """``path`` made (mode 0700) when missing; an existing one must be a real folder of this
+    user that nobody else can write (never a symlink)."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeCacheError(f"cache folder {path} is a symlink, which the cache never makes: "
+                               f"refused; {_ADVICE}")
+    why = _unsafe(st, os.geteuid(), own=True)
+    if why:
+        raise UnsafeCacheError(f"cache folder {path} {why}: refused; {_ADVICE}")
+
+
+def file_hash(path: Path) -> str:
+    """xxh3-64 of the file's bytes, read in blocks."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_hashes(data: bytes, hashes: dict | None, what: str) -> None:
@@ -101,6 +250,7 @@ class NodeCache:
         self.misses = 0    # files this process downloaded (or decompressed) itself
         self.evicted = 0   # files this process removed to stay under the limit
         self._local = threading.local()
+        self._ready: tuple[int, set[Path]] = (-1, set())  # (pid, folders checked by that process)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -110,6 +260,93 @@ class NodeCache:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = threading.local()
+
+    # ------------------------------------------------------------------ folders
+    def folder(self, rel: str | Path = "") -> Path:
+        """``root/rel``, made when missing: the root is checked once per process (see
+        :func:`check_private_folder`), every folder below it is a real folder of this user
+        (never a symlink: the cache makes none)."""
+        pid, checked = self._ready
+        path = self.root
+        try:
+            if pid != os.getpid():
+                make_private_folder(self.root)
+                pid, checked = self._ready = (os.getpid(), set())
+            for part in Path(rel).parts:
+                if part in ("..", "/") or part.startswith("/"):
+                    raise ValueError(f"{rel}: not a path inside the cache")
+                path = path / part
+                if path not in checked:
+                    _make_folder(path)
+                    checked.add(path)
+        except CacheError:
+            raise
+        except OSError as err:  # not ours to write (permissions, a file in the way, ...)
+            raise UnsafeCacheError(f"cache folder {path}: cannot be made or used "
+                                   f"({err.strerror or err}); {_ADVICE}") from None
+        return path
+
+    def _relative(self, local: Path) -> Path:
+        try:
+            return Path(local).relative_to(self.root)
+        except ValueError:
+            raise ValueError(f"{local} is not inside the cache folder {self.root}") from None
+
+    # ------------------------------------------------------------------ the cache's own index
+    def _entry_path(self, rel: Path) -> Path:
+        name = hashlib.sha256(rel.as_posix().encode()).hexdigest()[:40]
+        return self.root / INDEX_DIR / _ENTRIES / f"{name}.json"
+
+    def _read_entry(self, path: Path) -> dict | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            entry = json.loads(os.read(fd, 1 << 16))
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+              and isinstance(entry.get("size"), int) and isinstance(entry.get(_HASH), str))
+        return entry if ok else None
+
+    def _write_entry(self, rel: Path, local: Path, hashes: dict | None) -> None:
+        entry = {"path": rel.as_posix(), "size": os.lstat(local).st_size, _HASH: file_hash(local),
+                 "hashes": dict(hashes or {})}
+        path = self._entry_path(rel)
+        self.folder(path.parent.relative_to(self.root))
+        tmp = unique_tmp(path)
+        try:
+            tmp.write_text(json.dumps(entry))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _published(self, local: Path, rel: Path, hashes: dict | None, size: int | None,
+                   rehash: bool) -> bool:
+        """True when ``local`` is a file this cache published, unchanged in size (and, with
+        ``rehash``, in its bytes) and made from the same index hashes."""
+        entry = self._read_entry(self._entry_path(rel))
+        if entry is None or entry["path"] != rel.as_posix():
+            return False
+        try:
+            st = os.lstat(local)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
+            return False
+        if size is not None and size != entry["size"]:
+            return False
+        if hashes and entry.get("hashes") != dict(hashes):
+            return False
+        if rehash and file_hash(local) != entry[_HASH]:
+            raise CacheError(f"cached copy {local} does not match the hash the cache recorded "
+                             "when it wrote it (changed since): removed, it will be made again")
+        return True
 
     # ------------------------------------------------------------------ fetching
     def _downloader(self, remote: str):
@@ -135,10 +372,10 @@ class NodeCache:
             raise
 
     def fetch(self, remote: str, local: Path, hashes: dict | None = None,
-              size: int | None = None) -> Path:
+              size: int | None = None, rehash: bool = False) -> Path:
         """``local``, downloaded from ``remote`` unless already published (one download per node)."""
         return self.publish(local, lambda tmp: self._download_with_retries(remote, tmp),
-                            hashes, what=remote, size=size)
+                            hashes, what=remote, size=size, rehash=rehash)
 
     def _download_with_retries(self, remote: str, tmp: Path) -> None:
         delay = 0.5
@@ -157,18 +394,18 @@ class NodeCache:
                 delay *= 2
 
     def publish(self, local: Path, produce: Callable[[Path], None], hashes: dict | None = None,
-                what: str | None = None, size: int | None = None) -> Path:
+                what: str | None = None, size: int | None = None, rehash: bool = False) -> Path:
         """``local`` as made by ``produce(tmp)`` (verified against ``hashes`` and ``size`` bytes
-        when given, atomically renamed), once per node."""
+        when given, atomically renamed, recorded in the cache's index), once per node. A file
+        already at ``local`` is used only when the index holds it unchanged (``rehash``: its
+        bytes hashed again; a changed one raises :class:`CacheError` and is removed)."""
         local = Path(local)
-        if local.exists():
-            self.hits += 1
-            _touch(local)
+        rel = self._relative(local)
+        self.folder(rel.parent)
+        if self._hit(local, rel, hashes, size, rehash):
             return local
         with file_lock(local.with_name(local.name + ".lock")):
-            if local.exists():  # another rank or worker of this node made it meanwhile
-                self.hits += 1
-                _touch(local)
+            if self._hit(local, rel, hashes, size, rehash):  # another rank or worker made it meanwhile
                 return local
             # Whoever holds the lock is the only writer of this file on the node: temporaries of
             # it that exist now were left by a killed process.
@@ -183,56 +420,97 @@ class NodeCache:
                                      "was written)")
                 if hashes:
                     check_hashes(tmp.read_bytes(), hashes, what or str(local))
+                # NOTE: the entry is written after the rename: a file without one (a crash in
+                # between) is made again, never served.
                 os.replace(tmp, local)
+                self._write_entry(rel, local, hashes)
             finally:
                 tmp.unlink(missing_ok=True)
             self.misses += 1
         self.evict(keep=local)
         return local
 
+    def _hit(self, local: Path, rel: Path, hashes: dict | None, size: int | None,
+             rehash: bool) -> bool:
+        try:
+            found = self._published(local, rel, hashes, size, rehash)
+        except CacheError:
+            self._remove(local, self._entry_path(rel))
+            raise
+        if found:
+            self.hits += 1
+            _touch(local)
+        return found
+
     # ------------------------------------------------------------------ size limit
     def usage(self) -> int:
-        return sum(size for _, _, size in self._shard_files())
+        return sum(size for _, path, size, _ in self._entries() if _evictable(path))
 
-    def _shard_files(self) -> list[tuple[float, Path, int]]:
+    def _entries(self) -> list[tuple[float, Path, int, Path]]:
+        """(last use, file, size, entry file) of every file in the cache's own index that is
+        still there (entries of vanished files are dropped)."""
+        folder = self.root / INDEX_DIR / _ENTRIES
         out = []
-        if not self.root.exists():
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
             return out
-        for dirpath, _, names in os.walk(self.root):
-            for name in names:
-                if not name.startswith("shard.") or name.endswith((".lock", ".tmp")):
-                    continue
-                path = Path(dirpath) / name
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    continue
-                out.append((st.st_mtime, path, st.st_size))
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            entry_path = folder / name
+            entry = self._read_entry(entry_path)
+            if entry is None:
+                continue
+            rel = Path(entry["path"])
+            if rel.is_absolute() or ".." in rel.parts or self._entry_path(rel) != entry_path:
+                continue  # not an entry this cache wrote
+            path = self.root / rel
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                entry_path.unlink(missing_ok=True)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((st.st_mtime, path, st.st_size, entry_path))
         return out
 
     def evict(self, keep: Path | None = None) -> None:
-        """Remove least recently used shard files until the cache is under the limit."""
+        """Remove least recently used shard files of the cache's own index until the cache is
+        under the limit (never a file the index does not hold)."""
         if not self.limit:
             return
-        lock = self.root / ".evict.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a+") as fh:
-            # Blocking: an eviction skipped while another thread or process evicts could leave
-            # the cache over its limit (a scan of file sizes, quick to wait for).
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                files = sorted(self._shard_files())
-                total = sum(size for _, _, size in files)
-                for _, path, size in files:
-                    if total <= self.limit:
-                        break
-                    if keep is not None and path == keep:
-                        continue
-                    path.unlink(missing_ok=True)
-                    total -= size
-                    self.evicted += 1
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        self.folder(INDEX_DIR)
+        # Blocking: an eviction skipped while another thread or process evicts could leave
+        # the cache over its limit (a scan of small index files, quick to wait for).
+        with file_lock(self.root / INDEX_DIR / "evict.lock"):
+            files = sorted(e for e in self._entries() if _evictable(e[1]))
+            total = sum(size for _, _, size, _ in files)
+            for _, path, size, entry_path in files:
+                if total <= self.limit:
+                    break
+                if keep is not None and path == keep:
+                    continue
+                # A file being made again right now (its lock held) is left alone.
+                try:
+                    with file_lock(path.with_name(path.name + ".lock"), blocking=False) as locked:
+                        if not locked:
+                            continue
+                        self._remove(path, entry_path)
+                except FileNotFoundError:  # its folder was removed meanwhile
+                    entry_path.unlink(missing_ok=True)
+                total -= size
+                self.evicted += 1
+
+    @staticmethod
+    def _remove(path: Path, entry_path: Path) -> None:
+        path.unlink(missing_ok=True)
+        entry_path.unlink(missing_ok=True)
+
+
+def _evictable(path: Path) -> bool:
+    """Shard files are evicted; metadata (index, lengths, token totals) stays."""
+    return path.name.startswith("shard.")
 
 
 def _touch(path: Path) -> None:

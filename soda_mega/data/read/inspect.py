@@ -213,7 +213,7 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
                             f"to {src.num_tokens}")
         for shard in range(len(src.shards)):
             try:
-                src.local_shard(shard)
+                src.local_shard(shard, rehash=True)  # a cached copy is hashed again
             except DatasetError as err:
                 problems.append(f"{name}: {err}")
                 continue

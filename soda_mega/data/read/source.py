@@ -175,8 +175,7 @@ class DocumentSource:
                           f"{self._index_sha[:12]}") if compressed else split_dir
 
     def _open_remote(self, base: str, split: str) -> None:
-        incoming = self.cache.root / "incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
+        incoming = self.cache.folder("incoming")
         raw = None
         for url in (f"{base}/{split}", base):
             tmp = unique_tmp(incoming / INDEX_FILE)
@@ -199,11 +198,8 @@ class DocumentSource:
         # Checked before anything is published into the cache (or streaming ever sees it).
         self.shards = check_index(_parse_index(raw, f"{url}/{INDEX_FILE}"), url)
         # A rebuilt dataset at the same URL has another index: it gets its own cache folder.
-        self.files_dir = self.cache.root / f"{_short(url)}-{self._index_sha[:12]}"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        local_index = self.files_dir / INDEX_FILE
-        if not local_index.exists():
-            self.cache.publish(local_index, lambda t: t.write_bytes(raw))
+        self.files_dir = self.cache.folder(f"{_short(url)}-{self._index_sha[:12]}")
+        self.cache.publish(self.files_dir / INDEX_FILE, lambda t: t.write_bytes(raw))
         for name in (META_FILE, LENGTHS_FILE):
             try:
                 self.cache.fetch(f"{url}/{name}", self.files_dir / name)
@@ -236,14 +232,13 @@ class DocumentSource:
                 np.save(fh, checked_totals())
 
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             self.cache.publish(path, produce)
             totals = np.load(path)
             if totals.shape == (len(self.shard_counts),):
                 return totals.astype(np.int64)
         except DatasetError:
             raise
-        except (OSError, ValueError):  # an unwritable cache: compute it here
+        except (OSError, ValueError):  # an unwritable or unsafe cache: compute it here
             pass
         return checked_totals()
 
@@ -288,8 +283,10 @@ class DocumentSource:
                    for a in range(0, len(self.lengths), chunk))
 
     # ------------------------------------------------------------------ shard files
-    def local_shard(self, shard_idx: int) -> Path:
-        """The raw shard file on this node (fetched / decompressed / verified on first use)."""
+    def local_shard(self, shard_idx: int, rehash: bool = False) -> Path:
+        """The raw shard file on this node (fetched / decompressed / verified on first use).
+        ``rehash``: a copy already in the node cache is hashed again (``data inspect --verify``);
+        otherwise its size and the cache's record of it are checked."""
         shard = self.shards[shard_idx]
         raw_info = shard["raw_data"]
         local = inside(self.files_dir, raw_info["basename"],
@@ -310,9 +307,9 @@ class DocumentSource:
             if shard["compression"]:
                 return self.cache.publish(local, lambda tmp: self._decompress(shard, tmp),
                                           raw_info["hashes"], what=f"{self.where}/{raw_info['basename']}",
-                                          size=raw_info["bytes"])
+                                          size=raw_info["bytes"], rehash=rehash)
             return self.cache.fetch(f"{self.split_dir}/{raw_info['basename']}", local,
-                                    raw_info["hashes"], size=raw_info["bytes"])
+                                    raw_info["hashes"], size=raw_info["bytes"], rehash=rehash)
         except CacheError as err:
             raise DatasetError(f"dataset {self.name} ({self.split}), shard "
                                f"{raw_info['basename']}: {err}") from err
