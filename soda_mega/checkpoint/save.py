@@ -132,9 +132,22 @@ def begin(root: Path, step: int) -> tuple[Path, Path]:
 def sharded_state(model, optimizer) -> dict:
     sharded = model_sharded_state_dict(unwrap(model))
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded, is_loading=False, metadata=optimizer_metadata())
+        sharded["optimizer"] = _without_empty_param_state(optimizer.sharded_state_dict(
+            sharded, is_loading=False, metadata=optimizer_metadata()))
     return sharded
+
+
+def _without_empty_param_state(state):
+    """NOTE: with the memory-efficient fully-reshardable format (CPU, sharded.optimizer_metadata)
+    the distributed optimizer gathers its state on DP rank 0 and sets ``param_state`` to None
+    on the other DP ranks. That None stays in their *common* state dict, which Megatron
+    compares with rank 0's at every save and warns about ("Rank 1 common state dict differs
+    from rank 0 ... ('optimizer', 'param_state')"). Only rank 0's common state is written, so
+    the empty entry is dropped (here and in chained optimizers' sub-dicts)."""
+    if isinstance(state, dict):
+        return {k: _without_empty_param_state(v) for k, v in state.items()
+                if not (k == "param_state" and v is None)}
+    return state
 
 
 def write_small_files(root: Path, tmp: Path, trainer_state: dict) -> None:

@@ -83,6 +83,10 @@ def test_signal_on_one_rank_saves_the_step_and_the_resume_follows_the_trace(corp
     proc = _launcher(tmp_path, corpus, run_dir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    # Two saves at DP=2 (steps 3 and 6), without Megatron's alarm about rank 1's common state
+    # (the empty optimizer param_state of DP rank 1; soda_mega/checkpoint/save.py, issue 33).
+    assert "saved step 6 (" in proc.stdout
+    assert "common state dict differs" not in proc.stdout + proc.stderr
     trace = _trace(run_dir)
     assert [r["step"] for r in trace] == list(range(1, STEPS + 1))
     _assert_same_trace(trace, _golden(), TRAINING_TRACE["golden_rtol"])
