@@ -16,6 +16,11 @@ from typing import Optional
 
 from soda_mega.config.fields import ConfigError, fld, validate_section
 
+# Defaults of the data budgets, also used by readers opened without a config (`data inspect`).
+MAX_DATASET_BYTES = 1 << 40
+MAX_INFLATE_RATIO = 64.0
+MAX_RECORD_AUDIO_BYTES = 1 << 30
+
 SODA_SPECIAL_TOKENS = ("<|text_start|>", "<|text_end|>", "<|audio_start|>", "<|audio_end|>")
 
 
@@ -200,6 +205,14 @@ class DataConfig:
     cache_limit: int = fld(0, "bytes of shards the node cache may hold before the least recently "
                               "used are evicted (0 = no limit); keep it above a few shuffle "
                               "windows of shards", ge=0)
+    max_dataset_bytes: int = fld(
+        MAX_DATASET_BYTES, "the most bytes one dataset split may put in the node cache: the "
+                           "raw_data.bytes of its remote or compressed shards, summed (checked at "
+                           "open, before anything is fetched); raise it for a larger dataset", ge=1)
+    max_inflate_ratio: float = fld(
+        MAX_INFLATE_RATIO, "the most a compressed shard may inflate, as a multiple of its archive's "
+                           "size (token shards compress 2-4x; a few KB declaring a GB are a "
+                           "decompression bomb, refused at open)", ge=1)
     download_timeout: float = fld(60.0, "seconds one attempt to download a remote file may take", gt=0)
     download_retries: int = fld(3, "further attempts after a failed download (with back-off); a "
                                    "file missing on the server fails at once", ge=0)
