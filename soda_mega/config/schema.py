@@ -251,6 +251,11 @@ class DataConfig:
              "and resample audio (empty = every visible GPU when codec_device allows, else the CPU "
              "path of build_workers); e.g. [cuda:0, cuda:1]; cpu:N names run that path on CPU",
         default_factory=list)
+    max_record_audio_bytes: int = fld(
+        MAX_RECORD_AUDIO_BYTES, "the most decoded audio one recording may take in `data build` "
+                                "(4 bytes x rate x channels x seconds; 1 GiB = 93 min of 48 kHz "
+                                "mono): longer recordings are skipped, named, before decoding, "
+                                "and decoding stops there whatever the file's header says", ge=1 << 16)
     encode_batch_size: int = fld(8, "recordings Mimi encodes together in one padded batch on GPU "
                                     "(CPU encodes one at a time)", ge=1)
     encode_chunk_seconds: float = fld(10.0, "audio per Mimi streaming step (bounds memory on long "
