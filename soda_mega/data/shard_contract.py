@@ -20,7 +20,10 @@ cache) before it passes this module:
 * sizes: a shard's ``raw_data.bytes`` lies between what its documents take in the MDS layout
   and that plus :data:`MAX_STRING_BYTES` per document (:func:`check_shard_bytes`); files on
   disk or fetched have the sizes the index gives; a compressed shard is inflated by
-  :func:`inflate` only up to ``raw_data.bytes`` and refused the moment it goes past.
+  :func:`inflate` a chunk at a time, only up to ``raw_data.bytes``, and refused the moment it
+  goes past;
+* budget (:func:`check_budget`): what the split puts in the node cache, and how far a
+  compressed shard inflates beyond its archive.
 
 Anything else is a :class:`DatasetError` (exit 2, one line) naming the split, the shard and the
 field. Local splits, ``s3://`` (and the other remote schemes) and ``data build --finalize``
