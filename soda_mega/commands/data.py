@@ -328,15 +328,18 @@ def run_inspect(args) -> int:
     from soda_mega.data.read.inspect import inspect_dataset
     from soda_mega.data.read.source import DatasetError
 
+    # The split's budget may be raised on the command line (--data.max_dataset_bytes=...).
+    data_cfg = load_config(overrides=args.overrides).data
+    budget = dict(max_bytes=data_cfg.max_dataset_bytes, max_inflate_ratio=data_cfg.max_inflate_ratio)
     if args.verify:
         from soda_mega.data.read.inspect import verify_dataset
 
-        report, problems = verify_dataset(args.path)
+        report, problems = verify_dataset(args.path, budget=budget)
         print(report)
         return 2 if problems else 0
     try:
         print(inspect_dataset(args.path, sample=args.sample, split=args.split, wav=args.wav,
-                              mimi_weights=args.mimi_weights))
+                              mimi_weights=args.mimi_weights, budget=budget))
     except DatasetError as err:
         print(f"soda-mega data inspect: {err}", file=sys.stderr)
         return 2

@@ -23,7 +23,8 @@ import pytest
 import xxhash
 import zstd
 
-from sec_dataset_helpers import REPO, assert_refused, cli, edit_index, edit_meta, plain_split, tiny_layout
+from sec_dataset_helpers import (REPO, assert_refused, cli, edit_index, edit_meta, main_in_process,
+                                 plain_split, tiny_layout)
 from soda_mega.data.build.synthetic import write_split
 from soda_mega.data.read.cache import NodeCache
 from soda_mega.data.read.source import DatasetError, DocumentSource
@@ -174,3 +175,12 @@ def test_the_budgets_are_config_fields(tmp_path):
                                                 f"--data.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(DatasetError, match="data.max_dataset_bytes=1,000"):
         open_split(cfg, "train", tiny_layout())
+
+
+def test_data_inspect_takes_the_budget_from_the_command_line(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "ds"
+    plain_split(root / "train", tiny_layout(), compression="zstd", n=40)
+    monkeypatch.setenv("SODA_MEGA_CACHE", str(tmp_path / "cache"))
+    assert_refused(main_in_process(capsys, "data", "inspect", str(root), "--data.max_dataset_bytes=1000"),
+                   f"{root / 'train'}/index.json", "data.max_dataset_bytes=1,000")
+    assert main_in_process(capsys, "data", "inspect", str(root)).returncode == 0
