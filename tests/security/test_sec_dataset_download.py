@@ -57,7 +57,7 @@ def _upload(s3_server, root, planted: dict[str, bytes]) -> str:
 
 
 @pytest.mark.parametrize("name, why", [
-    ("shard.00000.mds", "the index says"),
+    ("shard.00000.mds", "raw_data.bytes says"),
     ("shard.00000.mds.zstd", "zip_data.bytes says"),
     (INDEX_FILE, f"{JSON_LIMIT:,} at most"),
     (META_FILE, "the most a soda-mega dataset's takes"),

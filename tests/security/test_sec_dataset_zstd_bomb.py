@@ -184,3 +184,37 @@ def test_data_inspect_takes_the_budget_from_the_command_line(tmp_path, capsys, m
     assert_refused(main_in_process(capsys, "data", "inspect", str(root), "--data.max_dataset_bytes=1000"),
                    f"{root / 'train'}/index.json", "data.max_dataset_bytes=1,000")
     assert main_in_process(capsys, "data", "inspect", str(root)).returncode == 0
+
+
+def test_a_frame_that_asks_for_a_huge_window_is_refused_unallocated():
+    """A single-segment frame's window is its whole content: 1 GiB declared is refused by
+    libzstd (windowLogMax 27) before it allocates anything."""
+    import io
+
+    from soda_mega.data import zstd_stream
+    from soda_mega.data.shard_contract import InflateError, inflate
+
+    if not zstd_stream.available():
+        pytest.skip("libzstd is not installed (frames are then inflated one at a time)")
+    size = 1 << 30
+    frame = (0xFD2FB528).to_bytes(4, "little") + bytes([0xE0]) + size.to_bytes(8, "little")
+    frame += (1 | 1 << 1 | (1 << 17) << 3).to_bytes(3, "little") + b"\0"  # one RLE block, last
+    out = io.BytesIO()
+    with pytest.raises(InflateError, match="memory"):
+        inflate("zstd", frame, out, size)
+    assert out.tell() == 0
+
+
+def test_without_libzstd_each_frame_is_checked_before_it_is_inflated(monkeypatch):
+    import io
+
+    from soda_mega.data import zstd_stream
+    from soda_mega.data.shard_contract import InflateError, inflate
+
+    monkeypatch.setattr(zstd_stream, "available", lambda: False)
+    a, b = b"a" * 3000, b"b" * 5000
+    out = io.BytesIO()
+    inflate("zstd", zstd.compress(a) + zstd.compress(b), out, 8000)
+    assert out.getvalue() == a + b
+    with pytest.raises(InflateError, match="declare 8000 bytes, raw_data.bytes says 1000"):
+        inflate("zstd", zstd.compress(a) + zstd.compress(b), io.BytesIO(), 1000)

@@ -333,7 +333,8 @@ class DocumentSource:
                                           raw_info["hashes"], what=f"{self.where}/{raw_info['basename']}",
                                           size=raw_info["bytes"])
             return self.cache.fetch(f"{self.split_dir}/{raw_info['basename']}", local,
-                                    raw_info["hashes"], size=raw_info["bytes"])
+                                    raw_info["hashes"], size=raw_info["bytes"],
+                                    why=f"raw_data.bytes says {raw_info['bytes']:,}")
         except CacheError as err:
             raise DatasetError(f"dataset {self.name} ({self.split}), shard "
                                f"{raw_info['basename']}: {err}") from err
