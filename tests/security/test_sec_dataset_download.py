@@ -60,7 +60,7 @@ def _upload(s3_server, root, planted: dict[str, bytes]) -> str:
     ("shard.00000.mds", "raw_data.bytes says"),
     ("shard.00000.mds.zstd", "zip_data.bytes says"),
     (INDEX_FILE, f"{JSON_LIMIT:,} at most"),
-    (META_FILE, "the most a soda-mega dataset's takes"),
+    (META_FILE, f"{JSON_LIMIT:,} at most"),
     (LENGTHS_FILE, "8 bytes for each of the 12 documents"),
 ])
 def test_an_object_larger_than_its_split_says_stops_at_its_size(s3_server, tmp_path, name, why):

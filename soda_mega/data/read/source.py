@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from soda_mega.config.schema import MAX_DATASET_BYTES, MAX_INFLATE_RATIO
+from soda_mega.data import shard_contract
 from soda_mega.data.read.cache import (CacheError, MissingRemoteFile, NodeCache, TooLarge,
                                        check_file_hashes, is_remote, unique_tmp)
 from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
-from soda_mega.config.schema import MAX_DATASET_BYTES, MAX_INFLATE_RATIO
-from soda_mega.data import shard_contract
 from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
                                            check_budget, check_index, check_lengths_chunk,
                                            check_lengths_header, check_meta, check_shard_bytes,
@@ -221,7 +221,8 @@ class DocumentSource:
         # doc_lengths.npy: a .npy header (numpy reads 10,000 bytes of it at most) and 8 bytes a
         # document at most.
         samples = sum(s["samples"] for s in self.shards)
-        limits = {META_FILE: (shard_contract.MAX_JSON_BYTES, "the most a soda-mega dataset's takes"),
+        most = shard_contract.MAX_JSON_BYTES
+        limits = {META_FILE: (most, f"any {META_FILE} of a soda-mega dataset takes {most:,} at most"),
                   LENGTHS_FILE: (8 * samples + (1 << 16), f"8 bytes for each of the {samples:,} "
                                                           f"documents of {INDEX_FILE} and a header")}
         for name in (META_FILE, LENGTHS_FILE):
