@@ -57,7 +57,7 @@ builds every N-th work unit into the same OUT, the last to finish merges (or run
 GPUs: the codec runs on every visible GPU (one codec worker each, fed by CPU processes that
 decode and resample audio); --data.codec_devices=[cuda:0,cuda:1] chooses them. Bad records are reported, counted in
 soda_meta.json "skipped", and left out: unreadable audio (whatever the decoder raises), sample
-rates outside 8-384 kHz, segments past the end of their audio, Lhotse cuts outside their recording. Build settings are the data.* config fields (see
+rates outside 8-384 kHz, more decoded audio than --data.max_record_audio_bytes, segments past the end of their audio, Lhotse cuts outside their recording. Build settings are the data.* config fields (see
 `soda-mega config --fields`), e.g. --data.valid_fraction=0.02 --data.doc_types=[audio_first,speech_only].
 The embedded demo corpus (espeak-ng speech + a shipped text corpus): `soda-mega data demo OUT`.
 """
@@ -328,15 +328,18 @@ def run_inspect(args) -> int:
     from soda_mega.data.read.inspect import inspect_dataset
     from soda_mega.data.read.source import DatasetError
 
+    # The split's budget may be raised on the command line (--data.max_dataset_bytes=...).
+    data_cfg = load_config(overrides=args.overrides).data
+    budget = dict(max_bytes=data_cfg.max_dataset_bytes, max_inflate_ratio=data_cfg.max_inflate_ratio)
     if args.verify:
         from soda_mega.data.read.inspect import verify_dataset
 
-        report, problems = verify_dataset(args.path)
+        report, problems = verify_dataset(args.path, budget=budget)
         print(report)
         return 2 if problems else 0
     try:
         print(inspect_dataset(args.path, sample=args.sample, split=args.split, wav=args.wav,
-                              mimi_weights=args.mimi_weights))
+                              mimi_weights=args.mimi_weights, budget=budget))
     except DatasetError as err:
         print(f"soda-mega data inspect: {err}", file=sys.stderr)
         return 2

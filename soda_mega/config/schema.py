@@ -16,6 +16,11 @@ from typing import Optional
 
 from soda_mega.config.fields import ConfigError, fld, validate_section
 
+# Defaults of the data budgets, also used by readers opened without a config (`data inspect`).
+MAX_DATASET_BYTES = 1 << 40
+MAX_INFLATE_RATIO = 64.0
+MAX_RECORD_AUDIO_BYTES = 1 << 30
+
 SODA_SPECIAL_TOKENS = ("<|text_start|>", "<|text_end|>", "<|audio_start|>", "<|audio_end|>")
 
 
@@ -201,6 +206,14 @@ class DataConfig:
     cache_limit: int = fld(0, "bytes of shards the node cache may hold before the least recently "
                               "used are evicted (0 = no limit); keep it above a few shuffle "
                               "windows of shards", ge=0)
+    max_dataset_bytes: int = fld(
+        MAX_DATASET_BYTES, "the most bytes one dataset split may put in the node cache: the "
+                           "raw_data.bytes of its remote or compressed shards, summed (checked at "
+                           "open, before anything is fetched); raise it for a larger dataset", ge=1)
+    max_inflate_ratio: float = fld(
+        MAX_INFLATE_RATIO, "the most a compressed shard may inflate, as a multiple of its archive's "
+                           "size (token shards compress 2-4x; a few KB declaring a GB are a "
+                           "decompression bomb, refused at open)", ge=1)
     download_timeout: float = fld(60.0, "seconds one attempt to download a remote file may take", gt=0)
     download_retries: int = fld(3, "further attempts after a failed download (with back-off); a "
                                    "file missing on the server fails at once", ge=0)
@@ -239,6 +252,11 @@ class DataConfig:
              "and resample audio (empty = every visible GPU when codec_device allows, else the CPU "
              "path of build_workers); e.g. [cuda:0, cuda:1]; cpu:N names run that path on CPU",
         default_factory=list)
+    max_record_audio_bytes: int = fld(
+        MAX_RECORD_AUDIO_BYTES, "the most decoded audio one recording may take in `data build` "
+                                "(4 bytes x rate x channels x seconds; 1 GiB = 93 min of 48 kHz "
+                                "mono): longer recordings are skipped, named, before decoding, "
+                                "and decoding stops there whatever the file's header says", ge=1 << 16)
     encode_batch_size: int = fld(8, "recordings Mimi encodes together in one padded batch on GPU "
                                     "(CPU encodes one at a time)", ge=1)
     encode_chunk_seconds: float = fld(10.0, "audio per Mimi streaming step (bounds memory on long "

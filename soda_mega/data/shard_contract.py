@@ -20,7 +20,10 @@ cache) before it passes this module:
 * sizes: a shard's ``raw_data.bytes`` lies between what its documents take in the MDS layout
   and that plus :data:`MAX_STRING_BYTES` per document (:func:`check_shard_bytes`); files on
   disk or fetched have the sizes the index gives; a compressed shard is inflated by
-  :func:`inflate` only up to ``raw_data.bytes`` and refused the moment it goes past.
+  :func:`inflate` a chunk at a time, only up to ``raw_data.bytes``, and refused the moment it
+  goes past;
+* budget (:func:`check_budget`): what the split puts in the node cache, and how far a
+  compressed shard inflates beyond its archive.
 
 Anything else is a :class:`DatasetError` (exit 2, one line) naming the split, the shard and the
 field. Local splits, ``s3://`` (and the other remote schemes) and ``data build --finalize``
@@ -30,6 +33,7 @@ field. Local splits, ``s3://`` (and the other remote schemes) and ``data build -
 from __future__ import annotations
 
 import bz2
+import io
 import math
 import re
 import zlib
@@ -71,6 +75,7 @@ _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
 _SHARD_FILE = re.compile(r"shard\.[0-9]{1,12}\.mds")
 _HEX = re.compile(r"[0-9a-f]{1,128}")
 _CHUNK = 1 << 20
+_RATIO_SLACK = 1 << 16
 
 
 class DatasetError(SodaUserError, ValueError):
@@ -270,6 +275,33 @@ def check_shard_bytes(shards: list[dict], tokens: np.ndarray, where: str) -> Non
                 f"take {least}..{most} bytes")
 
 
+def check_budget(shards: list[dict], where: str, max_bytes: int | None, max_ratio: float | None,
+                 cached: bool) -> None:
+    """The split's shards against its budget (None: no limit), before any is fetched or inflated:
+    what they put in the node cache (``raw_data.bytes`` of every compressed shard, and of every
+    shard when ``cached``: a remote split) at most ``max_bytes`` in all (data.max_dataset_bytes),
+    and no compressed shard more than ``max_ratio`` times its archive (data.max_inflate_ratio):
+    token shards compress a few times; a few KB that declare a GB are a decompression bomb."""
+    shown = f"{where}/{INDEX_FILE}"
+    if max_ratio is not None:
+        for i, shard in enumerate(shards):
+            raw, packed = shard["raw_data"]["bytes"], (shard["zip_data"] or {}).get("bytes")
+            # NOTE: the slack lets a tiny shard (a header and a few documents) compress any amount.
+            if packed is not None and raw > max_ratio * packed + _RATIO_SLACK:
+                raise DatasetError(
+                    f"{shown}: shard {i} ({shard['raw_data']['basename']}): raw_data.bytes {raw:,} is "
+                    f"{raw / max(packed, 1):,.0f} times zip_data.bytes {packed:,}, more than "
+                    f"data.max_inflate_ratio={max_ratio:g} (a decompression bomb? raise the limit "
+                    "only for data you trust)")
+    if max_bytes is not None:
+        total = sum(s["raw_data"]["bytes"] for s in shards if cached or s["compression"])
+        if total > max_bytes:
+            raise DatasetError(
+                f"{shown}: raw_data.bytes: the shards inflate to {total:,} bytes in all, more than "
+                f"data.max_dataset_bytes={max_bytes:,} (the node-cache space one dataset may take; "
+                "raise it for a dataset this large)")
+
+
 # ----------------------------------------------------------------------------- doc_lengths.npy
 def check_lengths_header(dtype: np.dtype, shape: tuple, shown: str) -> None:
     if len(shape) != 1 or dtype.kind not in "iu":
@@ -381,17 +413,21 @@ class InflateError(OSError):
     """A compressed shard that is damaged or does not inflate to its declared size."""
 
 
-def inflate(compression: str, data: bytes, out: BinaryIO, size: int) -> None:
-    """Decompress ``data`` into ``out``; exactly ``size`` bytes or :class:`InflateError`, and never
-    more than ``size`` (plus one chunk) inflated: a bomb stops at its first excess chunk.
+def inflate(compression: str, src: BinaryIO | bytes, out: BinaryIO, size: int) -> None:
+    """Decompress the archive ``src`` (a binary file, or bytes) into ``out``; exactly ``size``
+    bytes or :class:`InflateError`, and never more than ``size`` (plus one chunk) inflated: a
+    bomb stops at its first excess chunk. Memory stays at a few chunks, whatever the archive
+    declares: the archive is read and its output written a chunk (1 MiB) at a time.
 
-    zstd frames are inflated one at a time, each only after its header declared its content
-    size and the declared sizes sum to ``size`` (the decoder cannot write past a declared
-    size); gz and bz2 are streamed a chunk at a time."""
+    zstd goes through libzstd's streaming decoder (:mod:`.zstd_stream`); without libzstd, frames
+    are inflated one at a time, each only after its header declared its content size and the
+    declared sizes sum to ``size`` (memory: the largest frame). gz and bz2 are streamed."""
     family = compression.split(":")[0]
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(src)
     written = 0
 
-    def write(chunk: bytes) -> None:
+    def write(chunk) -> None:
         nonlocal written
         written += len(chunk)
         if written > size:
@@ -400,35 +436,46 @@ def inflate(compression: str, data: bytes, out: BinaryIO, size: int) -> None:
 
     try:
         if family == "zstd":
-            _inflate_zstd(data, write, size)
+            _inflate_zstd(src, write, size)
         elif family == "gz":
-            _inflate_stream(data, write, lambda: zlib.decompressobj(wbits=31))
+            _inflate_stream(src, write, lambda: zlib.decompressobj(wbits=31))
         elif family == "bz2":
-            _inflate_stream(data, write, bz2.BZ2Decompressor)
+            _inflate_stream(src, write, bz2.BZ2Decompressor)
         else:
             raise InflateError(f"compression {compression!r} is not read by soda-mega")
     except InflateError:
         raise
+    except EOFError:
+        raise InflateError("the archive is truncated") from None
     except Exception as err:  # zstd / zlib / bz2 errors of a damaged archive
         raise InflateError(f"cannot decompress ({type(err).__name__}: {err})") from err
     if written != size:
         raise InflateError(f"inflates to {written} bytes, raw_data.bytes says {size}")
 
 
-def _inflate_stream(data: bytes, write: Callable[[bytes], None], new: Callable[[], Any]) -> None:
-    """gz / bz2 members, one after another, a chunk of output at a time."""
-    while data:
-        dec = new()
-        chunk = dec.decompress(data, _CHUNK)
-        while True:
-            write(chunk)
-            if dec.eof:
-                break
-            tail = getattr(dec, "unconsumed_tail", b"")
-            if not chunk and not tail and getattr(dec, "needs_input", True):
+def _inflate_stream(src: BinaryIO, write: Callable[[bytes], None], new: Callable[[], Any]) -> None:
+    """gz / bz2 members, one after another, read and written a chunk at a time."""
+    dec, data, started = new(), b"", False
+    while True:
+        if not data:
+            data = src.read(_CHUNK)
+        if not data:
+            if not started:
+                return
+            # The archive is read: only output the decoder still holds may come.
+            chunk = dec.decompress(b"", _CHUNK)
+            if not chunk:
                 raise InflateError("the archive is truncated")
-            chunk = dec.decompress(tail, _CHUNK)
-        data = dec.unused_data
+            write(chunk)
+            continue
+        started = True
+        write(dec.decompress(data, _CHUNK))
+        data = getattr(dec, "unconsumed_tail", b"")  # zlib keeps the rest; bz2 buffers it
+        while not data and not dec.eof and not getattr(dec, "needs_input", True):
+            write(dec.decompress(b"", _CHUNK))
+        if dec.eof:  # the next member starts with what this one left
+            data = dec.unused_data + data
+            dec, started = new(), False
 
 
 _ZSTD_MAGIC = 0xFD2FB528
@@ -472,9 +519,15 @@ def _zstd_frames(data: bytes) -> list[tuple[int, int, int]]:
     return frames
 
 
-def _inflate_zstd(data: bytes, write: Callable[[bytes], None], size: int) -> None:
+def _inflate_zstd(src: BinaryIO, write: Callable[[bytes], None], size: int) -> None:
+    from soda_mega.data import zstd_stream
+
+    if zstd_stream.available():
+        zstd_stream.decompress_stream(src, write, _CHUNK)
+        return
     import zstd
 
+    data = src.read()
     frames = _zstd_frames(data)
     declared = sum(f[2] for f in frames)
     if declared != size:

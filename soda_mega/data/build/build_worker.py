@@ -22,7 +22,8 @@ from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, shared_mimi,
 from soda_mega.data.build.devices import device_for_slot
 from soda_mega.data.documents import recording_documents, s2st_document, segment_frames, text_document
 from soda_mega.data.build.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
-                                   load_audio, load_codes, read_text_range)
+                                   load_audio, load_codes, read_text_range,
+                                   set_max_record_audio_bytes)
 from soda_mega.data.build.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.build.writer import UnitWriter
@@ -58,6 +59,7 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     layout = VocabLayout.from_dict(spec.layout)
+    set_max_record_audio_bytes(spec.max_record_audio_bytes)
     device = device_for_slot(spec.devices, _take_slot(slots)) if spec.devices else None
     if device and device.startswith("cuda:"):
         torch.cuda.set_device(device)  # anything made on "cuda" without an index lands here too
@@ -69,7 +71,8 @@ def init_worker(spec: WorkerSpec, progress_queue=None, slots=None) -> None:
         # NOTE: a multiprocessing Pool, not a ProcessPoolExecutor: its processes are daemonic, so
         # they end with this worker however it ends (a nested executor hung the worker's exit).
         feeders = mp.get_context("spawn").Pool(spec.feeders, initializer=spawned_dying_with,
-                                               initargs=(os.getpid(), INIT_FEEDER))
+                                               initargs=(os.getpid(), INIT_FEEDER,
+                                                         spec.max_record_audio_bytes))
     target = BuildTarget(spec.remote, staging=spec.root) if spec.remote else BuildTarget(spec.root)
     shutdown_worker()
     _STATE.update(spec=spec, layout=layout, queue=progress_queue, target=target, codec=codec,
@@ -157,11 +160,12 @@ def _batch_size() -> int:
 
 
 # ----------------------------------------------------------------- feeders (device path)
-def init_feeder() -> None:
+def init_feeder(max_record_audio_bytes: int) -> None:
     """A feeder process's set-up (after it armed its parent-death signal: see ``init_worker``)."""
     import torch
 
     torch.set_num_threads(1)
+    set_max_record_audio_bytes(max_record_audio_bytes)
 
 
 def decode_for_codec(path) -> tuple[np.ndarray | InputError, float]:

@@ -40,7 +40,9 @@ Unreadable files, zero samples, non-finite samples and sample rates outside 8 kH
 file, not audio) are bad input, whatever the decoder makes of them: a WAV header is checked
 before decoding (sphn panics on a rate of 0), and a decoder failure of any kind, a Rust panic
 included, is the record's :class:`InputError`. A recording is read whole (4 bytes x rate x
-seconds x channels of memory).
+seconds x channels of memory), and only when that fits ``data.max_record_audio_bytes``
+(default 1 GiB): the header is checked first, and decoding stops at that bound whatever the
+header says.
 
 **Other recording sources** give the same :class:`Recording` records: a local Hugging Face
 dataset (:mod:`.hf_input`, ``--hf-dataset``) and Lhotse manifests (:mod:`.lhotse_input`,
@@ -60,6 +62,7 @@ with a message naming the record; the builder counts and skips it and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -69,10 +72,12 @@ from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
+from soda_mega.config.schema import MAX_RECORD_AUDIO_BYTES
 from soda_mega.errors import SodaUserError
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 384_000
+_max_audio_bytes = MAX_RECORD_AUDIO_BYTES  # see set_max_record_audio_bytes
 JSONL_SUFFIXES = (".jsonl", ".json")
 T = TypeVar("T")  # a parsed manifest line: Recording or S2STPair
 
@@ -269,19 +274,18 @@ def read_s2st_manifest(path: str | Path) -> tuple[list[S2STPair], list[Skipped]]
 
 
 # ----------------------------------------------------------------- audio and codes
-def read_audio(path: str | Path, name: str | None = None) -> tuple[np.ndarray, int]:
-    """Float32 ``[channels, samples]`` and the sample rate; :class:`InputError` when unusable.
+def set_max_record_audio_bytes(limit: int) -> None:
+    """This process's bound on the decoded audio of one record (``data.max_record_audio_bytes``:
+    a build worker and its feeders set it from the build's config)."""
+    global _max_audio_bytes
+    _max_audio_bytes = int(limit)
 
-    ``name`` is what messages call the audio (default: the file name)."""
-    import sphn
 
-    path = Path(path)
-    name = name or path.name
-    if not path.is_file():
-        raise InputError(f"audio file not found: {path}")
-    check_wav_header(path, name)
+@contextlib.contextmanager
+def _decoder_errors(name: str):
+    """The decoder's failures, a Rust panic included, as the record's :class:`InputError`."""
     try:
-        wav, sample_rate = sphn.read(str(path))
+        yield
     except Exception as err:  # sphn raises ValueError / OSError with the decoder's message
         raise InputError(f"cannot decode audio {name}: {err}") from None
     except BaseException as err:
@@ -291,10 +295,47 @@ def read_audio(path: str | Path, name: str | None = None) -> tuple[np.ndarray, i
         if type(err).__name__ != "PanicException":
             raise
         raise InputError(f"cannot decode audio {name}: the decoder failed ({err})") from None
+
+
+def _too_long(name: str, seconds: float, rate: int, channels: int, limit: int) -> InputError:
+    return InputError(f"audio {name}: {seconds:.1f} s at {rate} Hz x {channels} channel(s) decodes "
+                      f"to {4 * channels * round(seconds * rate):,} bytes, more than "
+                      f"data.max_record_audio_bytes={limit:,} (raise it for recordings this long)")
+
+
+def read_audio(path: str | Path, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Float32 ``[channels, samples]`` and the sample rate; :class:`InputError` when unusable.
+
+    ``name`` is what messages call the audio (default: the file name). The header's rate,
+    channels and length are checked before anything is decoded, and decoding stops at this
+    process's bound on decoded audio (:func:`set_max_record_audio_bytes`) whatever the header
+    says: a few MB of FLAC silence that declare 20 minutes at 384 kHz are refused unread."""
+    import sphn
+
+    path = Path(path)
+    name = name or path.name
+    if not path.is_file():
+        raise InputError(f"audio file not found: {path}")
+    check_wav_header(path, name)
+    limit = _max_audio_bytes
+    with _decoder_errors(name):
+        reader = sphn.FileReader(str(path))
+        rate, channels, seconds = int(reader.sample_rate), int(reader.channels), float(reader.duration_sec)
+        del reader
+    check_sample_rate(rate, name)
+    channels = max(channels, 1)
+    most = limit // (4 * channels)  # samples per channel
+    if seconds * rate > most:
+        raise _too_long(name, seconds, rate, channels, limit)
+    with _decoder_errors(name):
+        # One sample past the bound: a header that understated the length shows as the excess.
+        wav, sample_rate = sphn.read(str(path), duration_sec=(most + 1) / rate)
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 2 or wav.shape[-1] == 0:
         raise InputError(f"audio {name} is empty (0 samples)")
     check_sample_rate(sample_rate, name)
+    if wav.size > limit // 4:
+        raise _too_long(name, wav.shape[-1] / sample_rate, sample_rate, wav.shape[0], limit)
     if not np.isfinite(wav).all():
         raise InputError(f"audio {name} has NaN or infinite samples (wrong sample format?)")
     return wav, int(sample_rate)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from soda_mega.config.schema import MAX_RECORD_AUDIO_BYTES
+
 #: the worker initializer, by name (imported in the worker after its parent-death signal)
 INIT_WORKER = "soda_mega.data.build.build_worker:init_worker"
 #: the initializer of a worker's feeder processes, by name
@@ -31,3 +33,4 @@ class WorkerSpec:
     remote: str | None = None  # remote OUT (s3://...), None for a local build
     devices: tuple[str, ...] = ()  # device path: the codec devices, one per worker slot
     feeders: int = 0  # decode/resample processes per worker (device path only)
+    max_record_audio_bytes: int = MAX_RECORD_AUDIO_BYTES  # data.max_record_audio_bytes

@@ -15,6 +15,10 @@ needs around it:
   checked before they are published;
 * **retries** with a timeout per attempt for transient errors; a file missing on the server is
   reported at once, by name;
+* **bounded downloads**: a file whose size is known (the index's, or a metadata file's most)
+  is fetched only up to that size: ``s3://`` objects are read with a ranged GET and the read
+  stops one byte past it (a 400 MB object the index calls 2 KB costs 2 KB of disk); other
+  schemes are checked as soon as streaming's downloader has written them;
 * **a size limit with eviction**: after each publish, shard files are removed least recently
   used first until the cache is under ``limit`` bytes (metadata files are never evicted). A
   file evicted while a reader still needs it is simply fetched again.
@@ -47,6 +51,7 @@ import socket
 import stat
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -77,6 +82,18 @@ class UnsafeCacheError(CacheError, SodaUserError):
 
 class MissingRemoteFile(CacheError, FileNotFoundError):
     """The server says the file does not exist."""
+
+
+class TooLarge(CacheError):
+    """The server holds more bytes than the file may have (the download stopped there)."""
+
+    def __init__(self, remote: str, limit: int, why: str) -> None:
+        super().__init__(f"{remote}: more than {limit:,} bytes on the server ({why}); the "
+                         "download stopped there")
+        self.limit = limit
+
+
+_CHUNK = 1 << 20
 
 
 def is_remote(path: str) -> bool:
@@ -231,10 +248,32 @@ def check_hashes(data: bytes, hashes: dict | None, what: str) -> None:
         return
     hashing = streaming_module("hashing")
     for algo, expected in sorted(hashes.items()):
-        got = hashing.get_hash(algo, data)
-        if got != expected:
-            raise CacheError(f"{what}: {algo} hash {got} does not match the index's {expected} "
-                             "(the file is damaged or was changed after the index was written)")
+        _compare(algo, hashing.get_hash(algo, data), expected, what)
+
+
+def check_file_hashes(path: Path, hashes: dict | None, what: str) -> None:
+    """:func:`check_hashes` of a file's bytes, read a chunk at a time (a shard is never held)."""
+    if not hashes:
+        return
+    import hashlib
+
+    import xxhash
+
+    algos = sorted(hashes)
+    # The algorithms of streaming.base.hashing: hashlib's, then xxhash's.
+    state = {a: (getattr(hashlib, a, None) or getattr(xxhash, a))() for a in algos}
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            for h in state.values():
+                h.update(chunk)
+    for algo in algos:
+        _compare(algo, state[algo].hexdigest(), hashes[algo], what)
+
+
+def _compare(algo: str, got: str, expected: str, what: str) -> None:
+    if got != expected:
+        raise CacheError(f"{what}: {algo} hash {got} does not match the index's {expected} "
+                         "(the file is damaged or was changed after the index was written)")
 
 
 class NodeCache:
@@ -359,9 +398,18 @@ class NodeCache:
             cache[scheme] = storage.CloudDownloader.get(remote)
         return cache[scheme]
 
-    def _download_once(self, remote: str, tmp: Path) -> None:
+    def _download_once(self, remote: str, tmp: Path, limit: int | None = None,
+                       why: str = "") -> None:
         try:
-            self._downloader(remote).download(remote, str(tmp), self.timeout)
+            downloader = self._downloader(remote)
+            if limit is not None and _bounded_s3(downloader, remote):
+                _s3_get_bounded(downloader, remote, tmp, limit, self.timeout, why)
+            else:
+                downloader.download(remote, str(tmp), self.timeout)
+                if limit is not None and tmp.stat().st_size > limit:
+                    raise TooLarge(remote, limit, why)
+        except CacheError:
+            raise
         except FileNotFoundError as err:
             raise MissingRemoteFile(f"{remote} does not exist on the server") from err
         except Exception as err:
@@ -372,18 +420,26 @@ class NodeCache:
             raise
 
     def fetch(self, remote: str, local: Path, hashes: dict | None = None,
-              size: int | None = None, rehash: bool = False) -> Path:
-        """``local``, downloaded from ``remote`` unless already published (one download per node)."""
-        return self.publish(local, lambda tmp: self._download_with_retries(remote, tmp),
+              size: int | None = None, rehash: bool = False, limit: int | None = None,
+              why: str = "") -> Path:
+        """``local``, downloaded from ``remote`` unless already published (one download per node):
+        exactly ``size`` bytes when given, at most ``limit`` (``why`` says whose limit)."""
+        if size is not None:
+            limit, why = size, why or f"the index says {size:,}"
+        return self.publish(local, lambda tmp: self._download_with_retries(remote, tmp, limit, why),
                             hashes, what=remote, size=size, rehash=rehash)
 
-    def _download_with_retries(self, remote: str, tmp: Path) -> None:
+    def _download_with_retries(self, remote: str, tmp: Path, limit: int | None = None,
+                               why: str = "") -> None:
+        """``remote`` into ``tmp``; with ``limit``, no more than ``limit`` bytes (:class:`TooLarge`
+        past it, not retried: the server would send the same again)."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                self._download_once(remote, tmp)
+                self._download_once(remote, tmp, limit, why)
                 return
-            except MissingRemoteFile:
+            except (MissingRemoteFile, TooLarge):
+                tmp.unlink(missing_ok=True)
                 raise
             except Exception as err:  # network errors, timeouts, throttling: retry
                 if attempt == self.retries:
@@ -419,7 +475,7 @@ class NodeCache:
                                      f"{size} (the file is damaged or was changed after the index "
                                      "was written)")
                 if hashes:
-                    check_hashes(tmp.read_bytes(), hashes, what or str(local))
+                    check_file_hashes(tmp, hashes, what or str(local))
                 # NOTE: the entry is written after the rename: a file without one (a crash in
                 # between) is made again, never served.
                 os.replace(tmp, local)
@@ -511,6 +567,50 @@ class NodeCache:
 def _evictable(path: Path) -> bool:
     """Shard files are evicted; metadata (index, lengths, token totals) stays."""
     return path.name.startswith("shard.")
+
+
+def _bounded_s3(downloader, remote: str) -> bool:
+    """Whether ``remote`` can be fetched with a ranged GET through the downloader's boto3 client
+    (streaming's ``S3Downloader``; other schemes go through their downloader, checked after)."""
+    return remote.startswith("s3://") and hasattr(downloader, "_create_s3_client") \
+        and hasattr(downloader, "_s3_client")
+
+
+def _s3_get_bounded(downloader, remote: str, tmp: Path, limit: int, timeout: float,
+                    why: str) -> None:
+    """``remote`` into ``tmp`` with streaming's own S3 client (its endpoint, credentials and
+    requester-pays settings), asking for bytes ``0..limit`` and reading no more than that:
+    a server that ignores the range is cut off one byte past ``limit``."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    url = urllib.parse.urlparse(remote)
+    extra = {}
+    if url.netloc in getattr(downloader, "_requester_pays_buckets", ()):
+        extra["RequestPayer"] = "requester"
+    if downloader._s3_client is None:
+        downloader._create_s3_client(timeout=timeout)
+    request = dict(Bucket=url.netloc, Key=url.path.lstrip("/"), Range=f"bytes=0-{limit}", **extra)
+    try:
+        try:
+            body = downloader._s3_client.get_object(**request)["Body"]
+        except NoCredentialsError:  # a public bucket, as streaming's downloader falls back to
+            downloader._create_s3_client(unsigned=True, timeout=timeout)
+            body = downloader._s3_client.get_object(**request)["Body"]
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
+            tmp.write_bytes(b"")
+            return
+        raise
+    try:
+        got = 0
+        with open(tmp, "wb") as out:
+            while chunk := body.read(_CHUNK):
+                got += len(chunk)
+                if got > limit:
+                    raise TooLarge(remote, limit, why)
+                out.write(chunk)
+    finally:
+        body.close()
 
 
 def _touch(path: Path) -> None:

@@ -127,14 +127,16 @@ def _decoder(root, codec: dict, mimi_weights: str | None, num_codebooks: int):
 
 
 def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
-                    wav: str | Path | None = None, mimi_weights: str | None = None) -> str:
-    """The inspection report of the dataset at ``root`` (optionally writing one WAV)."""
+                    wav: str | Path | None = None, mimi_weights: str | None = None,
+                    budget: dict | None = None) -> str:
+    """The inspection report of the dataset at ``root`` (optionally writing one WAV); ``budget``:
+    :class:`DocumentSource`'s ``max_bytes`` / ``max_inflate_ratio`` (default: the defaults)."""
     root = str(root) if is_remote(str(root)) else Path(root)
     lines = [f"dataset {root}"]
     source = None
     for name in SPLITS:
         try:
-            src = DocumentSource(root, name)
+            src = DocumentSource(root, name, **(budget or {}))
         except MissingSplitError as err:
             lines.append(f"  {name}: absent ({err})")
             continue
@@ -181,7 +183,7 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
 
 
 def verify_dataset(root: str | Path, cache_dir: str | None = None,
-                   max_listed: int = 20) -> tuple[str, int]:
+                   max_listed: int = 20, budget: dict | None = None) -> tuple[str, int]:
     """Check every shard (against the index's hashes when present) and every document (ids in
     the dataset's vocabulary layout, masks in {0, 1}, lengths as ``doc_lengths.npy`` says) of
     both splits. Returns (report, number of problems); each problem is named by split, shard
@@ -193,7 +195,8 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
     found = 0
     for name in SPLITS:
         try:
-            src = DocumentSource(root, name, cache=NodeCache(cache_dir) if cache_dir else None)
+            src = DocumentSource(root, name, cache=NodeCache(cache_dir) if cache_dir else None,
+                                 **(budget or {}))
         except MissingSplitError as err:
             lines.append(f"  {name}: absent ({err})")
             continue

@@ -36,14 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from soda_mega.data.read.cache import (CacheError, MissingRemoteFile, NodeCache, check_hashes,
-                                  is_remote, unique_tmp)
+from soda_mega.config.schema import MAX_DATASET_BYTES, MAX_INFLATE_RATIO
+from soda_mega.data import shard_contract
+from soda_mega.data.read.cache import (CacheError, MissingRemoteFile, NodeCache, TooLarge,
+                                       check_file_hashes, is_remote, unique_tmp)
 from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
 from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
-                                           check_index, check_lengths_chunk, check_lengths_header,
-                                           check_meta, check_shard_bytes, inflate, inside,
-                                           read_capped)
+                                           check_budget, check_index, check_lengths_chunk,
+                                           check_lengths_header, check_meta, check_shard_bytes,
+                                           inflate, inside, read_capped)
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
 
@@ -93,8 +95,13 @@ class DocumentSource:
 
     def __init__(self, root: str | Path, split: str = "train", layout: VocabLayout | None = None,
                  *, cache: NodeCache | None = None, skip_bad: bool = False,
-                 prefetch_threads: int = 2) -> None:
+                 prefetch_threads: int = 2, max_bytes: int | None = MAX_DATASET_BYTES,
+                 max_inflate_ratio: float | None = MAX_INFLATE_RATIO) -> None:
+        """``max_bytes`` and ``max_inflate_ratio`` (None: no limit) are the split's budget,
+        checked at open (:func:`.shard_contract.check_budget`): data.max_dataset_bytes and
+        data.max_inflate_ratio."""
         self.name = str(root)
+        self._budget = (max_bytes, max_inflate_ratio)
         self.split = split
         self.cache = cache or NodeCache()
         self.skip_bad = skip_bad
@@ -167,6 +174,7 @@ class DocumentSource:
         raw = read_capped(index_path, str(index_path))
         self._index_sha = hashlib.sha256(raw).hexdigest()
         self.shards = check_index(_parse_index(raw, str(index_path)), self.where)
+        check_budget(self.shards, self.where, *self._budget, cached=False)
         self.lengths = _load_lengths(split_dir / LENGTHS_FILE, str(split_dir / LENGTHS_FILE))
         self._lengths_path = split_dir / LENGTHS_FILE
         compressed = any(s["compression"] for s in self.shards)
@@ -179,12 +187,17 @@ class DocumentSource:
         raw = None
         for url in (f"{base}/{split}", base):
             tmp = unique_tmp(incoming / INDEX_FILE)
+            limit = shard_contract.MAX_JSON_BYTES
             try:
-                self.cache._download_with_retries(f"{url}/{INDEX_FILE}", tmp)
+                self.cache._download_with_retries(f"{url}/{INDEX_FILE}", tmp, limit,
+                                                  f"any {INDEX_FILE} of a soda-mega dataset takes "
+                                                  f"{limit:,} at most")
                 raw = read_capped(tmp, f"{url}/{INDEX_FILE}")
                 break
             except MissingRemoteFile:
                 continue
+            except TooLarge as err:
+                raise DatasetError(str(err)) from err
             except CacheError as err:
                 raise DatasetError(f"{self.name}: {err}") from err
             finally:
@@ -197,12 +210,21 @@ class DocumentSource:
         self._index_sha = hashlib.sha256(raw).hexdigest()
         # Checked before anything is published into the cache (or streaming ever sees it).
         self.shards = check_index(_parse_index(raw, f"{url}/{INDEX_FILE}"), url)
+        check_budget(self.shards, url, *self._budget, cached=True)
         # A rebuilt dataset at the same URL has another index: it gets its own cache folder.
         self.files_dir = self.cache.folder(f"{_short(url)}-{self._index_sha[:12]}")
         self.cache.publish(self.files_dir / INDEX_FILE, lambda t: t.write_bytes(raw))
+        # doc_lengths.npy: a .npy header (numpy reads 10,000 bytes of it at most) and 8 bytes a
+        # document at most.
+        samples = sum(s["samples"] for s in self.shards)
+        most = shard_contract.MAX_JSON_BYTES
+        limits = {META_FILE: (most, f"any {META_FILE} of a soda-mega dataset takes {most:,} at most"),
+                  LENGTHS_FILE: (8 * samples + (1 << 16), f"8 bytes for each of the {samples:,} "
+                                                          f"documents of {INDEX_FILE} and a header")}
         for name in (META_FILE, LENGTHS_FILE):
             try:
-                self.cache.fetch(f"{url}/{name}", self.files_dir / name)
+                self.cache.fetch(f"{url}/{name}", self.files_dir / name, limit=limits[name][0],
+                                 why=limits[name][1])
             except MissingRemoteFile as err:
                 raise DatasetError(f"{url} is not a soda-mega dataset split: {name} is missing "
                                    "(build one with `soda-mega data build`)") from err
@@ -297,7 +319,7 @@ class DocumentSource:
                                    f"{local} was deleted after the dataset was opened")
             if shard_idx not in self._verified and raw_info.get("hashes"):
                 try:
-                    check_hashes(local.read_bytes(), raw_info["hashes"], str(local))
+                    check_file_hashes(local, raw_info["hashes"], str(local))
                 except CacheError as err:
                     raise DatasetError(f"dataset {self.name} ({self.split}), shard "
                                        f"{raw_info['basename']}: {err}") from err
@@ -309,36 +331,35 @@ class DocumentSource:
                                           raw_info["hashes"], what=f"{self.where}/{raw_info['basename']}",
                                           size=raw_info["bytes"], rehash=rehash)
             return self.cache.fetch(f"{self.split_dir}/{raw_info['basename']}", local,
-                                    raw_info["hashes"], size=raw_info["bytes"], rehash=rehash)
+                                    raw_info["hashes"], size=raw_info["bytes"], rehash=rehash,
+                                    why=f"raw_data.bytes says {raw_info['bytes']:,}")
         except CacheError as err:
             raise DatasetError(f"dataset {self.name} ({self.split}), shard "
                                f"{raw_info['basename']}: {err}") from err
 
     def _decompress(self, shard: dict, tmp: Path) -> None:
-        """The shard's archive (read in place, or downloaded beside ``tmp``), checked against its
-        size and hashes, inflated into ``tmp`` up to ``raw_data.bytes`` and no further."""
+        """The shard's archive (read in place, or downloaded beside ``tmp`` up to its size),
+        checked against its size and hashes, inflated into ``tmp`` up to ``raw_data.bytes`` and
+        no further, a chunk at a time (neither file is ever held in memory)."""
         zip_info = shard["zip_data"]
         shown = f"{self.where}/{zip_info['basename']}"
-        if self.remote:
-            archive = unique_tmp(tmp)
-            try:
-                self.cache._download_with_retries(f"{self.split_dir}/{zip_info['basename']}", archive)
-                if archive.stat().st_size != zip_info["bytes"]:
-                    raise CacheError(f"{shown}: {archive.stat().st_size} bytes, zip_data.bytes says "
-                                     f"{zip_info['bytes']}")
-                data = archive.read_bytes()
-            finally:
-                archive.unlink(missing_ok=True)
-        else:
-            data = (self.split_dir / zip_info["basename"]).read_bytes()
-            if len(data) != zip_info["bytes"]:
-                raise CacheError(f"{shown}: {len(data)} bytes, zip_data.bytes says {zip_info['bytes']}")
-        check_hashes(data, zip_info["hashes"], shown)
+        archive = unique_tmp(tmp) if self.remote else self.split_dir / zip_info["basename"]
         try:
-            with open(tmp, "wb") as out:
-                inflate(shard["compression"], data, out, shard["raw_data"]["bytes"])
+            if self.remote:
+                self.cache._download_with_retries(f"{self.split_dir}/{zip_info['basename']}", archive,
+                                                  zip_info["bytes"],
+                                                  f"zip_data.bytes says {zip_info['bytes']:,}")
+            got = archive.stat().st_size
+            if got != zip_info["bytes"]:
+                raise CacheError(f"{shown}: {got} bytes, zip_data.bytes says {zip_info['bytes']}")
+            check_file_hashes(archive, zip_info["hashes"], shown)
+            with open(archive, "rb") as src, open(tmp, "wb") as out:
+                inflate(shard["compression"], src, out, shard["raw_data"]["bytes"])
         except InflateError as err:
             raise CacheError(f"{shown}: {err}") from err
+        finally:
+            if self.remote:
+                archive.unlink(missing_ok=True)
 
     def prefetch(self, shard_ids) -> None:
         """Fetch these shards into the node's cache in background threads (remote or compressed)."""

@@ -120,7 +120,9 @@ def open_split(cfg: SodaConfig, split: str, layout: VocabLayout) -> OpenedSplit:
     cache = NodeCache(data_cfg.cache_dir, data_cfg.cache_limit, data_cfg.download_timeout,
                       data_cfg.download_retries)
     sources = [DocumentSource(r, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
-                              prefetch_threads=data_cfg.prefetch_threads) for r in roots]
+                              prefetch_threads=data_cfg.prefetch_threads,
+                              max_bytes=data_cfg.max_dataset_bytes,
+                              max_inflate_ratio=data_cfg.max_inflate_ratio) for r in roots]
     _warn_small_cache(sources, cache, data_cfg.shuffle_window)
     weights = mixture_weights(sources, data_cfg.weights if split == "train" else (),
                               data_cfg.text_fraction)
