@@ -17,8 +17,9 @@ import os
 import re
 from pathlib import Path
 
+from soda_mega.checkpoint.contents import check_model_tensors
 from soda_mega.checkpoint.errors import CheckpointError
-from soda_mega.checkpoint.trust import read_json
+from soda_mega.checkpoint.trust import check_state, read_json
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.loader import apply_mapping
 from soda_mega.config.schema import SodaConfig
@@ -65,17 +66,28 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         f"{STATE_FILE}, a checkpoints/ folder with '{LATEST}', or a run folder)")
 
 
+def read_state(step: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of the ``step_N`` folder ``step``, its fields checked."""
+    path = Path(step) / STATE_FILE
+    return check_state(read_json(path), path)
+
+
 def checkpoint_state(path: str | os.PathLike) -> dict:
     """``trainer_state.json`` of the checkpoint ``path`` stands for."""
-    return read_json(resolve_checkpoint(path) / STATE_FILE)
+    return read_state(resolve_checkpoint(path))
 
 
 def checkpoint_config(path: str | os.PathLike) -> SodaConfig:
-    """The resolved configuration the checkpoint was written with."""
-    saved = checkpoint_state(path)["config"]
+    """The resolved configuration the checkpoint was written with, once its tensors are known
+    to be that model's (:func:`~soda_mega.checkpoint.contents.check_model_tensors`: a model
+    is built from what this returns)."""
+    step = resolve_checkpoint(path)
+    saved = read_state(step)["config"]
     cfg = SodaConfig()
     try:
-        apply_mapping(cfg, saved, f"{resolve_checkpoint(path)}/{STATE_FILE}")
-        return cfg.validate()
+        apply_mapping(cfg, saved, f"{step}/{STATE_FILE}")
+        cfg.validate()
     except ConfigError as err:
-        raise CheckpointError(f"checkpoint {path}: its configuration does not load: {err}") from None
+        raise CheckpointError(f"{step / STATE_FILE}: its configuration does not load: {err}") from None
+    check_model_tensors(step, cfg, STATE_FILE)
+    return cfg
