@@ -70,9 +70,13 @@ def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
 
 def _inside(folder: Path, path: Path, who) -> None:
     """Refuse a weight file that is a symlink leading out of the model folder, or not a regular
-    file: only the folder's own files are read."""
+    file: only the folder's own files are read.
+
+    NOTE: a snapshot of the HuggingFace hub cache (``models--ORG--NAME/snapshots/REV/``) holds
+    only links into its repository's ``blobs/`` folder; those are the model's own files."""
     real, home = path.resolve(), folder.resolve()
-    if home not in real.parents:
+    homes = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    if not any(h in real.parents for h in homes):
         raise HFError(f"{who} {path.name}, a link that leads out of the model folder (to "
                       f"{str(real)[:200]!r}); refused: only files inside the folder are read")
     if not real.is_file():

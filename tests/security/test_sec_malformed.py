@@ -64,6 +64,46 @@ def _manifest_case(text, needles):
     return lambda tmp: (_sweep(tmp, text), ["manifest.json", *needles])
 
 
+def _linked_out(index: bool):
+    """An HF folder whose weight file (named by the index, or the single ``model.safetensors``)
+    is a symlink to real weights outside the folder: it must not be read."""
+    def make(tmp: Path):
+        import shutil
+
+        outside = tmp / "elsewhere" / "weights.safetensors"
+        outside.parent.mkdir()
+        shutil.copy(_HF[0] / "model.safetensors", outside)
+        folder = tmp / "hf"
+        folder.mkdir()
+        shutil.copy(_HF[0] / "config.json", folder / "config.json")
+        name = "model-00001-of-00001.safetensors" if index else "model.safetensors"
+        (folder / name).symlink_to(outside)
+        if index:
+            from safetensors import safe_open
+
+            with safe_open(str(outside), framework="pt") as f:
+                weight_map = {k: name for k in f.keys()}
+            (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return (["import", "hf", str(folder), str(tmp / "out")],
+                [INDEX if index else "model.safetensors", name, "leads out of the model folder"])
+    return make
+
+
+def _hub_snapshot(tmp: Path):
+    """A HuggingFace hub cache snapshot: its files are links into the repository's ``blobs/``
+    (outside the snapshot folder, inside the repository): imported as usual."""
+    import shutil
+
+    repo = tmp / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(_HF[0] / name, repo / "blobs" / f"blob-{name}")
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", f"blob-{name}"))
+    return ["import", "hf", str(snapshot), str(tmp / "out")], None
+
+
 def _meta(tmp: Path, text: str) -> list[str]:
     root = tiny_dataset(tmp / "data", num_docs=1)
     replace_file(root / "train" / "soda_meta.json", text)
@@ -117,6 +157,8 @@ CASES = {  # name -> make(tmp) -> (argv, texts the error line must hold)
                               model__safetensors__index__json='{"weight_map": ' + DEEP + "}"),
     "hf_index_huge_int": _hf_case(_hf_config(), [INDEX, "4300 digits"],
                                   model__safetensors__index__json='{"x": ' + HUGE_INT + "}"),
+    "hf_index_symlink_out": _linked_out(index=True),
+    "hf_single_symlink_out": _linked_out(index=False),
     # soda_meta.json of a dataset split (data inspect)
     "soda_meta_deep": _meta_case('{"format": ' + DEEP + "}", ["nested"]),
     "soda_meta_huge_int": _meta_case('{"num_docs": ' + HUGE_INT + "}", ["4300 digits"]),
@@ -143,7 +185,12 @@ CASES = {  # name -> make(tmp) -> (argv, texts the error line must hold)
     "state_huge_int": _state_case(lambda s: '{"step": ' + HUGE_INT + "}", ["4300 digits"]),
 }
 
-_STEP: list[Path] = []
+ACCEPTED = {  # name -> make(tmp) -> (argv, None): inputs that must still work (exit 0)
+    "hf_hub_snapshot_links": _hub_snapshot,
+}
+
+_STEP: list[Path] = []  # the tiny checkpoint
+_HF: list[Path] = []  # its HF export
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +198,13 @@ def results(tmp_path_factory):
     """Every case of :data:`CASES` run once, in one fresh process: name -> (result, needles)."""
     _STEP.append(tiny_checkpoint(tmp_path_factory))
     tmp = tmp_path_factory.mktemp("malformed")
+    _HF.append(tmp / "hf-export")
+    (tmp / "export").mkdir()
+    run = run_cli_cases([["export", "hf", str(_STEP[0]), str(_HF[0]), "--dtype", "fp32"]],
+                        tmp / "export", each=120)
+    assert run[0]["rc"] == 0, run[0]["stderr"][-3000:]
     made = {}
-    for name, make in CASES.items():
+    for name, make in {**CASES, **ACCEPTED}.items():
         (tmp / name).mkdir()
         made[name] = make(tmp / name)
     out = run_cli_cases([argv for argv, _ in made.values()], tmp, each=60, timeout=600)
@@ -168,6 +220,12 @@ def test_sec_malformed_input_names_file_and_field(results, name):
     last = err.strip().splitlines()[-1]
     assert all(n in last for n in needles), (needles, err[-3000:])
     assert len(last) < 1000, last[:2000]
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_sec_well_formed_input_still_works(results, name):
+    result, _ = results[name]
+    assert result["rc"] == 0, result["stderr"][-3000:]
 
 
 @pytest.mark.parametrize("line,reason", [
