@@ -9,8 +9,8 @@ from the ``.metadata`` of ``torch.distributed.checkpoint`` (read without running
 
 - the model's tensors hold exactly the parameters the configuration describes (counted by
   :mod:`soda_mega.model.accounting`, nothing built): the input embedding and output layer are
-  ``[V_pad, hidden_size]`` with at least the vocabulary's ``V`` rows, everything else adds up
-  to the non-embedding parameter count;
+  ``[V_pad, hidden_size]``, the vocabulary's ``V`` ids padded for some TP size, everything
+  else adds up to the non-embedding parameter count;
 - every model tensor is stored in full (its entries hold at least its bytes), and every data
   file is as long as the entries placed in it.
 
@@ -44,8 +44,7 @@ def check_model_tensors(step_dir: Path, cfg: SodaConfig, source: str) -> None:
     (see the module docstring). ``source`` names where ``cfg`` came from (its state file)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from soda_mega.model.accounting import count_parameters
-    from soda_mega.tokens.layout import VocabLayout
+    from soda_mega.model.accounting import non_embedding_parameters
 
     step_dir = Path(step_dir)
     shown = step_dir / DCP_METADATA
@@ -55,10 +54,10 @@ def check_model_tensors(step_dir: Path, cfg: SodaConfig, source: str) -> None:
     metadata = read_dcp_metadata(step_dir)
     tensors = {fqn: md for fqn, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata) and fqn.split(".")[0] in MODEL_PREFIXES}
-    layout = VocabLayout.from_config(cfg.vocab)
-    counts = count_parameters(cfg.model, layout, tp=1)
-    h = cfg.model.hidden_size
-    most_rows = layout.padded_size(MAX_HEADS, cfg.model.make_vocab_size_divisible_by)
+    h, vocab = cfg.model.hidden_size, cfg.vocab.size
+    # NOTE: padded to a multiple of make_vocab_size_divisible_by x TP (any TP the heads allow)
+    most_rows = vocab + cfg.model.make_vocab_size_divisible_by * MAX_HEADS
+    non_embedding = non_embedding_parameters(cfg.model)
 
     def refuse(detail: str) -> CheckpointError:
         return CheckpointError(f"{shown}: the tensors are not those of the model {source} "
@@ -68,13 +67,13 @@ def check_model_tensors(step_dir: Path, cfg: SodaConfig, source: str) -> None:
         if name not in tensors:
             raise refuse(f"there is no {name}")
         shape = tuple(tensors[name].size)
-        if len(shape) != 2 or shape[1] != h or not layout.size <= shape[0] <= most_rows:
+        if len(shape) != 2 or shape[1] != h or not vocab <= shape[0] < most_rows:
             raise refuse(f"{name} is {list(shape)}, model.hidden_size={h} and the vocabulary "
-                         f"({layout.size} ids) need [{layout.size} or a few more, {h}]")
+                         f"({vocab} ids) need [{vocab} or a few more, {h}]")
     others = sum(md.size.numel() for fqn, md in tensors.items() if fqn not in VOCAB_TENSORS)
-    if others != counts.non_embedding:
+    if others != non_embedding:
         raise refuse(f"they hold {others:,} parameters besides the vocabulary tensors, "
-                     f"{_shape_fields(cfg)} need {counts.non_embedding:,}")
+                     f"{_shape_fields(cfg)} need {non_embedding:,}")
     _check_stored(step_dir, metadata, tensors, refuse)
 
 

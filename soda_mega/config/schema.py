@@ -67,11 +67,15 @@ class VocabConfig:
             raise ConfigError(f"vocab.special_tokens: must include {', '.join(missing)}")
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ConfigError("vocab.special_tokens: names must be unique")
-        size = self.text_vocab_size + len(self.special_tokens) + self.num_codebooks * self.codebook_size
-        if size > MAX_VOCAB:
+        if self.size > MAX_VOCAB:
             raise ConfigError(
-                f"vocab.codebook_size: the vocabulary would hold {size:,} ids (text_vocab_size + "
-                f"special tokens + num_codebooks x codebook_size); at most {MAX_VOCAB:,} are allowed")
+                f"vocab.codebook_size: the vocabulary would hold {self.size:,} ids (text_vocab_size "
+                f"+ special tokens + num_codebooks x codebook_size); at most {MAX_VOCAB:,} are allowed")
+
+    @property
+    def size(self) -> int:
+        """Number of real ids: text, special, then audio (``VocabLayout.size``)."""
+        return self.text_vocab_size + len(self.special_tokens) + self.num_codebooks * self.codebook_size
 
 
 @dataclass

@@ -250,3 +250,23 @@ def test_sec_jsonl_line_that_breaks_json_is_one_bad_record(tmp_path, line, reaso
     docs = list(read_text_range(TextRange(str(text), "jsonl", 0, size, 1, 3)))
     assert [getattr(d, "text", None) for d in docs] == ["one", None, "three"]
     assert docs[1].record == "t.jsonl:2" and reason in docs[1].reason
+
+
+@pytest.mark.parametrize("line,reason", [
+    ('{"id": "deep", "text": ' + DEEP + "}", "nested"),
+    ('{"id": "big", "text": ' + HUGE_INT + "}", "4300 digits"),
+    (b'{"id": "latin1", "text": "caf\xe9"}', "UTF-8"),
+])
+def test_sec_eval_manifest_line_that_breaks_json_is_one_bad_item(tmp_path, line, reason):
+    """The same for an evaluation manifest: the line is a bad item, named (and skipped with
+    ``skip_bad``), never a traceback."""
+    from soda_mega.eval.manifest import ManifestError, read_manifest
+
+    manifest = tmp_path / "eval.jsonl"
+    line = line if isinstance(line, bytes) else line.encode()
+    manifest.write_bytes(b'{"id": "a", "text": "one"}\n' + line + b'\n{"id": "c", "text": "x"}\n')
+    with pytest.raises(ManifestError, match=f"eval.jsonl:2 \\(line 2\\): .*{reason}"):
+        read_manifest(manifest, ["text"])
+    kept = read_manifest(manifest, ["text"], skip_bad=True)
+    assert [i.id for i in kept.items] == ["a", "c"]
+    assert [s["where"] for s in kept.skipped] == [f"{manifest}:2"] and reason in kept.skipped[0]["reason"]
