@@ -42,16 +42,29 @@ def _shape_fields(cfg: SodaConfig) -> str:
 def check_model_tensors(step_dir: Path, cfg: SodaConfig, source: str) -> None:
     """Refuse ``step_dir`` unless its tensors are those of ``cfg``'s model, stored in full
     (see the module docstring). ``source`` names where ``cfg`` came from (its state file)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from soda_mega.model.accounting import non_embedding_parameters
-
     step_dir = Path(step_dir)
     shown = step_dir / DCP_METADATA
     if not shown.exists():
         raise DamagedCheckpoint(f"{shown}: missing; the checkpoint holds no weights for the model "
                                 f"{source} describes (it is incomplete)")
     metadata = read_dcp_metadata(step_dir)
+    try:
+        _check(step_dir, metadata, cfg, source)
+    except CheckpointError:
+        raise
+    except (AttributeError, TypeError, ValueError, OverflowError, RuntimeError) as err:
+        # NOTE: the metadata classes are admitted, not their field values, which a forged
+        # .metadata may set to anything (a string for a length, a key that is not a name).
+        raise DamagedCheckpoint(f"{shown}: damaged ({type(err).__name__}: "
+                                f"{str(err).strip()[:200]})") from None
+
+
+def _check(step_dir: Path, metadata, cfg: SodaConfig, source: str) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from soda_mega.model.accounting import non_embedding_parameters
+
+    shown = step_dir / DCP_METADATA
     tensors = {fqn: md for fqn, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata) and fqn.split(".")[0] in MODEL_PREFIXES}
     h, vocab = cfg.model.hidden_size, cfg.vocab.size

@@ -66,6 +66,41 @@ def _vocab(**changes):
     return edit
 
 
+def _forged_metadata(source: Path, dest: Path, edit) -> Path:
+    """A copy of the checkpoint ``source`` whose ``.metadata`` is ``edit(metadata)`` (pickled
+    again with the same classes), its manifest signed again."""
+    import pickle
+
+    from soda_mega.checkpoint.manifest import write_manifest
+    from soda_mega.checkpoint.trust import read_dcp_metadata
+
+    step = hostile_copy(source, dest)
+    metadata = read_dcp_metadata(step)
+    edit(metadata)
+    replace_file(step / ".metadata", pickle.dumps(metadata))
+    replace_file(step / "manifest.json", b"")
+    write_manifest(step)
+    return step
+
+
+def _claim_float64(metadata) -> None:
+    """Every model tensor claims twice the bytes its entries hold."""
+    import dataclasses
+
+    import torch
+
+    for fqn, md in metadata.state_dict_metadata.items():
+        if fqn.startswith("decoder.") and hasattr(md, "properties"):
+            md.properties = dataclasses.replace(md.properties, dtype=torch.float64)
+
+
+def _length_not_a_number(metadata) -> None:
+    import dataclasses
+
+    index, info = next(iter(metadata.storage_data.items()))
+    metadata.storage_data[index] = dataclasses.replace(info, length="many")
+
+
 def _hf(source: Path, dest: Path, **changes) -> Path:
     """A copy of the HF folder ``source`` with ``config.json`` fields changed."""
     import shutil
@@ -102,6 +137,14 @@ def results(tmp_path_factory):
             ["eval", "nll", str(_resigned(step, tmp / "c2" / "step_00000000", _model(num_layers=8))),
              "--data", str(data)],
             [".metadata", "model.num_layers"]),
+        "export_dtype_lies": (
+            ["export", "hf", str(_forged_metadata(step, tmp / "c4" / "step_00000000",
+                                                  _claim_float64)), str(tmp / "o9")],
+            [".metadata", "bytes, its entries hold"]),
+        "export_length_not_a_number": (
+            ["export", "hf", str(_forged_metadata(step, tmp / "c5" / "step_00000000",
+                                                  _length_not_a_number)), str(tmp / "o10")],
+            [".metadata", "damaged"]),
         "export_codebook_2e31": (
             ["export", "hf", str(_resigned(step, tmp / "c3" / "step_00000000",
                                            _vocab(codebook_size=2 ** 31 - 1))), str(tmp / "o3")],
@@ -133,7 +176,8 @@ def results(tmp_path_factory):
 
 
 CASE_NAMES = ["eval_nll_of_state_only", "export_of_state_only", "export_hidden_lies",
-              "eval_layers_lie", "export_codebook_2e31", "config_codebook_2e31",
+              "eval_layers_lie", "export_dtype_lies", "export_length_not_a_number",
+              "export_codebook_2e31", "config_codebook_2e31",
               "config_text_vocab_2e31", "config_seq_1e15", "import_layers_1e8",
               "import_layers_vs_weights", "import_hidden_vs_weights", "import_positions_1e15",
               "import_vocab_2e40"]
