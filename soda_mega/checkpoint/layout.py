@@ -18,8 +18,9 @@ import re
 import sys
 from pathlib import Path
 
+from soda_mega.checkpoint.contents import check_model_tensors
 from soda_mega.checkpoint.errors import CheckpointError
-from soda_mega.checkpoint.trust import read_json
+from soda_mega.checkpoint.trust import check_state, read_json
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.loader import apply_mapping
 from soda_mega.config.places import ignored_notice, without_node_settings
@@ -67,29 +68,34 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         f"{STATE_FILE}, a checkpoints/ folder with '{LATEST}', or a run folder)")
 
 
+def read_state(step: str | os.PathLike) -> dict:
+    """``trainer_state.json`` of the ``step_N`` folder ``step``, its fields checked."""
+    path = Path(step) / STATE_FILE
+    return check_state(read_json(path), path)
+
+
 def checkpoint_state(path: str | os.PathLike) -> dict:
     """``trainer_state.json`` of the checkpoint ``path`` stands for."""
-    return read_json(resolve_checkpoint(path) / STATE_FILE)
+    return read_state(resolve_checkpoint(path))
 
 
 def checkpoint_config(path: str | os.PathLike) -> SodaConfig:
-    """The resolved configuration the checkpoint was written with, less the settings that name
-    places of the machine that wrote it (:mod:`soda_mega.config.places`: the cache folder and
-    limit, the run folder), which take their default values; the caller's own overrides then
-    decide them. One line (once per checkpoint and process) names a cache setting left out."""
-    state_file = resolve_checkpoint(path) / STATE_FILE
-    state = checkpoint_state(path)
-    saved = state.get("config") if isinstance(state, dict) else None
+    """The resolved configuration the checkpoint was written with, once its tensors are known
+    to be that model's (:func:`~soda_mega.checkpoint.contents.check_model_tensors`: a model
+    is built from what this returns), less the settings that name places of the machine that
+    wrote it (:mod:`soda_mega.config.places`: the cache folder and limit, the run folder),
+    which take their default values; the caller's own overrides then decide them. One line
+    (once per checkpoint and process) names a cache setting left out."""
+    step = resolve_checkpoint(path)
+    state_file = step / STATE_FILE
+    saved, dropped = without_node_settings(read_state(step)["config"])
     cfg = SodaConfig()
     try:
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{state_file}: config must be a mapping of sections, got "
-                              f"{type(saved).__name__}")
-        saved, dropped = without_node_settings(saved)
         apply_mapping(cfg, saved, str(state_file))
         cfg.validate()
     except ConfigError as err:
-        raise CheckpointError(f"checkpoint {path}: its configuration does not load: {err}") from None
+        raise CheckpointError(f"{state_file}: its configuration does not load: {err}") from None
+    check_model_tensors(step, cfg, STATE_FILE)
     notice = ignored_notice(f"checkpoint {state_file}", dropped)
     if notice and str(state_file) not in _NOTICED and int(os.environ.get("RANK", "0")) == 0:
         _NOTICED.add(str(state_file))

@@ -13,13 +13,16 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from soda_mega.checkpoint.errors import CheckpointError
-from soda_mega.checkpoint.layout import STATE_FILE
+from soda_mega.checkpoint.errors import CheckpointError, DamagedCheckpoint
+from soda_mega.checkpoint.layout import STATE_FILE, read_state
 from soda_mega.checkpoint.manifest import verify
 from soda_mega.checkpoint.sharded import (model_sharded_state_dict, optimizer_metadata, rank,
                                           unwrap, world)
-from soda_mega.checkpoint.trust import (RNG_DIR, RNG_HINT, load_plain, read_json, rng_files,
-                                        vet_checkpoint)
+from soda_mega.checkpoint.trust import RNG_DIR, RNG_HINT, load_plain, rng_files, vet_checkpoint
+
+
+#: trainer_state.json fields a resume restores (besides ``step``, which every checkpoint has).
+RESUME_FIELDS = ("tokens", "bad_steps", "loader")
 
 
 def verify_checkpoint(step_dir: Path) -> None:
@@ -39,10 +42,14 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, restore_rng:
     path = Path(path)
     if not verified:
         verify_checkpoint(path)  # nothing is loaded from a file that is damaged or not plain data
-    state = read_json(path / STATE_FILE)
+    state = read_state(path)
     if optimizer is not None and state.get("weights_only"):
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be "
                               "resumed; start a new run from it with --training.init_from")
+    missing = [k for k in RESUME_FIELDS if optimizer is not None and k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{path / STATE_FILE}: has no {missing[0]!r} field, which a resume "
+                                "needs; the file is damaged or was replaced")
     chunks = unwrap(model)
     sharded = model_sharded_state_dict(chunks)
     if optimizer is not None:

@@ -28,6 +28,7 @@ import xxhash
 from soda_mega.checkpoint.errors import DamagedCheckpoint
 from soda_mega.checkpoint.sharded import rank, world
 from soda_mega.checkpoint.trust import clip, inside_file
+from soda_mega.utils import strict_json
 
 MANIFEST = "manifest.json"
 HASH = "xxh3_64"
@@ -107,10 +108,10 @@ def read_manifest(step_dir: Path) -> dict | None:
         return None
     inside_file(step_dir, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = strict_json.read_file(path)
         files = manifest["files"]
         assert isinstance(files, dict) and manifest.get("hash") == HASH
-    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
         raise DamagedCheckpoint(f"{path}: damaged ({type(err).__name__}: "
                                 f"{str(err)[:200]})") from None
     for name, entry in files.items():
@@ -176,6 +177,12 @@ def _legacy_problems(step_dir: Path) -> list[str]:
         metadata = read_dcp_metadata(step_dir)
     except CheckpointError as err:
         return [str(err)]
+    return data_file_problems(step_dir, metadata)
+
+
+def data_file_problems(step_dir: Path, metadata) -> list[str]:
+    """The data files of ``step_dir`` that are missing or shorter than the entries ``metadata``
+    (its ``.metadata``) places in them."""
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)

@@ -29,7 +29,6 @@ import dataclasses
 import enum
 import importlib
 import io
-import json
 import os
 import pickle
 import stat
@@ -38,6 +37,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from soda_mega.checkpoint.errors import CheckpointError, DamagedCheckpoint
+from soda_mega.utils import strict_json
 
 DCP_METADATA = ".metadata"
 COMMON_FILE = "common.pt"
@@ -138,16 +138,47 @@ def read_json(path: Path) -> dict:
     """A JSON object file of a checkpoint; anything else is refused, naming the file."""
     _regular(Path(path))
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        value = strict_json.read_file(path)
     except FileNotFoundError:
         raise DamagedCheckpoint(f"{path}: missing; the checkpoint is incomplete") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        why = str(err)[:200] or "nested too deeply"
-        raise DamagedCheckpoint(f"{path}: not valid JSON ({why}); the file is damaged or was "
-                                f"replaced; {_TRUST}") from None
+    except strict_json.JSONProblem as err:
+        raise DamagedCheckpoint(f"{path}: {err}; the file is damaged or was replaced; "
+                                f"{_TRUST}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
+
+
+# trainer_state.json: field -> (what it must be, the test, required). The trainer writes all
+# of them; a weights-only checkpoint (import hf) has step, tokens, weights_only, provenance
+# and config.
+_STATE_FIELDS = {
+    "step": ("an integer >= 0", lambda v: type(v) is int and v >= 0, True),
+    "config": ("an object (the run's configuration)", lambda v: isinstance(v, dict), True),
+    "tokens": ("an integer >= 0", lambda v: type(v) is int and v >= 0, False),
+    "bad_steps": ("an integer >= 0", lambda v: type(v) is int and v >= 0, False),
+    "weights_only": ("true or false", lambda v: isinstance(v, bool), False),
+    "previous": ("a checkpoint folder name or null", lambda v: v is None or isinstance(v, str), False),
+    "loader": ("an object", lambda v: isinstance(v, dict), False),
+    "provenance": ("an object", lambda v: isinstance(v, dict), False),
+}
+
+
+def check_state(state: dict, path: Path) -> dict:
+    """``state`` (``trainer_state.json`` at ``path``) when each field soda-mega reads has its
+    type; otherwise :class:`DamagedCheckpoint` naming the file and the field."""
+    for name, (what, ok, required) in _STATE_FIELDS.items():
+        if name not in state:
+            if required:
+                raise DamagedCheckpoint(f"{path}: has no {name!r} field; the file is damaged or "
+                                        f"was replaced")
+            continue
+        if not ok(state[name]):
+            shown = (repr(state[name])[:60] if isinstance(state[name], (str, int, float, bool))
+                     else f"a {type(state[name]).__name__}")
+            raise DamagedCheckpoint(f"{path}: {name} must be {what}, got {shown}; the file is "
+                                    f"damaged or was replaced")
+    return state
 
 
 def load_plain(path: Path, source=None, hint: str = ""):

@@ -23,12 +23,29 @@ MAX_RECORD_AUDIO_BYTES = 1 << 30
 
 SODA_SPECIAL_TOKENS = ("<|text_start|>", "<|text_end|>", "<|audio_start|>", "<|audio_end|>")
 
+# Upper bounds on the sizes a configuration (or a checkpoint, dataset or HF folder from
+# elsewhere) may declare. NOTE: they are far above any real model (SODA_SPEC: 144,644 ids,
+# 2048-entry codebooks, soda-4b has d=2560, 36 layers, 4096 tokens; the largest open models
+# have 256k-id vocabularies, 64k-entry codec codebooks, d=16384, 126 layers, 1M-token contexts)
+# and exist so that a 2-KB file cannot make soda-mega build a two-billion-id tokenizer or spin
+# on a 1e15-token context before anything else is checked.
+MAX_TEXT_VOCAB = 1 << 21       # 2,097,152 text ids
+MAX_CODEBOOK_SIZE = 1 << 18    # 262,144 entries per codebook
+MAX_VOCAB = 1 << 22            # 4,194,304 ids in all (text + special + audio)
+MAX_HIDDEN = 1 << 16           # 65,536
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_FFN = 1 << 20              # 1,048,576
+MAX_SEQ_LENGTH = 1 << 24       # 16,777,216 tokens
+
 
 @dataclass
 class VocabConfig:
     """Layout of the one flat vocabulary: text ids, special ids, then audio codebooks."""
 
-    text_vocab_size: int = fld(128256, "ids taken by the text tokenizer, placed first", ge=1)
+    text_vocab_size: int = fld(128256, "ids taken by the text tokenizer, placed first", ge=1,
+                              le=MAX_TEXT_VOCAB)
     bos_id: int = fld(128000, "beginning-of-document id (inside the text range)", ge=0)
     eos_id: int = fld(128001, "end-of-document id (inside the text range)", ge=0)
     special_tokens: list[str] = fld(
@@ -36,7 +53,7 @@ class VocabConfig:
         default_factory=lambda: list(SODA_SPECIAL_TOKENS),
     )
     num_codebooks: int = fld(8, "Mimi codebooks kept per frame (codebook 0 is semantic)", ge=1, le=32)
-    codebook_size: int = fld(2048, "entries per codebook", ge=2)
+    codebook_size: int = fld(2048, "entries per codebook", ge=2, le=MAX_CODEBOOK_SIZE)
 
     def check(self) -> None:
         for name in ("bos_id", "eos_id"):
@@ -55,6 +72,15 @@ class VocabConfig:
             raise ConfigError(f"vocab.special_tokens: must include {', '.join(missing)}")
         if len(set(self.special_tokens)) != len(self.special_tokens):
             raise ConfigError("vocab.special_tokens: names must be unique")
+        if self.size > MAX_VOCAB:
+            raise ConfigError(
+                f"vocab.codebook_size: the vocabulary would hold {self.size:,} ids (text_vocab_size "
+                f"+ special tokens + num_codebooks x codebook_size); at most {MAX_VOCAB:,} are allowed")
+
+    @property
+    def size(self) -> int:
+        """Number of real ids: text, special, then audio (``VocabLayout.size``)."""
+        return self.text_vocab_size + len(self.special_tokens) + self.num_codebooks * self.codebook_size
 
 
 @dataclass
@@ -62,20 +88,21 @@ class ModelConfig:
     """Shape of the Qwen3-style decoder (RMSNorm, SwiGLU, RoPE, QK-norm, GQA, no biases)."""
 
     name: str = fld("custom", "label of the model shape, e.g. the preset it came from")
-    hidden_size: int = fld(512, "model width d", ge=1)
-    num_layers: int = fld(15, "number of transformer blocks", ge=1)
-    num_attention_heads: int = fld(8, "query heads", ge=1)
-    num_kv_heads: int = fld(8, "key/value heads (grouped-query attention)", ge=1)
-    head_dim: int = fld(64, "channels per attention head", ge=1)
-    ffn_hidden_size: int = fld(1792, "SwiGLU inner width (each of the gate and up projections)", ge=1)
-    seq_length: int = fld(4096, "training context length in tokens", ge=1)
+    hidden_size: int = fld(512, "model width d", ge=1, le=MAX_HIDDEN)
+    num_layers: int = fld(15, "number of transformer blocks", ge=1, le=MAX_LAYERS)
+    num_attention_heads: int = fld(8, "query heads", ge=1, le=MAX_HEADS)
+    num_kv_heads: int = fld(8, "key/value heads (grouped-query attention)", ge=1, le=MAX_HEADS)
+    head_dim: int = fld(64, "channels per attention head", ge=1, le=MAX_HEAD_DIM)
+    ffn_hidden_size: int = fld(1792, "SwiGLU inner width (each of the gate and up projections)", ge=1,
+                              le=MAX_FFN)
+    seq_length: int = fld(4096, "training context length in tokens", ge=1, le=MAX_SEQ_LENGTH)
     rope_theta: float = fld(1_000_000.0, "RoPE base frequency (Qwen3 uses 1e6)", gt=0)
     norm_eps: float = fld(1e-6, "RMSNorm epsilon", gt=0)
     qk_norm: bool = fld(True, "RMSNorm on each query and key head before RoPE (Qwen3)")
     init_std: float = fld(0.02, "std of the normal init of weight matrices", gt=0)
     make_vocab_size_divisible_by: int = fld(
-        128, "pad the vocabulary to a multiple of this times the TP size (padded ids never predicted)", ge=1
-    )
+        128, "pad the vocabulary to a multiple of this times the TP size (padded ids never predicted)", ge=1,
+        le=1 << 16)
 
     def check(self) -> None:
         if self.num_attention_heads % self.num_kv_heads:

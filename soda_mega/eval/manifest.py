@@ -8,12 +8,12 @@ collected and raised together (:class:`ManifestError`, one line per problem with
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from soda_mega.errors import SodaUserError
+from soda_mega.utils import strict_json
 
 
 class ManifestError(SodaUserError, ValueError):
@@ -50,15 +50,17 @@ def read_manifest(path: str | Path, required: Sequence[str], paths: Sequence[str
         raise ManifestError(f"manifest {path}: no such file")
     items, problems = [], []
     seen: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
+    # NOTE: read as bytes: a line that is not UTF-8, nested too deeply or holding a
+    # 5,000-digit integer is one bad item (strict_json), not an error that ends the command.
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append((where, f"line {number}", f"not valid JSON ({err.msg})"))
+                obj = strict_json.loads(line)
+            except strict_json.JSONProblem as err:
+                problems.append((where, f"line {number}", str(err)))
                 continue
             if not isinstance(obj, dict):
                 problems.append((where, f"line {number}", "not a JSON object"))

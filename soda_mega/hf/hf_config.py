@@ -13,13 +13,16 @@ since a silently different model would be worse than none.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 from pathlib import Path
 
-from soda_mega.config.schema import SodaConfig
+from soda_mega.config.fields import short
+from soda_mega.config.schema import MAX_VOCAB, ModelConfig, SodaConfig
 from soda_mega.hf.files import HFError
 from soda_mega.model.qwen3_mapping import hf_config_dict
 from soda_mega.tokens.layout import VocabLayout
+from soda_mega.utils import strict_json
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 MODEL_TYPE = "qwen3"
@@ -52,23 +55,27 @@ def generation_config(layout: VocabLayout) -> dict:
 
 
 def read_config(folder: Path) -> dict:
-    """``config.json`` of a HuggingFace Qwen3 folder, checked for what soda-mega can run."""
+    """``config.json`` of a HuggingFace Qwen3 folder, checked for what soda-mega can run: every
+    field soda-mega reads has its type and lies within the bounds of the config schema, so a
+    hostile file fails here, naming the field, before anything is built from it."""
     path = Path(folder) / "config.json"
     if not Path(folder).is_dir():
         raise HFError(f"{folder}: no such folder")
     if not path.is_file():
         raise HFError(f"{folder}: has no config.json, so it is not a HuggingFace model folder")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise HFError(f"{path}: not valid JSON ({err})") from None
+        hf = strict_json.read_file(path)
+    except strict_json.JSONProblem as err:
+        raise HFError(f"{path}: {err}") from None
+    if not isinstance(hf, dict):
+        raise HFError(f"{path}: expected a JSON object, found a {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type != MODEL_TYPE:
-        raise HFError(f"{path}: model_type is {model_type!r}; soda-mega imports Qwen3 models only "
-                      f"(model_type {MODEL_TYPE!r}, architectures [{ARCHITECTURE!r}])")
+        raise HFError(f"{path}: model_type is {short(model_type)}; soda-mega imports Qwen3 models "
+                      f"only (model_type {MODEL_TYPE!r}, architectures [{ARCHITECTURE!r}])")
     archs = hf.get("architectures") or [ARCHITECTURE]
-    if ARCHITECTURE not in archs:
-        raise HFError(f"{path}: architectures is {archs}; soda-mega imports {ARCHITECTURE} only")
+    if not isinstance(archs, list) or ARCHITECTURE not in archs:
+        raise HFError(f"{path}: architectures is {short(archs)}; soda-mega imports {ARCHITECTURE} only")
     unsupported = {
         "hidden_act": (hf.get("hidden_act", "silu") != "silu", "SwiGLU with silu"),
         "attention_bias": (bool(hf.get("attention_bias", False)), "no attention biases"),
@@ -77,12 +84,48 @@ def read_config(folder: Path) -> dict:
     }
     for field, (bad, needs) in unsupported.items():
         if bad:
-            raise HFError(f"{path}: {field} is {hf.get(field)!r}; the soda-mega model has {needs}")
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "vocab_size"):
-        if not isinstance(hf.get(field), int):
-            raise HFError(f"{path}: {field} is missing or not an integer")
+            raise HFError(f"{path}: {field} is {short(hf.get(field))}; the soda-mega model has {needs}")
+    _check_fields(path, hf)
     return hf
+
+
+# config.json field -> (the ModelConfig field whose bounds it takes, required)
+_SHAPE_FIELDS = {"hidden_size": ("hidden_size", True), "num_hidden_layers": ("num_layers", True),
+                 "num_attention_heads": ("num_attention_heads", True),
+                 "intermediate_size": ("ffn_hidden_size", True),
+                 "num_key_value_heads": ("num_kv_heads", False), "head_dim": ("head_dim", False),
+                 "max_position_embeddings": ("seq_length", False)}
+_NUMBER_FIELDS = ("rope_theta", "rms_norm_eps")
+
+
+def _check_fields(path: Path, hf: dict) -> None:
+    bounds = {f.name: f.metadata for f in dataclasses.fields(ModelConfig)}
+    limits = {name: (1, bounds[field]["le"], required)
+              for name, (field, required) in _SHAPE_FIELDS.items()}
+    limits["vocab_size"] = (1, MAX_VOCAB, True)
+    for name, (low, high, required) in limits.items():
+        value = hf.get(name)
+        if value is None and not required:
+            continue
+        if type(value) is not int or not low <= value <= high:
+            raise HFError(f"{path}: {name} must be an integer in {low}..{high}, got {short(value)}")
+    for name in ("bos_token_id", "eos_token_id"):
+        value = hf.get(name)
+        if value is not None and (type(value) is not int or value < 0):
+            raise HFError(f"{path}: {name} must be a token id (an integer >= 0), got {short(value)}")
+    for name in _NUMBER_FIELDS:
+        value = hf.get(name)
+        if value is not None and (type(value) not in (int, float) or not 0 < value < math.inf):
+            raise HFError(f"{path}: {name} must be a positive number, got {short(value)}")
+    if not isinstance(hf.get("tie_word_embeddings", False), bool):
+        raise HFError(f"{path}: tie_word_embeddings must be true or false, got "
+                      f"{short(hf['tie_word_embeddings'])}")
+    block = hf.get(SODA_BLOCK)
+    if block is not None and not isinstance(block, dict):
+        raise HFError(f"{path}: {SODA_BLOCK} must be an object, got {short(block)}")
+    for key in ("model", "text_tokenizer", "vocab_layout"):
+        if (block or {}).get(key) is not None and not isinstance(block[key], dict):
+            raise HFError(f"{path}: {SODA_BLOCK}.{key} must be an object, got {short(block[key])}")
 
 
 def model_fields(hf: dict) -> dict:

@@ -14,6 +14,7 @@ says which one it used.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from soda_mega.config.loader import apply_mapping, dump_config, load_preset, par
 from soda_mega.config.schema import SodaConfig
 from soda_mega.hf.files import HFError, check_output, file_sha256, print_listing, staged_output
 from soda_mega.hf.hf_config import SODA_BLOCK, model_fields, read_config
-from soda_mega.hf.safetensors_io import read_weights
+from soda_mega.hf.safetensors_io import read_weights, weight_shapes
 from soda_mega.hf.tokenizer_files import layout_from_tokenizer, text_part
 from soda_mega.tokens.layout import VocabLayout
 
@@ -38,6 +39,7 @@ FREE_MODEL_FIELDS = ("name", "seq_length", "init_std", "make_vocab_size_divisibl
 TEXT_TOKENIZER = "text_tokenizer.json"
 CONFIG_FILE = "config.yaml"
 _IGNORED = (".rotary_emb.inv_freq",)  # buffers some older exports include
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _log(text: str) -> None:
@@ -64,6 +66,36 @@ def resolve_layout(folder: Path, hf: dict) -> tuple[VocabLayout, str]:
         return default, f"SODA's default layout ({default.size} ids; {why})"
     raise HFError(f"{folder}: cannot tell the vocabulary layout: config.json has no {SODA_BLOCK} "
                   f"block, {why}, and vocab_size {hf['vocab_size']} is below SODA's {default.size} ids")
+
+
+def check_weights(folder: Path, hf: dict, model: dict) -> None:
+    """Refuse a ``config.json`` whose shape the weight files do not have, from the safetensors
+    headers alone: before a layout, tokenizer, name list or model is built from its numbers."""
+    shapes = weight_shapes(folder)
+
+    def expect(name: str, shape: tuple, fields: str) -> None:
+        if name not in shapes:
+            return  # named later, with the other tensors a Qwen3 needs
+        have, file = shapes[name]
+        if have != shape:
+            raise HFError(f"{folder}/config.json: {fields} give {name} the shape {list(shape)}, "
+                          f"but {file} holds {list(have)}")
+
+    h, d = model["hidden_size"], model["head_dim"]
+    expect("model.embed_tokens.weight", (hf["vocab_size"], h), "vocab_size and hidden_size")
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+    if layers != set(range(model["num_layers"])):
+        files = ", ".join(sorted({file for _, file in shapes.values()})[:3])
+        raise HFError(f"{folder}/config.json: num_hidden_layers is {model['num_layers']}, but the "
+                      f"weights ({files}) hold {len(layers)} layers"
+                      + (f" numbered {min(layers)}..{max(layers)}" if layers else ""))
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    expect(f"{attn}.q_proj.weight", (model["num_attention_heads"] * d, h),
+           "num_attention_heads, head_dim and hidden_size")
+    expect(f"{attn}.k_proj.weight", (model["num_kv_heads"] * d, h),
+           "num_key_value_heads, head_dim and hidden_size")
+    expect(f"{mlp}.gate_proj.weight", (model["ffn_hidden_size"], h),
+           "intermediate_size and hidden_size")
 
 
 def _fill_defaults(tensors: dict[str, torch.Tensor], hf: dict, m: dict, notes: list[str]) -> dict:
@@ -202,10 +234,11 @@ def import_hf(folder: str | Path, out: str | Path, preset: str | None = None,
     hf = read_config(folder)
     check_output(out, overwrite=False, overwrite_option=None)
     notes: list[str] = []
+    model = {**model_fields(hf), "qk_norm": True}
+    check_weights(folder, hf, model)
     layout, layout_from = resolve_layout(folder, hf)
     _log(f"vocabulary layout from {layout_from}: {layout.size} ids (text {layout.text_vocab_size}, "
          f"{len(layout.special_tokens)} special, {layout.num_codebooks} x {layout.codebook_size} audio)")
-    model = {**model_fields(hf), "qk_norm": True}
     try:
         cfg = build_config(folder, hf, layout, model, preset, seq_length, overrides, notes)
         if cfg.training.precision != "fp32":

@@ -19,6 +19,7 @@ import torch
 from huggingface_hub.serialization import StateDictSplit
 
 from soda_mega.hf.files import HFError
+from soda_mega.utils import strict_json
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -67,15 +68,31 @@ def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
     return files + [INDEX]
 
 
+def _inside(folder: Path, path: Path, who) -> None:
+    """Refuse a weight file that is a symlink leading out of the model folder, or not a regular
+    file: only the folder's own files are read.
+
+    NOTE: a snapshot of the HuggingFace hub cache (``models--ORG--NAME/snapshots/REV/``) holds
+    only links into its repository's ``blobs/`` folder; those are the model's own files."""
+    real, home = path.resolve(), folder.resolve()
+    homes = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    if not any(h in real.parents for h in homes):
+        raise HFError(f"{who} {path.name}, a link that leads out of the model folder (to "
+                      f"{str(real)[:200]!r}); refused: only files inside the folder are read")
+    if not real.is_file():
+        raise HFError(f"{who} {path.name}, which is not a regular file; refused")
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a HuggingFace model folder (the index's, or the single file)."""
     folder = Path(folder)
     index = folder / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
-                RecursionError) as err:
+            weight_map = strict_json.read_file(index)["weight_map"]
+        except strict_json.JSONProblem as err:
+            raise HFError(f"{index}: {err}") from None
+        except (KeyError, TypeError) as err:
             raise HFError(f"{index}: not a safetensors index (needs a 'weight_map'): "
                           f"{str(err)[:200]}") from None
         if not isinstance(weight_map, dict):
@@ -90,8 +107,11 @@ def weight_files(folder: Path) -> list[Path]:
         missing = [p.name for p in files if not p.is_file()]
         if missing:
             raise HFError(f"{index} names weight files that are missing: {', '.join(missing[:5])}")
+        for path in files:
+            _inside(folder, path, f"{index}: names")
         return files
     if (folder / SINGLE).is_file():
+        _inside(folder, folder / SINGLE, f"{folder}:")
         return [folder / SINGLE]
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     if others:
@@ -103,6 +123,25 @@ def weight_files(folder: Path) -> list[Path]:
                       "read. Convert them once with transformers: AutoModelForCausalLM."
                       "from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)")
     raise HFError(f"{folder}: no weights ({SINGLE} or {INDEX})")
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, file name) of every tensor of a HuggingFace model folder, from the safetensors
+    headers alone (no tensor is read), so a config can be checked against the weights before
+    anything is built from it."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = (tuple(f.get_slice(name).get_shape()), path.name)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise HFError(f"{path}: not a readable safetensors file ({text}); only safetensors "
+                          "weights are read (never a pickle)") from None
+    return shapes
 
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:

@@ -55,6 +55,13 @@ def layer_matmul_parameters(model: ModelConfig) -> int:
     return h * qkv_out_features(model) + attn_out * h + h * 2 * f + f * h
 
 
+def non_embedding_parameters(model: ModelConfig) -> int:
+    """Every parameter but the input embedding and the output layer: the layers and the final
+    norm (no vocabulary needed)."""
+    return model.num_layers * (layer_norm_parameters(model) + layer_matmul_parameters(model)) \
+        + model.hidden_size
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameter counts of the whole model (all ranks together).
@@ -99,7 +106,7 @@ def count_parameters(model: ModelConfig, layout: VocabLayout, tp: int = 1) -> Pa
     padded = layout.padded_size(tp, model.make_vocab_size_divisible_by)
     per_layer = layer_norm_parameters(model) + layer_matmul_parameters(model)
     layers = model.num_layers * per_layer
-    non_embedding = layers + h
+    non_embedding = non_embedding_parameters(model)
     return ParamCounts(
         tensor_parallel=tp,
         vocab_size=vocab,

@@ -9,12 +9,12 @@ provenance stamp of :func:`soda_mega.utils.provenance.write_json` (commit, versi
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from soda_mega.errors import SodaUserError
+from soda_mega.utils import strict_json
 from soda_mega.utils.provenance import write_json
 from soda_mega.utils.shell import UnsafeValueError, plain_name, relative_plain_path
 
@@ -133,9 +133,9 @@ def read_manifest(path: str | Path) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest (make one with `soda-mega scaling grid --out DIR`)")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+        data = strict_json.read_file(path)
+    except strict_json.JSONProblem as err:
+        raise ManifestError(f"{path}: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{path}: not a scaling manifest (format {data.get('format') if isinstance(data, dict) else None!r}, "
                             f"expected {FORMAT!r})")
@@ -158,4 +158,10 @@ def read_manifest(path: str | Path) -> Manifest:
     header = {k: v for k, v in data.items() if k not in ("runs", "dropped")}
     if not isinstance(header.get("grid", {}), dict):
         raise ManifestError(f"{path}: grid must be an object of grid settings, got {_kind(header['grid'])}")
-    return Manifest(path=path, header=header, runs=runs, dropped=list(data.get("dropped", [])))
+    dropped = data.get("dropped", [])
+    if not isinstance(dropped, list):
+        raise ManifestError(f"{path}: dropped must be a list of dropped candidates, got {_kind(dropped)}")
+    for i, row in enumerate(dropped):
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}: dropped[{i}] must be an object, got {_kind(row)}")
+    return Manifest(path=path, header=header, runs=runs, dropped=dropped)

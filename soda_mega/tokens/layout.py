@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 
 from soda_mega.config.fields import ConfigError
-from soda_mega.config.schema import SODA_SPECIAL_TOKENS, VocabConfig
+from soda_mega.config.schema import (MAX_CODEBOOK_SIZE, MAX_TEXT_VOCAB, MAX_VOCAB,
+                                     SODA_SPECIAL_TOKENS, VocabConfig)
 
 
 class Modality(IntEnum):
@@ -58,10 +59,15 @@ class VocabLayout:
     def __post_init__(self) -> None:
         if not 1 <= self.num_codebooks <= 32:
             raise ConfigError(f"vocab.num_codebooks: must be in 1..32, got {self.num_codebooks}")
-        if self.codebook_size < 2:
-            raise ConfigError(f"vocab.codebook_size: must be >= 2, got {self.codebook_size}")
-        if self.text_vocab_size < 1:
-            raise ConfigError(f"vocab.text_vocab_size: must be >= 1, got {self.text_vocab_size}")
+        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise ConfigError(f"vocab.codebook_size: must be in 2..{MAX_CODEBOOK_SIZE}, got "
+                              f"{self.codebook_size}")
+        if not 1 <= self.text_vocab_size <= MAX_TEXT_VOCAB:
+            raise ConfigError(f"vocab.text_vocab_size: must be in 1..{MAX_TEXT_VOCAB}, got "
+                              f"{self.text_vocab_size}")
+        if self.size > MAX_VOCAB:
+            raise ConfigError(f"vocab.codebook_size: the vocabulary would hold {self.size:,} ids; "
+                              f"at most {MAX_VOCAB:,} are allowed")
         for name in ("bos_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.text_vocab_size:
                 raise ConfigError(f"vocab.{name}: must lie in the text range [0, {self.text_vocab_size})")

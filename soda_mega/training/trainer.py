@@ -33,13 +33,12 @@ import torch.distributed as dist
 
 from soda_mega.checkpoint.errors import CheckpointError
 from soda_mega.checkpoint.layout import (STATE_FILE, checkpoint_config, checkpoint_state,
-                                         resolve_checkpoint, step_dir)
+                                         read_state, resolve_checkpoint, step_dir)
 from soda_mega.checkpoint.load import load_checkpoint
 from soda_mega.checkpoint.resume import (check_resumable, find_resume_checkpoint,
                                          has_checkpoints, start_over)
 from soda_mega.checkpoint.async_save import AsyncSaver, SaveReport
 from soda_mega.checkpoint.save import save_checkpoint
-from soda_mega.checkpoint.trust import read_json
 from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.config.loader import dump_config
 from soda_mega.config.resolved import ResolvedRun, resolve_run
@@ -309,7 +308,7 @@ class Trainer:
         path = find_resume_checkpoint(self.ckpt_dir) if self.cfg.run.resume else None
         if path is None:
             return False
-        saved = read_json(path / STATE_FILE)
+        saved = read_state(path)
         check_resumable(saved["config"], self.cfg.to_dict(), path)
         faults.inject("load", dist.get_rank())
         trainer_state = load_checkpoint(path, self.model, self.optimizer, verified=True)

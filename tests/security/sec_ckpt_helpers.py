@@ -94,15 +94,28 @@ def run_cli(argv: list[str], timeout: float = 120, env: dict | None = None,
                           text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
+def _address_space_limit(limit: int):
+    """A ``preexec_fn`` capping the child's address space at ``limit`` bytes."""
+    def cap() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return cap
+
+
 def run_cli_cases(argvs: list[list[str]], tmp: Path, each: float = 60,
-                  timeout: float = 600, env: dict | None = None) -> list[dict]:
+                  timeout: float = 600, env: dict | None = None,
+                  memory_limit: int | None = None) -> list[dict]:
     """Run each ``soda-mega ARGV`` of ``argvs`` in one fresh process; each result is
-    ``{"rc": int or "timeout", "stderr": str}`` (a case past ``each`` seconds is interrupted)."""
+    ``{"rc": int or "timeout", "stderr": str}`` (a case past ``each`` seconds is interrupted).
+    ``memory_limit``: the process's address space in bytes (RLIMIT_AS), so that a regression
+    that allocates a huge model fails at once instead of eating the machine."""
     cases, results = tmp / "cases.json", tmp / "results.json"
     cases.write_text(json.dumps({"each": each, "argvs": argvs}))
     proc = subprocess.run([sys.executable, __file__, str(cases), str(results)],
                           capture_output=True, text=True, env={**_child_env(), **(env or {})},
-                          timeout=timeout)
+                          timeout=timeout,
+                          preexec_fn=_address_space_limit(memory_limit) if memory_limit else None)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(results.read_text())
 

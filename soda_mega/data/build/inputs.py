@@ -63,7 +63,6 @@ with a message naming the record; the builder counts and skips it and goes on.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -74,6 +73,7 @@ import numpy as np
 
 from soda_mega.config.schema import MAX_RECORD_AUDIO_BYTES
 from soda_mega.errors import SodaUserError
+from soda_mega.utils import strict_json
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 384_000
@@ -226,6 +226,16 @@ def parse_s2st_record(obj, where: str, base: Path, default_prefix: str) -> S2STP
     return S2STPair(str(rid), where, src_audio, src_codes, source_text, target_text, tgt_audio, tgt_codes)
 
 
+def _json_line(text: str) -> object:
+    """One line of a JSONL input. NOTE: a line nested too deeply or holding a 5,000-digit
+    integer is one bad line like any other (an InputError, skipped and named), never an error
+    that stops the whole build."""
+    try:
+        return strict_json.loads(text)
+    except strict_json.JSONProblem as err:
+        raise InputError(str(err)) from None
+
+
 def _read_jsonl(path: str | Path, parse: Callable[[object, str, Path, str], T]
                 ) -> tuple[list[T], list[Skipped]]:
     """``parse(obj, where, base, stem)`` of every non-blank line of a JSONL manifest; lines that
@@ -245,10 +255,7 @@ def _read_jsonl(path: str | Path, parse: Callable[[object, str, Path, str], T]
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     raise InputError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+                obj = _json_line(text)
                 rec = parse(obj, where, base, path.stem)
             except InputError as err:
                 skipped.append(Skipped(where, str(err)))
@@ -590,15 +597,12 @@ def read_text_range(r: TextRange) -> Iterator[TextDoc | Skipped]:
             rid = where
             if r.fmt == "jsonl":
                 try:
-                    obj = json.loads(text)
+                    obj = _json_line(text)
                     if not isinstance(obj, dict):
                         raise InputError("a line must be a JSON object with a 'text' field")
                     text = _text(obj.get("text"), "'text'")
                     if "id" in obj:
                         rid = str(obj["id"])
-                except json.JSONDecodeError as err:
-                    yield Skipped(where, f"not valid JSON ({err.msg} at column {err.colno})")
-                    continue
                 except InputError as err:
                     yield Skipped(where, str(err))
                     continue

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 import sys
 import threading
@@ -48,6 +47,7 @@ from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateErro
                                            inflate, inside, read_capped)
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
+from soda_mega.utils import strict_json
 
 __all__ = ["DatasetError", "DocumentSource", "MissingSplitError", "INDEX_FILE", "layout_differences",
            "read_meta"]
@@ -64,9 +64,9 @@ def layout_differences(dataset: dict, model: dict) -> list[str]:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(read_capped(Path(path), what))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{what} is not valid JSON (truncated or damaged?): {err}") from err
+        return strict_json.loads(read_capped(Path(path), what))
+    except strict_json.JSONProblem as err:
+        raise DatasetError(f"{what} is {err} (truncated or damaged?)") from None
 
 
 def read_meta(split_dir: Path, shown: str | None = None) -> dict:
@@ -485,9 +485,9 @@ class DocumentSource:
 
 def _parse_index(raw: bytes, shown: str) -> dict:
     try:
-        index = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{shown} is not valid JSON (truncated or damaged?): {err}") from err
+        index = strict_json.loads(raw)
+    except strict_json.JSONProblem as err:
+        raise DatasetError(f"{shown} is {err} (truncated or damaged?)") from None
     if not isinstance(index, dict):
         raise DatasetError(f"{shown}: expected a JSON object")
     return index
