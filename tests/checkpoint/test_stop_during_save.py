@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_sigusr1_to_the_group_while_a_writer_writes_saves_the_step(corpus, tmp_p
     assert f"stopped by SIGUSR1 after step {stopped}; saved" in text, text[-3000:]
     assert _latest(run_dir) == f"step_{stopped:08d}" and _leftovers(run_dir) == []
     if mode == "async":
-        assert "saved step 2 (" in text and "saving step 2 in the background" in text
+        assert "saving step 2 in the background" in text and "saved step 2 (" in text
     _finish_and_compare(corpus, run_dir)
 
 
@@ -198,3 +199,19 @@ def test_kill_9_during_a_background_write_keeps_latest_and_the_writer_dies_too(c
     assert _group_alive(run.proc.pid) == [], "a writer outlived its killed trainer"
     assert _latest(run_dir) == "step_00000001"
     _finish_and_compare(corpus, run_dir)
+
+
+def test_a_save_waits_for_the_one_in_flight_and_says_how_long(corpus, tmp_path):
+    """At most one save in flight: the write of step 2 is held for 4 s (no signal comes), the
+    loop trains step 3 meanwhile, and step 3's save waits for step 2's to be published first."""
+    run_dir = tmp_path / "run"
+    run = Trainer(corpus, run_dir, "--run.save_interval=1", "--run.max_steps=3",
+                  fault="wait:0:write@2:4")
+    code = run.finish()
+    text = run.text()
+    assert code == 0, text[-3000:]
+    assert "rank 0 step write@2: wait ended by the time limit" in text
+    waited = re.search(r"the save of step 3 waited ([\d.]+) s for the write of step 2", text)
+    assert waited is not None and float(waited[1]) > 0.5, text[-3000:]
+    assert text.index("saved step 2 (") < text.index("saving step 3 in the background")
+    assert _latest(run_dir) == "step_00000003" and _leftovers(run_dir) == []
