@@ -55,15 +55,38 @@ def owner_record() -> dict:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has ``pid`` (a zombie, dead but not yet reaped, has not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     except (OverflowError, ValueError):
         return False
-    return True
+    stat = _proc_stat(pid)
+    return not (stat and stat[0] == "Z")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_started(pid: int) -> float | None:
+    """When the process ``pid`` of this host started (seconds since the epoch), where ``/proc``
+    tells; None elsewhere."""
+    stat = _proc_stat(pid)
+    try:
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, TypeError, IndexError, StopIteration):
+        return None
 
 
 def why_gone(held: dict, me: dict, age_s: float, *, any_run_of_my_task: bool = False) -> str | None:
@@ -71,8 +94,13 @@ def why_gone(held: dict, me: dict, age_s: float, *, any_run_of_my_task: bool = F
     gone, or None while it may live. ``any_run_of_my_task``: every other run of this process's
     SLURM task is an earlier one (a build task); otherwise only an earlier attempt is."""
     pid = held.get("pid")
-    if held.get("host") == me["host"] and isinstance(pid, int) and not pid_alive(pid):
-        return "that process no longer runs"
+    if held.get("host") == me["host"] and isinstance(pid, int):
+        if not pid_alive(pid):
+            return "that process no longer runs"
+        started, recorded = process_started(pid), held.get("started")
+        # NOTE: clock ticks and a boot time in whole seconds: a few seconds of slack.
+        if started and isinstance(recorded, (int, float)) and started > recorded + 5:
+            return "its pid now belongs to a process started after it"
     task = held.get("slurm")
     if task and task == me["slurm"]:
         before = held.get("attempt")
