@@ -258,7 +258,7 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
     if not found and not problems:
         problems.append(f"{root} holds no split (train/ or valid/)")
     for p in problems[:max_listed]:
-        lines.append(f"  BAD {p}")
+        lines.append(f"  BAD {printable(p)}")
     if len(problems) > max_listed:
         lines.append(f"  ... and {len(problems) - max_listed} more")
     lines.append("verify: " + ("OK" if not problems else f"{len(problems)} problem(s) found"))
