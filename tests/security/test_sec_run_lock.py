@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sec_ckpt_helpers import _child_env, run_cli, tiny_dataset
+from sec_ckpt_helpers import _child_env, tiny_dataset
 
 pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
 
@@ -50,7 +50,7 @@ def _train_args(data: Path, run_dir: Path) -> list[str]:
             "--run.max_steps=1", "--run.tensorboard=false", "--run.eval_interval=0"]
 
 
-def test_a_second_run_on_a_busy_folder_stops_on_every_rank_and_a_dead_holder_is_taken_over(tmp_path):
+def test_a_second_run_stops_on_every_rank_and_a_killed_holder_is_taken_over(tmp_path):
     data = tiny_dataset(tmp_path / "ds")
     run_dir = tmp_path / "run"
     holder = _holder(run_dir)
@@ -78,11 +78,15 @@ def test_a_second_run_on_a_busy_folder_stops_on_every_rank_and_a_dead_holder_is_
     finally:
         holder.kill()
         holder.wait()
-    # The holder was killed (kill -9): its lock is taken over and the run trains.
-    proc = run_cli(_train_args(data, run_dir), timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "took over" in proc.stderr and str(holder.pid) in proc.stderr, proc.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "latest").is_file()
+    # The holder was killed (kill -9): its lock is taken over (a whole resumed run after a
+    # killed rank 0 is tests/training/test_runtime_faults.py's hung-rank restart).
+    from soda_mega.training.run_lock import RunLock
+
+    lock = RunLock(run_dir).acquire()
+    try:
+        assert "took over" in lock.note and f"pid {holder.pid}" in lock.note, lock.note
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------- the lock's own rules
