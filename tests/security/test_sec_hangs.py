@@ -61,6 +61,7 @@ def test_fifos_in_a_dataset_or_run_folder_are_refused_not_waited_on(tmp_path_fac
          ("doc_lengths.npy", "FIFO")),
         ([*train, f"--data.train={tiny_dataset(tmp_path / 'good')}", f"--run.dir={run}",
           "--run.step_timeout_s=600"], ("latest", "FIFO")),
+        (["eval", "nll", str(run), "--data", str(tmp_path / "good")], ("latest", "FIFO")),
     ]
     results = run_cli_cases([argv for argv, _ in cases], tmp_path, each=45, timeout=600)
     failures = [f"{' '.join(argv[:2])} ({needles[0]}): {why}"
