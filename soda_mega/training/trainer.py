@@ -59,6 +59,7 @@ from soda_mega.training.run_lock import hold_run_folder
 from soda_mega.training.schedule import LRSchedule, soda_peak_lr
 from soda_mega.training.watchdog import StepWatchdog
 from soda_mega.utils.telemetry import GpuTelemetry
+from soda_mega.utils.terminal import printable
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,7 +124,9 @@ def load_initial_weights(path: str, cfg: SodaConfig, model, optimizer) -> str:
         origin = "weights-only checkpoint"
         provenance = saved.get("provenance") or {}
         if provenance:
-            origin += " (" + ", ".join(f"{k} {v}" for k, v in sorted(provenance.items())) + ")"
+            # NOTE: the checkpoint's own record (it may come from elsewhere): shown escaped.
+            origin += " (" + ", ".join(f"{printable(k, 80)} {printable(v, 300)}"
+                                       for k, v in sorted(provenance.items())) + ")"
     else:
         origin = f"step {saved['step']} ({saved['tokens']:,} tokens) of a {cfg.model.name} run"
     return (f"initialised the weights from {step_dir}: {origin}; optimizer, step, schedule and "
