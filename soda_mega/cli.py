@@ -11,6 +11,7 @@ from soda_mega.config.fields import ConfigError
 from soda_mega.errors import EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, write_status
 from soda_mega.utils import stop_signals
 from soda_mega.utils.startup import import_torch_frozen
+from soda_mega.utils.terminal import printable
 
 # sub-command name -> module in soda_mega.commands; each module has
 # ``register(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
@@ -102,8 +103,12 @@ def _run_command(args) -> int:
 
 
 def _cut(err: BaseException, limit: int = 4000) -> str:
-    """The message, cut short: the last guard against a message that quotes a huge input."""
-    text = str(err)
+    """The message on one line, cut short: the last guard against a message that quotes a huge
+    input, or one holding newlines or terminal escapes (a file's strings, escaped)."""
+    # NOTE: a message that lists several problems, one a line (``lists_lines``: an eval
+    # manifest's bad items), keeps its line breaks; everything else within a line is escaped.
+    lines = str(err).split("\n") if getattr(err, "lists_lines", False) else [str(err)]
+    text = "\n".join(printable(line) for line in lines)
     if len(text) <= limit:
         return text
     return f"{text[:limit]} [... {len(text) - limit:,} more characters]"

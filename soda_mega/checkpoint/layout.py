@@ -25,6 +25,7 @@ from soda_mega.config.fields import ConfigError
 from soda_mega.config.loader import apply_mapping
 from soda_mega.config.places import ignored_notice, without_node_settings
 from soda_mega.config.schema import SodaConfig
+from soda_mega.utils.files import not_regular
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -39,6 +40,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of ``root``, or None when there is none."""
     root = Path(root)
     pointer = root / LATEST
+    if problem := not_regular(pointer):
+        raise CheckpointError(f"{pointer} {problem}; refused (a FIFO would block the read): give "
+                              f"a step_N folder instead")
     if not pointer.is_file():
         return None
     name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
@@ -60,7 +64,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root) if (root / LATEST).is_file() else None
+        found = latest_checkpoint(root) if (root / LATEST).exists() else None
         if found is not None:
             return found
     raise CheckpointError(

@@ -25,6 +25,7 @@ from soda_mega.checkpoint.layout import LATEST, STATE_FILE, STEP_DIR
 from soda_mega.checkpoint.load import verify_checkpoint
 from soda_mega.checkpoint.sharded import barrier, rank
 from soda_mega.checkpoint.trust import read_json
+from soda_mega.utils.files import not_regular
 
 REPLACED = "replaced"
 # What a run folder holds of one run's history; start_over moves these aside together.
@@ -55,6 +56,8 @@ def pointer_target(root: Path) -> tuple[Path | None, str | None]:
     pointer = Path(root) / LATEST
     if not pointer.exists():
         return None, None
+    if problem := not_regular(pointer):  # a FIFO would block the read until the step timeout
+        return None, f"{pointer} {problem}"
     try:
         text = pointer.read_bytes().decode("utf-8", errors="replace").strip()
     except OSError as err:

@@ -31,13 +31,13 @@ import importlib
 import io
 import os
 import pickle
-import stat
 from pathlib import Path, PurePosixPath
 
 import torch
 
 from soda_mega.checkpoint.errors import CheckpointError, DamagedCheckpoint
 from soda_mega.utils import strict_json
+from soda_mega.utils.files import kind_of, not_regular
 
 DCP_METADATA = ".metadata"
 COMMON_FILE = "common.pt"
@@ -85,14 +85,6 @@ def name_problem(name: object) -> str | None:
     return None
 
 
-def _kind(mode: int) -> str | None:
-    """What a file of this mode is, when it is not a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
-
-
 def inside_file(step_dir: Path, name: str, source: str = "file") -> Path | None:
     """``step_dir/name`` when it is a regular file inside ``step_dir`` (symlinks followed), None
     when it does not exist (a dangling link included); anything else (see :func:`name_problem`,
@@ -113,7 +105,7 @@ def inside_file(step_dir: Path, name: str, source: str = "file") -> Path | None:
             home = step_dir.resolve()
             if real != home and home not in real.parents:
                 problem = f"leads out of the checkpoint folder (to {clip(str(real))})"
-            elif kind := _kind(os.stat(real).st_mode):
+            elif kind := kind_of(os.stat(real).st_mode):
                 problem = f"is {kind}, not a regular file"
     if problem is not None:
         raise CheckpointError(
@@ -125,13 +117,10 @@ def inside_file(step_dir: Path, name: str, source: str = "file") -> Path | None:
 def _regular(path: Path) -> None:
     """Refuse ``path`` when it exists but is not a regular file (a FIFO blocks, a device never
     ends)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # missing: the reader says so
-    if _kind(mode):
-        raise CheckpointError(f"{path}: refused: not a regular file (a device, FIFO, socket or "
-                              f"folder); {_TRUST}")
+    problem = not_regular(path)  # None when missing: the reader says so
+    if problem:
+        raise CheckpointError(f"{path}: refused: {problem} (a FIFO would block, a device never "
+                              f"ends); {_TRUST}")
 
 
 def read_json(path: Path) -> dict:

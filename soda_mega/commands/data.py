@@ -315,6 +315,10 @@ def register_inspect(actions) -> argparse.ArgumentParser:
                    help="Mimi weights (.safetensors) for --wav; required when the dataset records "
                         "weights (they are printed, never loaded unasked); without: the dataset's "
                         "seeded random Mimi")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="the text tokenizer.json that decodes the shown document's text (an hf "
+                        "dataset records its builder's path: printed and compared, never opened "
+                        "unasked); without: text shown as ids")
     p.add_argument("--verify", action="store_true",
                    help="read every shard and document of both splits: shard hashes (when the "
                         "index has them), token ids inside the vocabulary layout, loss masks in "
@@ -327,6 +331,7 @@ def register_inspect(actions) -> argparse.ArgumentParser:
 def run_inspect(args) -> int:
     from soda_mega.data.read.inspect import inspect_dataset
     from soda_mega.data.read.source import DatasetError
+    from soda_mega.utils.terminal import printable
 
     # The split's budget may be raised on the command line (--data.max_dataset_bytes=...).
     data_cfg = load_config(overrides=args.overrides).data
@@ -339,9 +344,10 @@ def run_inspect(args) -> int:
         return 2 if problems else 0
     try:
         print(inspect_dataset(args.path, sample=args.sample, split=args.split, wav=args.wav,
-                              mimi_weights=args.mimi_weights, budget=budget))
+                              mimi_weights=args.mimi_weights, budget=budget,
+                              tokenizer=args.tokenizer))
     except DatasetError as err:
-        print(f"soda-mega data inspect: {err}", file=sys.stderr)
+        print(f"soda-mega data inspect: {printable(err)}", file=sys.stderr)
         return 2
     return 0
 

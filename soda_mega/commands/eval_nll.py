@@ -15,6 +15,7 @@ from pathlib import Path
 
 from soda_mega.commands.argtypes import positive_int
 from soda_mega.config.fields import ConfigError
+from soda_mega.utils.terminal import printable
 
 PREFIX = "soda-mega eval nll"
 
@@ -129,7 +130,7 @@ def run(args) -> int:
                                "give --max-batches N")
     except (CheckpointError, DatasetError) as err:
         if rank0:
-            print(f"{PREFIX}: {err}", file=sys.stderr)
+            print(f"{PREFIX}: {printable(err)}", file=sys.stderr)
         return 2
     checkpoint = {"path": str(step_dir), "step": saved.get("step"),
                   "weights_only": bool(saved.get("weights_only", False))}
@@ -176,7 +177,7 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
                                   run=resolved)
         except DatasetError as err:
             if rank0:
-                print(f"{PREFIX}: {err}", file=sys.stderr)
+                print(f"{PREFIX}: {printable(err)}", file=sys.stderr)
             return None
         return build_report(result, cfg, checkpoint, split, max_batches, resolved.vocab)
     finally:

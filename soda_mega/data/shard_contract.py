@@ -44,6 +44,7 @@ import numpy as np
 
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_KEYS, SPLITS
 from soda_mega.errors import SodaUserError
+from soda_mega.utils.files import not_regular
 
 INDEX_FILE = "index.json"
 
@@ -87,10 +88,20 @@ class MissingSplitError(DatasetError):
     """The dataset has no such split (e.g. no ``valid/``): validation can be switched off."""
 
 
+def check_regular(path: Path, shown: str) -> Path:
+    """``path`` (named ``shown``), refused unopened when it exists but is not a regular file."""
+    problem = not_regular(path)
+    if problem:
+        raise DatasetError(f"{shown}: {problem}; refused: a dataset holds only regular files (a "
+                           "FIFO would block the reader forever, a device never ends)")
+    return Path(path)
+
+
 def read_capped(path: Path, shown: str, limit: int | None = None) -> bytes:
     """The bytes of the metadata file ``path`` (named ``shown``), refused unread when it holds
-    more than ``limit`` (default :data:`MAX_JSON_BYTES`) bytes."""
+    more than ``limit`` (default :data:`MAX_JSON_BYTES`) bytes or is not a regular file."""
     limit = MAX_JSON_BYTES if limit is None else limit
+    check_regular(path, shown)
     size = Path(path).stat().st_size
     if size <= limit:
         with open(path, "rb") as f:

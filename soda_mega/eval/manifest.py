@@ -19,6 +19,8 @@ from soda_mega.utils import strict_json
 class ManifestError(SodaUserError, ValueError):
     """The manifest is missing, unreadable, or has items that cannot be evaluated."""
 
+    lists_lines = True  # one bad item a line: the CLI keeps these line breaks (soda_mega.cli)
+
 
 @dataclass
 class Item:

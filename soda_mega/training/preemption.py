@@ -16,6 +16,10 @@ The cost is one 4-byte all-reduce per step.
 ``soda-mega train`` installs the handler before it builds anything, so a signal during set-up
 (Megatron's initialisation, the model, the checkpoint load: minutes at scale) is recorded too;
 the ranks agree on it once before the first step and stop without training (nothing to save).
+A set-up that does not reach that agreement within :data:`SETUP_STOP_GRACE_S` of the signal
+(stuck in a read from a hung file system, or on a rank that waits for a stuck one) ends the
+process there and then with the same exit code: before the first step there is nothing to
+lose, and the scheduler that sent the signal wants the job gone.
 """
 
 from __future__ import annotations
@@ -27,9 +31,14 @@ import threading
 import torch
 import torch.distributed as dist
 
+from soda_mega.errors import EXIT_PREEMPTED, write_status
 from soda_mega.utils import stop_signals
 from soda_mega.utils.stop_signals import STOP_SIGNALS
 
+# Seconds a set-up may go on after a stop signal before the process ends without it: long
+# enough for a healthy set-up to reach the ranks' agreement (all ranks then stop together),
+# well inside the launchers' SHUTDOWN_TIMEOUT (240-300 s).
+SETUP_STOP_GRACE_S = 60.0
 
 
 class TrainingPreempted(Exception):
@@ -55,6 +64,8 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.code = 0
         self._previous: dict[int, object] = {}
+        self._in_setup = True
+        self._deadline: threading.Timer | None = None
 
     def install(self) -> "PreemptionFlag":
         # NOTE: Python only lets the main thread install handlers; elsewhere (a library caller
@@ -67,6 +78,7 @@ class PreemptionFlag:
         return self
 
     def restore(self) -> None:
+        self.setup_done()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -80,6 +92,28 @@ class PreemptionFlag:
             os.write(2, f"soda-mega: {signal.Signals(signum).name} received (rank "
                         f"{os.environ.get('RANK', '0')}): finishing this step, then saving and "
                         f"exiting\n".encode())
+            if self._in_setup:
+                self._deadline = threading.Timer(SETUP_STOP_GRACE_S, self._end_setup, (signum,))
+                self._deadline.daemon = True
+                self._deadline.start()
+
+    def setup_done(self) -> None:
+        """The ranks agreed on the set-up's signals (or the run ended): a stop signal from now
+        on finishes its step; a pending set-up deadline is cancelled."""
+        self._in_setup = False
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _end_setup(self, signum: int) -> None:
+        """A stop signal's grace ran out during the set-up: exit 4 now (nothing to save)."""
+        name = signal.Signals(signum).name
+        os.write(2, f"soda-mega: preempted: stopped by {name} before this run's first step; "
+                    f"nothing new to save (the set-up was still running {SETUP_STOP_GRACE_S:g} s "
+                    f"after the signal); run the same command again to start or resume (exit "
+                    f"code {EXIT_PREEMPTED})\n".encode())
+        write_status(EXIT_PREEMPTED)
+        os._exit(EXIT_PREEMPTED)
 
     def agreed(self) -> str | None:
         """The stop signal's name when any rank has seen one, else None; the same on every rank

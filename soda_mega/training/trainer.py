@@ -56,9 +56,11 @@ from soda_mega.training.forward_backward import (StepResult, evaluation_mode, fo
 from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
 from soda_mega.training.optimizer import build_optimizer, inner_optimizers, set_hyperparameters
 from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted
+from soda_mega.training.run_lock import hold_run_folder
 from soda_mega.training.schedule import LRSchedule, soda_peak_lr
 from soda_mega.training.watchdog import StepWatchdog
 from soda_mega.utils.telemetry import GpuTelemetry
+from soda_mega.utils.terminal import printable
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,7 +125,9 @@ def load_initial_weights(path: str, cfg: SodaConfig, model, optimizer) -> str:
         origin = "weights-only checkpoint"
         provenance = saved.get("provenance") or {}
         if provenance:
-            origin += " (" + ", ".join(f"{k} {v}" for k, v in sorted(provenance.items())) + ")"
+            # NOTE: the checkpoint's own record (it may come from elsewhere): shown escaped.
+            origin += " (" + ", ".join(f"{printable(k, 80)} {printable(v, 300)}"
+                                       for k, v in sorted(provenance.items())) + ")"
     else:
         origin = f"step {saved['step']} ({saved['tokens']:,} tokens) of a {cfg.model.name} run"
     return (f"initialised the weights from {step_dir}: {origin}; optimizer, step, schedule and "
@@ -171,6 +175,19 @@ class Trainer:
                              f"{self.layout.dp} x TP {self.layout.tp}")
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # One run per run folder, taken before anything in it is read, moved or written.
+        self.run_lock = hold_run_folder(self.run_dir)
+        # The watchdog times the whole set-up (the data is opened here; a stuck read hangs too).
+        self.watchdog = StepWatchdog(cfg.run.step_timeout_s, self.run_dir, dist.get_rank())
+        self.watchdog.arm(0, phase="setup")
+        try:
+            self._set_up()
+        except BaseException:
+            self.release()
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         start_over(self.run_dir, self.ckpt_dir, cfg.run.resume, cfg.run.overwrite)
         if cfg.training.init_from and not (cfg.run.resume and has_checkpoints(self.ckpt_dir)):
             initial_checkpoint(cfg.training.init_from, cfg)  # a wrong model fails before any work
@@ -393,13 +410,20 @@ class Trainer:
         built (it also records signals of the set-up); by default one is installed here."""
         own = preemption is None
         preemption = PreemptionFlag().install() if own else preemption
-        watchdog = StepWatchdog(self.cfg.run.step_timeout_s, self.run_dir, dist.get_rank())
         try:
-            return self._train(preemption, watchdog)
+            return self._train(preemption, self.watchdog)
         finally:
-            watchdog.stop()
+            self.release()
             if own:
                 preemption.restore()
+
+    def release(self) -> None:
+        """Stop the watchdog and give the run folder back (the end of the run, or of a set-up
+        that failed)."""
+        self.watchdog.stop()
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def _train(self, preemption: PreemptionFlag, watchdog: StepWatchdog) -> list[dict]:
         cfg = self.cfg.run
@@ -408,7 +432,9 @@ class Trainer:
             self.maybe_init_from()
         self.sink.start(self.step)  # metrics.jsonl cut back to the step this run starts from
         end = min(self.steps_total, cfg.max_steps or self.steps_total)
-        if self.step < end and (signal_name := preemption.agreed()):
+        signal_name = preemption.agreed() if self.step < end else None
+        preemption.setup_done()
+        if signal_name:
             self.sink.close()  # a signal during set-up or resume: the state is a checkpoint's
             raise TrainingPreempted(signal_name, self.step, None)
         records: list[dict] = []

@@ -7,7 +7,8 @@ whole build: ``part-0-of-1.json``) while it works: its host, pid, SLURM task and
 created atomically (a hard link of a finished file: never seen half-written) and touched every
 :data:`HEARTBEAT_S` seconds.
 
-A lock whose owner is gone is taken over, saying so. Gone means: on this host, no process has
+A lock whose owner is gone is taken over, saying so (:mod:`soda_mega.utils.lock_owner`, shared
+with the run folder's lock). Gone means: on this host, no process has
 its pid; or it names the SLURM array task this process runs as (SLURM requeues a task only
 after ending it); or its heartbeat stopped more than :data:`STALE_S` seconds ago (another host,
 not ours to ask). Any other lock refuses the build with a message naming the owner and the file.
@@ -20,37 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
 from soda_mega.errors import SodaUserError
+from soda_mega.utils.lock_owner import (HEARTBEAT_S, STALE_S, Heartbeat, describe, owner_record,
+                                        why_gone)
 
 LOCKS_DIR = Path(".build") / "locks"
-HEARTBEAT_S = 30.0
-STALE_S = 600.0  # 20 missed heartbeats
+__all__ = ["HEARTBEAT_S", "LOCKS_DIR", "PartBusyError", "PartLock", "STALE_S"]
 
 
 class PartBusyError(SodaUserError, RuntimeError):
     """Another live process builds this part."""
-
-
-def _slurm_task() -> str | None:
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class PartLock:
@@ -62,11 +45,9 @@ class PartLock:
         self.label = f"{i}/{n}"
         self.root = Path(root)
         self.path = self.root / LOCKS_DIR / f"part-{i}-of-{n}.json"
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm": _slurm_task(),
-                      "started": time.time()}
+        self.owner = owner_record()
         self.note = ""
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beat: Heartbeat | None = None
 
     # ------------------------------------------------------------------ acquire / release
     def __enter__(self) -> "PartLock":
@@ -85,14 +66,12 @@ class PartLock:
                              f"{held.get('pid')} on {held.get('host')}: {why_stale}")
         finally:
             tmp.unlink(missing_ok=True)
-        self._beat = threading.Thread(target=self._heartbeat, name="soda-part-lock", daemon=True)
-        self._beat.start()
+        self._beat = Heartbeat(self.path, "soda-part-lock")
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
         if self._beat is not None:
-            self._beat.join()
+            self._beat.stop()
         if self._held_by_us():
             self.path.unlink(missing_ok=True)
 
@@ -107,13 +86,6 @@ class PartLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write(tmp.read_text())
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # gone or unreachable for a moment: the next beat tries again
 
     def _read_held(self) -> tuple[dict, str | None]:
         """The lock's owner and why it is stale (None: it is live)."""
@@ -131,23 +103,16 @@ class PartLock:
                 fresh = False
             # NOTE: without hard links, a new lock is empty for a moment while its owner writes it.
             return {}, (None if fresh else "its file was unreadable")
-        if held.get("host") == self.owner["host"] and not _pid_alive(int(held.get("pid", -1))):
-            return held, "that process no longer runs"
-        if held.get("slurm") and held.get("slurm") == self.owner["slurm"]:
-            return held, f"it is an earlier run of this SLURM task ({held['slurm']})"
-        if age > STALE_S:
-            return held, f"its heartbeat stopped {age / 60:.0f} minutes ago"
-        return held, None
+        # NOTE: SLURM runs an array task once at a time: any other run of it is an earlier one.
+        return held, why_gone(held, self.owner, age, any_run_of_my_task=True)
 
     def _busy_message(self, held: dict) -> str:
         root = self.root
         if not held:
             return (f"part {self.label} of {root} is being claimed by another builder right now "
                     f"(lock {self.path} is still being written); retry in a minute")
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
-        slurm = f", SLURM task {held['slurm']}" if held.get("slurm") else ""
-        return (f"part {self.label} of {root} is being built by pid {held.get('pid')} on "
-                f"{held.get('host')}{slurm} since {since} (lock {self.path}); wait for it, or "
+        return (f"part {self.label} of {root} is being built by {describe(held)} "
+                f"(lock {self.path}); wait for it, or "
                 f"if that process is gone, delete the lock file (it is also taken over once "
                 f"its heartbeat has stopped for {STALE_S / 60:.0f} minutes)")
 

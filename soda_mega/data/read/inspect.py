@@ -23,18 +23,34 @@ from soda_mega.data.read.cache import is_remote
 from soda_mega.data.schema import SPLITS
 from soda_mega.data.read.source import DatasetError, DocumentSource, MissingSplitError
 from soda_mega.tokens.layout import Modality, VocabLayout
+from soda_mega.utils.terminal import printable
 
 
-def _tokenizer(meta: dict, layout: VocabLayout):
-    """The dataset's tokenizer when it can be loaded here (else None: ids are shown)."""
+def _tokenizer(meta: dict, named: str | None):
+    """The tokenizer that decodes the shown document's text, and a note on it (or None).
+
+    Byte-level datasets need no file. An ``hf`` dataset's text is decoded only with the
+    tokenizer the user names (``--tokenizer``): the path ``soda_meta.json`` records comes with
+    the dataset, so it is printed and compared, never opened (it could name any file of the
+    user's, a FIFO or a file on a hung mount)."""
     from soda_mega.data.tokenizer import ByteTokenizer, HFTokenizer
 
     info = meta.get("tokenizer") or {}
+    if named:
+        tokenizer = HFTokenizer(named)
+        recorded = info.get("sha256")
+        if recorded and recorded != tokenizer.sha256:
+            print(f"soda-mega data inspect: WARNING: --tokenizer {printable(named, 300)} (sha256 "
+                  f"{tokenizer.sha256[:12]}...) is not the tokenizer the dataset was built with "
+                  f"(sha256 {printable(recorded, 12)}...): the text shown may be wrong",
+                  file=sys.stderr)
+        return tokenizer, None
     if info.get("kind") == "byte":
-        return ByteTokenizer()
-    if info.get("kind") == "hf" and info.get("path") and Path(info["path"]).is_file():
-        return HFTokenizer(info["path"])
-    return None
+        return ByteTokenizer(), None
+    if info.get("kind") == "hf":
+        return None, (f"text shown as ids: pass --tokenizer PATH (the dataset was built with "
+                      f"{printable(info.get('path'), 300)}, which is never opened unasked)")
+    return None, None
 
 
 def spans(tokens: np.ndarray, layout: VocabLayout) -> list[tuple[str, np.ndarray]]:
@@ -57,7 +73,7 @@ def render_document(tokens: np.ndarray, layout: VocabLayout, tokenizer=None, max
     parts = []
     for kind, ids in spans(tokens, layout):
         if kind == "special":
-            parts.append(names[int(ids[0])])
+            parts.append(printable(names[int(ids[0])]))
         elif kind == "text":
             body = [int(i) for i in ids if i not in (layout.bos_id, layout.eos_id)]
             if len(body) < len(ids):
@@ -122,15 +138,18 @@ def _decoder(root, codec: dict, mimi_weights: str | None, num_codebooks: int):
     if mimi_weights and expected and model.weights_sha256 != expected:
         print(f"soda-mega data inspect: WARNING: --mimi-weights {mimi_weights} (sha256 "
               f"{model.weights_sha256[:12]}...) are not the weights {root} was encoded with "
-              f"(sha256 {str(expected)[:12]}...): expect noise", file=sys.stderr)
+              f"(sha256 {printable(expected, 12)}...): expect noise", file=sys.stderr)
     return model
 
 
 def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
                     wav: str | Path | None = None, mimi_weights: str | None = None,
-                    budget: dict | None = None) -> str:
-    """The inspection report of the dataset at ``root`` (optionally writing one WAV); ``budget``:
-    :class:`DocumentSource`'s ``max_bytes`` / ``max_inflate_ratio`` (default: the defaults)."""
+                    budget: dict | None = None, tokenizer: str | None = None) -> str:
+    """The inspection report of the dataset at ``root`` (optionally writing one WAV; text decoded
+    with ``tokenizer`` when given); ``budget``: :class:`DocumentSource`'s ``max_bytes`` /
+    ``max_inflate_ratio`` (default: the defaults). Every string the dataset's metadata holds is
+    shown escaped (:func:`~soda_mega.utils.terminal.printable`): one value, one line, no
+    terminal codes."""
     root = str(root) if is_remote(str(root)) else Path(root)
     lines = [f"dataset {root}"]
     source = None
@@ -145,10 +164,13 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
         tokens = meta["tokens"]
         lines.append(f"  {name}: {meta['num_docs']} documents, {tokens.get('total', 0):,} tokens, "
                      f"{meta['audio_hours']:.3f} h of audio, kind {meta['kind']}")
-        lines.append("    documents: " + ", ".join(f"{k} {v}" for k, v in meta["doc_types"].items()))
-        lines.append("    tokens:    " + ", ".join(f"{k} {v:,}" for k, v in tokens.items() if k != "total"))
+        lines.append("    documents: " + ", ".join(f"{printable(k)} {v}"
+                                                   for k, v in meta["doc_types"].items()))
+        lines.append("    tokens:    " + ", ".join(f"{printable(k)} {v:,}" for k, v in tokens.items()
+                                                   if k != "total"))
         if meta["skipped"]:
-            lines.append(f"    skipped inputs: {len(meta['skipped'])} (first: {meta['skipped'][0]})")
+            lines.append(f"    skipped inputs: {len(meta['skipped'])} (first: "
+                         f"{printable(meta['skipped'][0], 500)})")
         if name == split:
             source = src
     if source is None:
@@ -158,16 +180,21 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
     codec = meta.get("codec")
     if codec:
         random = codec.get("random_init")
-        lines.append(f"  codec: {codec.get('name')} {codec.get('num_codebooks')} codebooks x "
-                     f"{codec.get('codebook_size')}, weights {codec.get('weights') or 'none'}"
+        lines.append(f"  codec: {printable(codec.get('name'), 200)} {codec.get('num_codebooks')} "
+                     f"codebooks x {codec.get('codebook_size')}, weights "
+                     f"{printable(codec.get('weights') or 'none', 300)}"
                      + ("  *** RANDOM-INIT CODEC: these are not real Mimi tokens ***" if random else ""))
-    lines.append(f"  tokenizer: {meta['tokenizer']}")
-    lines.append(f"  vocabulary: {layout.size} ids, fingerprint {meta['vocab_fingerprint']}")
+    lines.append(f"  tokenizer: {printable(meta['tokenizer'], 500)}")
+    lines.append(f"  vocabulary: {layout.size} ids, fingerprint "
+                 f"{printable(meta['vocab_fingerprint'], 200)}")
     if not 0 <= sample < len(source):
         raise DatasetError(f"--sample {sample} is outside the {split} split's 0..{len(source) - 1}")
     tokens, _ = source.get(sample)
+    text_tokenizer, note = _tokenizer(meta, tokenizer)
     lines.append(f"\ndocument {sample} of {split}:")
-    lines.append("  " + render_document(tokens, layout, _tokenizer(meta, layout)))
+    lines.append("  " + render_document(tokens, layout, text_tokenizer))
+    if note:
+        lines.append(f"  ({note})")
     if wav is not None:
         codes = first_audio_codes(tokens, layout)
         if codes is None:
@@ -234,7 +261,7 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
     if not found and not problems:
         problems.append(f"{root} holds no split (train/ or valid/)")
     for p in problems[:max_listed]:
-        lines.append(f"  BAD {p}")
+        lines.append(f"  BAD {printable(p)}")
     if len(problems) > max_listed:
         lines.append(f"  ... and {len(problems) - max_listed} more")
     lines.append("verify: " + ("OK" if not problems else f"{len(problems)} problem(s) found"))

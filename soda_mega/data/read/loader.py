@@ -42,6 +42,7 @@ from soda_mega.data.read.mixture import PAD_STREAM, MixturePlan, Piece
 from soda_mega.data.read.source import DatasetError, DocumentSource
 from soda_mega.data.read.split import OpenedSplit, open_split
 from soda_mega.data.read.steps import StepPlan
+from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils.lifetime import end_helpers_at_exit, helper_process_init
 
@@ -104,6 +105,24 @@ class WindowAssembler:
         return batch
 
 
+class _WorkerFailure:
+    """A user-facing data error raised in a DataLoader worker, sent to the trainer as an item.
+
+    NOTE: torch re-raises a worker's exception as ``type(err)(text)`` where the text wraps the
+    message in ~25 lines ("Caught DatasetError in DataLoader worker process 0", the worker's
+    traceback); sent as data, the message arrives as it was raised: one line, exit 2."""
+
+    def __init__(self, err: SodaUserError) -> None:
+        self.kind = type(err)
+        self.message = str(err)
+
+    def error(self) -> SodaUserError:
+        try:
+            return self.kind(self.message)
+        except Exception:  # noqa: BLE001 - a subclass with another constructor
+            return DatasetError(self.message)
+
+
 class _MicroBatches(torch.utils.data.IterableDataset):
     """This rank's micro-batches from ``start_micro`` on; worker k yields those with j % W == k."""
 
@@ -127,7 +146,17 @@ class _MicroBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is None:
+            return self._batches(0, 1)
+        return self._in_worker(info.id, info.num_workers)
+
+    def _in_worker(self, worker: int, workers: int):
+        try:
+            yield from self._batches(worker, workers)
+        except SodaUserError as err:
+            yield _WorkerFailure(err)
+
+    def _batches(self, worker: int, workers: int):
         if isinstance(self.plan, StepPlan):
             yield from self._steps(worker, workers)
             return
@@ -265,6 +294,8 @@ class SodaDataLoader:
         batches = iter(iterable)
         try:
             for batch in batches:
+                if isinstance(batch, _WorkerFailure):
+                    raise batch.error()
                 self._consumed += 1
                 if self._position is not None and self.training and self._consumed % per_step == 0:
                     self._position.skip(self.geometry.global_batch_size)

@@ -43,8 +43,8 @@ from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
 from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
                                            check_budget, check_index, check_lengths_chunk,
-                                           check_lengths_header, check_meta, check_shard_bytes,
-                                           inflate, inside, read_capped)
+                                           check_lengths_header, check_meta, check_regular,
+                                           check_shard_bytes, inflate, inside, read_capped)
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils import strict_json
@@ -72,7 +72,7 @@ def _read_json(path: Path, what: str) -> dict:
 def read_meta(split_dir: Path, shown: str | None = None) -> dict:
     path = Path(split_dir) / META_FILE
     shown = shown or str(path)
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"{split_dir} is not a soda-mega dataset split: {META_FILE} is missing "
                            "(build one with `soda-mega data build`)")
     return check_meta(_read_json(path, shown), shown)
@@ -80,6 +80,7 @@ def read_meta(split_dir: Path, shown: str | None = None) -> dict:
 
 def _load_lengths(path: Path, shown: str) -> LengthsFile:
     """``doc_lengths.npy``, read on demand (see :class:`.order.LengthsFile`), validated."""
+    check_regular(path, shown)
     try:
         lengths = LengthsFile(path)
     except FileNotFoundError as err:
@@ -169,7 +170,7 @@ class DocumentSource:
         self.where = str(split_dir)
         self.meta = read_meta(split_dir)
         index_path = split_dir / INDEX_FILE
-        if not index_path.is_file():
+        if not index_path.exists():
             raise DatasetError(f"{index_path} is missing (the MDS index of the shards)")
         raw = read_capped(index_path, str(index_path))
         self._index_sha = hashlib.sha256(raw).hexdigest()
@@ -271,7 +272,8 @@ class DocumentSource:
         missing = []
         for i, shard in enumerate(self.shards):
             name = shard[self._shard_file_key(shard)]["basename"]
-            if not inside(self.split_dir, name, f"{self.where}/{INDEX_FILE}: shard {i} ({name})").is_file():
+            shown = f"{self.where}/{INDEX_FILE}: shard {i} ({name})"
+            if not check_regular(inside(self.split_dir, name, shown), f"{self.where}/{name}").is_file():
                 missing.append(name)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -314,7 +316,7 @@ class DocumentSource:
         local = inside(self.files_dir, raw_info["basename"],
                        f"{self.where}/{INDEX_FILE}: shard {shard_idx} ({raw_info['basename']})")
         if not self.remote and not shard["compression"]:
-            if not local.is_file():
+            if not check_regular(local, f"{self.where}/{raw_info['basename']}").is_file():
                 raise DatasetError(f"dataset {self.name} ({self.split}), shard {raw_info['basename']}: "
                                    f"{local} was deleted after the dataset was opened")
             if shard_idx not in self._verified and raw_info.get("hashes"):
@@ -343,7 +345,8 @@ class DocumentSource:
         no further, a chunk at a time (neither file is ever held in memory)."""
         zip_info = shard["zip_data"]
         shown = f"{self.where}/{zip_info['basename']}"
-        archive = unique_tmp(tmp) if self.remote else self.split_dir / zip_info["basename"]
+        archive = (unique_tmp(tmp) if self.remote
+                   else check_regular(self.split_dir / zip_info["basename"], shown))
         try:
             if self.remote:
                 self.cache._download_with_retries(f"{self.split_dir}/{zip_info['basename']}", archive,
