@@ -60,14 +60,16 @@ def inject(step: int | str, rank: int) -> None:
         here = fault_step == step or (fault_step == "write" and str(step).startswith("write@"))
         if fault_rank != rank or not here or attempt not in (None, attempt_now):
             continue
-        os.write(2, f"soda-mega: {ENV}: rank {rank} step {step}: {action} {arg}\n".encode())
+        line = f"soda-mega: {ENV}: rank {rank} step {step}: {action} {arg}\n".encode()
         if action == "sleep":
+            os.write(2, line)
             time.sleep(float(arg))
         elif action == "wait":
-            got = _wait_for_stop_signal(float(arg))
+            got = _wait_for_stop_signal(float(arg), announce=line)
             how = signal.Signals(got).name if got else "the time limit"
             os.write(2, f"soda-mega: {ENV}: rank {rank} step {step}: wait ended by {how}\n".encode())
         else:
+            os.write(2, line)
             os.kill(os.getpid(), getattr(signal, arg))
 
 
@@ -78,10 +80,12 @@ def writer_fault(step: int, rank: int, index: int) -> None:
         inject(f"write@{step}", rank)
 
 
-def _wait_for_stop_signal(seconds: float) -> int | None:
+def _wait_for_stop_signal(seconds: float, announce: bytes = b"") -> int | None:
     """Sleep until SIGUSR1 / SIGTERM arrives or ``seconds`` pass; the signal still reaches the
     handler that was installed (the trainer's), or, where none was, its default action.
-    Returns the signal that ended the wait (None: the time limit)."""
+    ``announce`` is written to stderr once the wait listens (a test waits for it, then signals:
+    written before, a signal could land before the listener and be lost to an ignoring
+    process). Returns the signal that ended the wait (None: the time limit)."""
     got: list[int] = []
     previous = {}
 
@@ -92,6 +96,7 @@ def _wait_for_stop_signal(seconds: float) -> int | None:
 
     for sig in STOP_SIGNALS:
         previous[sig] = signal.signal(sig, record)
+    os.write(2, announce)
     try:
         deadline = time.monotonic() + seconds
         while not got and time.monotonic() < deadline:
