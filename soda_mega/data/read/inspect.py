@@ -51,6 +51,23 @@ def spans(tokens: np.ndarray, layout: VocabLayout) -> list[tuple[str, np.ndarray
     return out
 
 
+def _text_parts(ids: np.ndarray, layout: VocabLayout, tokenizer) -> list[str]:
+    """A text span (BOS and EOS are text ids) as its text runs and markers, in document order."""
+    marks = {layout.bos_id: "<BOS>", layout.eos_id: "<EOS>"}
+    parts: list[str] = []
+    body: list[int] = []
+    for i in [*(int(i) for i in ids), None]:
+        if i is not None and i not in marks:
+            body.append(i)
+            continue
+        if body:
+            parts.append(repr(tokenizer.decode(body) if tokenizer is not None else f"ids {body[:12]}..."))
+            body = []
+        if i is not None:
+            parts.append(marks[i])
+    return parts
+
+
 def render_document(tokens: np.ndarray, layout: VocabLayout, tokenizer=None, max_ids: int = 48) -> str:
     """A one-document view: spans with decoded text / names / frame counts, then raw ids."""
     names = {layout.special_id(n): n for n in layout.special_tokens}
@@ -59,13 +76,7 @@ def render_document(tokens: np.ndarray, layout: VocabLayout, tokenizer=None, max
         if kind == "special":
             parts.append(names[int(ids[0])])
         elif kind == "text":
-            body = [int(i) for i in ids if i not in (layout.bos_id, layout.eos_id)]
-            if len(body) < len(ids):
-                parts += ["<BOS>" if i == layout.bos_id else "<EOS>" for i in ids
-                          if i in (layout.bos_id, layout.eos_id)]
-            if body:
-                text = tokenizer.decode(body) if tokenizer is not None else f"ids {body[:12]}..."
-                parts.append(repr(text))
+            parts += _text_parts(ids, layout, tokenizer)
         else:
             cbs = layout.codebook_of(torch.from_numpy(ids.astype(np.int64)))
             used = sorted(set(cbs.tolist()))
