@@ -21,7 +21,7 @@ import torch
 
 from soda_mega.data.read.cache import is_remote
 from soda_mega.data.schema import SPLITS
-from soda_mega.data.read.source import DatasetError, DocumentSource, MissingSplitError
+from soda_mega.data.read.source import DatasetError, DocumentSource, EmptySplitError, MissingSplitError
 from soda_mega.tokens.layout import Modality, VocabLayout
 
 
@@ -146,8 +146,8 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
     for name in SPLITS:
         try:
             src = DocumentSource(root, name)
-        except MissingSplitError as err:
-            lines.append(f"  {name}: absent ({err})")
+        except MissingSplitError as err:  # an empty split (EmptySplitError) too: nothing to show
+            lines.append(f"  {name}: {'empty' if isinstance(err, EmptySplitError) else 'absent'} ({err})")
             continue
         # Any other DatasetError (a malformed split) ends the inspection, naming what is wrong.
         meta = src.meta
@@ -206,7 +206,7 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
         try:
             src = DocumentSource(root, name, cache=NodeCache(cache_dir) if cache_dir else None)
         except MissingSplitError as err:
-            lines.append(f"  {name}: absent ({err})")
+            lines.append(f"  {name}: {'empty' if isinstance(err, EmptySplitError) else 'absent'} ({err})")
             continue
         except DatasetError as err:
             problems.append(f"{name}: {err}")
