@@ -147,7 +147,7 @@ def register_build(actions) -> argparse.ArgumentParser:
                    help="--hf-dataset: the column holding the transcript (default: text)")
     p.add_argument("--id-column", metavar="C",
                    help="--hf-dataset: the column of unique record ids (default: id when present, "
-                        "else <dataset>/<row>); ids decide the train/valid split")
+                        "else <dataset>/<row>)")
     p.add_argument("--split", metavar="S",
                    help="--hf-dataset: the split of a DatasetDict to read (default: train)")
     p.add_argument("--recording-column", metavar="C",

@@ -9,6 +9,7 @@ function the build workers use.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -153,3 +154,46 @@ def test_a_bad_speaker_is_a_bad_line_not_a_crash(tmp_path):
     recs, bad = read_manifest(manifest)
     assert not recs and "'speaker' must be a non-empty string" in bad[0].reason
     assert issubclass(InputError, ValueError)
+
+
+def test_eval_tasks_hold_out_the_recordings_the_build_holds_out(tmp_path):
+    """`eval make-tasks --split valid` must pick the build's valid recordings, not segments of
+    training recordings."""
+    from soda_mega.eval.task_builder import build_tasks
+
+    lines = []
+    for r in range(4):
+        pcm = (np.sin(np.arange(24000 * 3) / (5.0 + r)) * 8000).astype("<i2")
+        (tmp_path / f"rec{r}.wav").write_bytes(wav_bytes(pcm, 24000))
+        lines += [{"id": f"rec{r}-seg{s}", "audio": f"rec{r}.wav",
+                   "segments": [{"start": 0.9 * s, "end": 0.9 * s + 0.6, "text": f"part {s}"}]} for s in range(3)]
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    picked = {}
+    for split in ("train", "valid"):
+        built = build_tasks(manifest, tmp_path / split, split=split, valid_fraction=0.5, pair_seconds=None,
+                            min_seconds=0.5)
+        picked[split] = {json.loads(line)["id"].split("-")[0] for line in built.utterances.read_text().splitlines()}
+    assert picked["train"] and picked["valid"] and not picked["train"] & picked["valid"], picked
+
+
+def test_split_by_speaker_from_the_command_line(tmp_path):
+    """`data build --split-by speaker`: no speaker in both splits (several recordings each)."""
+    from soda_mega.cli import main
+
+    lines = []
+    for r in range(8):
+        np.save(tmp_path / f"r{r}.npy", random_codes(r, 30))
+        lines.append({"id": f"u{r}", "codes": f"r{r}.npy", "speaker": f"spk{r % 4}", "transcript": f"text {r}"})
+    manifest = write_manifest(tmp_path / "m.jsonl", lines)
+    out = tmp_path / "out"
+    assert main(["data", "build", str(out), "--manifest", str(manifest), "--preset", "tiny", "--quiet",
+                 "--split-by", "speaker", "--data.build_workers=0", FRACTION]) == 0
+    speaker = {line["id"]: line["speaker"] for line in lines}
+    where: dict[str, set[str]] = defaultdict(set)
+    for split in SPLITS:
+        for sample in read_split(out / split):
+            where[speaker[sample["record_id"]]].add(split)
+    assert len(where) == 4 and not _splits_of(where), where
+    assert {s for v in where.values() for s in v} == {"train", "valid"}
+    meta = json.loads((out / "train" / "soda_meta.json").read_text())
+    assert meta["build"]["split_by"] == "speaker"
