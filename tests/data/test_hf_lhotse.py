@@ -234,7 +234,8 @@ def _lhotse_corpus(tmp: Path) -> tuple[Path, Path]:
         {"id": "ca", "audio": "a.wav", "recording_id": "long",
          "segments": [{"start": 0.0, "end": 0.8, "text": "alpha"}]},
         {"id": "cb", "audio": "b.wav", "recording_id": "long",
-         "segments": [{"start": 0.08, "end": 0.32, "text": "beta one"}, {"start": 0.4, "end": 0.56, "text": "beta two"}]},
+         "segments": [{"start": 0.08, "end": 0.32, "text": "beta one"},
+                      {"start": 0.4, "end": 0.56, "text": "beta two"}]},
         {"id": "cc", "audio": "c.wav", "recording_id": "c", "segments": [{"start": 0.0, "end": 0.72, "text": "gamma"}]},
     ])
     return tmp / "cuts.jsonl.gz", manifest

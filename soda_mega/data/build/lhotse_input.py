@@ -6,8 +6,8 @@ recording, as ``CutSet.from_manifests`` makes them), read through the ``lhotse``
 (optional: ``pip install lhotse``).
 
 Each cut is one recording of the build: id = the cut's id (its Lhotse recording, and the
-supervisions' speakers, decide its train/valid split: :mod:`~soda_mega.data.build.splits`); audio = the cut's stretch of its
-recording (``start`` / ``duration`` seconds, cut at whole samples as Lhotse counts them: a cut of
+supervisions' speakers, decide its train/valid split: :mod:`~soda_mega.data.build.splits`);
+audio = the cut's stretch of its recording (``start`` / ``duration`` seconds, cut at whole samples as Lhotse counts them: a cut of
 a longer recording is read as that part only, an :class:`~soda_mega.data.build.inputs.AudioSlice`;
 consecutive cuts of one recording decode it once);
 transcript segments = the cut's supervisions that have text, with ``start`` / ``end`` relative to

@@ -11,7 +11,7 @@ model trained on (the promise of :mod:`soda_mega.data.schema`). The key is
 * ``data.split_by=speaker``: coarser, for held-out speakers. Recordings and the speakers heard
   in them are joined into groups (a conversation links its speakers; a speaker links their
   recordings), so that no recording and no speaker appears in both splits; a group's key is its
-  smallest speaker name. A record without a speaker is its recording's group alone.
+  smallest speaker name. A record without a speaker goes with its recording's group.
 
 Groups are assigned at planning (:func:`assign_groups`, from the whole plan) and the split is a
 pure function of the key (:func:`split_of`), so every part of a multi-machine build and every
