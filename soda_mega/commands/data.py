@@ -40,12 +40,17 @@ inputs:
                    or a hub name (OWNER/NAME) whose snapshot is in the hub cache;
                    --audio-column (default audio), --text-column (default text), --id-column
                    (default: "id" if present, else <dataset>/<row>), --split (of a DatasetDict,
-                   default train). Needs `pip install datasets`; never downloads. Builds "speech".
+                   default train), --recording-column / --speaker-column (the split keys, below).
+                   Needs `pip install datasets`; never downloads. Builds "speech".
   --lhotse CUTS    a Lhotse cut manifest (cuts.jsonl.gz), or --lhotse-recordings R
                    --lhotse-supervisions S; supervisions with text are the transcript segments, a
                    cut of a longer recording is read as that part only. Needs `pip install lhotse`.
                    Builds "speech".
 output: OUT/train and OUT/valid (MDS shards with xxh64 hashes, soda_meta.json, doc_lengths.npy).
+splits: by a hash of each record's recording, so all segments of a recording land in one split:
+a manifest line's "recording_id" (else its audio or codes path), a Lhotse cut's recording, a
+--recording-column value (else the row); --split-by speaker keeps speakers ("speaker" key,
+Lhotse supervision speakers, --speaker-column) apart too. Text documents go by id.
 OUT may be remote (s3://bucket/prefix, gs://, oci://, hf://: whatever mosaicml-streaming uploads
 to; credentials and endpoint from its environment variables, e.g. S3_ENDPOINT_URL): shards are
 staged in --staging DIR (default: a temporary folder) and uploaded as they are written.
@@ -142,9 +147,16 @@ def register_build(actions) -> argparse.ArgumentParser:
                    help="--hf-dataset: the column holding the transcript (default: text)")
     p.add_argument("--id-column", metavar="C",
                    help="--hf-dataset: the column of unique record ids (default: id when present, "
-                        "else <dataset>/<row>); ids decide the train/valid split")
+                        "else <dataset>/<row>)")
     p.add_argument("--split", metavar="S",
                    help="--hf-dataset: the split of a DatasetDict to read (default: train)")
+    p.add_argument("--recording-column", metavar="C",
+                   help="--hf-dataset: the column naming each row's recording (rows cut from one "
+                        "recording stay in one split; default: each row is its own recording)")
+    p.add_argument("--speaker-column", metavar="C",
+                   help="--hf-dataset: the column naming each row's speaker (for --split-by speaker)")
+    p.add_argument("--split-by", choices=("recording", "speaker"),
+                   help="what never appears in both train and valid (= --data.split_by; default: recording)")
     p.add_argument("--part", metavar="I/N",
                    help="build only part I of N (0 <= I < N: every N-th work unit from I) into the shared "
                         "OUT; default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT inside a job array, "
@@ -170,7 +182,8 @@ def run_build(args) -> int:
     if args.lhotse_supervisions and not args.lhotse_recordings:
         print("soda-mega data build: --lhotse-supervisions goes with --lhotse-recordings", file=sys.stderr)
         return EXIT_USER_ERROR
-    hf_flags = [f"--{k.replace('_', '-')}" for k in ("audio_column", "text_column", "id_column", "split")
+    hf_flags = [f"--{k.replace('_', '-')}" for k in ("audio_column", "text_column", "id_column", "split",
+                                                      "recording_column", "speaker_column")
                 if getattr(args, k) is not None]
     if hf_flags and not args.hf_dataset:
         print(f"soda-mega data build: {', '.join(hf_flags)} only apply to --hf-dataset", file=sys.stderr)
@@ -185,7 +198,8 @@ def run_build(args) -> int:
         if args.finalize:
             result = finalize_dataset(args.out, staging=args.staging, show_progress=not args.quiet)
         else:
-            cfg = load_config(args.config, args.preset, _overrides(args))
+            split_by = [f"--data.split_by={args.split_by}"] if args.split_by else []
+            cfg = load_config(args.config, args.preset, _overrides(args) + split_by)
             kind, files = inputs[0]
             result = build_dataset(args.out, files, kind, cfg, overwrite=args.overwrite,
                                    show_progress=not args.quiet, part=part, staging=args.staging)
@@ -212,6 +226,7 @@ def _recording_sources(args) -> list:
 
         sources = [HFSource(path, audio_column=args.audio_column or "audio",
                             text_column=args.text_column or "text", id_column=args.id_column,
+                            recording_column=args.recording_column, speaker_column=args.speaker_column,
                             split=args.split) for path in args.hf_dataset]
         for source in sources:
             if source.hub_name and not args.quiet:

@@ -82,6 +82,8 @@ def register_make_tasks(tasks):
                         "held out from training)")
     p.add_argument("--valid-fraction", type=float, default=0.1,
                    help="the data.valid_fraction the corpus was built with (demo: 0.1)")
+    p.add_argument("--split-by", default="recording", choices=("recording", "speaker"),
+                   help="the data.split_by the corpus was built with (default recording)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N utterances")
     p.add_argument("--pair-seconds", type=float, default=1.0, metavar="S",
                    help="length of the pair items, cut from the middle of each utterance "
@@ -178,7 +180,7 @@ def run_make_tasks(args) -> int:
     from soda_mega.eval.task_builder import build_tasks
 
     built = build_tasks(args.manifest, args.out, args.split, args.valid_fraction, args.limit,
-                        pair_seconds=args.pair_seconds)
+                        pair_seconds=args.pair_seconds, split_by=args.split_by)
     for line in built.skipped:
         print(f"[soda-mega eval] skipped {line}", file=sys.stderr)
     print(f"wrote {built.count} utterances: {built.utterances} and {built.pairs}")

@@ -263,7 +263,11 @@ class DataConfig:
              "speech_only, semantic_only (codebook 0)",
         default_factory=lambda: ["audio_first", "text_first"])
     valid_fraction: float = fld(0.01, "share of recordings / text documents held out in the valid split "
-                                      "(by a hash of the record id)", ge=0, lt=1)
+                                      "(by a hash of the recording, or speaker group; text by id)",
+                                ge=0, lt=1)
+    split_by: str = fld("recording", "what never appears in both splits: each recording (all its "
+                                     "segments / cuts in one split), or each speaker too",
+                        choices=("recording", "speaker"))
     build_workers: int = fld(2, "worker processes reading, encoding and tokenizing (0 = in the "
                                 "building process)", ge=0)
     build_unit_recordings: int = fld(32, "recordings per resumable work unit of a speech build", ge=1)

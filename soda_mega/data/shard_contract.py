@@ -97,6 +97,11 @@ def check_regular(path: Path, shown: str) -> Path:
     return Path(path)
 
 
+class EmptySplitError(MissingSplitError):
+    """The split is there but holds no documents (a small build's valid split): treated as a
+    missing split, so validation of that dataset is skipped."""
+
+
 def read_capped(path: Path, shown: str, limit: int | None = None) -> bytes:
     """The bytes of the metadata file ``path`` (named ``shown``), refused unread when it holds
     more than ``limit`` (default :data:`MAX_JSON_BYTES`) bytes or is not a regular file."""

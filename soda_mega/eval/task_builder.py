@@ -11,9 +11,9 @@ end to end on the demo corpus:
   (same spectrum and speaker, no longer speech), the manifest of ``soda-mega eval pairs``.
   A model that has learned anything about speech prefers the forward recording.
 
-With ``split="valid"`` only recordings that the data builder holds out (the same hash of the
-record id, :func:`soda_mega.data.build.builder.split_of`) are used, so a model trained on that corpus
-is evaluated on audio it has not seen.
+With ``split="valid"`` only recordings that the data builder holds out (the same groups and
+hash, :mod:`soda_mega.data.build.splits`: by recording, or by speaker with ``split_by``) are
+used, so a model trained on that corpus is evaluated on audio it has not seen.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from soda_mega.data.build.builder import split_of
+from soda_mega.data.build.splits import assign_groups, record_split
 from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
 from soda_mega.data.build.inputs import InputError, read_audio, read_manifest
 from soda_mega.data.read.inspect import write_wav
@@ -41,17 +41,18 @@ class BuiltTasks:
 
 def build_tasks(manifest: str | Path, out: str | Path, split: str = "all", valid_fraction: float = 0.1,
                 limit: int | None = None, min_seconds: float = 0.5,
-                pair_seconds: float | None = 1.0) -> BuiltTasks:
+                pair_seconds: float | None = 1.0, split_by: str = "recording") -> BuiltTasks:
     """Cut every transcribed segment of ``manifest`` into ``out``; returns the two manifests."""
     if split not in ("all", "train", "valid"):
         raise ValueError(f"split must be all, train or valid, got {split!r}")
     out = Path(out)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     recordings, bad = read_manifest(manifest)
+    recordings = assign_groups(recordings, split_by)
     skipped = [f"{s.record}: {s.reason}" for s in bad]
     utterances, pairs = [], []
     for rec in recordings:
-        if split != "all" and split_of(rec.record_id, valid_fraction) != split:
+        if split != "all" and record_split(rec, valid_fraction) != split:
             continue
         if rec.audio is None or not rec.segments:
             skipped.append(f"{rec.record_id}: needs audio with transcribed segments")

@@ -208,12 +208,18 @@ class Trainer:
         self.valid_data: OpenedSplit | None = None
         if cfg.run.eval_interval:
             try:
-                self.valid_data = open_split(cfg, "valid", vocab)
-            except MissingSplitError as err:  # any other data error (e.g. a vocabulary) stops the run
+                # NOTE: a dataset without valid documents (no valid/, or an empty one: a small
+                # build) is left out of validation, said here once; any other data error (e.g. a
+                # vocabulary) stops the run.
+                self.valid_data = open_split(cfg, "valid", vocab, skip_missing=True)
+            except MissingSplitError as err:
                 self.has_valid = False
                 if dist.get_rank() == 0:
                     print(f"soda-mega: validation is off: {err}", flush=True)
             else:
+                if dist.get_rank() == 0:
+                    for why in self.valid_data.left_out:
+                        print(f"soda-mega: validation leaves out a dataset: {why}", flush=True)
                 self._valid_loader()  # a plan that cannot be made fails at set-up, not at step N
         self.micro_per_step = self.resolved.grad_accum
         self.flops_per_token = flops_per_token(cfg.model, vocab.size).training
@@ -240,7 +246,7 @@ class Trainer:
     def _valid_loader(self) -> SodaDataLoader:
         """A fresh loader (first window on) over the valid split opened at set-up."""
         if self.valid_data is None:
-            self.valid_data = open_split(self.cfg, "valid", self.resolved.vocab)
+            self.valid_data = open_split(self.cfg, "valid", self.resolved.vocab, skip_missing=True)
         return SodaDataLoader(self.cfg, "valid", num_workers=0, data=self.valid_data,
                               run=self.resolved)
 

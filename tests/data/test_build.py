@@ -88,7 +88,8 @@ def test_speech_build_metadata_lengths_splits_and_skips(tmp_path):
             assert a["record_id"] == b["record_id"] and (a["doc_type"], b["doc_type"]) == ("audio_first", "text_first")
             assert (a["loss_mask"] == 1).all()
         for r in records:
-            assert r not in seen_records and split_of(r, 0.3) == split
+            # the split goes by recording: here the codes file rec<i> is read from
+            assert r not in seen_records and split_of(f"c{r[3:]}.npy", 0.3) == split
             seen_records[r] = split
         skipped += meta["skipped"]
     assert sorted(seen_records) == [f"rec{i}" for i in range(7)]

@@ -70,7 +70,8 @@ def _wav_corpus(src: Path) -> Path:
     lines = []
     for rid, (sec, rate, freq, text) in CLIPS.items():
         (src / f"{rid}.wav").write_bytes(wav_bytes(_pcm(sec, rate, freq), rate))
-        lines.append({"id": rid, "audio": f"{rid}.wav", "transcript": text})
+        # the rows' recordings, as the HF dataset (one row, one recording) splits them
+        lines.append({"id": rid, "audio": f"{rid}.wav", "recording_id": rid, "transcript": text})
     (src / "bad.wav").write_bytes(BAD_BYTES)
     lines += [{"id": "bad", "audio": "bad.wav", "transcript": "undecodable"},
               {"id": "mute", "audio": "a.wav", "transcript": ""}]
@@ -229,10 +230,13 @@ def _lhotse_corpus(tmp: Path) -> tuple[Path, Path]:
     ])
     cuts.to_file(tmp / "cuts.jsonl.gz")
     manifest = write_manifest(tmp / "manifest.jsonl", [
-        {"id": "ca", "audio": "a.wav", "segments": [{"start": 0.0, "end": 0.8, "text": "alpha"}]},
-        {"id": "cb", "audio": "b.wav", "segments": [{"start": 0.08, "end": 0.32, "text": "beta one"},
-                                                    {"start": 0.4, "end": 0.56, "text": "beta two"}]},
-        {"id": "cc", "audio": "c.wav", "segments": [{"start": 0.0, "end": 0.72, "text": "gamma"}]},
+        # recording_id: the cuts' recordings, which decide the split
+        {"id": "ca", "audio": "a.wav", "recording_id": "long",
+         "segments": [{"start": 0.0, "end": 0.8, "text": "alpha"}]},
+        {"id": "cb", "audio": "b.wav", "recording_id": "long",
+         "segments": [{"start": 0.08, "end": 0.32, "text": "beta one"},
+                      {"start": 0.4, "end": 0.56, "text": "beta two"}]},
+        {"id": "cc", "audio": "c.wav", "recording_id": "c", "segments": [{"start": 0.0, "end": 0.72, "text": "gamma"}]},
     ])
     return tmp / "cuts.jsonl.gz", manifest
 

@@ -40,6 +40,15 @@ def test_render_shows_text_specials_and_audio_frames(layout):
                                                  "audio", "special", "text"]
 
 
+def test_render_keeps_bos_and_eos_in_place_in_a_text_only_document(layout):
+    """Issue 33.12: BOS text EOS is one text span; EOS was shown before the text."""
+    doc = np.array([layout.bos_id, *b"plain words", layout.eos_id], dtype=np.int32)
+    out = render_document(doc, layout, ByteTokenizer())
+    assert out.startswith("<BOS> 'plain words' <EOS>\n")
+    no_tokenizer = render_document(doc, layout)
+    assert no_tokenizer.startswith("<BOS> 'ids [112, 108, 97") and no_tokenizer.split("\n")[0].endswith(" <EOS>")
+
+
 def test_first_audio_span_round_trips_to_codes(layout):
     doc, codes = _doc(layout, frames=6)
     np.testing.assert_array_equal(first_audio_codes(doc, layout).numpy(), codes)

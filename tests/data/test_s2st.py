@@ -106,6 +106,11 @@ def test_build_from_wavs_and_codes_with_bad_records(tmp_path):
     result = build_dataset(out, [manifest], "s2st", cfg, show_progress=False)
 
     docs, skipped = {}, []
+    # a pair goes to the split of its source recording (its source file as written)
+    source: dict[str, str] = {}
+    for r in records:  # the first line of an id is the one built (a repeated id is skipped)
+        if isinstance(r, dict):
+            source.setdefault(r["id"], r.get("source_audio") or r.get("source_codes"))
     for split in SPLITS:
         meta = json.loads((out / split / META_FILE).read_text())
         assert set(META_KEYS) <= set(meta)
@@ -116,11 +121,11 @@ def test_build_from_wavs_and_codes_with_bad_records(tmp_path):
         assert meta["num_docs"] == len(samples)
         assert meta["doc_types"] == ({"s2st": len(samples)} if samples else {})
         for s in samples:
-            assert s["doc_type"] == "s2st" and split_of(s["record_id"], 0.4) == split
+            assert s["doc_type"] == "s2st" and split_of(source[s["record_id"]], 0.4) == split
             docs[s["record_id"]] = s
         skipped += meta["skipped"]
     assert sorted(docs) == ["mixed", "pair0", "pair1", "pair2", "wav0"]
-    assert {split_of(r, 0.4) for r in docs} == {"train", "valid"}
+    assert {split_of(source[r], 0.4) for r in docs} == {"train", "valid"}
 
     # Lines rejected while reading the manifest are named by line, the others by id and line.
     expected = {"gone (pairs.jsonl:6)": "source: audio file not found",

@@ -10,7 +10,6 @@ feeder processes decodes and resamples the unit's audio ahead of the codec.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import sys
@@ -24,18 +23,13 @@ from soda_mega.data.documents import recording_documents, s2st_document, segment
 from soda_mega.data.build.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
                                    load_audio, load_codes, read_text_range,
                                    set_max_record_audio_bytes)
+from soda_mega.data.build.splits import record_split, split_of
 from soda_mega.data.build.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.build.writer import UnitWriter
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.data.build.worker_spec import INIT_FEEDER, WorkerSpec
 from soda_mega.utils.lifetime import spawned_dying_with
-
-
-def split_of(record_id: str, valid_fraction: float) -> str:
-    """``valid`` for a stable ``valid_fraction`` share of record ids, else ``train``."""
-    h = int.from_bytes(hashlib.sha256(record_id.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return "valid" if h / 2.0**64 < valid_fraction else "train"
 
 
 _STATE: dict = {}
@@ -239,7 +233,7 @@ def _speech_unit(writer: UnitWriter, recordings: Sequence[Recording]) -> None:
         group = recordings[start:start + batch]
         sides = _load_codes([(r.audio, r.codes) for r in group])
         for rec, (codes, seconds) in zip(group, sides):
-            split = split_of(rec.record_id, spec.valid_fraction)
+            split = record_split(rec, spec.valid_fraction)
             name = f"{rec.record_id} ({rec.where})"
             try:
                 if isinstance(codes, InputError):
@@ -266,7 +260,7 @@ def _s2st_unit(writer: UnitWriter, pairs: Sequence[S2STPair]) -> None:
                                                                 (p.target_audio, p.target_codes))])
         for i, pair in enumerate(group):
             (src, src_s), (tgt, tgt_s) = sides[2 * i], sides[2 * i + 1]
-            split = split_of(pair.record_id, spec.valid_fraction)
+            split = record_split(pair, spec.valid_fraction)
             try:
                 for side, codes in (("source", src), ("target", tgt)):
                     if isinstance(codes, InputError):

@@ -16,8 +16,9 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
 2. **Work** (:mod:`.build_worker`; ``data.build_workers`` spawned processes on the CPU path,
    one codec worker per device on the device path of :mod:`.devices`, or in-process): each
    unit's recordings are read, encoded with Mimi (or taken from ``.npy`` codes), tokenized and
-   turned into documents; each record goes to ``train`` or ``valid`` by a hash of its id, so
-   the split does not depend on input order, worker count or device. Units are written by
+   turned into documents; each record goes to ``train`` or ``valid`` by a hash of its
+   recording (or speaker group, :mod:`.splits`; a text document by its id), so the split does
+   not depend on input order, worker count or device, and a recording is never in both. Units are written by
    :class:`~soda_mega.data.build.writer.UnitWriter` (temp folder, rename, then marker).
 3. **Merge** (parent): per split, the units' shards are indexed in unit order and
    ``doc_lengths.npy`` and ``soda_meta.json`` are written (see :mod:`.schema`), from the unit
@@ -56,8 +57,8 @@ from typing import Callable, Sequence
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
-from soda_mega.data.build.build_worker import (init_worker, run_unit, set_progress, shutdown_worker, split_of,
-                                         worker_device)
+from soda_mega.data.build.build_worker import init_worker, run_unit, set_progress, shutdown_worker, worker_device
+from soda_mega.data.build.splits import assign_groups, split_of
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, check_mimi_weights, file_sha256,
                                   mimi_metadata, precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.build.devices import codec_devices, feeders_per_device
@@ -218,6 +219,7 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
                     continue
                 seen[rec.record_id] = rec.where
                 recordings.append(rec)
+        recordings = assign_groups(recordings, data.split_by)
         if kind == "speech":
             has_audio = any(r.audio is not None for r in recordings)
             doc_types = list(data.doc_types)
@@ -242,6 +244,8 @@ def make_plan(kind: str, inputs: Sequence[str | Path], cfg: SodaConfig, layout: 
         "text_split": data.text_split if kind == "text" else None,
         "inputs": fingerprints,
     }
+    if kind in AUDIO_KINDS:
+        settings["split_by"] = data.split_by  # NOTE: absent for text, whose split goes by id
     named = [(unit_name(i), items) for i, items in enumerate(units)]
     return Plan(kind, named, skipped, records + len(skipped), settings)
 
@@ -605,7 +609,8 @@ def _finalize(target: BuildTarget, stored: dict, resumed: int, t0: float) -> Bui
                 "tokenizer": settings["tokenizer"],
                 "build": {"fingerprint": stored["fingerprint"], "inputs": settings["inputs"],
                           "doc_types": settings["doc_types"],
-                          "valid_fraction": settings["valid_fraction"]}}
+                          "valid_fraction": settings["valid_fraction"],
+                          "split_by": settings.get("split_by")}}
         metas[split] = merge_split(root, split, names, markers, base, plan_skips[split],
                                    check_units=target.remote is None)
     if target.remote is not None:
@@ -652,7 +657,8 @@ def summary_lines(result: BuildResult) -> list[str]:
                      f"acoustic {tok['acoustic']:,})  {meta['audio_hours']:.3f} h audio  "
                      f"skipped {len(meta['skipped'])}")
     if not result.splits["valid"]["num_docs"]:
-        lines.append("  NOTE: the valid split is empty; raise data.valid_fraction or add records")
+        lines.append("  NOTE: the valid split is empty: training skips validation of this dataset; raise "
+                     "data.valid_fraction or add records to have one")
     return lines
 
 

@@ -14,7 +14,9 @@ with :class:`SourceError`, and the libraries are loaded with ``HF_DATASETS_OFFLI
 Each row is one recording: ``--audio-column`` (default ``audio``) holds the audio (an ``Audio``
 feature ``{"bytes", "path"}``, encoded bytes, or a file path), ``--text-column`` (default
 ``text``) the transcript of the whole recording and ``--id-column`` the record id (default: the
-``id`` column when the dataset has one, else ``<dataset>/<row>``). The same row as a JSONL
+``id`` column when the dataset has one, else ``<dataset>/<row>``). The train/valid split goes by
+``--recording-column`` (rows cut from one recording share its value; default: each row is its
+own recording) and, with ``data.split_by=speaker``, ``--speaker-column``. The same row as a JSONL
 manifest line ``{"id": ID, "audio": FILE, "transcript": TEXT}`` gives the same documents.
 
 Planning reads only the text and id columns. A :class:`Recording` carries an :class:`HFRow`
@@ -119,6 +121,8 @@ class HFSource:
     audio_column: str = "audio"
     text_column: str = "text"
     id_column: str | None = None  # None: "id" when the dataset has it, else <label>/<row>
+    recording_column: str | None = None  # the split key (None: each row its own recording)
+    speaker_column: str | None = None  # for data.split_by=speaker
     split: str | None = None
     hub_name: str | None = None  # set when ``path`` was a hub name found in the hub cache
 
@@ -191,6 +195,11 @@ class HFSource:
             if col is not None and col not in have:
                 raise SourceError(f"--hf-dataset {self.path}: no column {col!r} ({flag}); its columns are "
                                   f"{', '.join(have)}")
+        for flag, col in (("--recording-column", self.recording_column),
+                          ("--speaker-column", self.speaker_column)):
+            if col is not None and col not in have:
+                raise SourceError(f"--hf-dataset {self.path}: no column {col!r} ({flag}); its columns are "
+                                  f"{', '.join(have)}")
         return self.audio_column, self.text_column, id_column
 
     # ------------------------------------------------------------- planning (parent process)
@@ -204,12 +213,14 @@ class HFSource:
         recordings: list[Recording] = []
         skipped: list[Skipped] = []
         seen: dict[str, str] = {}
-        cols = [text_col] + ([id_col] if id_col and id_col != text_col else [])
+        cols = list(dict.fromkeys(c for c in (text_col, id_col, self.recording_column, self.speaker_column) if c))
         row = 0
         for batch in ds.select_columns(cols).iter(batch_size=PLAN_BATCH_ROWS):
             texts = batch[text_col]
             ids = batch[id_col] if id_col else [None] * len(texts)
-            for text, rid in zip(texts, ids):
+            groups = zip(*(batch[c] if c else [None] * len(texts)
+                           for c in (self.recording_column, self.speaker_column)))
+            for text, rid, (recording, speaker) in zip(texts, ids, groups):
                 where = f"{label}:row {row}"
                 try:
                     rid = f"{label}/{row}" if id_col is None else _row_id(rid, id_col)
@@ -228,12 +239,22 @@ class HFSource:
                                            f"choose a column of unique ids with --id-column"))
                 else:
                     seen[rid] = where
-                    recordings.append(Recording(rid, where, HFRow(self, row), None, segments))
+                    recordings.append(Recording(rid, where, HFRow(self, row), None, segments,
+                                                *_split_cells(recording, speaker)))
                 row += 1
-        fingerprint = {"hf_dataset": str(Path(self.path).resolve()), "split": self.split,
-                       "columns": {"audio": audio_col, "text": text_col, "id": id_col}, "rows": row,
+        columns = {"audio": audio_col, "text": text_col, "id": id_col}
+        columns.update({k: c for k, c in (("recording", self.recording_column), ("speaker", self.speaker_column)) if c})
+        fingerprint = {"hf_dataset": str(Path(self.path).resolve()), "split": self.split, "columns": columns,
+                       "rows": row,
                        "files": files_fingerprint(Path(self.path))}
         return recordings, skipped, fingerprint
+
+
+def _split_cells(recording, speaker) -> tuple[str | None, tuple[str, ...]]:
+    """``(recording, speakers)`` of a row (the split keys, :mod:`.splits`); an empty cell is none."""
+    def key(value):
+        return None if value is None or isinstance(value, bool) or str(value) == "" else str(value)
+    return key(recording), (key(speaker),) if key(speaker) is not None else ()
 
 
 def _row_id(value, column: str) -> str:

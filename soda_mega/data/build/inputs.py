@@ -16,8 +16,11 @@
   in seconds, ``0 <= start < end``, ending by the end of the audio (25 ms of slack, as Lhotse
   allows a cut), non-empty ``text``; sorted by start). With neither, only
   the audio-only document types (speech_only, semantic_only) are built for the recording.
-* ``id``: optional; by default ``<manifest stem>/<audio or codes path as written>``. Ids decide
-  the train/valid split, so they should be stable; a repeated id is skipped.
+* ``id``: optional; by default ``<manifest stem>/<audio or codes path as written>``; a repeated
+  id is skipped.
+* ``recording_id`` / ``speaker``: optional; the train/valid split goes by recording (default: the
+  audio or codes path as written), so lines that cut one recording into segments stay in one
+  split; ``data.split_by=speaker`` keeps speakers apart too (:mod:`.splits`).
 
 **S2ST manifest** (JSONL, one speech-to-speech translation pair per line; SODA_SPEC section 6)::
 
@@ -30,7 +33,8 @@
   per side): paths as above, codes as above.
 * ``source_text`` / ``target_text``: non-empty transcripts of the two sides.
 * ``id``: optional; by default ``<manifest stem>/<source path>|<target path>`` (one source may be
-  translated into several targets). Other keys (a language tag, a speaker) are ignored.
+  translated into several targets: the pairs of one source, or ``recording_id``, share a split).
+  ``speaker`` as above; other keys (a language tag) are ignored.
 
 **Audio** is read with ``sphn`` (Rust symphonia decoders: WAV PCM 8/16/24/32-bit and float,
 FLAC, MP3, Ogg/Vorbis): one reader for every format users have, returning float32
@@ -123,6 +127,10 @@ class Recording:
     audio: str | object | None  # a file path, or a reference with a read() method
     codes: str | None
     segments: tuple[Segment, ...] | None  # None: untranscribed
+    # The train/valid split goes by recording (or speaker), never by record id: .splits
+    recording: str | None = None  # None: the record is its own recording
+    speakers: tuple[str, ...] = ()
+    group: str | None = None  # the split key, set when the build is planned
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,9 @@ class S2STPair:
     target_text: str
     target_audio: str | None
     target_codes: str | None
+    recording: str | None = None  # the source recording (the split key, see .splits)
+    speakers: tuple[str, ...] = ()
+    group: str | None = None
 
 
 # ----------------------------------------------------------------- manifests
@@ -190,7 +201,20 @@ def parse_record(obj, where: str, base: Path, default_prefix: str) -> Recording:
     rid = obj.get("id", f"{default_prefix}/{rel}")
     if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
         raise InputError(f"'id' must be a non-empty string or integer, got {rid!r}")
-    return Recording(str(rid), where, path if has_audio else None, None if has_audio else path, segments)
+    return Recording(str(rid), where, path if has_audio else None, None if has_audio else path, segments,
+                     *_split_fields(obj, rel))
+
+
+def _split_fields(obj: dict, rel: str) -> tuple[str, tuple[str, ...]]:
+    """``(recording, speakers)`` of a manifest line: ``recording_id`` (else the audio path as
+    written) and ``speaker``, the keys the train/valid split goes by (:mod:`.splits`)."""
+    found = []
+    for key in ("recording_id", "speaker"):
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == ""):
+            raise InputError(f"'{key}' must be a non-empty string or integer, got {value!r}")
+        found.append(None if value is None else str(value))
+    return found[0] or os.path.normpath(rel), (found[1],) if found[1] is not None else ()
 
 
 def _resolve(base: Path, rel: str) -> str:
@@ -223,7 +247,8 @@ def parse_s2st_record(obj, where: str, base: Path, default_prefix: str) -> S2STP
     rid = obj.get("id", f"{default_prefix}/{src_rel}|{tgt_rel}")
     if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
         raise InputError(f"'id' must be a non-empty string or integer, got {rid!r}")
-    return S2STPair(str(rid), where, src_audio, src_codes, source_text, target_text, tgt_audio, tgt_codes)
+    return S2STPair(str(rid), where, src_audio, src_codes, source_text, target_text, tgt_audio, tgt_codes,
+                    *_split_fields(obj, src_rel))
 
 
 def _json_line(text: str) -> object:

@@ -5,8 +5,9 @@ and a supervision manifest (``--lhotse-recordings R --lhotse-supervisions S``: o
 recording, as ``CutSet.from_manifests`` makes them), read through the ``lhotse`` library
 (optional: ``pip install lhotse``).
 
-Each cut is one recording of the build: id = the cut's id; audio = the cut's stretch of its
-recording (``start`` / ``duration`` seconds, cut at whole samples as Lhotse counts them: a cut of
+Each cut is one recording of the build: id = the cut's id (its Lhotse recording, and the
+supervisions' speakers, decide its train/valid split: :mod:`~soda_mega.data.build.splits`);
+audio = the cut's stretch of its recording (``start`` / ``duration`` seconds, cut at whole samples as Lhotse counts them: a cut of
 a longer recording is read as that part only, an :class:`~soda_mega.data.build.inputs.AudioSlice`;
 consecutive cuts of one recording decode it once);
 transcript segments = the cut's supervisions that have text, with ``start`` / ``end`` relative to
@@ -166,7 +167,10 @@ def cut_recording(cut, where: str) -> Recording:
     obj = {"id": cut.id, "audio": path}
     if segments:
         obj["segments"] = segments
-    parsed = parse_record(obj, where, Path("/"), "")
+    # NOTE: the split goes by the cut's recording (and its supervisions' speakers), never by the
+    # cut id: the cuts of trim_to_supervisions() of one recording stay in one split.
+    speakers = tuple(sorted({str(sup.speaker) for sup in cut.supervisions if sup.speaker not in (None, "")}))
+    parsed = dataclasses.replace(parse_record(obj, where, Path("/"), ""), recording=str(rec.id), speakers=speakers)
     whole = (abs(start) <= WHOLE_RECORDING_TOLERANCE_S
              and abs(duration - rec.duration) <= WHOLE_RECORDING_TOLERANCE_S)
     if whole:

@@ -21,7 +21,7 @@ import torch
 
 from soda_mega.data.read.cache import is_remote
 from soda_mega.data.schema import SPLITS
-from soda_mega.data.read.source import DatasetError, DocumentSource, MissingSplitError
+from soda_mega.data.read.source import DatasetError, DocumentSource, EmptySplitError, MissingSplitError
 from soda_mega.tokens.layout import Modality, VocabLayout
 from soda_mega.utils.terminal import printable
 
@@ -67,6 +67,23 @@ def spans(tokens: np.ndarray, layout: VocabLayout) -> list[tuple[str, np.ndarray
     return out
 
 
+def _text_parts(ids: np.ndarray, layout: VocabLayout, tokenizer) -> list[str]:
+    """A text span (BOS and EOS are text ids) as its text runs and markers, in document order."""
+    marks = {layout.bos_id: "<BOS>", layout.eos_id: "<EOS>"}
+    parts: list[str] = []
+    body: list[int] = []
+    for i in [*(int(i) for i in ids), None]:
+        if i is not None and i not in marks:
+            body.append(i)
+            continue
+        if body:
+            parts.append(repr(tokenizer.decode(body) if tokenizer is not None else f"ids {body[:12]}..."))
+            body = []
+        if i is not None:
+            parts.append(marks[i])
+    return parts
+
+
 def render_document(tokens: np.ndarray, layout: VocabLayout, tokenizer=None, max_ids: int = 48) -> str:
     """A one-document view: spans with decoded text / names / frame counts, then raw ids."""
     names = {layout.special_id(n): n for n in layout.special_tokens}
@@ -75,13 +92,7 @@ def render_document(tokens: np.ndarray, layout: VocabLayout, tokenizer=None, max
         if kind == "special":
             parts.append(printable(names[int(ids[0])]))
         elif kind == "text":
-            body = [int(i) for i in ids if i not in (layout.bos_id, layout.eos_id)]
-            if len(body) < len(ids):
-                parts += ["<BOS>" if i == layout.bos_id else "<EOS>" for i in ids
-                          if i in (layout.bos_id, layout.eos_id)]
-            if body:
-                text = tokenizer.decode(body) if tokenizer is not None else f"ids {body[:12]}..."
-                parts.append(repr(text))
+            parts += _text_parts(ids, layout, tokenizer)
         else:
             cbs = layout.codebook_of(torch.from_numpy(ids.astype(np.int64)))
             used = sorted(set(cbs.tolist()))
@@ -156,8 +167,8 @@ def inspect_dataset(root: str | Path, sample: int = 0, split: str = "train",
     for name in SPLITS:
         try:
             src = DocumentSource(root, name, **(budget or {}))
-        except MissingSplitError as err:
-            lines.append(f"  {name}: absent ({err})")
+        except MissingSplitError as err:  # an empty split (EmptySplitError) too: nothing to show
+            lines.append(f"  {name}: {'empty' if isinstance(err, EmptySplitError) else 'absent'} ({err})")
             continue
         # Any other DatasetError (a malformed split) ends the inspection, naming what is wrong.
         meta = src.meta
@@ -225,7 +236,7 @@ def verify_dataset(root: str | Path, cache_dir: str | None = None,
             src = DocumentSource(root, name, cache=NodeCache(cache_dir) if cache_dir else None,
                                  **(budget or {}))
         except MissingSplitError as err:
-            lines.append(f"  {name}: absent ({err})")
+            lines.append(f"  {name}: {'empty' if isinstance(err, EmptySplitError) else 'absent'} ({err})")
             continue
         except DatasetError as err:
             problems.append(f"{name}: {err}")

@@ -41,15 +41,16 @@ from soda_mega.data.read.cache import (CacheError, MissingRemoteFile, NodeCache,
                                        check_file_hashes, is_remote, unique_tmp)
 from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
-from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, InflateError, MissingSplitError,
-                                           check_budget, check_index, check_lengths_chunk,
-                                           check_lengths_header, check_meta, check_regular,
-                                           check_shard_bytes, inflate, inside, read_capped)
+from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, EmptySplitError, InflateError,
+                                           MissingSplitError, check_budget, check_index,
+                                           check_lengths_chunk, check_lengths_header, check_meta,
+                                           check_regular, check_shard_bytes, inflate, inside,
+                                           read_capped)
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils import strict_json
 
-__all__ = ["DatasetError", "DocumentSource", "MissingSplitError", "INDEX_FILE", "layout_differences",
+__all__ = ["DatasetError", "DocumentSource", "EmptySplitError", "MissingSplitError", "INDEX_FILE", "layout_differences",
            "read_meta"]
 
 
@@ -133,7 +134,7 @@ class DocumentSource:
             raise DatasetError(f"{self.where}: {LENGTHS_FILE} has {len(self.lengths)} entries but "
                                f"the shards hold {sum(self.shard_counts)} samples")
         if not len(self.lengths):
-            raise DatasetError(f"{self.where}: the {split} split holds no documents")
+            raise EmptySplitError(f"{self.where}: the {split} split holds no documents")
         self.shard_tokens = self._shard_tokens()
         check_shard_bytes(self.shards, self.shard_tokens, self.where)
         if not int(self.shard_tokens.sum()):

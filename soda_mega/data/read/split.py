@@ -26,7 +26,7 @@ from typing import Sequence
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.cache import NodeCache
 from soda_mega.data.read.order import StreamOrder
-from soda_mega.data.read.source import DatasetError, DocumentSource
+from soda_mega.data.read.source import DatasetError, DocumentSource, MissingSplitError
 from soda_mega.data.schema import SPLITS
 from soda_mega.tokens.layout import VocabLayout
 
@@ -51,7 +51,8 @@ class OpenedSplit:
     """The opened datasets of one split: sources, node cache, layout, weights, orders."""
 
     def __init__(self, split: str, sources: Sequence[DocumentSource], layout: VocabLayout,
-                 weights: Sequence[float], cache: NodeCache | None = None) -> None:
+                 weights: Sequence[float], cache: NodeCache | None = None,
+                 left_out: Sequence[str] = ()) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         if not sources:
@@ -61,6 +62,7 @@ class OpenedSplit:
         self.layout = layout
         self.weights = [float(w) for w in weights]
         self.cache = cache
+        self.left_out = list(left_out)  # why datasets without this split were left out (skip_missing)
         self._orders: dict[tuple[int, int, bool], list[StreamOrder]] = {}
         self._too_long: dict[int, int] = {}
 
@@ -110,23 +112,37 @@ def split_roots(cfg: SodaConfig, split: str) -> list[str]:
     return list(cfg.data.train) + (list(cfg.data.valid) if split == "valid" else [])
 
 
-def open_split(cfg: SodaConfig, split: str, layout: VocabLayout) -> OpenedSplit:
+def open_split(cfg: SodaConfig, split: str, layout: VocabLayout, *,
+               skip_missing: bool = False) -> OpenedSplit:
     """Open (and check against ``layout``) every dataset of ``split`` with one node cache
-    configured by the ``data`` section."""
+    configured by the ``data`` section.
+
+    ``skip_missing`` (validation): a dataset without the split, or whose split holds no
+    documents (a small build's valid split), is left out and named in ``left_out``;
+    :class:`MissingSplitError` only when no dataset is left. Any other problem still fails."""
     roots = split_roots(cfg, split)
     if not roots:
         raise DatasetError("data.train: no datasets given (build one with `soda-mega data build`)")
     data_cfg = cfg.data
     cache = NodeCache(data_cfg.cache_dir, data_cfg.cache_limit, data_cfg.download_timeout,
                       data_cfg.download_retries)
-    sources = [DocumentSource(r, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
-                              prefetch_threads=data_cfg.prefetch_threads,
-                              max_bytes=data_cfg.max_dataset_bytes,
-                              max_inflate_ratio=data_cfg.max_inflate_ratio) for r in roots]
+    sources, left_out = [], []
+    for root in roots:
+        try:
+            sources.append(DocumentSource(root, split, layout, cache=cache, skip_bad=data_cfg.skip_bad_documents,
+                                          prefetch_threads=data_cfg.prefetch_threads,
+                                          max_bytes=data_cfg.max_dataset_bytes,
+                                          max_inflate_ratio=data_cfg.max_inflate_ratio))
+        except MissingSplitError as err:
+            if not skip_missing:
+                raise
+            left_out.append(str(err))
+    if not sources:
+        raise MissingSplitError("; ".join(left_out))
     _warn_small_cache(sources, cache, data_cfg.shuffle_window)
     weights = mixture_weights(sources, data_cfg.weights if split == "train" else (),
                               data_cfg.text_fraction)
-    return OpenedSplit(split, sources, layout, weights, cache)
+    return OpenedSplit(split, sources, layout, weights, cache, left_out)
 
 
 def _warn_small_cache(sources: Sequence[DocumentSource], cache: NodeCache, shuffle_window: int) -> None:
