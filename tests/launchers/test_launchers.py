@@ -56,6 +56,19 @@ def test_dry_run_refuses_impossible_layouts(capsys):
     assert "world size 3 is not a multiple of TP x PP = 2" in capsys.readouterr().err
 
 
+def test_dry_run_checks_the_data_paths(tmp_path, tiny_corpus, capsys):
+    """Issue 33.6: `train --dry-run` opens data.train as the run would (index, metadata,
+    vocabulary): a wrong path fails there with exit 2 and one line naming it."""
+    missing = tmp_path / "no-such-corpus"
+    assert main(["train", "--preset", "tiny", "--dry-run", f"--data.train={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"soda-mega: error: {missing} has no 'train' split" in err, err
+    assert main(["train", "--preset", "tiny", "--dry-run", *tiny_corpus]) == 0
+    out = capsys.readouterr().out
+    root = tiny_corpus[0].split("=", 1)[1].split(",")[0]
+    assert "# data" in out and re.search(rf"{re.escape(root)}/train: 60 documents, [\d,]+ tokens", out), out
+
+
 def test_torchrun_launcher_dry_run():
     env = dict(os.environ, CONFIG=str(CONFIGS / "soda-1.7b.yaml"), NGPUS="8")
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), "--dry-run"],
@@ -188,6 +201,26 @@ def test_torchrun_launcher_reports_a_batch_that_does_not_split_over_data_paralle
     assert ("configuration error: training.global_batch_size: 7 must be a multiple of "
             "training.micro_batch_size=1 x data-parallel size 2") in proc.stderr
     assert "stopped: bad configuration or input" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_training_start_prints_the_layout_once(tmp_path, tiny_corpus):
+    """Issue 33.5: the start of a run says its whole layout (world, DP/TP/PP, micro and global
+    batch, gradient accumulation, where rank 0 runs), once, from rank 0."""
+    import socket
+
+    env = _launch_env(tmp_path, NGPUS="2", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), *tiny_corpus,
+                           f"--run.dir={tmp_path / 'run'}", "--run.max_steps=1",
+                           "--training.global_batch_size=4", "--training.micro_batch_size=1",
+                           "--run.eval_interval=0", "--run.tensorboard=false"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("soda-mega: layout: ")]
+    assert lines == [
+        "soda-mega: layout: world 2 = TP 1 x PP 1 x DP 2 (1 node x 2 processes); global batch 4 = "
+        "micro-batch 1 x 2 gradient-accumulation steps x DP 2, of 128 tokens (512 per step); "
+        f"rank 0 on {socket.gethostname()}"], proc.stdout[-4000:]
 
 
 def _free_port() -> int:
