@@ -13,8 +13,10 @@ model.safetensors.index.json beyond --max-shard-size) and tokenizer.json,
 tokenizer_config.json, special_tokens_map.json. The tokenizer spells every id: the run's text
 tokenizer (data.tokenizer, or an equivalent of the byte-level fallback), the special tokens
 (<|text_start|> ...) and one token per audio id, <|audio_k_x|> for code x of codebook k.
-Loads offline with transformers:
-  AutoModelForCausalLM.from_pretrained(OUT); AutoTokenizer.from_pretrained(OUT)
+tok(text) starts with BOS like the training documents; EOS pads (on the left). Loads offline
+with transformers:
+  model = AutoModelForCausalLM.from_pretrained(OUT); tok = AutoTokenizer.from_pretrained(OUT)
+  model.generate(**tok(["prompt 1", "prompt 2"], padding=True, return_tensors="pt"))
 """
 
 

@@ -38,7 +38,8 @@ def register(sub) -> argparse.ArgumentParser:
     )
     add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, parallel layout and memory estimate, then exit")
+                   help="print the resolved config, parallel layout and memory estimate, open and "
+                        "check the datasets of data.train / data.valid, then exit")
     p.add_argument("--world-size", type=int, default=None,
                    help="GPUs for --dry-run (default: WORLD_SIZE or 1)")
     return p
@@ -51,17 +52,24 @@ def run(args) -> int:
     # The run's vocabulary, padded vocabulary and batch geometry, once (checks the layout).
     resolved = resolve_run(cfg, world)
     if args.dry_run:
-        from soda_mega.training.plan import describe_run
+        from soda_mega.training.plan import describe_data, describe_run
 
         try:
             print(describe_run(cfg, world, resolved))
         except ValueError as err:
             print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
             return 2
+        # A dataset that cannot be used fails here as in the run (exit 2, one line naming it).
+        data = describe_data(cfg, resolved.vocab)
+        print("\n# data (opened and checked as the run will open them)", *data, sep="\n")
         return 0
     if not cfg.data.train:
         raise ConfigError("data.train: no datasets given; set --data.train=DIR[,DIR...] to folders "
                           "built by `soda-mega data build` or `soda-mega data demo`")
+    if int(os.environ.get("RANK", "0")) == 0:
+        from soda_mega.training.plan import start_line
+
+        print(start_line(cfg, resolved), flush=True)
     from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 

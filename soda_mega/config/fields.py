@@ -9,11 +9,12 @@ constraints next to the field (rather than in a separate validation function) me
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import reprlib
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from soda_mega.errors import SodaUserError
 
@@ -42,6 +43,23 @@ def short(value: Any, limit: int = 120) -> str:
 def clip(text: str, limit: int = 300) -> str:
     """``text`` cut to ``limit`` characters (a parser's message that quotes a whole line)."""
     return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part)
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the option ``word`` most likely stands for, else ``""``:
+    a close spelling (``hiden_size``), or an abbreviation by initials either way (``tp`` for
+    ``tensor_parallel``, ``learning_rate`` for ``lr``)."""
+    # NOTE: difflib alone misses abbreviations: "tp" and "tensor_parallel" share too little
+    # text for its ratio, yet "tp" is what Megatron's own flags call it.
+    word, options = str(word)[:100], [str(o) for o in options]
+    by_initials = [o for o in options if "_" in o and _initials(o) == word.replace("_", "")]
+    by_initials += [o for o in options if "_" in word and o == _initials(word)]
+    close = by_initials[:1] or difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def fld(

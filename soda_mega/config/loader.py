@@ -8,7 +8,6 @@ A config file may name its own base preset with a top-level ``preset: NAME`` key
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from soda_mega.config.fields import ConfigError, clip, short
+from soda_mega.config.fields import ConfigError, clip, did_you_mean, short
 from soda_mega.config.schema import SECTIONS, SodaConfig
 from soda_mega.config.yaml_io import load_yaml
 
@@ -27,11 +26,6 @@ def preset_names() -> list[str]:
     """Names of the presets shipped with the package."""
     files = resources.files(_PRESET_PACKAGE).iterdir()
     return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
-
-
-def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _read_mapping(path: Path) -> dict:
@@ -71,7 +65,7 @@ def apply_mapping(cfg: SodaConfig, data: Mapping[str, Any], source: str) -> None
         if section_name not in SECTIONS:
             raise ConfigError(
                 f"{source}: unknown section {short(section_name)}"
-                f"{_suggest(str(section_name)[:100], SECTIONS)}; "
+                f"{did_you_mean(section_name, SECTIONS)}; "
                 f"sections are {', '.join(SECTIONS)}"
             )
         if not isinstance(values, dict):
@@ -82,7 +76,7 @@ def apply_mapping(cfg: SodaConfig, data: Mapping[str, Any], source: str) -> None
         for key, value in values.items():
             if key not in names:
                 raise ConfigError(f"{source}: unknown field {section_name}.{clip(str(key), 100)}"
-                                  f"{_suggest(str(key)[:100], names)}")
+                                  f"{did_you_mean(key, names)}")
             setattr(section, key, value)
 
 

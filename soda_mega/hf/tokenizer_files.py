@@ -16,6 +16,10 @@ string, at exactly its layout id:
 * ``[A, A + K*C)``: one token per audio id, named ``<|audio_k_x|>`` for code ``x`` of
   codebook ``k`` (id ``A + k*C + x``; ``k = 0`` is the semantic codebook).
 
+Encoding text adds BOS in front (a post-processor), as every training document starts; the
+tokenizer config names EOS as the pad token and ``input_ids`` / ``attention_mask`` as the model
+inputs, so transformers' ``model.generate(**tok(...))`` and ``tok([...], padding=True)`` work.
+
 All added tokens are "special" to ``tokenizers``: they are matched whole in input text (so a
 prompt string such as ``"<|audio_start|><|audio_0_17|><|audio_1_5|>"`` encodes to the right
 ids) and ``decode(..., skip_special_tokens=True)`` keeps only the text.
@@ -135,7 +139,24 @@ def build_tokenizer(layout: VocabLayout, text_tokenizer: str | Path | None):
     if tok.get_vocab_size(with_added_tokens=True) != layout.size:
         raise HFError(f"tokenizer has {tok.get_vocab_size(with_added_tokens=True)} ids, the "
                       f"vocabulary layout {layout.size}")
+    _start_with_bos(tok, layout)
     return tok, info
+
+
+def _start_with_bos(tok, layout: VocabLayout) -> None:
+    """Make ``tok(text)`` start with BOS, as every training document does
+    (:mod:`soda_mega.data.documents`); a text tokenizer whose post-processor adds it already
+    (Llama 3's) is left as it is. ``add_special_tokens=False`` still encodes the text alone."""
+    from tokenizers import processors
+
+    if tok.encode("a").ids[:1] == [layout.bos_id]:
+        return
+    bos = tok.id_to_token(layout.bos_id)
+    bos_first = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                              special_tokens=[(bos, layout.bos_id)])
+    # NOTE: a post-processor of the text tokenizer (ByteLevel offsets, say) keeps its work.
+    tok.post_processor = (bos_first if tok.post_processor is None
+                          else processors.Sequence([tok.post_processor, bos_first]))
 
 
 def write_tokenizer_files(folder: Path, tok, layout: VocabLayout, max_length: int) -> list[str]:
@@ -143,11 +164,18 @@ def write_tokenizer_files(folder: Path, tok, layout: VocabLayout, max_length: in
     folder = Path(folder)
     tok.save(str(folder / "tokenizer.json"))
     bos, eos = tok.id_to_token(layout.bos_id), tok.id_to_token(layout.eos_id)
-    specials = {"bos_token": bos, "eos_token": eos,
+    # EOS pads, as generation_config.json's pad_token_id says: `tok([...], padding=True)`.
+    specials = {"bos_token": bos, "eos_token": eos, "pad_token": eos,
                 "additional_special_tokens": list(layout.special_tokens)}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
+        # NOTE: on the left, so that a batch of prompts generates as each prompt alone (the
+        # model takes positions from the attention mask); right-padded prompts would continue
+        # after their padding.
+        "padding_side": "left",
+        # Qwen3's forward takes no token_type_ids: `model.generate(**tok(s, return_tensors="pt"))`
+        "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": max_length,
         # NOTE: no clean-up: "a ." -> "a." would change text that round-trips exactly otherwise.
         "clean_up_tokenization_spaces": False,

@@ -280,6 +280,7 @@ def slurm_script(manifest: Manifest, results_path: Path, nproc: int = 8, overrid
         "#SBATCH --requeue",
         "#SBATCH --signal=B:USR1@300",
         f"#SBATCH --output={root}/logs/%x-%A_%a.out",
+        "#SBATCH --open-mode=append",  # a requeued task keeps its earlier output
     ]
     if time_limit is not None:
         lines.append(f"#SBATCH --time={slurm_time(time_limit)}")

@@ -85,23 +85,19 @@ class MetricsSink:
         self._jsonl = None  # opened at the first record, after a resume has truncated the file
         self._tb = None
         self._wandb: WandbLogger | None = None
-        if not enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                print("soda-mega: tensorboard is not installed; logging to console and JSONL only",
-                      file=sys.stderr)
+        self._tensorboard = tensorboard  # the writer is opened by start(), which knows the step
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, step: int) -> None:
         """Cut ``metrics.jsonl`` back to ``step``, the step this run starts from (0 for a fresh
-        start), so that its records match the checkpoints; call before the first record."""
-        if self.enabled:
-            truncate_metrics(self.path, step)
+        start), so that its records match the checkpoints, and open TensorBoard's writer, which
+        drops its events past ``step`` the same way; call before the first record."""
+        if not self.enabled:
+            return
+        truncate_metrics(self.path, step)
+        if self._tensorboard and self._tb is None:
+            self._tb = _tensorboard_writer(self.path.parent / "tensorboard", step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -138,6 +134,22 @@ class MetricsSink:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.close()
+
+
+def _tensorboard_writer(folder: Path, step: int):
+    """A SummaryWriter on ``folder`` for a run that starts from ``step``, or None (a notice)
+    without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("soda-mega: tensorboard is not installed; logging to console and JSONL only",
+              file=sys.stderr)
+        return None
+    # NOTE: event files are append-only: a run resumed from an earlier checkpoint would add a
+    # second value for every step logged after it. purge_step writes a session-start marker
+    # from which readers (TensorBoard, EventAccumulator) discard the older files' events at
+    # steps >= step + 1, as truncate_metrics does for metrics.jsonl.
+    return SummaryWriter(str(folder), purge_step=step + 1)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -1,6 +1,8 @@
 """What a run will do before it starts: layout, steps, schedule, and the per-GPU memory plan.
 
-Used by ``soda-mega train --dry-run`` (and so the launchers' ``--dry-run``), by
+Used by ``soda-mega train --dry-run`` (and so the launchers' ``--dry-run``, which also opens
+and checks the datasets: :func:`describe_data`), by the start-up line of a run
+(:func:`start_line`), by
 ``soda-mega bench memory`` and by the throughput benchmark to skip what cannot fit. Nothing
 is allocated.
 
@@ -74,6 +76,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -446,6 +450,59 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> lis
     return lines
 
 
+def parallel_layout(cfg: SodaConfig, resolved: ResolvedRun) -> str:
+    """``world W = TP t x PP p x DP d`` (with the virtual pipeline and sequence parallelism)."""
+    p = cfg.parallel
+    return (f"world {resolved.world_size} = TP {resolved.tensor_parallel} x PP "
+            f"{resolved.pipeline_parallel} x DP {resolved.dp}"
+            + (f" (virtual pipeline {p.virtual_pipeline})" if p.virtual_pipeline else "")
+            + (" + sequence parallel" if p.sequence_parallel else ""))
+
+
+def batch_layout(resolved: ResolvedRun) -> str:
+    """How the global batch splits: micro-batch x gradient accumulation x DP, and its tokens."""
+    b = resolved.batch
+    return (f"global batch {b.global_batch_size} = micro-batch {b.micro_batch_size} x "
+            f"{b.micro_batches_per_step} gradient-accumulation steps x DP {b.dp_size}, of "
+            f"{b.seq_length} tokens ({b.tokens_per_step:,} per step)")
+
+
+def start_line(cfg: SodaConfig, resolved: ResolvedRun) -> str:
+    """What rank 0 says as a run starts: layout, batch split, and where rank 0 runs (under
+    torchrun, with the nodes and processes per node it was started with)."""
+    world, per_node = resolved.world_size, os.environ.get("LOCAL_WORLD_SIZE")
+    placed = ""
+    if per_node and per_node.isdigit() and int(per_node) and world % int(per_node) == 0:
+        nodes = world // int(per_node)
+        placed = (f" ({nodes} node{'s' if nodes != 1 else ''} x {per_node} "
+                  f"process{'es' if per_node != '1' else ''})")
+    return (f"soda-mega: layout: {parallel_layout(cfg, resolved)}{placed}; "
+            f"{batch_layout(resolved)}; rank 0 on {socket.gethostname()}")
+
+
+def describe_data(cfg: SodaConfig, vocab: VocabLayout) -> list[str]:
+    """The datasets of ``data.train`` (and ``data.valid``), opened and checked as the run will
+    open them (index, metadata, vocabulary): a line each; a :class:`DatasetError` naming the
+    path when one cannot be used. Remote datasets fetch their index into the node cache."""
+    from soda_mega.data.read.split import open_split
+    from soda_mega.data.shard_contract import MissingSplitError
+
+    if not cfg.data.train:
+        return ["none given: set --data.train=DIR[,DIR...] (folders built by `soda-mega data build`)"]
+    splits, notes = [open_split(cfg, "train", vocab)], []
+    if cfg.run.eval_interval:
+        try:
+            splits.append(open_split(cfg, "valid", vocab))
+        except MissingSplitError as err:
+            notes.append(f"validation is off: {err}")
+    lines = []
+    for split in splits:
+        lines += [f"{source.where}: {len(source):,} documents, {source.num_tokens:,} tokens "
+                  f"({split.split}, {source.kind})" for source in split.sources]
+        split.close()
+    return lines + notes
+
+
 def describe_run(cfg: SodaConfig, world_size: int, resolved: ResolvedRun | None = None) -> str:
     """Human-readable plan of a run on ``world_size`` GPUs (raises on an impossible layout);
     ``resolved``: the run's resolved pieces when the command computed them already."""
@@ -463,9 +520,7 @@ def describe_run(cfg: SodaConfig, world_size: int, resolved: ResolvedRun | None 
         dump_config(cfg).rstrip(),
         "",
         "# parallel layout",
-        f"world {world_size} = TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {dp}"
-        + (f" (virtual pipeline {p.virtual_pipeline})" if p.virtual_pipeline else "")
-        + (" + sequence parallel" if p.sequence_parallel else ""),
+        parallel_layout(cfg, resolved),
         f"global batch {t.global_batch_size} x {cfg.model.seq_length} tokens = "
         f"{per_replica} micro-batches of {t.micro_batch_size} per replica per step",
         (f"steps {steps} for {t.epochs:g} epochs" if t.epochs is not None

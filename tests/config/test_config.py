@@ -395,3 +395,23 @@ def test_cli_config_fields_lists_every_field_with_help(capsys):
             if f.metadata.get("choices"):
                 for choice in f.metadata["choices"]:
                     assert str(choice) in matching[0]
+
+
+@pytest.mark.parametrize("given, meant", [
+    ("--parallel.tp=2", "parallel.tp (did you mean 'tensor_parallel'?)"),
+    ("--parallel.pp=2", "parallel.pp (did you mean 'pipeline_parallel'?)"),
+    ("--parallel.vp=2", "parallel.vp (did you mean 'virtual_pipeline'?)"),
+    ("--training.learning_rate=0.1", "training.learning_rate (did you mean 'lr'?)"),
+])
+def test_unknown_field_suggests_the_field_an_abbreviation_stands_for(given, meant, capsys):
+    """Issue 33.7: `--parallel.tp=2` named no field; the abbreviation's field is suggested,
+    through the command as users meet it (exit 2, one line)."""
+    assert main(["config", "--preset", "tiny", given]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown field {meant}" in err, err
+
+
+def test_unknown_field_without_a_close_name_suggests_nothing():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["--parallel.zzz=2"])
+    assert str(err.value) == "command line: unknown field parallel.zzz"

@@ -101,14 +101,40 @@ def test_tokenizer_spells_every_id_and_encodes_like_the_byte_tokenizer(ckpt, exp
     for k, x in [(0, 0), (0, 2047), (3, 17), (7, 0), (7, 2047)]:
         assert tok.convert_tokens_to_ids(audio_token(k, x)) == layout.codebook_range(k)[0] + x
     byte = ByteTokenizer()
-    assert tok(TEXT)["input_ids"] == byte.encode(TEXT)
+    # BOS first, as every training document starts (soda_mega/data/documents.py).
+    assert tok(TEXT)["input_ids"] == [layout.bos_id] + byte.encode(TEXT)
+    assert tok(TEXT, add_special_tokens=False)["input_ids"] == byte.encode(TEXT)
     assert tok.decode(byte.encode(TEXT)) == TEXT
     cut = byte.encode("日本")[:-1]  # an incomplete UTF-8 sequence decodes to U+FFFD in both
     assert tok.decode(cut) == byte.decode(cut)
     ids = _mixed_ids(layout)[0].tolist()
     prompt = tok.decode(ids)
-    assert tok(prompt)["input_ids"] == ids  # special and audio names parse back to their ids
+    # special and audio names parse back to their ids
+    assert tok(prompt, add_special_tokens=False)["input_ids"] == ids
     assert tok.decode(ids, skip_special_tokens=True) == TEXT
+
+
+def test_exported_folder_works_with_the_usual_transformers_idioms(ckpt, exported):
+    """Issue 33.9: `model.generate(**tok(s, return_tensors="pt"))` (no token_type_ids the model
+    would refuse), `tok([...], padding=True)` (a pad token), prompts that start with BOS like
+    the training documents, and batched generation equal to one prompt at a time."""
+    layout = VocabLayout.from_config(checkpoint_config(ckpt).vocab)
+    tok = transformers.AutoTokenizer.from_pretrained(exported)
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    prompts = ["hi", "a longer prompt, of bytes"]
+    single = tok(prompts[1], return_tensors="pt")
+    assert sorted(single) == ["attention_mask", "input_ids"]
+    assert single["input_ids"][0].tolist() == [layout.bos_id] + ByteTokenizer().encode(prompts[1])
+    out = model.generate(**single, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, single["input_ids"].shape[1] + 4)
+
+    assert tok.pad_token_id == layout.eos_id == model.generation_config.pad_token_id
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].sum(1).tolist() == [3, 1 + len(prompts[1])]
+    together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, -4:]
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=4, do_sample=False)
+        assert together[row].tolist() == alone[0, -4:].tolist(), prompt
 
 
 def _word_tokenizer(path: Path):
@@ -134,7 +160,7 @@ def test_hf_text_tokenizer_is_extended_at_the_layout_ids(tmp_path):
     write_tokenizer_files(out, tok, layout, max_length=64)
     auto = transformers.AutoTokenizer.from_pretrained(out)
     assert len(auto) == layout.size
-    assert auto("w3 w17 w0")["input_ids"] == text_tok.encode("w3 w17 w0").ids
+    assert auto("w3 w17 w0")["input_ids"] == [1] + text_tok.encode("w3 w17 w0").ids  # <s> first
     assert auto.convert_ids_to_tokens([43, 47]) == ["<|reserved_text_43|>", "<|reserved_text_47|>"]
     assert auto.convert_tokens_to_ids(["<s>", "<|text_start|>", audio_token(2, 4)]) == [1, 48, 52 + 14]
     assert (auto.bos_token, auto.eos_token) == ("<s>", "</s>")
@@ -156,7 +182,7 @@ def test_run_with_an_hf_tokenizer_exports_and_imports_it(tmp_path, capsys):
     rc, err = _run_cli(capsys, "export", "hf", str(ckpt), str(tmp_path / "hf"), "--tokenizer", str(moved))
     assert rc == 0, err
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert auto("w5 w39")["input_ids"] == text_tok.encode("w5 w39").ids
+    assert auto("w5 w39")["input_ids"] == [1] + text_tok.encode("w5 w39").ids
     assert auto.convert_tokens_to_ids(["<|text_start|>", audio_token(0, 0)]) == [48, 52]
 
     out = import_hf(tmp_path / "hf", tmp_path / "imported")

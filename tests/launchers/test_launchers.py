@@ -56,6 +56,19 @@ def test_dry_run_refuses_impossible_layouts(capsys):
     assert "world size 3 is not a multiple of TP x PP = 2" in capsys.readouterr().err
 
 
+def test_dry_run_checks_the_data_paths(tmp_path, tiny_corpus, capsys):
+    """Issue 33.6: `train --dry-run` opens data.train as the run would (index, metadata,
+    vocabulary): a wrong path fails there with exit 2 and one line naming it."""
+    missing = tmp_path / "no-such-corpus"
+    assert main(["train", "--preset", "tiny", "--dry-run", f"--data.train={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"soda-mega: error: {missing} has no 'train' split" in err, err
+    assert main(["train", "--preset", "tiny", "--dry-run", *tiny_corpus]) == 0
+    out = capsys.readouterr().out
+    root = tiny_corpus[0].split("=", 1)[1].split(",")[0]
+    assert "# data" in out and re.search(rf"{re.escape(root)}/train: 60 documents, [\d,]+ tokens", out), out
+
+
 def test_torchrun_launcher_dry_run():
     env = dict(os.environ, CONFIG=str(CONFIGS / "soda-1.7b.yaml"), NGPUS="8")
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), "--dry-run"],
@@ -72,13 +85,73 @@ def test_slurm_script_parses():
     assert "--requeue" in text and "rdzv-endpoint" in text and "scontrol requeue" in text
 
 
+def _sbatch_options(text: str) -> dict[str, str]:
+    """The ``#SBATCH --key=value`` lines of a script, as sbatch reads them."""
+    found = re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", text, re.M)
+    return {key: value for key, value in found}
+
+
+def _requeueing_scripts(tmp_path: Path, monkeypatch) -> dict[str, str]:
+    """The text of every batch script the project ships or writes that requeues itself."""
+    from soda_mega.scaling.manifest import Manifest
+    from soda_mega.scaling.sweep import slurm_script
+
+    monkeypatch.chdir(tmp_path)
+    # the script only counts the runs (one array task each)
+    manifest = Manifest(tmp_path / "manifest.json", {"grid": {"name": "g"}}, [None], [])
+    scripts = {name: (ROOT / "launchers" / name).read_text()
+               for name in ("slurm.sbatch", "data_build.sbatch")}
+    scripts["sweep.sbatch"] = slurm_script(manifest, tmp_path / "results.csv")
+    return scripts
+
+
+def test_requeued_jobs_append_to_their_output(tmp_path, monkeypatch):
+    """Issue 33.3: Slurm truncates a job's output file when it starts the job again, so without
+    --open-mode=append a requeue erases the crash, the restarts and everything before it."""
+    for name, text in _requeueing_scripts(tmp_path, monkeypatch).items():
+        options = _sbatch_options(text)
+        assert "requeue" in options, name
+        assert options.get("open-mode") == "append", f"{name}: a requeue truncates its output"
+
+
+def test_slurm_output_file_needs_no_folder_in_the_submit_directory():
+    """Issue 33.6: Slurm opens --output before the script runs, relative to the folder sbatch
+    ran in; a folder missing there fails the job with no output at all (the reason only in
+    slurmd's log), so the file goes into that folder itself."""
+    output = _sbatch_options((ROOT / "launchers" / "slurm.sbatch").read_text())["output"]
+    assert "/" not in output, output
+
+
+def test_slurm_script_submitted_outside_the_repository_says_so(tmp_path):
+    """Issue 33.6: submitted from another folder, the default interpreter cannot import
+    soda_mega; one line says where to submit from, before any srun, and the job exits 2."""
+    bin_dir = _fake_slurm(tmp_path)
+    # python3 without site-packages (so without an installed soda-mega), as on a login node
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S -I "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    env = _launch_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77",
+                      SLURM_SUBMIT_DIR=str(elsewhere), SLURM_JOB_NODELIST="localhost",
+                      SLURM_NNODES="1", SODA_MEGA_STATUS_FILE=str(tmp_path / "status"))
+    env.pop("PYTHON")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "slurm.sbatch")], cwd=elsewhere,
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"soda-mega: python3 cannot import soda_mega in {elsewhere}, the folder the job was "
+            "submitted from") in proc.stderr
+    assert not (tmp_path / "srun.log").exists(), "srun ran"
+
+
 def _fake_slurm(tmp_path: Path) -> Path:
-    """`srun` that runs its command here and `scontrol` that answers `show hostnames` and
-    records `requeue`: enough of SLURM to run slurm.sbatch's logic on one machine."""
+    """`srun` that runs its command here (noting it in srun.log) and `scontrol` that answers
+    `show hostnames` and records `requeue`: enough of SLURM to run slurm.sbatch's logic on one
+    machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
-                                  'exec "$@"\n')
+    (bin_dir / "srun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "srun.log"}\n'
+                                  'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     (bin_dir / "scontrol").write_text(
         '#!/usr/bin/env bash\nif [ "$1" = show ]; then echo localhost; exit 0; fi\n'
         f'echo "$@" >> {tmp_path / "scontrol.log"}\n')
@@ -128,6 +201,26 @@ def test_torchrun_launcher_reports_a_batch_that_does_not_split_over_data_paralle
     assert ("configuration error: training.global_batch_size: 7 must be a multiple of "
             "training.micro_batch_size=1 x data-parallel size 2") in proc.stderr
     assert "stopped: bad configuration or input" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_training_start_prints_the_layout_once(tmp_path, tiny_corpus):
+    """Issue 33.5: the start of a run says its whole layout (world, DP/TP/PP, micro and global
+    batch, gradient accumulation, where rank 0 runs), once, from rank 0."""
+    import socket
+
+    env = _launch_env(tmp_path, NGPUS="2", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), *tiny_corpus,
+                           f"--run.dir={tmp_path / 'run'}", "--run.max_steps=1",
+                           "--training.global_batch_size=4", "--training.micro_batch_size=1",
+                           "--run.eval_interval=0", "--run.tensorboard=false"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("soda-mega: layout: ")]
+    assert lines == [
+        "soda-mega: layout: world 2 = TP 1 x PP 1 x DP 2 (1 node x 2 processes); global batch 4 = "
+        "micro-batch 1 x 2 gradient-accumulation steps x DP 2, of 128 tokens (512 per step); "
+        f"rank 0 on {socket.gethostname()}"], proc.stdout[-4000:]
 
 
 def _free_port() -> int:

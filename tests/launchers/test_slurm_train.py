@@ -57,9 +57,10 @@ class TrainJob:
                "SODA_MEGA_STATUS_FILE": str(tmp_path / f"{name}.status")}
         if fault:
             env["SODA_MEGA_FAULT"] = fault
-        # --open-mode=append: a requeued job would otherwise start its output file afresh.
+        # NOTE: no --open-mode here: the script's own (append) keeps what came before a requeue,
+        # which test_two_nodes_... reads (issue 33.3).
         self.id = cluster.sbatch("--nodes=2", f"--job-name={name}", f"--output={self.output}",
-                                 "--open-mode=append", *sbatch_options, str(SCRIPT),
+                                 *sbatch_options, str(SCRIPT),
                                  *run_overrides(corpus, run_dir), env=env, cwd=ROOT)
 
     def wait_for(self, text: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
@@ -81,6 +82,27 @@ def _assert_golden(run_dir: Path) -> None:
     assert_same_trace(read_trace(run_dir), golden_trace(), TRAINING_TRACE["golden_rtol"],
                       keys=("loss", "grad_norm", "lr"))
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
+
+
+def test_job_submitted_outside_the_repository_says_so_in_its_output(slurm_cluster, tmp_path):
+    """Issue 33.6: sbatch run in another folder (no logs/ there): the script's own --output lands
+    in that folder, and it says in one line where to submit from (exit 2, no srun)."""
+    home = tmp_path / "home"
+    bin_dir = tmp_path / "bin"
+    home.mkdir(), bin_dir.mkdir()
+    # python3 without site-packages (so without an installed soda-mega), as on a login node
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} -S -I "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in clean_env().items() if k not in ("PYTHON", "PYTHONPATH")}
+    env.update(CONFIG="launchers/configs/tiny-demo.yaml", GPUS_PER_NODE="1",
+               PATH=f"{bin_dir}:{env['PATH']}")
+    job_id = slurm_cluster.sbatch("--nodes=2", str(SCRIPT), env=env, cwd=home)
+    output = home / f"soda-mega-{job_id}.out"
+    slurm_cluster.wait(job_id, 120, [output])
+    info = slurm_cluster.job(job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), slurm_cluster.report(job_id, [output])
+    assert (f"soda-mega: python3 cannot import soda_mega in {home}, the folder the job was "
+            "submitted from: submit from the repository") in output.read_text()
 
 
 def test_two_nodes_follow_the_golden_trace_through_a_killed_rank_a_requeue_and_a_cancel(
