@@ -43,6 +43,7 @@ _SLURM_MODULES = (
 # alone at the end. Only the wall time depends on this list.
 _LONGEST_FIRST = (
     "slurm",  # 210 s, mostly waiting for Slurm's time limits and requeues
+    "tests/checkpoint/test_stop_during_save.py",  # 260 s, mostly waiting for signals and writes
     "tests/training/test_runtime_faults.py",  # 128 s
     "tests/training/test_train_runs.py",  # 126 s
     "tests/checkpoint/test_recovery.py",  # 122 s
@@ -50,6 +51,8 @@ _LONGEST_FIRST = (
     "tests/benchmarks/test_bench_kernels.py",  # 41 s
     "tests/training/test_train_remote.py",  # 35 s
     "tests/kernels/test_compile_check.py",  # 33 s
+    "tests/data/test_empty_valid.py",  # 60 s
+    "tests/launchers/test_launchers.py",  # 60 s
 )
 
 

@@ -151,7 +151,7 @@ class SlurmCluster:
             cwd: Optional[Path] = None, env: Optional[dict] = None) -> subprocess.CompletedProcess:
         """A Slurm client command (``sbatch``, ``scontrol``, ...) against this cluster."""
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd, env={**(env or os.environ), **self.env})
+                              cwd=cwd, env=self._with_clients(env or dict(os.environ)))
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stdout}\n"
                                  f"{done.stderr}\n{self.logs()}")
@@ -161,7 +161,12 @@ class SlurmCluster:
         """``base`` for a job submission: without the SLURM_* / SBATCH_* / SRUN_* variables of
         an allocation this process may run in, with this cluster's ``SLURM_CONF``."""
         drop = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
-        return {**{k: v for k, v in base.items() if not k.startswith(drop)}, **self.env}
+        return self._with_clients({k: v for k, v in base.items() if not k.startswith(drop)})
+
+    def _with_clients(self, env: dict) -> dict:
+        """``env`` with this cluster's ``SLURM_CONF`` and sbin on the end of its own ``PATH``
+        (a job inherits it: a test may put a folder of its own first)."""
+        return {**env, **self.env, "PATH": f"{env.get('PATH', '')}:{_SBIN}"}
 
     def sbatch(self, *argv: str, env: dict, cwd: Path) -> str:
         """Submit with ``sbatch --parsable``; the job id."""

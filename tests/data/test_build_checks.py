@@ -17,7 +17,9 @@ from soda_mega.data.streaming_compat import streaming_module
 
 
 def test_shards_carry_xxh64_hashes_that_match_their_bytes(tmp_path):
-    manifest = codes_corpus(tmp_path / "in", n=5)
+    # NOTE: enough recordings that both splits hold some (the split hashes each recording's
+    # key, here its codes file, against valid_fraction=0.3).
+    manifest = codes_corpus(tmp_path / "in", n=10)
     out = tmp_path / "out"
     build_dataset(out, [manifest], "speech", tiny_config(), show_progress=False)
     get_hash = streaming_module("hashing").get_hash
