@@ -40,7 +40,7 @@ def _corpus(root: Path, vocab) -> Path:
     return root / "speech"
 
 
-def _trainer(preset: str, work: Path, seq_length: int):
+def _trainer(preset: str, work: Path, seq_length: int, overrides: tuple[str, ...] = ()):
     from soda_mega.config import load_config
     from soda_mega.training.trainer import Trainer
 
@@ -49,17 +49,18 @@ def _trainer(preset: str, work: Path, seq_length: int):
     cfg = load_config(preset=preset, overrides=[
         f"data.train={corpus}", f"run.dir={work / 'run'}", "run.eval_interval=0",
         "run.tensorboard=false", f"model.seq_length={seq_length}",
-        "training.global_batch_size=1", "training.micro_batch_size=1", "data.num_workers=0"])
+        "training.global_batch_size=1", "training.micro_batch_size=1", "data.num_workers=0",
+        *overrides])
     return Trainer(cfg)
 
 
-def run(preset: str, saves: int, seq_length: int) -> dict:
+def run(preset: str, saves: int, seq_length: int, overrides: tuple[str, ...] = ()) -> dict:
     from soda_mega.checkpoint.async_save import AsyncSaver, SaveReport
     from soda_mega.checkpoint.save import save_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         work = Path(tmp)
-        trainer = _trainer(preset, work, seq_length)
+        trainer = _trainer(preset, work, seq_length, overrides)
         data = iter(trainer.loader)
 
         def step() -> float:
@@ -91,6 +92,7 @@ def run(preset: str, saves: int, seq_length: int) -> dict:
         sync = statistics.median(r["blocked_s"] for r in rows if r["mode"] == "sync")
         stall = statistics.median(r["blocked_s"] for r in rows if r["mode"] == "async")
         return {"preset": preset, "seq_length": seq_length, "saves": saves,
+                "overrides": list(overrides), "precision": trainer.cfg.training.precision,
                 "checkpoint_bytes": rows[0]["bytes"], "step_s_median": statistics.median(step_s),
                 "rows": rows, "sync_save_s_median": sync, "async_blocked_s_median": stall,
                 "stall_ratio": stall / sync, "target_ratio": TARGET,
@@ -104,8 +106,8 @@ def _row(report) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Checkpoint save stall: {result['preset']} "
-             f"({result['checkpoint_bytes'] / 1e9:.2f} GB per checkpoint)", "",
-             "`python benchmarks/bench_checkpoint.py` on "
+             f"({result['checkpoint_bytes'] / 1e9:.2f} GB per checkpoint, {result['precision']})", "",
+             f"`python benchmarks/bench_checkpoint.py{''.join(' --set ' + o for o in result['overrides'])}` on "
              f"{result['provenance']['device']['name']} ({result['provenance']['device'].get('cores', '?')} "
              f"cores), commit {result['provenance']['commit'][:10]}; a training step took "
              f"{result['step_s_median']:.2f} s (median).", "",
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, default=128,
                         help="tokens per sequence of the training steps between saves (default "
                              "128: the state, not the step, is what is measured)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a configuration override of the run (repeatable), e.g. "
+                             "--set training.precision=fp32 (bf16 matmuls are slow on most CPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset, 1 save each, results under --out as *_smoke.*")
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from soda_mega.utils.provenance import stamp, write_json
 
     preset, saves = ("tiny", 1) if args.smoke else (args.preset, args.saves)
-    result = run(preset, saves, args.seq_length)
+    result = run(preset, saves, args.seq_length, tuple(args.set))
     device = stamp()["device"]["kind"]
     name = f"bench_checkpoint_{device}{'_smoke' if args.smoke else ''}"
     path = write_json(args.out / f"{name}.json", result)

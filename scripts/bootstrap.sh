@@ -60,14 +60,14 @@ cmd=${1:-test}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   install) ;;
-  # -n 4: four pytest-xdist workers, each taking whole test modules, the longest first
-  # (tests/conftest.py). Four on the 2 cores of CI because much of the suite waits (Slurm's
+  # -n 3: three pytest-xdist workers, each taking whole test modules, the longest first
+  # (tests/conftest.py). Three on the 2 cores of CI because much of the suite waits (Slurm's
   # time limits, watchdog timeouts, stop signals, process start-ups): on a 2-core machine one
-  # worker took 20-23 min of an older, smaller suite, two 12-12.3 min, three 10.8 min; the
-  # larger suite of issues 31-33 took 21 min on three. SODA_TEST_WORKERS changes the count;
-  # `-n 0` among the arguments runs everything in this one process (for -s or --pdb).
-  # --durations=25: the run ends with its 25 slowest tests, so CI logs show where the time goes.
-  test) exec python -m pytest tests -n "${SODA_TEST_WORKERS:-4}" --durations=25 "$@" ;;
+  # worker took 20-23 min of an older, smaller suite, two 12-12.3 min, three 10.8 min. The
+  # suite of issues 31-33 took 21.2 min on three workers and 20.9 min on four (more workers
+  # only slow each test down). SODA_TEST_WORKERS changes the count; `-n 0` among the arguments
+  # runs everything in this one process (for -s or --pdb).
+  test) exec python -m pytest tests -n "${SODA_TEST_WORKERS:-3}" --durations=25 "$@" ;;
   demo)
     # The main job on the embedded default: the tiny model on the demo corpus, on CPU.
     if [ ! -f runs/demo-corpus/speech/train/soda_meta.json ] || [ ! -f runs/demo-corpus/text/train/soda_meta.json ]; then

@@ -34,5 +34,5 @@ def test_bench_checkpoint_smoke_reports_sync_and_async_saves(tmp_path):
     assert result["stall_ratio"] == pytest.approx(
         result["async_blocked_s_median"] / result["sync_save_s_median"])
     md = (tmp_path / "bench_checkpoint_cpu_smoke.md").read_text()
-    assert md.startswith("# Checkpoint save stall: tiny") and "| async | 0 |" in md
+    assert md.startswith("# Checkpoint save stall: tiny (") and "| async | 0 |" in md
     assert "saved step 1 (" in proc.stdout and "saved step 2 (" in proc.stdout
