@@ -195,10 +195,6 @@ class AsyncSaver:
         return SaveReport(job.step, path, _folder_bytes(path), now - job.started,
                           job.blocked_s + now - began)
 
-    def close(self) -> None:
-        """Publish what is in flight (end of training, a stop signal)."""
-        self.wait()
-
 
 class _Writer:
     """``_write_then_hash`` bound to Megatron's write function, as the request's ``async_fn``

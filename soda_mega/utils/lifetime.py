@@ -56,6 +56,8 @@ import sys
 import threading
 import time
 
+from soda_mega.utils.stop_signals import STOP_SIGNALS
+
 _PR_SET_PDEATHSIG = 1
 # hook installed; main thread of this process; thread and pid that fork (set before each fork);
 # libc's prctl (None: not looked up yet, False: not available)
@@ -64,7 +66,6 @@ _state = {"hook": False, "main": None, "forker": None, "parent": None, "prctl": 
 # Inside forks_finish_their_work: the callable each forked child runs first (None: not inside)
 # and how many processes the block has forked so far (in a child: counting its own forks on).
 _finishing: dict = {"child_init": None, "forks": 0}
-_STOPS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_GRACE_S = 5.0  # how long a daemon child has to end after SIGTERM at exit
 _manager = None  # the adopted Megatron results-queue manager (kept alive with the process)
 
@@ -118,7 +119,7 @@ def spawned_dying_with(parent_pid: int, initializer: str, *args) -> None:
 
 def ignore_stop_signals() -> None:
     """SIGTERM and SIGUSR1 are for the trainer (it saves and exits); a helper ends with it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -182,7 +183,7 @@ def _before_fork() -> None:
         # NOTE: blocked, not ignored: a signal that arrives during the fork stays pending in the
         # parent (delivered when _after_fork_parent unblocks it) and is discarded in the child,
         # whose handlers are SIG_IGN by the time it unblocks.
-        _state["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        _state["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def _after_fork_parent() -> None:
