@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from soda_mega.checkpoint.errors import CheckpointError
 from soda_mega.checkpoint.layout import LATEST, STATE_FILE, step_dir
 from soda_mega.checkpoint.manifest import write_manifest
+from soda_mega.checkpoint.optimizer_views import optimizer_state_views
 from soda_mega.checkpoint.resume import REPLACED, chain, pointer_target
 from soda_mega.checkpoint.sharded import (barrier, model_sharded_state_dict, optimizer_metadata,
                                           rank, unwrap, world)
@@ -132,8 +133,9 @@ def begin(root: Path, step: int) -> tuple[Path, Path]:
 def sharded_state(model, optimizer) -> dict:
     sharded = model_sharded_state_dict(unwrap(model))
     if optimizer is not None:
-        sharded["optimizer"] = _without_empty_param_state(optimizer.sharded_state_dict(
-            sharded, is_loading=False, metadata=optimizer_metadata()))
+        with optimizer_state_views(optimizer):
+            sharded["optimizer"] = _without_empty_param_state(optimizer.sharded_state_dict(
+                sharded, is_loading=False, metadata=optimizer_metadata()))
     return sharded
 
 
