@@ -20,6 +20,7 @@ the median synchronous save. JSON + markdown in ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def run(preset: str, saves: int, seq_length: int, overrides: tuple[str, ...] = (
     from soda_mega.checkpoint.async_save import AsyncSaver, SaveReport
     from soda_mega.checkpoint.save import save_checkpoint
 
+    load_before = os.getloadavg()  # other work on the machine slows both modes, not the ratio
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         work = Path(tmp)
         trainer = _trainer(preset, work, seq_length, overrides)
@@ -96,6 +98,7 @@ def run(preset: str, saves: int, seq_length: int, overrides: tuple[str, ...] = (
                 "checkpoint_bytes": rows[0]["bytes"], "step_s_median": statistics.median(step_s),
                 "rows": rows, "sync_save_s_median": sync, "async_blocked_s_median": stall,
                 "stall_ratio": stall / sync, "target_ratio": TARGET,
+                "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
                 "meets_target": stall / sync <= TARGET}
 
 
@@ -104,13 +107,21 @@ def _row(report) -> dict:
             "save_s": round(report.seconds, 4)}
 
 
+def _load(result: dict) -> str:
+    load = result.get("load_average")
+    if not load:
+        return "not recorded"
+    return f"{'/'.join(f'{x:g}' for x in load[:3])} before, {'/'.join(f'{x:g}' for x in load[3:])} after"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Checkpoint save stall: {result['preset']} "
              f"({result['checkpoint_bytes'] / 1e9:.2f} GB per checkpoint, {result['precision']})", "",
              f"`python benchmarks/bench_checkpoint.py{''.join(' --set ' + o for o in result['overrides'])}` on "
              f"{result['provenance']['device']['name']} ({result['provenance']['device'].get('cores', '?')} "
              f"cores), commit {result['provenance']['commit'][:10]}; a training step took "
-             f"{result['step_s_median']:.2f} s (median).", "",
+             f"{result['step_s_median']:.2f} s (median); 1/5/15-minute load average "
+             f"{_load(result)}.", "",
              "| mode | save | bytes | loop blocked (s) | start to publish (s) | steps meanwhile |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
