@@ -101,14 +101,15 @@ def candidate_configs(cfg: SodaConfig, gpus: int, gpus_per_node: int):
 
 
 def rank_layouts(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 8,
-                 eff: Optional[Efficiencies] = None, headroom: float = 1.0) -> list[Candidate]:
+                 eff: Optional[Efficiencies] = None, headroom: float = 1.0,
+                 vocab=None) -> list[Candidate]:
     """Every layout of ``cfg`` on ``gpus`` GPUs whose predicted device memory fits the GPU,
-    fastest first."""
+    fastest first; ``vocab``: the run's VocabLayout when the caller resolved it already."""
     from soda_mega.tokens.layout import VocabLayout
     from soda_mega.training.plan import GIB, MemoryAssumptions, plan_memory
 
     eff = eff or Efficiencies()
-    vocab = VocabLayout.from_config(cfg.vocab)
+    vocab = vocab or VocabLayout.from_config(cfg.vocab)
     shape = shape_of(cfg, vocab.size)
     stack = stack_of(cfg)
     out = []
@@ -124,13 +125,34 @@ def rank_layouts(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 
 
 
 def rank_of(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 8,
-            eff: Optional[Efficiencies] = None) -> tuple[Optional[int], list[Candidate], StepTime]:
+            eff: Optional[Efficiencies] = None,
+            vocab=None) -> tuple[Optional[int], list[Candidate], StepTime]:
     """(1-based rank of ``cfg``'s own layout among those that fit, or None when it does not
     fit; the ranking; its own predicted step)."""
-    ranked = rank_layouts(cfg, gpus, gpu, gpus_per_node, eff)
+    ranked = rank_layouts(cfg, gpus, gpu, gpus_per_node, eff, vocab=vocab)
     own = layout_of(cfg, gpus, gpus_per_node)
-    own_time = step_time(shape_of(cfg), own, gpu, stack_of(cfg), eff)
+    size = vocab.size if vocab is not None else None
+    own_time = step_time(shape_of(cfg, size), own, gpu, stack_of(cfg), eff)
     for i, cand in enumerate(ranked, 1):
         if cand.layout == own:
             return i, ranked, own_time
     return None, ranked, own_time
+
+
+def rank_line(cfg: SodaConfig, gpus: int, gpu_name: str = "h100-sxm", vocab=None) -> str:
+    """One line for ``train --dry-run``: where this layout ranks among those that fit."""
+    from soda_mega.planning.hardware import gpu_spec
+
+    gpu = gpu_spec(gpu_name)
+    try:
+        rank, ranked, own = rank_of(cfg, gpus, gpu, vocab=vocab)
+    except ValueError as err:
+        return f"soda-mega plan: cannot rank this layout: {err}"
+    head = f"soda-mega plan ({gpu.name}, predicted): this layout "
+    if not ranked:
+        return head + "has no layout that fits to rank against"
+    best = ranked[0]
+    where = (f"ranks {rank} of {len(ranked)} that fit" if rank else
+             f"does not fit {gpu.memory_gib:g} GiB; {len(ranked)} others do")
+    return (f"{head}{where}, {own.seconds:.3g} s per step; best {best.time.seconds:.3g} s: "
+            f"{best.overrides()}")
