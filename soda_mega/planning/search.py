@@ -60,7 +60,10 @@ class Candidate:
 def stack_of(cfg: SodaConfig) -> Stack:
     """soda-mega's stack with the loss the config selects (megatron, or the fused kernel)."""
     fused = cfg.kernels.loss in ("auto", "triton", "torch")
-    return dataclasses.replace(SODA_STACK, loss="soda_fused" if fused else "megatron")
+    loss = "fused Triton loss" if fused else "Megatron loss (kernels.loss=megatron)"
+    return dataclasses.replace(SODA_STACK, loss="soda_fused" if fused else "megatron",
+                               name=f"soda-mega's kernels (flash/SDPA attention, {loss}, no "
+                                    "Transformer Engine)")
 
 
 def with_layout(cfg: SodaConfig, tp: int, pp: int, vp: int, sp: bool, mbs: int,
