@@ -91,8 +91,9 @@ def run(args) -> int:
     if len(shown) < len(rows):
         print(f"    ... {len(rows) - len(shown)} more (--top 0 for all)")
     print(f"\nbest: {best.overrides()}")
-    print("constants: " + ("measured: " + ", ".join(f"{k} from {v['source']}" for k, v in cal.measured.items())
-                           if cal.measured else "all assumed (no GPU campaign result for this GPU yet)"))
+    measured = ", ".join(f"{k} from {v['source']}" for k, v in cal.measured.items())
+    print("constants: " + (f"measured: {measured}; the rest assumed" if measured else
+                           "all assumed (no GPU campaign result for this GPU yet)"))
     if args.explain:
         print(f"\n# predicted step of the best layout ({best.layout.label()}, micro-batch "
               f"{best.layout.micro_batch}, {best.layout.micro_batches} micro-batches per replica)")

@@ -18,8 +18,8 @@ from soda_mega.planning.shapes import TE_STACK, Layout, ModelShape, Stack
 #: The Megatron-LM of 2022 (table C): unfused attention with dropout, eager cross-entropy,
 #: no TP or pipeline overlap, fp16 with fp32 gradients.
 MEGATRON_2022 = Stack("Megatron-LM 2022 (unfused attention, no TP/PP overlap)",
-                      attention="unfused", loss="megatron", norm_linear_fused=False,
-                      tp_overlap=False, overlap_p2p=False, p2p_scatter_gather=True)
+                      attention="unfused", loss="megatron", tp_overlap=False,
+                      overlap_p2p=False, p2p_scatter_gather=True)
 #: NeMo 25.04 on Megatron-core + TE (table A): NeMo's GPTConfig fuses the cross-entropy.
 NEMO_2504 = Stack("Megatron-core + Transformer Engine via NeMo 25.04 (fused cross-entropy)",
                   loss="fused_ce", tp_overlap=True)

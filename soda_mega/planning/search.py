@@ -46,15 +46,16 @@ class Candidate:
             f"--training.recompute={lay.recompute}"])
 
     def row(self, tokens: float) -> dict:
-        t = self.time
-        gpu_hours = tokens / t.tokens_per_s_per_gpu / 3600
-        lay = self.layout
+        from soda_mega.perf.cost import gpu_hours, wall_days
+
+        t, lay = self.time, self.layout
+        hours = gpu_hours(tokens, t.tokens_per_s_per_gpu)
         return {"layout": lay.label(), "tp": lay.tp, "pp": lay.pp, "vp": lay.vp, "dp": lay.dp,
                 "micro_batch": lay.micro_batch, "recompute": lay.recompute,
                 "sequence_parallel": lay.sp, "step_s": t.seconds,
                 "tokens_per_s_per_gpu": t.tokens_per_s_per_gpu, "mfu": t.mfu,
-                "memory_gib": self.memory_gib, "gpu_hours": gpu_hours,
-                "days": gpu_hours / lay.gpus / 24, "overrides": self.overrides()}
+                "memory_gib": self.memory_gib, "gpu_hours": hours,
+                "days": wall_days(hours, lay.gpus), "overrides": self.overrides()}
 
 
 def stack_of(cfg: SodaConfig) -> Stack:
@@ -99,6 +100,8 @@ def candidate_configs(cfg: SodaConfig, gpus: int, gpus_per_node: int):
                             except ConfigError:
                                 continue
                             lay = layout_of(c, gpus, gpus_per_node)
+                            # the batch split and the interleaved schedule's rule (the
+                            # vocabulary does not matter to these checks)
                             if lay.check(shape_of(c, 1)) is None:
                                 yield c
 

@@ -10,7 +10,7 @@ soda-mega itself does not run: it exists here only to describe published runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 FFN_KINDS = ("swiglu", "gelu", "squared_relu")
@@ -121,14 +121,12 @@ class Stack:
     ``megatron`` (logits materialised, eager vocab-parallel cross-entropy), ``fused_ce``
     (logits materialised, one fused cross-entropy kernel: Megatron-core's
     ``cross_entropy_loss_fusion``) or ``soda_fused`` (soda-mega's fused linear + cross-entropy,
-    the two designs of :mod:`soda_kernels.flce_roofline`). ``norm_linear_fused``: Transformer
-    Engine's LayerNormLinear (one pass fewer per norm).
+    the two designs of :mod:`soda_kernels.flce_roofline`).
     """
 
     name: str
     attention: str = "cudnn"
     loss: str = "megatron"
-    norm_linear_fused: bool = True
     #: TP collectives overlapped with GEMMs (Transformer Engine userbuffers)
     tp_overlap: bool = False
     #: DP gradient reduce-scatter overlapped with the last micro-batch's backward
@@ -145,12 +143,12 @@ class Stack:
 
 
 #: Transformer Engine + Megatron-core with every overlap on (the published H100 runs).
-TE_STACK = Stack("Megatron-core + Transformer Engine (cuDNN attention, fused norm+linear, "
-                 "TP/DP/PP overlap)", tp_overlap=True)
+TE_STACK = Stack("Megatron-core + Transformer Engine (cuDNN attention, TP/DP/PP overlap)",
+                 tp_overlap=True)
 #: soda-mega's own kernels (no Transformer Engine): flash / SDPA attention, Megatron's
 #: unfused norms, the fused Triton loss; Megatron DDP overlap, no TP overlap.
 SODA_STACK = Stack("soda-mega (flash/SDPA attention, Triton fused loss, no Transformer Engine)",
-                   attention="fa2", loss="soda_fused", norm_linear_fused=False)
+                   attention="fa2", loss="soda_fused")
 
 
 def shape_of(cfg, vocab_size: Optional[int] = None) -> ModelShape:
@@ -173,7 +171,3 @@ def layout_of(cfg, gpus: int, gpus_per_node: int = 8) -> Layout:
     return Layout(tp, pp, gpus // (tp * pp), t.micro_batch_size, t.global_batch_size,
                   vp=p.virtual_pipeline or 1, sp=p.sequence_parallel, recompute=t.recompute,
                   distributed_optimizer=p.distributed_optimizer, gpus_per_node=gpus_per_node)
-
-
-def with_layout(layout: Layout, **changes) -> Layout:
-    return replace(layout, **changes)

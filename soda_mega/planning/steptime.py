@@ -32,7 +32,6 @@ plus the optimizer step and a fixed overhead.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 from soda_mega.planning.constants import Efficiencies
@@ -280,7 +279,3 @@ def format_parts(st: StepTime) -> list[str]:
             lines.append(f"  {k:<28}{v * 1e3:10.1f} ms  {v / st.seconds:6.1%}")
     lines.append(f"  {'step':<28}{st.seconds * 1e3:10.1f} ms")
     return lines
-
-
-def isclose(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9)

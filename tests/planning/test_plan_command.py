@@ -91,7 +91,8 @@ def _campaign(device: str, smoke: bool = False, peak: float | None = 700.0) -> d
 
 def test_calibration_fits_measured_constants_and_invents_none(tmp_path):
     h100 = gpu_spec("h100-sxm")
-    (tmp_path / "gpu_h100-80gb-hbm3_2026-12-01.json").write_text(json.dumps(_campaign("NVIDIA H100 80GB HBM3")))
+    h100_file = tmp_path / "gpu_h100-80gb-hbm3_2026-12-01.json"
+    h100_file.write_text(json.dumps(_campaign("NVIDIA H100 80GB HBM3")))
     (tmp_path / "gpu_h200_2026-12-01.json").write_text(json.dumps(_campaign("NVIDIA H200", peak=None)))
     (tmp_path / "gpu_smoke.json").write_text(json.dumps(_campaign("NVIDIA H100 80GB HBM3", smoke=True)))
     path = calibrate.newest_for(h100, tmp_path)
@@ -107,5 +108,5 @@ def test_calibration_fits_measured_constants_and_invents_none(tmp_path):
     assert "gemm_large" not in cal.measured and cal.gpu.gemm_large == h200.gemm_large
     # no result for the A100, and a smoke file alone is never used
     assert calibrate.newest_for(gpu_spec("a100"), tmp_path) is None
-    (tmp_path / "gpu_h100-80gb-hbm3_2026-12-01.json").unlink()
+    h100_file.unlink()
     assert calibrate.newest_for(h100, tmp_path) is None
