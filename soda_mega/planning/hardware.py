@@ -43,7 +43,9 @@ class GpuSpec:
     link_efficiency: float = 0.8
 
     def with_gpus_per_node(self, gpus_per_node: int) -> "GpuSpec":
-        return replace(self, intra_node_group=min(self.intra_node_group, gpus_per_node))
+        """The same GPU in nodes of ``gpus_per_node`` (an NVLink domain no larger than that)."""
+        group = min(self.intra_node_group, gpus_per_node)
+        return self if group == self.intra_node_group else replace(self, intra_node_group=group)
 
 
 GPUS: dict[str, GpuSpec] = {
