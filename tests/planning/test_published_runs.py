@@ -4,7 +4,9 @@ figures of Korthikanti et al. 2022. Pure arithmetic: no GPU, no torch work.
 
 NOTE: one constant (``gemm_half_dim``) was chosen from a five-value grid over this same table;
 every other constant comes from a datasheet, a publication or the code (constants.py SOURCES),
-so this is a fit check for that one number and a prediction for the rest."""
+so this is a fit check for that one number and a prediction for the rest. Table B's micro-batch
+is not published: at the assumed 4 the worst row is 18%, at 1 the 32B row would be 32%
+(README, "Planning a run")."""
 
 from __future__ import annotations
 
