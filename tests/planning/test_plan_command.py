@@ -73,7 +73,7 @@ def ranked_best_overrides(cfg) -> list[str]:
 def _campaign(device: str, smoke: bool = False, peak: float | None = 700.0) -> dict:
     """A converted campaign result shaped like campaign_report.convert's (synthetic numbers)."""
     gpu = gpu_spec("h100-sxm")
-    n, h, v = 8192, 1024, 144644
+    n, h, v = 2048, 1024, 144644
     loss = _soda_loss_seconds(n, h, v, gpu)[0]
     emb = n * h * 14 / (gpu.hbm_bytes_per_s * gpu.hbm_efficiency)
     phases = {"env": {"matmul_peak": {"tflops": peak}} if peak else {},

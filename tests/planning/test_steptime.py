@@ -59,11 +59,9 @@ def test_each_mechanism_moves_the_step_the_right_way():
         t(replace(base, tp=3))
 
 
-@pytest.mark.parametrize("gpu", ["h100-sxm", "h200"])
-def test_every_soda_preset_plans_on_8_and_256_gpus(gpu):
+@pytest.mark.parametrize(("gpu", "gpus"), [("h100-sxm", 8), ("h200", 256)])
+def test_every_soda_preset_plans_on_8_and_256_gpus(gpu, gpus):
     for preset in SODA:
-        cfg = load_config(None, preset, [])
-        for gpus in (8, 256):
-            ranked = rank_layouts(cfg, gpus, gpu_spec(gpu))
-            assert ranked, (preset, gpus)
-            assert 0.05 < ranked[0].time.mfu < 0.8, (preset, gpus, ranked[0].time.mfu)
+        ranked = rank_layouts(load_config(None, preset, []), gpus, gpu_spec(gpu))
+        assert ranked, (preset, gpus)
+        assert 0.05 < ranked[0].time.mfu < 0.8, (preset, gpus, ranked[0].time.mfu)
