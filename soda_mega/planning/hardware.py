@@ -50,9 +50,9 @@ class GpuSpec:
 
 GPUS: dict[str, GpuSpec] = {
     "h100-sxm": GpuSpec("H100 SXM 80GB", 989e12, 3.35e12, 80, 450 * GB, 8, 50 * GB, 0.70),
-    "h100-pcie": GpuSpec("H100 PCIe 80GB", 756e12, 2.0e12, 80, 64 * GB, 8, 50 * GB, 0.78),
-    "h100-nvl": GpuSpec("H100 NVL 94GB", 835e12, 3.9e12, 94, 300 * GB, 2, 50 * GB, 0.78),
-    "h200": GpuSpec("H200 SXM 141GB", 989e12, 4.8e12, 141, 450 * GB, 8, 50 * GB, 0.78),
+    "h100-pcie": GpuSpec("H100 PCIe 80GB", 756e12, 2.0e12, 80, 64 * GB, 8, 50 * GB, 0.70),
+    "h100-nvl": GpuSpec("H100 NVL 94GB", 835e12, 3.9e12, 94, 300 * GB, 2, 50 * GB, 0.70),
+    "h200": GpuSpec("H200 SXM 141GB", 989e12, 4.8e12, 141, 450 * GB, 8, 50 * GB, 0.70),
     "a100": GpuSpec("A100 SXM 80GB", 312e12, 2.039e12, 80, 300 * GB, 8, 25 * GB, 0.85),
 }
 ALIASES = {"h100": "h100-sxm", "h100sxm": "h100-sxm", "h100-80gb": "h100-sxm",
@@ -68,9 +68,10 @@ SOURCES = {
                               "NVL bridge 600 GB/s pairs; A100 NVLink 3 600 GB/s; PCIe Gen5 x16 64 GB/s",
     "inter_node_bytes_per_s": "one NIC per GPU: NDR 400 Gb/s on DGX H100 (datasheet); HDR 200 Gb/s "
                               "on DGX A100 / Selene (Korthikanti et al. 2022)",
-    "gemm_large": "assumed: cuBLAS bf16 large-GEMM reports reach ~75-80% of the H100 SXM peak "
-                  "(power-capped clocks) and ~85-90% on A100; replaced by the campaign's "
-                  "env.matmul_peak when a gpu_*.json exists",
+    "gemm_large": "assumed: 0.70 on Hopper, the fused-loss roofline's MATMUL_EFFICIENCY "
+                  "(cuBLAS bf16 large GEMMs reach 70-80% of the H100 SXM peak alone, less under "
+                  "training's power and communication load); 0.85 on A100 (cuBLAS ~265 of 312 "
+                  "TFLOP/s); replaced by the campaign's env.matmul_peak when a gpu_*.json exists",
     "hbm_efficiency": "assumed: streaming copies reach ~80% of HBM bandwidth (the fused-loss "
                       "roofline's BANDWIDTH_EFFICIENCY)",
     "link_efficiency": "assumed: nccl-tests all-reduce bus bandwidth ~360 of 450 GB/s on HGX H100 "
