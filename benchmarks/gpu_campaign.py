@@ -20,6 +20,8 @@ planner             the memory plan's prediction vs ``max_memory_allocated`` of 
 profile             a short ``torch.profiler`` breakdown of soda-1.7b
 checkpoint          the save stall of soda-135m, sync vs async (``benchmarks/bench_checkpoint.py``)
 megatron_newest     information only: does the newest megatron-core import and train a step
+plan_layouts        a few layouts (micro-batch, recompute) of soda-135m timed, with the
+                    step-time model's prediction beside each (``soda_mega/planning``)
 ==================  =========================================================================
 
 The Triton kernels have never run on a GPU, so they run in processes of their own: a sticky
@@ -549,6 +551,83 @@ def phase_planner(ctx: Context) -> None:
     ctx.save()
 
 
+# ----------------------------------------------------------------------------- (e2) plan layouts
+#: the preset and the (micro-batch, recompute) layouts timed on the lent GPU (one GPU: no
+#: TP / PP / DP to vary), in order of importance: later ones are skipped when time runs short
+PLAN_PRESET, PLAN_LAYOUTS = "soda-135m", ((1, "none"), (1, "full"), (2, "none"))
+SMOKE_PLAN_LAYOUTS = ((2, "none"), (2, "full"))
+
+
+def phase_plan_layouts(ctx: Context) -> None:
+    """A few layouts of one preset timed on this GPU with the step-time model's prediction
+    beside each (issue 36): ``soda_mega.planning`` with its assumed constants, for the GPU
+    kind this device is. On a CPU (smoke) the prediction is for an H100 SXM and is not
+    compared with anything."""
+    import tempfile
+
+    import torch
+
+    from soda_mega.parallel import state
+    from soda_mega.perf import harness, throughput
+    from soda_mega.planning import calibrate
+    from soda_mega.planning.hardware import GPUS, gpu_spec
+    from soda_mega.planning.search import stack_of
+    from soda_mega.planning.shapes import layout_of, shape_of
+    from soda_mega.planning.steptime import step_time
+    from soda_mega.training.metrics import peak_tflops
+    from soda_mega.utils.telemetry import GpuTelemetry
+
+    cuda, smoke = torch.cuda.is_available(), ctx.smoke
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    kind = calibrate.device_kind(device) if cuda else None
+    gpu = next((g for g in GPUS.values() if kind and g.name.startswith(kind)), None)
+    comparable = gpu is not None
+    gpu = gpu or gpu_spec("h100-sxm")
+    cal = calibrate.calibration_for(gpu, None)  # assumed constants: the model as shipped
+    args = argparse.Namespace(
+        smoke=smoke, presets=None, variants=["megatron"], steps=1 if smoke else 3,
+        warmup=1 if smoke else 2, accum=2 if smoke else 4, micro_batch=None, recompute=None,
+        peak_tflops=None, gemm_n=None, configs_dir=REPO / "launchers" / "configs", out_dir=None,
+        no_plot=True)
+    name = "tiny" if smoke else PLAN_PRESET
+    gemm = (ctx.result("env") or {}).get("matmul_peak") or {"tflops": float("nan")}
+    ctx.payload.update(preset=name, device=device, predicted_for=gpu.name, comparable=comparable,
+                       constants="assumed (soda_mega/planning/constants.py, hardware.py)")
+    state.init_distributed()
+    telemetry = GpuTelemetry(interval_s=0.2)
+    with tempfile.TemporaryDirectory(prefix="soda-campaign-plan-") as tmp_name:
+        tmp, corpus = Path(tmp_name), None
+        for mb, rec in (SMOKE_PLAN_LAYOUTS if smoke else PLAN_LAYOUTS):
+            case = f"{name} micro-batch {mb} recompute {rec}"
+            if ctx.remaining() < (5 if smoke else 20):
+                ctx.skip(case, f"{ctx.remaining():.0f} s left")
+                continue
+            args.micro_batch, args.recompute = mb, rec
+            base, notes = throughput.case_config(name, args, 1, [])
+            spec = throughput.VARIANTS["megatron"]
+            planned = harness.with_overrides(base, [f"--kernels.loss={spec['loss']}"])
+            pred = step_time(shape_of(planned), layout_of(planned, 1), gpu, stack_of(planned), cal.eff)
+            if corpus is None:
+                need = base.training.global_batch_size * (base.model.seq_length + 1) * 4
+                corpus = harness.synthetic_corpus(tmp / "corpus", base, min_tokens=max(
+                    need, 20_000 if smoke else 200_000))
+            row = throughput.run_case(name, "megatron", base, notes, args, 1, corpus, tmp,
+                                      telemetry, gemm, peak_tflops() if cuda else None)
+            row.update(layout={"micro_batch": mb, "recompute": rec},
+                       predicted_step_s=pred.seconds, predicted_parts_s=pred.parts)
+            measured = row.get("step_seconds_median")
+            if comparable and measured:
+                row["predicted_over_measured"] = pred.seconds / measured
+            print(f"[plan_layouts] {case}: measured "
+                  f"{'-' if not measured else f'{measured:.4g} s'}, predicted {pred.seconds:.4g} s "
+                  f"for {gpu.name}" + ("" if comparable else " (not comparable: no such GPU here)"),
+                  flush=True)
+            ctx.add(row)
+    telemetry.close()
+    ctx.payload["status"] = "partial" if ctx.payload["skipped"] else "complete"
+    ctx.save()
+
+
 # ----------------------------------------------------------------------------- (f) profile
 def phase_profile(ctx: Context) -> None:
     import gzip
@@ -720,6 +799,8 @@ register(Phase("checkpoint", 20, 90, "checkpoint save stall of soda-135m, sync v
                smoke_args=("--smoke",)))
 register(Phase("megatron_newest", 20, 150, "newest megatron-core: import + one step (information)",
                run=phase_megatron_newest))
+register(Phase("plan_layouts", 45, 90, "a few layouts of soda-135m timed, the step-time model's "
+               "prediction beside each (issue 36)", run=phase_plan_layouts))
 
 
 # ----------------------------------------------------------------------------- parent

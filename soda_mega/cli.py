@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "soda_mega.commands.train",
     "data": "soda_mega.commands.data",
     "bench": "soda_mega.commands.bench",
+    "plan": "soda_mega.commands.plan",
     "profile": "soda_mega.commands.profile",
     "scaling": "soda_mega.commands.scaling",
     "eval": "soda_mega.commands.evaluate",

@@ -59,6 +59,9 @@ def run(args) -> int:
         except ValueError as err:
             print(f"soda-mega: impossible layout: {err}", file=sys.stderr)
             return 2
+        from soda_mega.planning.search import rank_line
+
+        print(f"\n# layout rank (`soda-mega plan --gpus {world}` ranks them all)\n{rank_line(cfg, world, vocab=resolved.vocab)}")
         # A dataset that cannot be used fails here as in the run (exit 2, one line naming it).
         data = describe_data(cfg, resolved.vocab)
         print("\n# data (opened and checked as the run will open them)", *data, sep="\n")

@@ -276,7 +276,7 @@ def markdown(data: dict) -> str:
         lines += [""] + _md_kernels(phases)
     if "throughput" in phases or "throughput_triton" in phases:
         lines += [""] + _md_throughput(phases)
-    for name in ("planner", "pytest", "profile", "megatron_newest"):
+    for name in ("planner", "pytest", "profile", "megatron_newest", "plan_layouts"):
         if name in phases:
             lines += [""] + globals()[f"_md_{name}"](phases[name])
     for name, payload in phases.items():  # phases registered as external commands
@@ -369,6 +369,20 @@ def _md_planner(p: dict) -> list[str]:
                      f"{_num(r.get('measured_peak_allocated_gib'))} | "
                      f"{'' if ratio is None else f'{ratio:.3f}'} | "
                      f"{r.get('within_10pct', 'not measured')} |")
+    return lines
+
+
+def _md_plan_layouts(p: dict) -> list[str]:
+    comparable = p.get("comparable")
+    lines = [f"## Step-time model vs measured ({p.get('preset')}, predicted for "
+             f"{p.get('predicted_for')}{'' if comparable else ': not comparable here'})", "",
+             "| micro-batch | recompute | measured s | predicted s | predicted / measured |",
+             "|---|---|---|---|---|"]
+    for r in p.get("rows", []):
+        lay, ratio = r.get("layout") or {}, r.get("predicted_over_measured")
+        lines.append(f"| {lay.get('micro_batch')} | {lay.get('recompute')} | "
+                     f"{_num(r.get('step_seconds_median'))} | {r.get('predicted_step_s', 0):.4g} | "
+                     f"{'' if ratio is None else f'{ratio:.3f}'} |")
     return lines
 
 

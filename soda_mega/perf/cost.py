@@ -36,6 +36,16 @@ SMOKE_BANNER = ("!!! This projection is from a CPU smoke run: it is MEANINGLESS 
                 "Measure on the GPU (soda-mega bench throughput) and run this again. !!!")
 
 
+def gpu_hours(tokens: float, tokens_per_s_per_gpu: float) -> float:
+    """GPU-hours to train on ``tokens`` at a per-GPU rate."""
+    return tokens / tokens_per_s_per_gpu / 3600
+
+
+def wall_days(hours_of_gpus: float, gpus: int) -> float:
+    """Wall-clock days of ``hours_of_gpus`` GPU-hours spread over ``gpus`` GPUs."""
+    return hours_of_gpus / gpus / 24
+
+
 def preset_flops(preset: str, tokens: float) -> dict:
     """Training FLOPs of ``preset`` over ``tokens``: exact (full / causal attention) and 6ND."""
     from soda_mega.config import load_config
@@ -106,10 +116,10 @@ def project(gpus: int, tokens: float = SODA_TOKENS, results: Optional[dict] = No
             tflops = sources[near][1]
             tps = tflops * 1e12 / f["per_token_full"]
             basis = f"projected at {sources[near][3]}'s {tflops:.4g} TFLOP/s per GPU (same MFU)"
-        gpu_hours = tokens / tps / 3600
+        hours = gpu_hours(tokens, tps)
         rows.append({"preset": preset, "basis": basis, "tokens_per_s_per_gpu": tps,
-                     "model_tflops_per_gpu": tflops, "gpu_hours": gpu_hours,
-                     "days": gpu_hours / gpus / 24, "flops_full": f["full"],
+                     "model_tflops_per_gpu": tflops, "gpu_hours": hours,
+                     "days": wall_days(hours, gpus), "flops_full": f["full"],
                      "flops_causal": f["causal"], "flops_six_nd": f["six_nd"]})
     four = preset_flops("soda-4b", SODA_TOKENS)  # SODA's figure is for 500B tokens
     return {

@@ -82,6 +82,9 @@ def test_every_phase_runs_in_smoke(smoke):
     assert sum(v for k, v in shares.items()) == pytest.approx(1.0, abs=0.05)
     probe = json.loads((out / "megatron_newest.json").read_text())["probe"]
     assert probe["imports"] and probe["trained_one_step"], probe
+    plan = json.loads((out / "plan_layouts.json").read_text())  # issue 36: prediction beside each
+    assert plan["comparable"] is False and [r["status"] for r in plan["rows"]] == ["ok", "ok"]
+    assert all(r["predicted_step_s"] > 0 and "predicted_over_measured" not in r for r in plan["rows"])
 
     # what comes back from the device tool: the bundle and the summary beside it
     with tarfile.open(bundle) as tar:

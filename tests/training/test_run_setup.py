@@ -8,6 +8,7 @@ corpus for 2 steps with a validation after each, counting the real constructors 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -65,3 +66,5 @@ def test_dry_run_derives_the_vocabulary_once(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "world 4 = TP 2 x PP 1 x DP 2" in out
     assert layouts["layout"] == 1
+    # the planner's rank of this layout (issue 36), from the same vocabulary
+    assert re.search(r"soda-mega plan \(H100 SXM 80GB, predicted\): this layout ranks \d+ of \d+", out)
