@@ -21,7 +21,7 @@ import triton
 from soda_kernels._launch import gpu_like, launch
 from soda_kernels._vocab_parallel import check_triton_tensors, interpreting, merge_partials
 from soda_kernels.flce_kernels import _chunk_dlogits_kernel, _chunk_stats_kernel
-from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _flags, _run
+from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _PINNED, _flags, _run
 
 
 # ============================================================================ work counter
@@ -238,14 +238,17 @@ def matmul_torch(a, b, c, accumulate: bool, name: str = "matmul", **_):
 
 # ============================================================================ chunk kernels
 #: Fixed tiles of the two element-wise kernels (memory-bound: one pass each over the chunk).
-#: CPU interpreter: few, small programs.
+#: CPU interpreter: few, small programs. :func:`~.flce_tuning.pinned_configs` (roles
+#: ``chunk_stats`` / ``chunk_dlogits``) overrides them: the tests run the GPU tiles there.
 _STATS_BLOCKS = {"cuda": dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4),
                  "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
 _DLOGITS_BLOCKS = {"cuda": dict(BLOCK_N=8, BLOCK_V=512, num_warps=4),
                    "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
 
 
-def _blocks(table: dict, device: torch.device) -> dict:
+def _blocks(role: str, table: dict, device: torch.device) -> dict:
+    if role in _PINNED:
+        return dict(_PINNED[role])
     return dict(table["cuda" if gpu_like(device) and not interpreting() else "cpu"])
 
 
@@ -257,7 +260,7 @@ def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = No
     check_triton_tensors(x, labels_c)
     c, width = x.shape
     v = width if n_cols < 0 else n_cols
-    cfg = _blocks(_STATS_BLOCKS, x.device)
+    cfg = _blocks("chunk_stats", _STATS_BLOCKS, x.device)
     splits = splits or _splits(c, v, cfg["BLOCK_N"], cfg["BLOCK_V"], x.device)
     stats = torch.empty(3, splits, c, device=x.device, dtype=torch.float32)
     launch("chunk_stats", _chunk_stats_kernel, (triton.cdiv(c, cfg["BLOCK_N"]), splits),
@@ -273,7 +276,7 @@ def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: fl
     check_triton_tensors(x, dl, labels_c)
     c, store = x.shape
     v = store if n_cols < 0 else n_cols
-    cfg = _blocks(_DLOGITS_BLOCKS, x.device)
+    cfg = _blocks("chunk_dlogits", _DLOGITS_BLOCKS, x.device)
     # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
     # even); there the kernel writes fp32 in place and torch rounds.
     dest = x if interpreting() else dl
