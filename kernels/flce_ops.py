@@ -204,14 +204,25 @@ def lse_partials_torch(hidden, weight, labels, vocab_start: int, n_valid: int, v
     return m, s, t
 
 
+def subtract_target_(x: torch.Tensor, local: torch.Tensor, g: torch.Tensor) -> None:
+    """``x[n, local[n]] -= g[n]`` where ``0 <= local[n] < x.shape[1]``, without a host sync
+    (no boolean indexing): elsewhere ``-0.0`` is added, which leaves every value's bits as
+    they are, as ``x - g`` and ``x + (-g)`` are the same IEEE result."""
+    inside = (local >= 0) & (local < x.shape[1])
+    if x.shape[1]:
+        x.scatter_add_(1, local.clamp(0, x.shape[1] - 1)[:, None],
+                       torch.where(inside, -g, -0.0).to(x.dtype)[:, None])
+
+
 def grad_logits_torch(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss: float, out,
                       **_):
     WORK.add("dlogits", h_a.shape[0], w_slice.shape[0], h_a.shape[1])
     x = _mm_f32(h_a, w_slice.t())
     x.sub_(lse_a[:, None]).exp_().mul_((g_a * (1.0 + 2.0 * z_loss * lse_a))[:, None])
-    local = labels_a.long() - col_start
-    hit = ((local >= 0) & (local < w_slice.shape[0])).nonzero().squeeze(1)
-    x[hit, local[hit]] -= g_a[hit]
+    # NOTE: as in the Triton kernel, rows with g = 0 are 0 even where exp overflowed (masked
+    # rows keep lse 0 on a GPU, see flce_backward.compacts_rows).
+    x.masked_fill_((g_a == 0)[:, None], 0.0)
+    subtract_target_(x, labels_a.long() - col_start, g_a)
     out[:, :x.shape[1]].copy_(x)
     out[:, x.shape[1]:].zero_()
     return out

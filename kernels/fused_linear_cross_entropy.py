@@ -113,12 +113,16 @@ from soda_kernels._vocab_parallel import (
 from soda_kernels.flce_backward import (  # noqa: F401
     _backward,
     _n_valid,
+    active_index,
     backward_extra_bytes,
     backward_slices,
     cost_model,
     default_grad_h_slices,
     default_vocab_slice,
+    put_rows,
     row_multiple,
+    row_policy,
+    take_rows,
 )
 from soda_kernels.flce_ops import (  # noqa: F401
     WORK,
@@ -150,19 +154,15 @@ def _flce_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                   active: torch.Tensor, z_loss: float, vocab_start: int, num_real_vocab: int,
                   group: str, impl: str, vocab_slice: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_valid = _n_valid(weight, vocab_start, num_real_vocab)
-    idx = active.nonzero().squeeze(1)
-    h_a, labels_a = hidden.index_select(0, idx), labels.index_select(0, idx)
+    idx = active_index(active)  # None on a GPU: rows masked, no host sync (compacts_rows)
+    h_a, labels_a = take_rows(hidden, idx, active), take_rows(labels, idx, active, -1)
     if impl == "triton":
         m, s, t = lse_partials_triton(h_a, weight, labels_a, vocab_start, n_valid)
     else:
         m, s, t = lse_partials_torch(h_a, weight, labels_a, vocab_start, n_valid, vocab_slice)
     del h_a
     lse_a, target = combine_across_ranks(m, s, t, resolve_group(group))
-    lse = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    loss = torch.zeros_like(lse)
-    lse.index_copy_(0, idx, lse_a)
-    loss.index_copy_(0, idx, lse_a - target + z_loss * lse_a * lse_a)
-    return loss, lse
+    return put_rows(lse_a - target + z_loss * lse_a * lse_a, idx, active), put_rows(lse_a, idx, active)
 
 
 @_flce_forward.register_fake
