@@ -20,9 +20,12 @@ group_loss ``[G]`` fp32, group_tokens ``[G]`` int64.
 
 How (``impl="triton"``; ``impl="torch"`` runs the same plan with plain PyTorch ops):
 
-* **Inactive rows are compacted away first** (S2ST sources, padding: loss mask 0). Both
-  directions gather the ``N_a`` active rows of ``hidden`` (``index_select``) and every matmul
-  below runs on ``N_a`` rows; inactive rows get loss 0, lse 0 and exact-zero gradients.
+* **Inactive rows** (S2ST sources, padding: loss mask 0) get loss 0, lse 0 and exact-zero
+  gradients. On CPU both directions gather the ``N_a`` active rows of ``hidden``
+  (``index_select``) and every matmul below runs on ``N_a`` rows; on a GPU, where counting
+  them would make the host wait for the device once per micro-batch and direction, they
+  stay in place with upstream gradient 0 and label -1 and ``N_a`` below is ``N``
+  (:func:`~.flce_backward.compacts_rows`: no host synchronisation in either direction).
   :data:`WORK` counts the matmul work actually launched (tests check it).
 * forward: ``_lse_partials_kernel`` runs on a grid of (row tiles x vocabulary splits); each
   program streams its columns in ``BLOCK_V`` tiles, computes the logit tile with ``tl.dot``

@@ -109,3 +109,40 @@ def test_a_gpu_masks_rows_and_the_cpu_compacts_them():
     assert not compacts_rows(torch.device("cuda")) and compacts_rows(torch.device("cpu"))
     with row_policy("mask"):
         assert not compacts_rows(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_a_gpu_step_never_waits_for_the_device(impl):
+    """On a GPU, CUDA's own detector (``set_sync_debug_mode("error")``) raises on any
+    synchronising call: forward + backward of both paths and the embedding, inputs already on
+    the device, after a warm-up (the autotuner synchronises while it benchmarks)."""
+    from soda_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    case = make_case(512, 256, 1000, device="cuda", scale=3.0, mask_fraction=0.3)
+    known = upstream_of(512, "cuda")
+    ids = torch.randint(0, 300, (4, 64), device="cuda")
+    table = torch.randn(300, 256, device="cuda", requires_grad=True)
+
+    def step():
+        for kg in (None, known):
+            hidden = case["hidden"].detach().clone().requires_grad_()
+            weight = case["weight"].detach().clone().requires_grad_()
+            out = fused_linear_cross_entropy(hidden, weight, case["labels"], case["loss_mask"],
+                                             case["loss_groups"], num_real_vocab=case["n_real"],
+                                             impl=impl, z_loss=1e-2, known_grad=kg)
+            (out.loss * known).sum().backward()
+        emb = interleaved_embedding(ids, table, text_vocab_size=100, audio_base=110,
+                                    codebook_size=50, num_codebooks=4)
+        emb.embeddings.sum().backward()
+
+    with checked_per_step():
+        step()  # warm-up
+    check = checked_per_step()
+    check.__enter__()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    check.__exit__(None, None, None)
