@@ -305,6 +305,8 @@ class _StepCheck:
         self.calls += 1
 
 
+#: NOTE: module-level, not thread-local: on a GPU autograd runs the backward on its own
+#: device thread, which must find the check the training thread opened.
 _CHECKS: list[_StepCheck] = []
 
 
