@@ -143,9 +143,10 @@ def compacts_rows(device: torch.device) -> bool:
     Compacting needs the number of active rows on the host (``nonzero``), which on a GPU
     waits for every queued kernel: one host synchronisation per micro-batch and direction.
     So rows are compacted only where the host is the device (CPU, the interpreter); on a GPU
-    every row goes through the kernels, inactive ones with upstream gradient 0 and label -1
-    (their dlogits rows, and so their share of ``grad_W`` and ``grad_h``, are exact zeros)
-    and the loss never waits for the device.
+    every row goes through the kernels, inactive ones as zero rows with upstream gradient 0
+    and label -1 (their dlogits rows, and so their share of ``grad_W`` and ``grad_h``, are
+    exact zeros, whatever the hidden state held there) and the loss never waits for the
+    device. The zeroed copy of ``hidden`` takes the place of the compacted one.
     NOTE: the price is the inactive rows' matmul work on a GPU (S2ST sources, padding).
     Skipping it without a sync needs the kernels to read the active-row count from device
     memory (rows sorted active-first, fixed capacity N): not done yet.
@@ -236,7 +237,7 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
         if not accumulate:
             grad_weight.zero_()
     else:
-        h_a = take_rows(hidden, idx, active)
+        h_a = take_rows(hidden, idx, active, 0.0)
         labels_a, lse_a = take_rows(labels, idx, active, -1), take_rows(lse, idx, active)
         g_a = take_rows(grad_loss, idx, active, 0.0).float()
         if pad:  # zero rows with zero upstream gradient: their dlogits rows are exact zeros

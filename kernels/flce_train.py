@@ -270,7 +270,7 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
     pad = -n_a % row_multiple(dev, impl)
     grad_h = torch.empty(n_a + pad, h, device=dev, dtype=torch.float32)
     if n_a:
-        h_a = take_rows(hidden, idx, active)
+        h_a = take_rows(hidden, idx, active, 0.0)
         labels_a = take_rows(labels, idx, active, -1)
         g_a = take_rows(known_grad, idx, active, 0.0).float()
         if pad:  # zero rows with zero upstream gradient: their dlogits rows are exact zeros

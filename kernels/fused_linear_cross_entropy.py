@@ -158,7 +158,7 @@ def _flce_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                   group: str, impl: str, vocab_slice: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_valid = _n_valid(weight, vocab_start, num_real_vocab)
     idx = active_index(active)  # None on a GPU: rows masked, no host sync (compacts_rows)
-    h_a, labels_a = take_rows(hidden, idx, active), take_rows(labels, idx, active, -1)
+    h_a, labels_a = take_rows(hidden, idx, active, 0.0), take_rows(labels, idx, active, -1)
     if impl == "triton":
         m, s, t = lse_partials_triton(h_a, weight, labels_a, vocab_start, n_valid)
     else:

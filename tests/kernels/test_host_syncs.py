@@ -146,3 +146,22 @@ def test_a_gpu_step_never_waits_for_the_device(impl):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     check.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("path", ["recompute", "three_matmul"])
+def test_masked_rows_holding_nan_change_nothing(case, path):
+    """Masked rows go through the matmuls on a GPU: whatever their hidden state holds (here
+    NaN) must not reach the loss or either gradient."""
+    inactive = (case["loss_mask"] == 0) | (case["loss_groups"] < 0)
+    poisoned = dict(case, hidden=case["hidden"].masked_fill(inactive[:, None], float("nan")))
+    known = upstream_of(N)
+
+    def run(c):
+        if path == "recompute":
+            return run_fused(c, "torch", z_loss=1e-2)
+        return run_train(c, "torch", known, z_loss=1e-2, row_chunk=16)
+
+    with row_policy("mask"):
+        clean, dirty = run(case), run(poisoned)
+    for key in ("loss", "lse", "grad_hidden", "grad_weight"):
+        assert torch.equal(dirty[key], clean[key]), key
