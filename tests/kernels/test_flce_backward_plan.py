@@ -163,10 +163,11 @@ def test_padding_the_compacted_rows_changes_nothing(device, monkeypatch):
     import soda_kernels.flce_backward as flce_backward
 
     case = make_case(37, 40, 203, n_real=190, device=device, scale=3.0)
-    plain = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
-    monkeypatch.setattr(flce_backward, "row_multiple", lambda device, impl: 16)
-    WORK.reset()
-    padded = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
+    with row_policy("compact"):
+        plain = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
+        monkeypatch.setattr(flce_backward, "row_multiple", lambda device, impl: 16)
+        WORK.reset()
+        padded = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
     n_a = int(((case["loss_mask"] != 0) & (case["loss_groups"] >= 0)).sum())
     assert [c[3] for c in WORK.calls if c[0] == "grad_weight"] == [n_a + (-n_a % 16)] * 3
     for key in ("loss", "grad_hidden", "grad_weight"):
