@@ -44,8 +44,9 @@ up to rounding, at the recompute path's cost).
 Masked rows are compacted away before any matmul on CPU and masked on a GPU (as in the
 recompute path, :func:`~.flce_backward.compacts_rows`); the backward's check of the incoming
 gradient is a host comparison, or once per step a device flag (:func:`checked_per_step`, what
-training uses). On CUDA the rows are padded with zero rows to a multiple of 64 (``row_multiple``), and the
-chunk height is a multiple of 64, so every matmul's row dimension is pipelined.
+training uses). On CUDA the rows are padded with zero rows to a multiple of 64
+(``row_multiple``), and the chunk height is a multiple of 64, so every matmul's row dimension
+is pipelined.
 
 Memory (:func:`train_extra_bytes`): the fp32 chunk buffer (``4 C V_local`` bytes), for 16-bit
 weights the group's ``dlogits`` (``e R V_local``), the compacted rows (``N_a H e``) and the kept

@@ -165,7 +165,8 @@ def _flce_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
         m, s, t = lse_partials_torch(h_a, weight, labels_a, vocab_start, n_valid, vocab_slice)
     del h_a
     lse_a, target = combine_across_ranks(m, s, t, resolve_group(group))
-    return put_rows(lse_a - target + z_loss * lse_a * lse_a, idx, active), put_rows(lse_a, idx, active)
+    loss = put_rows(lse_a - target + z_loss * lse_a * lse_a, idx, active)
+    return loss, put_rows(lse_a, idx, active)
 
 
 @_flce_forward.register_fake
