@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 _RECORDERS: list[list["Launch"]] = []
+_OBSERVERS: list[list["Launch"]] = []
 
 
 @dataclass
@@ -48,6 +49,19 @@ def record_launches() -> Iterator[list[Launch]]:
         _RECORDERS.remove(calls)
 
 
+@contextmanager
+def observe_launches() -> Iterator[list[Launch]]:
+    """Within the block, :func:`launch` runs as usual and also appends each launch (with the
+    tile configuration it ran with: ``tuned`` is True where the autotuner chose it). Tests
+    compare the configurations that really ran with :mod:`.compile_check`'s list."""
+    calls: list[Launch] = []
+    _OBSERVERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _OBSERVERS.remove(calls)
+
+
 def recording() -> bool:
     return bool(_RECORDERS)
 
@@ -65,4 +79,6 @@ def launch(role: str, kernel, grid, args: tuple, consts: dict,
     if _RECORDERS:
         _RECORDERS[-1].append(Launch(role, kernel, grid, tuple(args), dict(consts), tuner is not None))
         return
+    for calls in _OBSERVERS:
+        calls.append(Launch(role, kernel, grid, tuple(args), dict(consts), tuner is not None))
     (tuner() if tuner is not None else kernel)[grid](*args, **consts)

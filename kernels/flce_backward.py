@@ -10,6 +10,9 @@ updated; then ``grad_h`` is all-reduced over TP and scattered into ``grad_hidden
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 import torch
 import torch.distributed as dist
 import triton
@@ -118,6 +121,67 @@ def _n_valid(weight: torch.Tensor, vocab_start: int, num_real_vocab: int) -> int
     return max(0, min(weight.shape[0], num_real_vocab - vocab_start))
 
 
+_ROW_POLICY: list[str] = []
+
+
+@contextmanager
+def row_policy(policy: str) -> Iterator[None]:
+    """Within the block, inactive rows are ``"compact"``-ed or ``"mask"``-ed on every device
+    (default: :func:`compacts_rows`). Tests run the GPU's policy on CPU with it."""
+    if policy not in ("compact", "mask"):
+        raise ValueError(f"row policy must be 'compact' or 'mask', got {policy!r}")
+    _ROW_POLICY.append(policy)
+    try:
+        yield
+    finally:
+        _ROW_POLICY.pop()
+
+
+def compacts_rows(device: torch.device) -> bool:
+    """Whether inactive rows are compacted away before the matmuls (else masked).
+
+    Compacting needs the number of active rows on the host (``nonzero``), which on a GPU
+    waits for every queued kernel: one host synchronisation per micro-batch and direction.
+    So rows are compacted only where the host is the device (CPU, the interpreter); on a GPU
+    every row goes through the kernels, inactive ones as zero rows with upstream gradient 0
+    and label -1 (their dlogits rows, and so their share of ``grad_W`` and ``grad_h``, are
+    exact zeros, whatever the hidden state held there) and the loss never waits for the
+    device. The zeroed copy of ``hidden`` takes the place of the compacted one.
+    NOTE: the price is the inactive rows' matmul work on a GPU (S2ST sources, padding).
+    Skipping it without a sync needs the kernels to read the active-row count from device
+    memory (rows sorted active-first, fixed capacity N): not done yet.
+    """
+    if _ROW_POLICY:
+        return _ROW_POLICY[-1] == "compact"
+    return not gpu_like(device)
+
+
+def active_index(active: torch.Tensor) -> Optional[torch.Tensor]:
+    """Indices of the active rows when they are compacted (:func:`compacts_rows`), else None."""
+    return active.nonzero().squeeze(1) if compacts_rows(active.device) else None
+
+
+def take_rows(x: torch.Tensor, idx: Optional[torch.Tensor], active: torch.Tensor,
+              fill=None) -> torch.Tensor:
+    """The rows of ``x`` the kernels see: the active ones (``idx``), or all of them with the
+    inactive ones set to ``fill`` (kept as they are when ``fill`` is None)."""
+    if idx is not None:
+        return x.index_select(0, idx)
+    if fill is None:
+        return x
+    return torch.where(active.view(-1, *[1] * (x.dim() - 1)), x, fill)
+
+
+def put_rows(values: torch.Tensor, idx: Optional[torch.Tensor],
+             active: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]``: ``values`` (one per row :func:`take_rows` gave) at the active rows,
+    exact zeros elsewhere."""
+    if idx is not None:
+        out = values.new_zeros((active.shape[0],) + tuple(values.shape[1:]))
+        return out.index_copy_(0, idx, values)
+    return torch.where(active.view(-1, *[1] * (values.dim() - 1)), values[:active.shape[0]], 0)
+
+
 def row_multiple(device: torch.device, impl: str) -> int:
     """Compacted rows are padded (zero rows, zero gradient) to a multiple of this: on CUDA
     the Triton matmuls then see a row count divisible by 16, which Triton's JIT specialises
@@ -162,8 +226,8 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
               z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
               vocab_slice: int, grad_h_slices: int = 1) -> torch.Tensor:
     """grad_hidden; ``grad_weight`` (``[V_local, H]``) gets ``dloss/dW`` stored or added."""
-    idx = active.nonzero().squeeze(1)
-    n_a, h = idx.numel(), hidden.shape[1]
+    idx = active_index(active)
+    n_a, h = hidden.shape[0] if idx is None else idx.numel(), hidden.shape[1]
     if not accumulate:
         grad_weight[n_valid:].zero_()  # padded rows are never predicted
     pad = -n_a % row_multiple(hidden.device, impl)
@@ -173,9 +237,9 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
         if not accumulate:
             grad_weight.zero_()
     else:
-        h_a = hidden.index_select(0, idx)
-        labels_a, lse_a = labels.index_select(0, idx), lse.index_select(0, idx)
-        g_a = grad_loss.index_select(0, idx).float()
+        h_a = take_rows(hidden, idx, active, 0.0)
+        labels_a, lse_a = take_rows(labels, idx, active, -1), take_rows(lse, idx, active)
+        g_a = take_rows(grad_loss, idx, active, 0.0).float()
         if pad:  # zero rows with zero upstream gradient: their dlogits rows are exact zeros
             h_a = torch.cat([h_a, h_a.new_zeros(pad, h)])
             labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
@@ -186,6 +250,4 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
     acc = acc[:n_a]
     if group is not None:
         dist.all_reduce(acc, group=group)
-    grad_h = torch.zeros_like(hidden)
-    grad_h.index_copy_(0, idx, acc.to(hidden.dtype))
-    return grad_h
+    return put_rows(acc.to(hidden.dtype), idx, active)

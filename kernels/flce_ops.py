@@ -21,7 +21,7 @@ import triton
 from soda_kernels._launch import gpu_like, launch
 from soda_kernels._vocab_parallel import check_triton_tensors, interpreting, merge_partials
 from soda_kernels.flce_kernels import _chunk_dlogits_kernel, _chunk_stats_kernel
-from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _flags, _run
+from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _PINNED, _flags, _run
 
 
 # ============================================================================ work counter
@@ -204,14 +204,25 @@ def lse_partials_torch(hidden, weight, labels, vocab_start: int, n_valid: int, v
     return m, s, t
 
 
+def subtract_target_(x: torch.Tensor, local: torch.Tensor, g: torch.Tensor) -> None:
+    """``x[n, local[n]] -= g[n]`` where ``0 <= local[n] < x.shape[1]``, without a host sync
+    (no boolean indexing): elsewhere ``-0.0`` is added, which leaves every value's bits as
+    they are, as ``x - g`` and ``x + (-g)`` are the same IEEE result."""
+    inside = (local >= 0) & (local < x.shape[1])
+    if x.shape[1]:
+        x.scatter_add_(1, local.clamp(0, x.shape[1] - 1)[:, None],
+                       torch.where(inside, -g, -0.0).to(x.dtype)[:, None])
+
+
 def grad_logits_torch(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss: float, out,
                       **_):
     WORK.add("dlogits", h_a.shape[0], w_slice.shape[0], h_a.shape[1])
     x = _mm_f32(h_a, w_slice.t())
     x.sub_(lse_a[:, None]).exp_().mul_((g_a * (1.0 + 2.0 * z_loss * lse_a))[:, None])
-    local = labels_a.long() - col_start
-    hit = ((local >= 0) & (local < w_slice.shape[0])).nonzero().squeeze(1)
-    x[hit, local[hit]] -= g_a[hit]
+    # NOTE: as in the Triton kernel, rows with g = 0 are 0 even where exp overflowed (masked
+    # rows keep lse 0 on a GPU, see flce_backward.compacts_rows).
+    x.masked_fill_((g_a == 0)[:, None], 0.0)
+    subtract_target_(x, labels_a.long() - col_start, g_a)
     out[:, :x.shape[1]].copy_(x)
     out[:, x.shape[1]:].zero_()
     return out
@@ -238,14 +249,17 @@ def matmul_torch(a, b, c, accumulate: bool, name: str = "matmul", **_):
 
 # ============================================================================ chunk kernels
 #: Fixed tiles of the two element-wise kernels (memory-bound: one pass each over the chunk).
-#: CPU interpreter: few, small programs.
+#: CPU interpreter: few, small programs. :func:`~.flce_tuning.pinned_configs` (roles
+#: ``chunk_stats`` / ``chunk_dlogits``) overrides them: the tests run the GPU tiles there.
 _STATS_BLOCKS = {"cuda": dict(BLOCK_N=4, BLOCK_V=1024, num_warps=4),
                  "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
 _DLOGITS_BLOCKS = {"cuda": dict(BLOCK_N=8, BLOCK_V=512, num_warps=4),
                    "cpu": dict(BLOCK_N=16, BLOCK_V=64)}
 
 
-def _blocks(table: dict, device: torch.device) -> dict:
+def _blocks(role: str, table: dict, device: torch.device) -> dict:
+    if role in _PINNED:
+        return dict(_PINNED[role])
     return dict(table["cuda" if gpu_like(device) and not interpreting() else "cpu"])
 
 
@@ -257,7 +271,7 @@ def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = No
     check_triton_tensors(x, labels_c)
     c, width = x.shape
     v = width if n_cols < 0 else n_cols
-    cfg = _blocks(_STATS_BLOCKS, x.device)
+    cfg = _blocks("chunk_stats", _STATS_BLOCKS, x.device)
     splits = splits or _splits(c, v, cfg["BLOCK_N"], cfg["BLOCK_V"], x.device)
     stats = torch.empty(3, splits, c, device=x.device, dtype=torch.float32)
     launch("chunk_stats", _chunk_stats_kernel, (triton.cdiv(c, cfg["BLOCK_N"]), splits),
@@ -273,7 +287,7 @@ def chunk_dlogits_triton(x, dl, labels_c, lse, g_c, vocab_start: int, z_loss: fl
     check_triton_tensors(x, dl, labels_c)
     c, store = x.shape
     v = store if n_cols < 0 else n_cols
-    cfg = _blocks(_DLOGITS_BLOCKS, x.device)
+    cfg = _blocks("chunk_dlogits", _DLOGITS_BLOCKS, x.device)
     # NOTE: Triton 3.8's interpreter truncates fp32 -> bf16 stores (GPUs round to nearest
     # even); there the kernel writes fp32 in place and torch rounds.
     dest = x if interpreting() else dl

@@ -41,9 +41,12 @@ the upstream gradient, so the backward runs the recompute path of
 :mod:`.fused_linear_cross_entropy` on the *difference* ``g_in - known_grad`` and adds it (exact
 up to rounding, at the recompute path's cost).
 
-Masked rows are compacted away before any matmul (as in the recompute path); on CUDA the
-compacted rows are padded with zero rows to a multiple of 64 (``row_multiple``), and the
-chunk height is a multiple of 64, so every matmul's row dimension is pipelined.
+Masked rows are compacted away before any matmul on CPU and masked on a GPU (as in the
+recompute path, :func:`~.flce_backward.compacts_rows`); the backward's check of the incoming
+gradient is a host comparison, or once per step a device flag (:func:`checked_per_step`, what
+training uses). On CUDA the rows are padded with zero rows to a multiple of 64
+(``row_multiple``), and the chunk height is a multiple of 64, so every matmul's row dimension
+is pipelined.
 
 Memory (:func:`train_extra_bytes`): the fp32 chunk buffer (``4 C V_local`` bytes), for 16-bit
 weights the group's ``dlogits`` (``e R V_local``), the compacted rows (``N_a H e``) and the kept
@@ -78,11 +81,21 @@ in vocabulary slices, so fp32 upcasts stay slice-sized).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 
 from soda_kernels._vocab_parallel import combine_across_ranks, interpreting, resolve_group
-from soda_kernels.flce_backward import _backward, _n_valid, row_multiple
+from soda_kernels.flce_backward import (
+    _backward,
+    _n_valid,
+    active_index,
+    put_rows,
+    row_multiple,
+    take_rows,
+)
 from soda_kernels.flce_ops import (
     WORK,
     _mm_f32,
@@ -91,6 +104,7 @@ from soda_kernels.flce_ops import (
     matmul_torch,
     matmul_triton,
     padded_width,
+    subtract_target_,
 )
 # Re-exported: the plan's names stay importable from here.
 from soda_kernels.flce_plan import (  # noqa: F401
@@ -165,8 +179,7 @@ def _softmax_grad_(x, labels_c, g_c, vocab_start: int, z_loss: float, group):
         # p = exp(x - lse) = exp(x - m) exp(m - lse); rows with g = 0 stay exactly 0.
         scale = torch.where(g_c != 0, torch.exp(m - lse) * g_c * (1.0 + 2.0 * z_loss * lse), 0.0)
         x.mul_(scale[:, None])
-        hit = inside.nonzero().squeeze(1)
-        x[hit, local[hit]] -= g_c[hit]
+        subtract_target_(x, local, g_c)
     return lse, target
 
 
@@ -249,8 +262,8 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
     """
     n, h = hidden.shape
     dev = hidden.device
-    idx = active.nonzero().squeeze(1)
-    n_a = idx.numel()
+    idx = active_index(active)  # None on a GPU: rows masked, no host sync (compacts_rows)
+    n_a = n if idx is None else idx.numel()
     lse = torch.zeros(n, device=dev, dtype=torch.float32)
     loss = torch.zeros_like(lse)
     if need_weight and not accumulate:
@@ -258,9 +271,9 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
     pad = -n_a % row_multiple(dev, impl)
     grad_h = torch.empty(n_a + pad, h, device=dev, dtype=torch.float32)
     if n_a:
-        h_a = hidden.index_select(0, idx)
-        labels_a = labels.index_select(0, idx)
-        g_a = known_grad.index_select(0, idx).float()
+        h_a = take_rows(hidden, idx, active, 0.0)
+        labels_a = take_rows(labels, idx, active, -1)
+        g_a = take_rows(known_grad, idx, active, 0.0).float()
         if pad:  # zero rows with zero upstream gradient: their dlogits rows are exact zeros
             h_a = torch.cat([h_a, h_a.new_zeros(pad, h)])
             labels_a = torch.cat([labels_a, labels_a.new_full((pad,), -1)])
@@ -270,12 +283,59 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
                                   group_rows, vocab_slice, need_hidden, need_weight)
         del h_a
         lse_a, tgt_a = lse_a[:n_a], tgt_a[:n_a]
-        lse.index_copy_(0, idx, lse_a)
-        loss.index_copy_(0, idx, lse_a - tgt_a + z_loss * lse_a * lse_a)
+        lse = put_rows(lse_a, idx, active)
+        loss = put_rows(lse_a - tgt_a + z_loss * lse_a * lse_a, idx, active)
     grad_h = grad_h[:n_a]
     if group is not None and need_hidden:
         dist.all_reduce(grad_h, group=group)
     return loss, lse, idx, grad_h
+
+
+# ============================================================================ the per-step check
+class _StepCheck:
+    """Whether any backward of a step received another gradient than announced (a device
+    flag: nothing is read before the step ends)."""
+
+    def __init__(self):
+        self.flag: torch.Tensor | None = None
+        self.calls = 0
+
+    def add(self, g_in: torch.Tensor, g_known: torch.Tensor) -> None:
+        bad = (g_in != g_known).any()
+        self.flag = bad if self.flag is None else self.flag | bad
+        self.calls += 1
+
+
+#: NOTE: module-level, not thread-local: on a GPU autograd runs the backward on its own
+#: device thread, which must find the check the training thread opened.
+_CHECKS: list[_StepCheck] = []
+
+
+@contextmanager
+def checked_per_step() -> Iterator[_StepCheck]:
+    """Within the block (one training step), the backward of the three-matmul path trusts
+    ``known_grad`` and only records on the device whether the incoming gradient differed; at
+    the end of the block the flag is read once and a difference raises ``RuntimeError``.
+
+    Without it each backward compares the gradients on the host (``torch.equal``: one host
+    synchronisation per micro-batch on a GPU) and, on a difference, adds the recompute
+    path's gradients of it (exact). Within it a difference cannot be repaired (the
+    micro-batch's inputs are gone when it is found) but is never silent: the step fails
+    before the optimizer applies it. NOTE: the one host sync per step is that read; the
+    training step already reads its loss sums at the same point.
+    """
+    check = _StepCheck()
+    _CHECKS.append(check)
+    try:
+        yield check
+    finally:
+        _CHECKS.remove(check)
+    if check.flag is not None and bool(check.flag):
+        raise RuntimeError(
+            "the fused loss's backward received another gradient than the known_grad its "
+            "forward was given (soda_kernels.flce_train): the schedule must back-propagate "
+            "sum(token_loss * loss_mask) times the announced scale; this step's gradients are "
+            "wrong and were not applied")
 
 
 # ============================================================================ autograd
@@ -311,9 +371,14 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
         param = ctx.param
         grad_loss = grad_loss.float().contiguous()
         known = known.float()
-        exact = torch.equal(grad_loss.index_select(0, idx), known.index_select(0, idx))
+        g_in, g_known = take_rows(grad_loss, idx, active, 0.0), take_rows(known, idx, active, 0.0)
+        if _CHECKS:  # verified once per step, on the device until then (see checked_per_step)
+            _CHECKS[-1].add(g_in, g_known)
+            exact = True
+        else:
+            exact = torch.equal(g_in, g_known)  # NOTE: a host sync per micro-batch on a GPU
         if exact:
-            grad_h = torch.zeros_like(hidden).index_copy_(0, idx, grad_h_a.to(hidden.dtype))
+            grad_h = put_rows(grad_h_a.to(hidden.dtype), idx, active)
         else:
             # Linear in the upstream gradient: add the recompute path's gradients for the
             # difference (inactive rows have no gradient whatever they receive).
@@ -321,8 +386,7 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
             target = param.main_grad if param is not None else grad_w
             if target is None:  # the weight needs no gradient (so it is fp32): scratch
                 target = torch.zeros_like(weight)
-            grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-            grad_h.index_copy_(0, idx, grad_h_a)
+            grad_h = put_rows(grad_h_a, idx, active)
             grad_h += _backward((grad_loss - known).contiguous(), hidden, weight, labels, active,
                                 lse, target, True, z_loss, vocab_start,
                                 _n_valid(weight, vocab_start, num_real_vocab),

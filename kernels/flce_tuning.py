@@ -152,7 +152,8 @@ _PINNED: dict = {}
 @contextmanager
 def pinned_configs(configs: dict):
     """Within the block, launches of each role in ``configs`` (``lse``, ``dlogits``,
-    ``grad_weight``, ``grad_hidden``; a ``triton.Config`` or its block sizes) use that tile
+    ``grad_weight``, ``grad_hidden``, ``logits``, and the fixed tiles of ``chunk_stats`` /
+    ``chunk_dlogits``; a ``triton.Config`` or its block sizes) use that tile
     configuration instead of the autotuner's or the CPU's. Tests run every GPU config through
     the interpreter with it; on a GPU it reproduces one config's bits without a re-tune."""
     saved = dict(_PINNED)

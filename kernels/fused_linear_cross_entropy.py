@@ -20,9 +20,12 @@ group_loss ``[G]`` fp32, group_tokens ``[G]`` int64.
 
 How (``impl="triton"``; ``impl="torch"`` runs the same plan with plain PyTorch ops):
 
-* **Inactive rows are compacted away first** (S2ST sources, padding: loss mask 0). Both
-  directions gather the ``N_a`` active rows of ``hidden`` (``index_select``) and every matmul
-  below runs on ``N_a`` rows; inactive rows get loss 0, lse 0 and exact-zero gradients.
+* **Inactive rows** (S2ST sources, padding: loss mask 0) get loss 0, lse 0 and exact-zero
+  gradients. On CPU both directions gather the ``N_a`` active rows of ``hidden``
+  (``index_select``) and every matmul below runs on ``N_a`` rows; on a GPU, where counting
+  them would make the host wait for the device once per micro-batch and direction, they
+  stay in place with upstream gradient 0 and label -1 and ``N_a`` below is ``N``
+  (:func:`~.flce_backward.compacts_rows`: no host synchronisation in either direction).
   :data:`WORK` counts the matmul work actually launched (tests check it).
 * forward: ``_lse_partials_kernel`` runs on a grid of (row tiles x vocabulary splits); each
   program streams its columns in ``BLOCK_V`` tiles, computes the logit tile with ``tl.dot``
@@ -113,12 +116,16 @@ from soda_kernels._vocab_parallel import (
 from soda_kernels.flce_backward import (  # noqa: F401
     _backward,
     _n_valid,
+    active_index,
     backward_extra_bytes,
     backward_slices,
     cost_model,
     default_grad_h_slices,
     default_vocab_slice,
+    put_rows,
     row_multiple,
+    row_policy,
+    take_rows,
 )
 from soda_kernels.flce_ops import (  # noqa: F401
     WORK,
@@ -150,19 +157,16 @@ def _flce_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                   active: torch.Tensor, z_loss: float, vocab_start: int, num_real_vocab: int,
                   group: str, impl: str, vocab_slice: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_valid = _n_valid(weight, vocab_start, num_real_vocab)
-    idx = active.nonzero().squeeze(1)
-    h_a, labels_a = hidden.index_select(0, idx), labels.index_select(0, idx)
+    idx = active_index(active)  # None on a GPU: rows masked, no host sync (compacts_rows)
+    h_a, labels_a = take_rows(hidden, idx, active, 0.0), take_rows(labels, idx, active, -1)
     if impl == "triton":
         m, s, t = lse_partials_triton(h_a, weight, labels_a, vocab_start, n_valid)
     else:
         m, s, t = lse_partials_torch(h_a, weight, labels_a, vocab_start, n_valid, vocab_slice)
     del h_a
     lse_a, target = combine_across_ranks(m, s, t, resolve_group(group))
-    lse = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-    loss = torch.zeros_like(lse)
-    lse.index_copy_(0, idx, lse_a)
-    loss.index_copy_(0, idx, lse_a - target + z_loss * lse_a * lse_a)
-    return loss, lse
+    loss = put_rows(lse_a - target + z_loss * lse_a * lse_a, idx, active)
+    return loss, put_rows(lse_a, idx, active)
 
 
 @_flce_forward.register_fake

@@ -150,8 +150,12 @@ def known_loss_gradient(model: Sequence[torch.nn.Module]) -> Iterator[float]:
     ``calculate_per_token_loss`` does not divide it and back-propagates it times
     ``config.grad_scale_func``'s loss scale (1 when unset), so each token's loss receives its
     mask times that scale. The fused loss uses this to compute its gradients in the forward
-    (``soda_kernels.flce_train``); its backward checks the gradient really is this one.
+    (``soda_kernels.flce_train``); its backward checks the gradient really is this one, on
+    the device, and the check is read once when the step's schedule is done
+    (``checked_per_step``: one host sync per step instead of one per micro-batch).
     """
+    from soda_kernels.flce_train import checked_per_step
+
     chunks = [getattr(m, "module", m) for m in model]
     config = chunks[0].config
     scale = 1.0
@@ -162,7 +166,8 @@ def known_loss_gradient(model: Sequence[torch.nn.Module]) -> Iterator[float]:
     for chunk in chunks:
         chunk.known_loss_grad_scale = scale
     try:
-        yield scale
+        with checked_per_step():
+            yield scale
     finally:
         for chunk, value in zip(chunks, saved):
             chunk.known_loss_grad_scale = value

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flce_cases import errors, make_case, run_fused, run_reference
+from soda_kernels.flce_backward import row_policy
 from soda_kernels.fused_linear_cross_entropy import (
     WORK,
     backward_extra_bytes,
@@ -53,7 +54,8 @@ def test_ninety_percent_masked_rows_never_reach_a_matmul(device, impl):
     mask[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:20]] = 1.0
     case["loss_mask"] = mask
     WORK.reset()
-    result = run_fused(case, impl, z_loss=1e-2, vocab_slice=64)
+    with row_policy("compact"):  # a GPU masks rows by default (no host sync): compaction here
+        result = run_fused(case, impl, z_loss=1e-2, vocab_slice=64)
     names = [c[0] for c in WORK.calls]
     assert names.count("lse") == 1 and names.count("dlogits") == 3  # 150 columns, 3 slices
     padded = 20 + (-20 % row_multiple(torch.device(device), impl))  # 64 on CUDA, else 20
@@ -161,10 +163,11 @@ def test_padding_the_compacted_rows_changes_nothing(device, monkeypatch):
     import soda_kernels.flce_backward as flce_backward
 
     case = make_case(37, 40, 203, n_real=190, device=device, scale=3.0)
-    plain = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
-    monkeypatch.setattr(flce_backward, "row_multiple", lambda device, impl: 16)
-    WORK.reset()
-    padded = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
+    with row_policy("compact"):
+        plain = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
+        monkeypatch.setattr(flce_backward, "row_multiple", lambda device, impl: 16)
+        WORK.reset()
+        padded = run_fused(case, "triton", z_loss=1e-2, vocab_slice=64)
     n_a = int(((case["loss_mask"] != 0) & (case["loss_groups"] >= 0)).sum())
     assert [c[3] for c in WORK.calls if c[0] == "grad_weight"] == [n_a + (-n_a % 16)] * 3
     for key in ("loss", "grad_hidden", "grad_weight"):
