@@ -47,6 +47,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+from soda_kernels import sass_cfg
+
 SMEM_PER_BLOCK_SM90 = 227 * 1024  # H100 / H200: opt-in shared memory per thread block
 SMEM_PER_SM_SM90 = 228 * 1024     # per SM; each resident block also reserves 1 KB
 REGS_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 2048, 32
@@ -211,15 +213,10 @@ def _ttgir_loops(ttgir: str) -> list[dict]:
 
 
 def _sass_loops(sass: str) -> list[list[str]]:
-    """SASS instruction lines of each loop (a label with a later branch back to it)."""
-    lines = sass.splitlines()
-    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
-    loops = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA `?\(?(\.L_x_\d+)\)?", ln)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            loops.append(lines[labels[m.group(1)]:i + 1])
-    return loops
+    """SASS instruction lines of each loop: the natural loops of the control-flow graph
+    reachable from the entry (:mod:`.sass_cfg`; code after ``EXIT`` that only a retry stub
+    branches from belongs to no loop but the stub's)."""
+    return sass_cfg.loops(sass)
 
 
 def _sass_main_loops(sass: str) -> list[list[str]]:
@@ -239,6 +236,24 @@ def ctas_per_sm(regs: int, smem: int, num_warps: int) -> int:
     return max(0, min(by_regs, by_smem, by_threads, BLOCKS_PER_SM))
 
 
+def sass_facts(sass: str, has_dot: bool) -> dict:
+    """The record's facts read from the SASS alone (``nvdisasm -c`` text): size of, spills and
+    narrow loads in the main loops (the loops holding a matrix instruction), narrow loads in
+    any loop for a kernel without a ``tl.dot``, and narrow stores anywhere. An instruction in
+    several loops (an inner loop, a retry stub) counts once."""
+    main = list(dict.fromkeys(ln for loop in _sass_main_loops(sass) for ln in loop)) if has_dot else []
+    loops = [] if has_dot else list(dict.fromkeys(ln for loop in _sass_loops(sass) for ln in loop))
+    narrow_load = re.compile(r"\bLDG\.E(?!\.(128|ENL2\.256))")
+    return {
+        "main_loop_instructions": len(main),
+        "spills_in_main_loop": sum(1 for ln in main if re.search(r"\b(LDL|STL)\b", ln)),
+        "narrow_loads_in_main_loop": sum(1 for ln in main if narrow_load.search(ln)),
+        "narrow_stores": sum(1 for ln in sass.splitlines()
+                             if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_loads_in_loops": sum(1 for ln in loops if narrow_load.search(ln)),
+    }
+
+
 def analyse(kernel, num_warps: int) -> dict:
     """The record's code facts of one compiled kernel."""
     usage, sass = _cubin_tools(kernel.asm["cubin"])
@@ -247,25 +262,21 @@ def analyse(kernel, num_warps: int) -> dict:
     mma = ("wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx
            else "fma" if has_dot else "none")
     loops = _ttgir_loops(ttgir)
-    sass_loops = _sass_main_loops(sass) if has_dot else []
-    in_loop = [ln for loop in sass_loops for ln in loop]
+    facts = sass_facts(sass, has_dot)
     widths = [int(w, 16) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*, (0x[0-9a-f]+)", ptx)]
     smem = kernel.metadata.shared
     return {
         "regs": usage["REG"], "spill_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
-        "spills_in_main_loop": sum(1 for ln in in_loop if re.search(r"\b(LDL|STL)\b", ln)),
+        "main_loop_instructions": facts["main_loop_instructions"],
+        "spills_in_main_loop": facts["spills_in_main_loop"],
         "smem_bytes": smem, "ctas_per_sm": ctas_per_sm(usage["REG"], smem, num_warps),
         "mma": mma, "main_loops": len(loops),
         "main_loop_nested": any(loop["nested"] for loop in loops),
         "async_copies": sum(loop["async_copies"] for loop in loops),
         "sync_loads": sum(loop["sync_loads"] for loop in loops),
-        "narrow_loads_in_main_loop": sum(
-            1 for ln in in_loop if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
-        "narrow_stores": sum(1 for ln in sass.splitlines()
-                             if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
-        "narrow_loads_in_loops": 0 if has_dot else sum(
-            1 for loop in _sass_loops(sass) for ln in loop
-            if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_loads_in_main_loop": facts["narrow_loads_in_main_loop"],
+        "narrow_stores": facts["narrow_stores"],
+        "narrow_loads_in_loops": facts["narrow_loads_in_loops"],
         "async_copy_bytes": min(widths) if widths else None,
         "tma": "cp.async.bulk.tensor" in ptx,
     }
@@ -348,7 +359,8 @@ def problems(row: dict) -> list[str]:
     return out
 
 
-_COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "spills_in_main_loop",
+_COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "main_loop_instructions",
+            "spills_in_main_loop",
             "smem_bytes", "ctas_per_sm", "mma", "main_loop_nested", "async_copies", "sync_loads",
             "narrow_loads_in_main_loop", "narrow_loads_in_loops", "narrow_stores",
             "async_copy_bytes", "tma")
