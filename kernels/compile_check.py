@@ -22,7 +22,8 @@ chunk; ``group``: the ``grad_h`` and ``grad_W`` matmuls of a group) at the chunk
 heights its plan picks for an H100 (:func:`~.flce_plan.plan_for_peak`).
 
 One record per (kernel, slice, dtype, config): ``regs`` and ``spill_bytes`` (the stack frame;
-cuobjdump), ``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
+cuobjdump), ``main_loop_instructions`` (SASS instructions of the main loops),
+``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
 ``smem_bytes``, ``ctas_per_sm`` (H100 limits: registers, shared memory, threads), ``mma``
 (``wgmma`` / ``mma.sync`` / ``fma``; ``none`` without a ``tl.dot``), ``async_copies`` and
 ``main_loop_nested`` (the main loop runs inside another loop, so its software pipeline
@@ -32,7 +33,14 @@ from the pipelined TTGIR), ``narrow_loads_in_main_loop`` (global loads narrower 
 in the main loop's SASS), ``narrow_stores`` (global stores narrower than 16 bytes anywhere),
 ``narrow_loads_in_loops`` (for kernels without a ``tl.dot``, the memory-bound ones: global
 loads narrower than 16 bytes inside any loop), ``async_copy_bytes`` (the narrowest
-``cp.async``) and ``tma``. A main loop is a loop that contains a ``tl.dot``.
+``cp.async``) and ``tma``. A main loop is a loop that contains a ``tl.dot``; in the SASS, a
+natural loop of the control-flow graph (:mod:`.sass_cfg`) holding a matrix instruction, so
+the mbarrier retry stubs ptxas places after ``EXIT`` count with the loop they serve and the
+epilogue does not.
+
+**Waves.** :func:`waves` gives, at every SODA shape (:data:`SODA_SHAPES`), the programs of
+each production grid and its waves on an H100's 132 SMs for each config (resident CTAs per
+SM from the records); ``--markdown`` appends that table.
 """
 
 from __future__ import annotations
@@ -45,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
 
 from soda_kernels import sass_cfg
 
@@ -64,6 +71,14 @@ class Scenario:
 
 
 SCENARIO = Scenario()
+SMS_H100 = 132  # H100 SXM streaming multiprocessors (H200: 132 too)
+#: One TP rank's problem at each SODA shape, the GPU campaign's kernel grid
+#: (benchmarks/gpu_campaign.py ``kernel_shapes``): 8192 and 16384 tokens, the presets' hidden
+#: sizes, TP1 (V = 144,644) and TP2 (the vocabulary padded to 2 x 128, halved: 72,448).
+#: Data, not read from soda_mega (a lower layer); tests/kernels/test_compile_waves.py checks it
+#: against the presets and the vocabulary layout.
+SODA_SHAPES = tuple(Scenario(n, h, v) for v in (144_644, 72_448) for n in (8192, 16384)
+                    for h in (512, 1024, 2048, 2560))
 
 
 # ============================================================================ production launches
@@ -282,6 +297,63 @@ def analyse(kernel, num_warps: int) -> dict:
     }
 
 
+# ============================================================================ waves
+def grid_programs(launch, config: dict) -> int:
+    """Programs of ``launch``'s grid under ``config`` (the autotuner's grid function gets the
+    config's block sizes)."""
+    grid = launch.grid
+    if callable(grid):
+        grid = grid(dict(config["kwargs"], num_warps=config["num_warps"],
+                         num_stages=config["num_stages"]))
+    out = 1
+    for g in grid:
+        out *= int(g)
+    return out
+
+
+def waves(rows: list[dict], shapes=SODA_SHAPES, sms: int = SMS_H100) -> list[dict]:
+    """Per SODA shape and production launch (the ``last`` slice and the TMA variant left
+    out): programs of each config's grid, the resident CTAs per SM of that config (from
+    ``rows``, the bf16 records compiled at :data:`SCENARIO`; registers and shared memory do
+    not depend on the sizes) and waves = programs / (SMs x CTAs per SM). A fractional last
+    wave runs the GPU partly empty (4.36 waves: the fifth is 36% full)."""
+    import torch
+
+    ctas = {(r["kernel"], r["slice"], json.dumps(r["config"], sort_keys=True)): r.get("ctas_per_sm")
+            for r in rows if r["dtype"] == "bf16"}
+    out = []
+    for shape in shapes:
+        for part, launch in production_launches(torch.bfloat16, shape):
+            if part == "last" or launch.role.endswith("_tma"):
+                continue
+            name = KERNEL_NAMES.get(launch.role, launch.role)
+            item = {"tokens": shape.tokens, "hidden": shape.hidden, "vocab_local": shape.vocab,
+                    "kernel": name, "slice": part, "programs": [], "ctas_per_sm": [], "waves": []}
+            for config in configs_of(launch):
+                key = json.dumps(dict(config["kwargs"], num_warps=config["num_warps"],
+                                      num_stages=config["num_stages"]), sort_keys=True)
+                programs, per_sm = grid_programs(launch, config), ctas.get((name, part, key))
+                item["programs"].append(programs)
+                item["ctas_per_sm"].append(per_sm)
+                item["waves"].append(round(programs / (sms * per_sm), 2) if per_sm else None)
+            out.append(item)
+    return out
+
+
+def waves_markdown(items: list[dict], sms: int = SMS_H100) -> str:
+    lines = ["", f"## Waves of the production grids ({sms} SMs, an H100 SXM)", "",
+             "Programs / (SMs x resident CTAs per SM) of each kernel's grid at every SODA "
+             "shape, one value per autotune config (in the order of the table above); the "
+             "autotuner picks one on the GPU. Computed from the grids, not measured.", "",
+             "| tokens | hidden | vocab_local | kernel | slice | programs | ctas_per_sm | waves |",
+             "|---|---|---|---|---|---|---|---|"]
+    join = lambda xs: " / ".join("?" if x is None else str(x) for x in xs)  # noqa: E731
+    lines += [f"| {w['tokens']} | {w['hidden']} | {w['vocab_local']} | {w['kernel']} | "
+              f"{w['slice']} | {join(w['programs'])} | {join(w['ctas_per_sm'])} | "
+              f"{join(w['waves'])} |" for w in items]
+    return "\n".join(lines) + "\n"
+
+
 # ============================================================================ records
 KERNEL_NAMES = {"lse": "lse_partials", "dlogits": "grad_logits", "grad_weight": "matmul_grad_weight",
                 "logits": "matmul_logits", "chunk_stats": "chunk_stats",
@@ -411,7 +483,7 @@ def main(argv=None) -> int:
         cmd = " ".join(["TRITON_INTERPRET=0 python -m soda_kernels.compile_check", *flags,
                         "--markdown", args.markdown])
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows, cmd))
+            f.write(markdown(rows, cmd) + waves_markdown(waves(rows)))
     return 1 if any("error" in r for r in rows) else 0
 
 

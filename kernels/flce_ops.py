@@ -51,15 +51,31 @@ WORK = WorkCounter()
 
 # ============================================================================ launchers
 def _splits(rows: int, cols: int, block_rows: int, block_cols: int,
-            device: torch.device) -> int:
+            device: torch.device, whole_waves: bool = False) -> int:
     """Column splits of a (row tiles x column splits) grid: enough programs to fill the GPU
-    (~4 per SM); 1 on CPU. ``meta`` (compile_check's production launches): an H100 SXM."""
+    (~4 per SM); 1 on CPU. ``meta`` (compile_check's production launches): an H100 SXM.
+    ``whole_waves``: then up to twice as many, as :func:`wave_splits` picks."""
     if not gpu_like(device) or interpreting():
         return 1
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 132)
-    return max(1, min(triton.cdiv(4 * sms, triton.cdiv(rows, block_rows)),
-                      triton.cdiv(cols, block_cols)))
+    row_tiles, col_tiles = triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols)
+    first = max(1, min(triton.cdiv(4 * sms, row_tiles), col_tiles))
+    return wave_splits(row_tiles, col_tiles, sms, first) if whole_waves else first
+
+
+def wave_splits(row_tiles: int, col_tiles: int, slots: int, first: int) -> int:
+    """The column splits in ``[first, 2 first]`` with the least wave-quantised time
+    ``ceil(programs / slots) x ceil(col_tiles / splits)`` (in column tiles of one program; the
+    fewest splits on a tie), so the grid never costs more than ``first`` splits' by that
+    measure. ``first`` = ~4 programs per SM leaves the last wave partly empty (TP1, V =
+    144,644, 8192 rows: 576 programs = 4.36 waves on 132 SMs, 630 tile-times against an
+    ideal 548); 14 splits give 567. More splits only add ``[3, splits, rows]`` fp32
+    partials to merge (3 MB at 8192 rows). NOTE: a model of the grid, not a measurement;
+    the slots assume one 128-row program per SM, which the 64-row configs match at 2 per SM."""
+    last = min(2 * first, col_tiles)
+    return min(range(first, max(first, last) + 1),
+               key=lambda s: (triton.cdiv(row_tiles * s, slots) * triton.cdiv(col_tiles, s), s))
 
 
 def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,
@@ -68,7 +84,7 @@ def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,
     ``[0, n_valid)`` (``hidden`` holds the active rows only)."""
     check_triton_tensors(hidden, weight, labels)
     n, h = hidden.shape
-    splits = splits or _splits(n, n_valid, 128, 128, hidden.device)
+    splits = splits or _splits(n, n_valid, 128, 128, hidden.device, whole_waves=True)
     stats = torch.empty(3, splits, n, device=hidden.device, dtype=torch.float32)
     WORK.add("lse", n, n_valid, h)
     if n == 0 or n_valid == 0:
