@@ -24,6 +24,7 @@ _INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s*(.*?)\s*;?\s*$")
 _LABEL = re.compile(r"^([^\s/][^\s]*):\s*$")
 _PRED = re.compile(r"^@(!?U?P[0-9T])\s+")
 _TARGET = re.compile(r"`\(([^)]+)\)")
+_PRED_OPERAND = re.compile(r"(!?U?P[0-9T])\s*,")
 
 
 @dataclass
@@ -34,10 +35,11 @@ class Instr:
     op: str
     guard: str  # "" (always), "PT", "!P0", "UP1", ...
     target: str = ""  # the label a branch or call names
+    operand_predicate: str = ""  # BRA's own condition: "P2" in "BRA P2, `(.L_x_0)"
 
     @property
     def conditional(self) -> bool:
-        return self.guard not in ("", "PT")
+        return self.guard not in ("", "PT") or self.operand_predicate not in ("", "PT")
 
 
 @dataclass
@@ -64,7 +66,9 @@ def parse(sass: str) -> tuple[list, dict]:
         if g := _PRED.match(text):
             guard, text = g.group(1), text[g.end():]
         t = _TARGET.search(text)
-        instrs.append(Instr(line, text.split()[0] if text else "", guard, t.group(1) if t else ""))
+        op, _, operands = text.partition(" ")
+        p = _PRED_OPERAND.match(operands.strip()) if op.startswith(("BRA", "JMP")) else None
+        instrs.append(Instr(line, op, guard, t.group(1) if t else "", p.group(1) if p else ""))
         for name in pending:
             labels[name] = len(instrs) - 1
         pending = []

@@ -6,6 +6,7 @@ and the stubs does not. The real sm_90a TMA kernels are checked in test_compile_
 
 from __future__ import annotations
 
+from soda_kernels import sass_cfg
 from soda_kernels.compile_check import _sass_loops, _sass_main_loops, sass_facts
 
 # The shape of Triton's TMA matmul on sm_90a (benchmarks/results/sm90_codegen.md,
@@ -85,3 +86,26 @@ def test_a_kernel_without_dot_counts_narrow_loads_in_any_loop():
     spin = TMA_LIKE.replace("/*0130*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR15+0x24000], R5",
                             "/*0130*/                   LDG.E R26, desc[UR28][R20.64]")
     assert sass_facts(spin, has_dot=False)["narrow_loads_in_loops"] == 1
+
+
+def test_a_branch_with_a_predicate_operand_closes_a_loop():
+    """``@!P0 BRA P2, target`` (taken when !P0 and P2: how ptxas closes embedding_merge's
+    walk) is a conditional branch like any other."""
+    sass = """
+_k:
+        /*0000*/                   MOV R0, RZ ;
+.L_x_0:
+        /*0010*/                   LDG.E R14, desc[UR6][R12.64] ;
+        /*0020*/                   FADD R5, R14, R5 ;
+        /*0030*/              @!P0 BRA P2, `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+"""
+    assert [_ops(loop) for loop in _sass_loops(sass)] == [
+        ["LDG.E R14, desc[UR6][R12.64] ;", "FADD R5, R14, R5 ;", "@!P0 BRA P2, `(.L_x_0) ;"]]
+    assert sass_facts(sass, has_dot=False)["narrow_loads_in_loops"] == 1
+    # Unguarded, the predicate operand alone makes it conditional: the EXIT stays reachable.
+    bare = sass.replace("@!P0 BRA P2,", "BRA.U !UP0,")
+    cfg = sass_cfg.build(bare)
+    loop_block = next(b for b, (first, last) in enumerate(cfg.blocks)
+                      if "BRA.U" in cfg.instrs[last].line)
+    assert len(cfg.succ[loop_block]) == 2, cfg.succ
