@@ -21,7 +21,7 @@ import triton
 from soda_kernels._launch import gpu_like, launch
 from soda_kernels._vocab_parallel import check_triton_tensors, interpreting, merge_partials
 from soda_kernels.flce_kernels import _chunk_dlogits_kernel, _chunk_stats_kernel
-from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _flags, _run
+from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, CONFIGS, _flags, _run
 
 
 # ============================================================================ work counter
@@ -54,28 +54,44 @@ def _splits(rows: int, cols: int, block_rows: int, block_cols: int,
             device: torch.device, whole_waves: bool = False) -> int:
     """Column splits of a (row tiles x column splits) grid: enough programs to fill the GPU
     (~4 per SM); 1 on CPU. ``meta`` (compile_check's production launches): an H100 SXM.
-    ``whole_waves``: then up to twice as many, as :func:`wave_splits` picks."""
+    ``whole_waves``: then up to twice as many, as :func:`wave_splits` picks for the lse
+    kernel's tiles."""
     if not gpu_like(device) or interpreting():
         return 1
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 132)
-    row_tiles, col_tiles = triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols)
-    first = max(1, min(triton.cdiv(4 * sms, row_tiles), col_tiles))
-    return wave_splits(row_tiles, col_tiles, sms, first) if whole_waves else first
+    first = max(1, min(triton.cdiv(4 * sms, triton.cdiv(rows, block_rows)),
+                       triton.cdiv(cols, block_cols)))
+    if not whole_waves:
+        return first
+    tiles = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+    return wave_splits(rows, cols, sms, first, tiles, max_splits=triton.cdiv(cols, block_cols))
 
 
-def wave_splits(row_tiles: int, col_tiles: int, slots: int, first: int) -> int:
-    """The column splits in ``[first, 2 first]`` with the least wave-quantised time
-    ``ceil(programs / slots) x ceil(col_tiles / splits)`` (in column tiles of one program; the
-    fewest splits on a tie), so the grid never costs more than ``first`` splits' by that
-    measure. ``first`` = ~4 programs per SM leaves the last wave partly empty (TP1, V =
-    144,644, 8192 rows: 576 programs = 4.36 waves on 132 SMs, 630 tile-times against an
-    ideal 548); 14 splits give 567. More splits only add ``[3, splits, rows]`` fp32
-    partials to merge (3 MB at 8192 rows). NOTE: a model of the grid, not a measurement;
-    the slots assume one 128-row program per SM, which the 64-row configs match at 2 per SM."""
-    last = min(2 * first, col_tiles)
-    return min(range(first, max(first, last) + 1),
-               key=lambda s: (triton.cdiv(row_tiles * s, slots) * triton.cdiv(col_tiles, s), s))
+def wave_splits(rows: int, cols: int, sms: int, first: int, tiles: list,
+                max_splits: int) -> int:
+    """Column splits in ``[first, min(2 first, max_splits)]`` that lower the grid's
+    wave-quantised time where that costs nothing. The time of a (row tiles x splits) grid is
+    ``ceil(programs / slots) x ceil(column tiles / splits)`` (waves rounded up, times the
+    longest program); it is taken for every tile shape ``(block_rows, block_cols)`` in
+    ``tiles`` (the autotuner picks one on the GPU, after the splits are fixed) at 1 and at 2
+    resident programs per SM (slots = ``sms`` or ``2 sms``). Candidates that make any of these
+    longer than ``first`` splits do are refused; of the rest, the smallest mean ratio wins
+    (the fewest splits on a tie). So the answer is often ``first``: at TP1, V = 144,644,
+    8192 rows (576 programs of 128 x 128 = 4.36 waves on 132 SMs) every larger count costs
+    the 64 x 256 tiles more. NOTE: a model of the grid, not a measurement; more splits only
+    add ``[3, splits, rows]`` fp32 partials to merge (1.2 MB at 16384 rows, 6 splits)."""
+    def cdiv(a: int, b: int) -> int:  # NOTE: triton.cdiv is a ConstexprFunction, ~30 us a call
+        return -(-a // b)
+
+    def cost(s: int, block_rows: int, block_cols: int, per_sm: int) -> int:
+        return cdiv(cdiv(rows, block_rows) * s, sms * per_sm) * cdiv(cdiv(cols, block_cols), s)
+
+    models = [(br, bc, per_sm) for br, bc in tiles for per_sm in (1, 2)]
+    base = [cost(first, *m) for m in models]
+    free = [s for s in range(first, max(first, min(2 * first, max_splits)) + 1)
+            if all(cost(s, *m) <= b for m, b in zip(models, base))]
+    return min(free, key=lambda s: (sum(cost(s, *m) / b for m, b in zip(models, base)), s))
 
 
 def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,

@@ -26,12 +26,20 @@ def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bf16_records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("codegen") / "sm90.json"
-    proc = subprocess.run([sys.executable, "-m", "soda_kernels.compile_check", "--json", str(out)],
+def bf16_run(tmp_path_factory):
+    """The records (JSON) and the report (markdown, with the waves table) of one bf16 run."""
+    folder = tmp_path_factory.mktemp("codegen")
+    out, md = folder / "sm90.json", folder / "sm90.md"
+    proc = subprocess.run([sys.executable, "-m", "soda_kernels.compile_check", "--json", str(out),
+                           "--markdown", str(md)],
                           env=ENV, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), md.read_text()
+
+
+@pytest.fixture(scope="module")
+def bf16_records(bf16_run):
+    return bf16_run[0]
 
 
 def test_every_kernel_config_and_slice_is_compiled(bf16_records):
@@ -134,3 +142,34 @@ print(json.dumps({"row": row, "problems": cc.problems(row)}))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["row"]["sync_loads"] >= 1 and result["row"]["narrow_loads_in_main_loop"] > 0
     assert any("synchronous" in p for p in result["problems"]), result
+
+
+def test_waves_table_has_every_soda_shape_and_the_compiled_occupancy(bf16_run):
+    """The report's waves table: one lse row per SODA shape, its programs those of the
+    wave-sized grid (flce_ops.wave_splits) and its waves programs / (132 x the CTAs per SM
+    the compile found for that config)."""
+    import math
+
+    from soda_kernels.compile_check import SODA_SHAPES
+    from soda_kernels.flce_ops import wave_splits
+    from soda_kernels.flce_tuning import CONFIGS
+
+    records, report = bf16_run
+    ctas = [next(r["ctas_per_sm"] for r in records if r["kernel"] == "lse_partials"
+                 and r["config"]["BLOCK_N"] == c.kwargs["BLOCK_N"]
+                 and r["config"]["BLOCK_V"] == c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+    tiles = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+    rows = [line.split(" | ") for line in report.splitlines() if "| lse_partials | all | " in line
+            and " bf16 " not in line]
+    assert len(rows) == len(SODA_SHAPES), rows
+    for shape in SODA_SHAPES:
+        n, v = shape.tokens, shape.vocab
+        first = max(1, min(math.ceil(4 * 132 / math.ceil(n / 128)), math.ceil(v / 128)))
+        splits = wave_splits(n, v, 132, first, tiles, math.ceil(v / 128))
+        programs = [math.ceil(n / t[0]) * splits for t in tiles]
+        row = next(r for r in rows if r[0] == f"| {n}" and r[1] == str(shape.hidden)
+                   and r[2] == str(v))
+        assert row[5] == " / ".join(map(str, programs)), row
+        assert row[6] == " / ".join(map(str, ctas)), row
+        assert row[7].rstrip(" |") == " / ".join(str(round(p / (132 * c), 2))
+                                                for p, c in zip(programs, ctas)), row

@@ -1,20 +1,29 @@
-"""Waves of the production grids (compile_check's second table) and the lse grid's column
-splits sized to whole waves (flce_ops.wave_splits). Grid arithmetic on meta tensors: no GPU,
-no compile."""
+"""The lse grid's column splits sized by wave-quantised time where that costs nothing
+(flce_ops.wave_splits), and the SODA shapes of compile_check's waves table. Arithmetic only;
+the table itself is checked on the real compile in test_compile_check.py."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-
 from soda_kernels import compile_check as cc
 from soda_kernels.flce_ops import wave_splits
+from soda_kernels.flce_tuning import CONFIGS
 
 
-def _cost(row_tiles: int, col_tiles: int, slots: int, splits: int) -> int:
+def _cost(rows: int, cols: int, splits: int, tile: tuple, per_sm: int, sms: int = 132) -> int:
     """Wave-quantised time: waves (rounded up) x column tiles of the longest program."""
-    return math.ceil(row_tiles * splits / slots) * math.ceil(col_tiles / splits)
+    programs = math.ceil(rows / tile[0]) * splits
+    return math.ceil(programs / (sms * per_sm)) * math.ceil(math.ceil(cols / tile[1]) / splits)
+
+
+TILES = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+MODELS = [(tile, per_sm) for tile in TILES for per_sm in (1, 2)]
+
+
+def _first(rows: int, cols: int) -> int:
+    """Today's ~4 programs per SM (128-row tiles, 132 SMs)."""
+    return max(1, min(math.ceil(4 * 132 / math.ceil(rows / 128)), math.ceil(cols / 128)))
 
 
 def test_soda_shapes_are_the_presets_and_the_vocabulary():
@@ -30,42 +39,27 @@ def test_soda_shapes_are_the_presets_and_the_vocabulary():
     assert cc.SCENARIO in cc.SODA_SHAPES
 
 
-def test_lse_splits_never_cost_more_and_fix_the_issue_shape():
-    """Against today's ~4 programs per SM (first), at every row count up to 32k and both
-    vocabulary shards: the quantised time never grows, the splits at most double. At TP1,
-    8192 rows (the issue's 576 programs = 4.36 waves on 132 SMs) it drops by > 5%."""
+def test_lse_splits_cost_nothing_and_help_where_they_can():
+    """Against today's ~4 programs per SM, at every row count up to 32k and both vocabulary
+    shards: no lse tile config's quantised time grows (at 1 or 2 programs per SM), the splits
+    at most double; at TP1, 16384 rows some config gains > 10%."""
     for cols in (144_644, 72_448):
-        col_tiles = math.ceil(cols / 128)
         for rows in range(128, 32_768 + 1, 128):
-            row_tiles = math.ceil(rows / 128)
-            first = max(1, min(math.ceil(4 * 132 / row_tiles), col_tiles))
-            s = wave_splits(row_tiles, col_tiles, 132, first)
+            first = _first(rows, cols)
+            s = wave_splits(rows, cols, 132, first, TILES, math.ceil(cols / 128))
             assert first <= s <= 2 * first, (rows, cols, s)
-            assert _cost(row_tiles, col_tiles, 132, s) <= _cost(row_tiles, col_tiles, 132, first)
-    first = 9
-    assert 64 * first / 132 == 576 / 132
-    s = wave_splits(64, 1131, 132, first)
-    assert _cost(64, 1131, 132, s) < 0.95 * _cost(64, 1131, 132, first), s
+            for tile, per_sm in MODELS:
+                assert _cost(rows, cols, s, tile, per_sm) <= _cost(rows, cols, first, tile, per_sm)
+    s = wave_splits(16384, 144_644, 132, 5, TILES, 1131)
+    assert min(_cost(16384, 144_644, s, *m) / _cost(16384, 144_644, 5, *m) for m in MODELS) < 0.9
 
 
-def test_lse_launch_uses_the_wave_sizing_and_waves_are_reported(monkeypatch):
-    """The lse launch compile_check records (the production launcher on meta tensors) has the
-    wave-sized grid, and ``waves`` divides programs by SMs x the record's CTAs per SM."""
-    # NOTE: recording launches runs nothing; outside the interpreter the launchers take the
-    # GPU's plan (autotuned grids), as in compile_check's own process.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    lse = next(l for part, l in cc.production_launches(torch.bfloat16) if l.role == "lse")
-    config = cc.configs_of(lse)[0]
-    row_tiles = math.ceil(cc.SCENARIO.tokens / config["kwargs"]["BLOCK_N"])
-    assert config["kwargs"]["BLOCK_N"] == 128
-    splits = wave_splits(row_tiles, math.ceil(cc.SCENARIO.vocab / 128), 132, 9)
-    assert cc.grid_programs(lse, config) == row_tiles * splits
-    record = {"kernel": "lse_partials", "slice": "all", "dtype": "bf16", "ctas_per_sm": 1,
-              "config": dict(config["kwargs"], num_warps=config["num_warps"],
-                             num_stages=config["num_stages"])}
-    items = cc.waves([record], shapes=[cc.SCENARIO])
-    item = next(w for w in items if w["kernel"] == "lse_partials")
-    assert item["programs"][0] == row_tiles * splits
-    assert item["waves"][0] == round(row_tiles * splits / 132, 2)
-    assert item["waves"][1] is None  # no record of that config: unknown, not guessed
-    assert "| lse_partials | all |" in cc.waves_markdown(items)
+def test_the_issue_shape_has_no_free_whole_waves():
+    """TP1, 8192 rows: 576 programs of 128 x 128 = 4.36 waves on 132 SMs. Every split count
+    up to twice as many shortens that config but lengthens another (64 x 256 at one per SM),
+    so the grid stays: the autotuner's choice on the GPU decides which tail remains."""
+    assert _first(8192, 144_644) == 9 and 64 * 9 / 132 == 576 / 132
+    for s in range(10, 19):
+        ratios = [_cost(8192, 144_644, s, *m) / _cost(8192, 144_644, 9, *m) for m in MODELS]
+        assert min(ratios) < 1 < max(ratios), (s, ratios)
+    assert wave_splits(8192, 144_644, 132, 9, TILES, 1131) == 9
