@@ -44,7 +44,8 @@ class Instr:
 
 @dataclass
 class Cfg:
-    """Basic blocks (instruction index ranges), successors, and the blocks each entry reaches."""
+    """Basic blocks (instruction index ranges), their successors, and the entry blocks (the
+    kernel's first, and each subroutine a ``CALL`` names)."""
 
     instrs: list
     blocks: list = field(default_factory=list)  # (first, last) instruction index, inclusive
