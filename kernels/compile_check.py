@@ -22,7 +22,8 @@ chunk; ``group``: the ``grad_h`` and ``grad_W`` matmuls of a group) at the chunk
 heights its plan picks for an H100 (:func:`~.flce_plan.plan_for_peak`).
 
 One record per (kernel, slice, dtype, config): ``regs`` and ``spill_bytes`` (the stack frame;
-cuobjdump), ``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
+cuobjdump), ``main_loop_instructions`` (SASS instructions of the main loops),
+``spills_in_main_loop`` (local loads / stores inside the main loop's SASS),
 ``smem_bytes``, ``ctas_per_sm`` (H100 limits: registers, shared memory, threads), ``mma``
 (``wgmma`` / ``mma.sync`` / ``fma``; ``none`` without a ``tl.dot``), ``async_copies`` and
 ``main_loop_nested`` (the main loop runs inside another loop, so its software pipeline
@@ -32,7 +33,14 @@ from the pipelined TTGIR), ``narrow_loads_in_main_loop`` (global loads narrower 
 in the main loop's SASS), ``narrow_stores`` (global stores narrower than 16 bytes anywhere),
 ``narrow_loads_in_loops`` (for kernels without a ``tl.dot``, the memory-bound ones: global
 loads narrower than 16 bytes inside any loop), ``async_copy_bytes`` (the narrowest
-``cp.async``) and ``tma``. A main loop is a loop that contains a ``tl.dot``.
+``cp.async``) and ``tma``. A main loop is a loop that contains a ``tl.dot``; in the SASS, a
+natural loop of the control-flow graph (:mod:`.sass_cfg`) holding a matrix instruction, so
+the mbarrier retry stubs ptxas places after ``EXIT`` count with the loop they serve and the
+epilogue does not.
+
+**Waves.** :func:`waves` gives, at every SODA shape (:data:`SODA_SHAPES`), the programs of
+each production grid and its waves on an H100's 132 SMs for each config (resident CTAs per
+SM from the records); ``--markdown`` appends that table.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+
+from soda_kernels import sass_cfg
 
 SMEM_PER_BLOCK_SM90 = 227 * 1024  # H100 / H200: opt-in shared memory per thread block
 SMEM_PER_SM_SM90 = 228 * 1024     # per SM; each resident block also reserves 1 KB
@@ -62,6 +71,14 @@ class Scenario:
 
 
 SCENARIO = Scenario()
+SMS_H100 = 132  # H100 SXM streaming multiprocessors (H200: 132 too)
+#: One TP rank's problem at each SODA shape, the GPU campaign's kernel grid
+#: (benchmarks/gpu_campaign.py ``kernel_shapes``): 8192 and 16384 tokens, the presets' hidden
+#: sizes, TP1 (V = 144,644) and TP2 (the vocabulary padded to 2 x 128, halved: 72,448).
+#: Data, not read from soda_mega (a lower layer); tests/kernels/test_compile_waves.py checks it
+#: against the presets and the vocabulary layout.
+SODA_SHAPES = tuple(Scenario(n, h, v) for v in (144_644, 72_448) for n in (8192, 16384)
+                    for h in (512, 1024, 2048, 2560))
 
 
 # ============================================================================ production launches
@@ -211,15 +228,10 @@ def _ttgir_loops(ttgir: str) -> list[dict]:
 
 
 def _sass_loops(sass: str) -> list[list[str]]:
-    """SASS instruction lines of each loop (a label with a later branch back to it)."""
-    lines = sass.splitlines()
-    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", ln))}
-    loops = []
-    for i, ln in enumerate(lines):
-        m = re.search(r"BRA `?\(?(\.L_x_\d+)\)?", ln)
-        if m and m.group(1) in labels and labels[m.group(1)] < i:
-            loops.append(lines[labels[m.group(1)]:i + 1])
-    return loops
+    """SASS instruction lines of each loop: the natural loops of the control-flow graph
+    reachable from the entry (:mod:`.sass_cfg`; code after ``EXIT`` that only a retry stub
+    branches from belongs to no loop but the stub's)."""
+    return sass_cfg.loops(sass)
 
 
 def _sass_main_loops(sass: str) -> list[list[str]]:
@@ -239,6 +251,24 @@ def ctas_per_sm(regs: int, smem: int, num_warps: int) -> int:
     return max(0, min(by_regs, by_smem, by_threads, BLOCKS_PER_SM))
 
 
+def sass_facts(sass: str, has_dot: bool) -> dict:
+    """The record's facts read from the SASS alone (``nvdisasm -c`` text): size of, spills and
+    narrow loads in the main loops (the loops holding a matrix instruction), narrow loads in
+    any loop for a kernel without a ``tl.dot``, and narrow stores anywhere. An instruction in
+    several loops (an inner loop, a retry stub) counts once."""
+    main = list(dict.fromkeys(ln for loop in _sass_main_loops(sass) for ln in loop)) if has_dot else []
+    loops = [] if has_dot else list(dict.fromkeys(ln for loop in _sass_loops(sass) for ln in loop))
+    narrow_load = re.compile(r"\bLDG\.E(?!\.(128|ENL2\.256))")
+    return {
+        "main_loop_instructions": len(main),
+        "spills_in_main_loop": sum(1 for ln in main if re.search(r"\b(LDL|STL)\b", ln)),
+        "narrow_loads_in_main_loop": sum(1 for ln in main if narrow_load.search(ln)),
+        "narrow_stores": sum(1 for ln in sass.splitlines()
+                             if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_loads_in_loops": sum(1 for ln in loops if narrow_load.search(ln)),
+    }
+
+
 def analyse(kernel, num_warps: int) -> dict:
     """The record's code facts of one compiled kernel."""
     usage, sass = _cubin_tools(kernel.asm["cubin"])
@@ -247,28 +277,81 @@ def analyse(kernel, num_warps: int) -> dict:
     mma = ("wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx
            else "fma" if has_dot else "none")
     loops = _ttgir_loops(ttgir)
-    sass_loops = _sass_main_loops(sass) if has_dot else []
-    in_loop = [ln for loop in sass_loops for ln in loop]
+    facts = sass_facts(sass, has_dot)
     widths = [int(w, 16) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*, (0x[0-9a-f]+)", ptx)]
     smem = kernel.metadata.shared
     return {
         "regs": usage["REG"], "spill_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
-        "spills_in_main_loop": sum(1 for ln in in_loop if re.search(r"\b(LDL|STL)\b", ln)),
+        "main_loop_instructions": facts["main_loop_instructions"],
+        "spills_in_main_loop": facts["spills_in_main_loop"],
         "smem_bytes": smem, "ctas_per_sm": ctas_per_sm(usage["REG"], smem, num_warps),
         "mma": mma, "main_loops": len(loops),
         "main_loop_nested": any(loop["nested"] for loop in loops),
         "async_copies": sum(loop["async_copies"] for loop in loops),
         "sync_loads": sum(loop["sync_loads"] for loop in loops),
-        "narrow_loads_in_main_loop": sum(
-            1 for ln in in_loop if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
-        "narrow_stores": sum(1 for ln in sass.splitlines()
-                             if re.search(r"\bSTG\.E(?!\.(128|ENL2\.256))", ln)),
-        "narrow_loads_in_loops": 0 if has_dot else sum(
-            1 for loop in _sass_loops(sass) for ln in loop
-            if re.search(r"\bLDG\.E(?!\.(128|ENL2\.256))", ln)),
+        "narrow_loads_in_main_loop": facts["narrow_loads_in_main_loop"],
+        "narrow_stores": facts["narrow_stores"],
+        "narrow_loads_in_loops": facts["narrow_loads_in_loops"],
         "async_copy_bytes": min(widths) if widths else None,
         "tma": "cp.async.bulk.tensor" in ptx,
     }
+
+
+# ============================================================================ waves
+def grid_programs(launch, config: dict) -> int:
+    """Programs of ``launch``'s grid under ``config`` (the autotuner's grid function gets the
+    config's block sizes)."""
+    grid = launch.grid
+    if callable(grid):
+        grid = grid(dict(config["kwargs"], num_warps=config["num_warps"],
+                         num_stages=config["num_stages"]))
+    out = 1
+    for g in grid:
+        out *= int(g)
+    return out
+
+
+def waves(rows: list[dict], shapes=SODA_SHAPES, sms: int = SMS_H100) -> list[dict]:
+    """Per SODA shape and production launch (the ``last`` slice and the TMA variant left
+    out): programs of each config's grid, the resident CTAs per SM of that config (from
+    ``rows``, the bf16 records compiled at :data:`SCENARIO`; registers and shared memory do
+    not depend on the sizes) and waves = programs / (SMs x CTAs per SM). A fractional last
+    wave runs the GPU partly empty (4.36 waves: the fifth is 36% full)."""
+    import torch
+
+    ctas = {(r["kernel"], r["slice"], json.dumps(r["config"], sort_keys=True)): r.get("ctas_per_sm")
+            for r in rows if r["dtype"] == "bf16"}
+    out = []
+    for shape in shapes:
+        for part, launch in production_launches(torch.bfloat16, shape):
+            if part == "last" or launch.role.endswith("_tma"):
+                continue
+            name = KERNEL_NAMES.get(launch.role, launch.role)
+            item = {"tokens": shape.tokens, "hidden": shape.hidden, "vocab_local": shape.vocab,
+                    "kernel": name, "slice": part, "programs": [], "ctas_per_sm": [], "waves": []}
+            for config in configs_of(launch):
+                key = json.dumps(dict(config["kwargs"], num_warps=config["num_warps"],
+                                      num_stages=config["num_stages"]), sort_keys=True)
+                programs, per_sm = grid_programs(launch, config), ctas.get((name, part, key))
+                item["programs"].append(programs)
+                item["ctas_per_sm"].append(per_sm)
+                item["waves"].append(round(programs / (sms * per_sm), 2) if per_sm else None)
+            out.append(item)
+    return out
+
+
+def waves_markdown(items: list[dict], sms: int = SMS_H100) -> str:
+    lines = ["", f"## Waves of the production grids ({sms} SMs, an H100 SXM)", "",
+             "Programs / (SMs x resident CTAs per SM) of each kernel's grid at every SODA "
+             "shape, one value per autotune config (in the order of the table above); the "
+             "autotuner picks one on the GPU. Computed from the grids, not measured.", "",
+             "| tokens | hidden | vocab_local | kernel | slice | programs | ctas_per_sm | waves |",
+             "|---|---|---|---|---|---|---|---|"]
+    join = lambda xs: " / ".join("?" if x is None else str(x) for x in xs)  # noqa: E731
+    lines += [f"| {w['tokens']} | {w['hidden']} | {w['vocab_local']} | {w['kernel']} | "
+              f"{w['slice']} | {join(w['programs'])} | {join(w['ctas_per_sm'])} | "
+              f"{join(w['waves'])} |" for w in items]
+    return "\n".join(lines) + "\n"
 
 
 # ============================================================================ records
@@ -348,7 +431,8 @@ def problems(row: dict) -> list[str]:
     return out
 
 
-_COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "spills_in_main_loop",
+_COLUMNS = ("kernel", "slice", "dtype", "config", "regs", "spill_bytes", "main_loop_instructions",
+            "spills_in_main_loop",
             "smem_bytes", "ctas_per_sm", "mma", "main_loop_nested", "async_copies", "sync_loads",
             "narrow_loads_in_main_loop", "narrow_loads_in_loops", "narrow_stores",
             "async_copy_bytes", "tma")
@@ -399,7 +483,7 @@ def main(argv=None) -> int:
         cmd = " ".join(["TRITON_INTERPRET=0 python -m soda_kernels.compile_check", *flags,
                         "--markdown", args.markdown])
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows, cmd))
+            f.write(markdown(rows, cmd) + waves_markdown(waves(rows)))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -21,7 +21,7 @@ import triton
 from soda_kernels._launch import gpu_like, launch
 from soda_kernels._vocab_parallel import check_triton_tensors, interpreting, merge_partials
 from soda_kernels.flce_kernels import _chunk_dlogits_kernel, _chunk_stats_kernel
-from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _PINNED, _flags, _run
+from soda_kernels.flce_tuning import _MATMUL_ROLE_KEYS, _PINNED, CONFIGS, _flags, _run
 
 
 # ============================================================================ work counter
@@ -51,15 +51,47 @@ WORK = WorkCounter()
 
 # ============================================================================ launchers
 def _splits(rows: int, cols: int, block_rows: int, block_cols: int,
-            device: torch.device) -> int:
+            device: torch.device, whole_waves: bool = False) -> int:
     """Column splits of a (row tiles x column splits) grid: enough programs to fill the GPU
-    (~4 per SM); 1 on CPU. ``meta`` (compile_check's production launches): an H100 SXM."""
+    (~4 per SM); 1 on CPU. ``meta`` (compile_check's production launches): an H100 SXM.
+    ``whole_waves``: then up to twice as many, as :func:`wave_splits` picks for the lse
+    kernel's tiles."""
     if not gpu_like(device) or interpreting():
         return 1
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 132)
-    return max(1, min(triton.cdiv(4 * sms, triton.cdiv(rows, block_rows)),
-                      triton.cdiv(cols, block_cols)))
+    first = max(1, min(triton.cdiv(4 * sms, triton.cdiv(rows, block_rows)),
+                       triton.cdiv(cols, block_cols)))
+    if not whole_waves:
+        return first
+    tiles = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+    return wave_splits(rows, cols, sms, first, tiles, max_splits=triton.cdiv(cols, block_cols))
+
+
+def wave_splits(rows: int, cols: int, sms: int, first: int, tiles: list,
+                max_splits: int) -> int:
+    """Column splits in ``[first, min(2 first, max_splits)]`` that lower the grid's
+    wave-quantised time where that costs nothing. The time of a (row tiles x splits) grid is
+    ``ceil(programs / slots) x ceil(column tiles / splits)`` (waves rounded up, times the
+    longest program); it is taken for every tile shape ``(block_rows, block_cols)`` in
+    ``tiles`` (the autotuner picks one on the GPU, after the splits are fixed) at 1 and at 2
+    resident programs per SM (slots = ``sms`` or ``2 sms``). Candidates that make any of these
+    longer than ``first`` splits do are refused; of the rest, the smallest mean ratio wins
+    (the fewest splits on a tie). So the answer is often ``first``: at TP1, V = 144,644,
+    8192 rows (576 programs of 128 x 128 = 4.36 waves on 132 SMs) every larger count costs
+    the 64 x 256 tiles more. NOTE: a model of the grid, not a measurement; more splits only
+    add ``[3, splits, rows]`` fp32 partials to merge (1.2 MB at 16384 rows, 6 splits)."""
+    def cdiv(a: int, b: int) -> int:  # NOTE: triton.cdiv is a ConstexprFunction, ~30 us a call
+        return -(-a // b)
+
+    def cost(s: int, block_rows: int, block_cols: int, per_sm: int) -> int:
+        return cdiv(cdiv(rows, block_rows) * s, sms * per_sm) * cdiv(cdiv(cols, block_cols), s)
+
+    models = [(br, bc, per_sm) for br, bc in tiles for per_sm in (1, 2)]
+    base = [cost(first, *m) for m in models]
+    free = [s for s in range(first, max(first, min(2 * first, max_splits)) + 1)
+            if all(cost(s, *m) <= b for m, b in zip(models, base))]
+    return min(free, key=lambda s: (sum(cost(s, *m) / b for m, b in zip(models, base)), s))
 
 
 def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,
@@ -68,7 +100,7 @@ def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,
     ``[0, n_valid)`` (``hidden`` holds the active rows only)."""
     check_triton_tensors(hidden, weight, labels)
     n, h = hidden.shape
-    splits = splits or _splits(n, n_valid, 128, 128, hidden.device)
+    splits = splits or _splits(n, n_valid, 128, 128, hidden.device, whole_waves=True)
     stats = torch.empty(3, splits, n, device=hidden.device, dtype=torch.float32)
     WORK.add("lse", n, n_valid, h)
     if n == 0 or n_valid == 0:

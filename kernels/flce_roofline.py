@@ -15,7 +15,8 @@ a design with its FLOPs and bytes (each operand read once, each output written o
 re-reads across a launch's row tiles served by L2) and charges each launch
 ``max(FLOPs / (peak x MATMUL_EFFICIENCY), bytes / (bandwidth x BANDWIDTH_EFFICIENCY))``: a
 launch is either compute- or memory-bound, launches do not overlap. The peaks are datasheet
-figures (:data:`PEAKS`: H100 SXM, H200; a conservative A100-class default for any other
+figures (:data:`PEAKS`: H100 SXM / PCIe / NVL, H200 SXM / NVL, A100 SXM / PCIe 40 / 80GB,
+each with its datasheet; a conservative A100-class default, with a warning, for any other
 device); the efficiencies are typical achieved fractions, not measurements of this code.
 Everything here is **computed, not measured**; it is what the GPU campaign has to confirm.
 
@@ -27,6 +28,8 @@ CPU it keeps the three-matmul design with one group per chunk (what the CPU meas
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,12 +41,15 @@ BANDWIDTH_EFFICIENCY = 0.8
 
 @dataclass(frozen=True)
 class DevicePeak:
-    """Datasheet peaks: dense matmul FLOP/s by operand bytes (2: bf16/fp16, 4: TF32) and
-    HBM bytes/s."""
+    """Datasheet peaks: dense matmul FLOP/s by operand bytes (2: bf16/fp16, 4: TF32), HBM
+    bytes/s, NVLink bytes/s per GPU (bidirectional, as datasheets give it; None where the
+    board has none) and the datasheet the figures come from."""
 
     name: str
     matmul_flops: dict
     hbm_bytes_per_s: float
+    nvlink_bytes_per_s: Optional[float] = None
+    source: str = ""
 
     def seconds(self, flops: float, nbytes: float, elt: int) -> float:
         """Roofline time of one launch (see the module docstring)."""
@@ -51,23 +57,92 @@ class DevicePeak:
         return max(flops / peak, nbytes / (self.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY))
 
 
-PEAKS = {
-    "H100": DevicePeak("H100 SXM", {2: 989e12, 4: 494e12}, 3.35e12),
-    "H200": DevicePeak("H200", {2: 989e12, 4: 494e12}, 4.8e12),
+# NOTE: NVIDIA's datasheets print bf16 and TF32 tensor-core figures *with* 2:4 sparsity
+# (marked *); the dense figures here are half of those (rounded down). Bandwidths as printed.
+_H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100), column "
+_H200 = "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200), column "
+_A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/a100), column "
+_TABLE = {
+    # H100 SXM5 80GB: bf16 1,979* / TF32 989* TFLOP/s, HBM3 3.35 TB/s, NVLink 900 GB/s.
+    "H100 SXM": DevicePeak("H100 SXM", {2: 989e12, 4: 494e12}, 3.35e12, 900e9, _H100 + "H100 SXM"),
+    # H100 PCIe 80GB: bf16 1,513* / TF32 756*, HBM2e 2.0 TB/s, NVLink bridge 600 GB/s.
+    "H100 PCIe": DevicePeak("H100 PCIe", {2: 756e12, 4: 378e12}, 2.0e12, 600e9, _H100 + "H100 PCIe"),
+    # H100 NVL 94GB: bf16 1,671* / TF32 835*, HBM3 3.9 TB/s, NVLink bridge 600 GB/s.
+    "H100 NVL": DevicePeak("H100 NVL", {2: 835e12, 4: 417e12}, 3.9e12, 600e9, _H100 + "H100 NVL"),
+    # H200 SXM 141GB: bf16 1,979* / TF32 989*, HBM3e 4.8 TB/s, NVLink 900 GB/s.
+    "H200 SXM": DevicePeak("H200 SXM", {2: 989e12, 4: 494e12}, 4.8e12, 900e9, _H200 + "H200 SXM"),
+    # H200 NVL 141GB: bf16 1,671* / TF32 835*, HBM3e 4.8 TB/s, NVLink bridge 900 GB/s.
+    "H200 NVL": DevicePeak("H200 NVL", {2: 835e12, 4: 417e12}, 4.8e12, 900e9, _H200 + "H200 NVL"),
+    # A100: bf16 312 (624*) / TF32 156 (312*) on every board; NVLink 600 GB/s (PCIe: bridge
+    # for 2 GPUs); HBM2(e) 1,555 / 2,039 GB/s (SXM 40 / 80GB), 1,555 / 1,935 (PCIe 40 / 80GB).
+    "A100 SXM 40GB": DevicePeak("A100 SXM 40GB", {2: 312e12, 4: 156e12}, 1.555e12, 600e9,
+                                _A100 + "A100 40GB SXM"),
+    "A100 SXM 80GB": DevicePeak("A100 SXM 80GB", {2: 312e12, 4: 156e12}, 2.039e12, 600e9,
+                                _A100 + "A100 80GB SXM"),
+    "A100 PCIe 40GB": DevicePeak("A100 PCIe 40GB", {2: 312e12, 4: 156e12}, 1.555e12, 600e9,
+                                 _A100 + "A100 40GB PCIe"),
+    "A100 PCIe 80GB": DevicePeak("A100 PCIe 80GB", {2: 312e12, 4: 156e12}, 1.935e12, 600e9,
+                                 _A100 + "A100 80GB PCIe"),
 }
+#: Peak table by board. ``H100`` and ``H200`` (the SXM boards) are kept as the short keys the
+#: plans and benchmarks use.
+PEAKS = {"H100": _TABLE["H100 SXM"], "H200": _TABLE["H200 SXM"], **_TABLE}
 #: Any other CUDA device: A100-class figures (lower FLOP/s and bandwidth than Hopper).
 DEFAULT_PEAK = DevicePeak("default (A100-class)", {2: 312e12, 4: 156e12}, 1.55e12)
 
+# ``torch.cuda.get_device_name`` -> board, first match wins (upper-cased). The names the
+# driver reports: "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+# "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB",
+# "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe". NOTE: a bare "H200" would also match
+# "GH200" (Grace Hopper: other memory, not in the table), hence the word boundaries.
+_NAMES = (
+    (r"\bH100\b.*\bNVL\b", "H100 NVL"),
+    (r"\bH100\b.*\bPCIE\b", "H100 PCIe"),
+    (r"\bH100\b.*(\bSXM|\bHBM3\b)", "H100 SXM"),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL"),
+    (r"\bH200\b", "H200 SXM"),
+    (r"\bA100\b.*\bSXM.*\b80GB\b", "A100 SXM 80GB"),
+    (r"\bA100\b.*\bSXM", "A100 SXM 40GB"),
+    (r"\bA100\b.*(\b80GB\b.*\bPCIE\b|\bPCIE\b.*\b80GB\b)", "A100 PCIe 80GB"),
+    (r"\bA100\b.*\bPCIE\b", "A100 PCIe 40GB"),
+)
+_WARNED: set = set()
+
+
+def find_peak(name: Optional[str]) -> Optional[DevicePeak]:
+    """The table entry of a CUDA device name (``torch.cuda.get_device_name``), or None when
+    the name is not one of the boards above (no guess, no warning)."""
+    if not name:
+        return None
+    upper = name.upper()
+    return next((_TABLE[key] for pattern, key in _NAMES if re.search(pattern, upper)), None)
+
 
 def device_peak(name: Optional[str]) -> DevicePeak:
-    """The peak table entry for a CUDA device name (``torch.cuda.get_device_name``); ``None``
-    (e.g. compile_check's ``meta`` launches) is an H100 SXM."""
+    """The peaks the loss plan uses for a CUDA device name; ``None`` (e.g. compile_check's
+    ``meta`` launches) is an H100 SXM. A name not in the table gets :data:`DEFAULT_PEAK`
+    and one warning per name on the ``soda_kernels.flce`` logger."""
     if name is None:
         return PEAKS["H100"]
-    for key, peak in PEAKS.items():
-        if key in name.upper():
-            return peak
-    return DEFAULT_PEAK
+    peak = find_peak(name)
+    if peak is None:
+        if name not in _WARNED:
+            _WARNED.add(name)
+            logging.getLogger("soda_kernels.flce").warning(
+                "no datasheet peaks for GPU %r: the loss plan's roofline uses %s figures "
+                "(add the board to soda_kernels.flce_roofline._TABLE)", name, DEFAULT_PEAK.name)
+        return DEFAULT_PEAK
+    return peak
+
+
+def require_peak(name: Optional[str]) -> DevicePeak:
+    """:func:`find_peak` for callers that cannot go on without true peaks: a ``ValueError``
+    that names the device when it is not in the table."""
+    peak = find_peak(name)
+    if peak is None:
+        raise ValueError(f"no datasheet peaks for GPU {name!r}; known boards: "
+                         f"{', '.join(_TABLE)} (add it to soda_kernels.flce_roofline._TABLE)")
+    return peak
 
 
 # ============================================================================ launches

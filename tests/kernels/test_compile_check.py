@@ -15,6 +15,8 @@ import sys
 import pytest
 from launch_env import clean_env
 
+from soda_kernels.compile_check import problems
+
 ENV = dict(clean_env(), TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
 
 
@@ -24,12 +26,20 @@ def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bf16_records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("codegen") / "sm90.json"
-    proc = subprocess.run([sys.executable, "-m", "soda_kernels.compile_check", "--json", str(out)],
+def bf16_run(tmp_path_factory):
+    """The records (JSON) and the report (markdown, with the waves table) of one bf16 run."""
+    folder = tmp_path_factory.mktemp("codegen")
+    out, md = folder / "sm90.json", folder / "sm90.md"
+    proc = subprocess.run([sys.executable, "-m", "soda_kernels.compile_check", "--json", str(out),
+                           "--markdown", str(md)],
                           env=ENV, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), md.read_text()
+
+
+@pytest.fixture(scope="module")
+def bf16_records(bf16_run):
+    return bf16_run[0]
 
 
 def test_every_kernel_config_and_slice_is_compiled(bf16_records):
@@ -67,12 +77,20 @@ def test_training_path_is_vectorised_and_spill_free(bf16_records):
     assert logits and all(r["narrow_stores"] == 0 and r["spill_bytes"] == 0 for r in logits), logits
 
 
-def test_bf16_code_is_wgmma_spill_free_and_asynchronous(bf16_records):
-    from soda_kernels.compile_check import problems
+def _merge_walk_only(r: dict, found: list[str]) -> bool:
+    """embedding_merge's one loop walks a run that crosses piece boundaries, one piece per
+    step: the next sort key (one int64) and one fp32 of the piece's partial row per thread
+    (BLOCK_H = 64 on 128 threads). Only programs whose run crosses a boundary enter it, so
+    it is no streaming pass; its two narrow loads are accepted, nothing else is. NOTE: the
+    line-based reader never saw this loop (it closes with ``@!P0 BRA P2, target``)."""
+    return (r["kernel"] == "embedding_merge" and r["narrow_loads_in_loops"] <= 2
+            and found == [f"{r['narrow_loads_in_loops']} narrow global loads in a loop (no tl.dot)"])
 
+
+def test_bf16_code_is_wgmma_spill_free_and_asynchronous(bf16_records):
     production = [r for r in bf16_records if not r["kernel"].endswith("_tma")]
     bad = {f"{r['kernel']}/{r['slice']} {r['config']}": problems(r) for r in production
-           if problems(r)}
+           if problems(r) and not _merge_walk_only(r, problems(r))}
     assert not bad, json.dumps(bad, indent=1)
     for r in production:
         if r["kernel"] not in ("embedding_merge", "chunk_stats", "chunk_dlogits"):  # no tl.dot
@@ -87,12 +105,18 @@ def test_bf16_code_is_wgmma_spill_free_and_asynchronous(bf16_records):
 
 
 def test_opt_in_tma_matmuls_compile_to_tma_and_wgmma(bf16_records):
-    """The TMA variant (off by default, not timed) lowers to TMA copies feeding wgmma."""
+    """The TMA variant (off by default, not timed) lowers to TMA copies feeding wgmma, and
+    its main loop -- read from the control-flow graph, with the mbarrier retry stubs that
+    ptxas places after EXIT (test_sass_reader.py) -- is a short loop without spills: the
+    epilogue's spills (the same stack frame as the cp.async variant's) are outside it."""
     tma = [r for r in bf16_records if r["kernel"].endswith("_tma")]
     assert {r["kernel"] for r in tma} == {"matmul_grad_weight_tma", "matmul_grad_hidden_tma"}
     for r in tma:
         assert "error" not in r and r["tma"] and r["mma"] == "wgmma", r
         assert r["sync_loads"] == 0 and r["async_copies"] >= 2 and not r["main_loop_nested"], r
+        assert not problems(r), (r, problems(r))
+        assert 0 < r["main_loop_instructions"] < 200, r
+    assert any(r["spill_bytes"] for r in tma)  # spills exist, in the epilogue
 
 
 def test_the_check_sees_a_ragged_slice_that_is_not_padded():
@@ -118,3 +142,34 @@ print(json.dumps({"row": row, "problems": cc.problems(row)}))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["row"]["sync_loads"] >= 1 and result["row"]["narrow_loads_in_main_loop"] > 0
     assert any("synchronous" in p for p in result["problems"]), result
+
+
+def test_waves_table_has_every_soda_shape_and_the_compiled_occupancy(bf16_run):
+    """The report's waves table: one lse row per SODA shape, its programs those of the
+    wave-sized grid (flce_ops.wave_splits) and its waves programs / (132 x the CTAs per SM
+    the compile found for that config)."""
+    import math
+
+    from soda_kernels.compile_check import SODA_SHAPES
+    from soda_kernels.flce_ops import wave_splits
+    from soda_kernels.flce_tuning import CONFIGS
+
+    records, report = bf16_run
+    ctas = [next(r["ctas_per_sm"] for r in records if r["kernel"] == "lse_partials"
+                 and r["config"]["BLOCK_N"] == c.kwargs["BLOCK_N"]
+                 and r["config"]["BLOCK_V"] == c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+    tiles = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in CONFIGS["lse"]]
+    rows = [line.split(" | ") for line in report.splitlines() if "| lse_partials | all | " in line
+            and " bf16 " not in line]
+    assert len(rows) == len(SODA_SHAPES), rows
+    for shape in SODA_SHAPES:
+        n, v = shape.tokens, shape.vocab
+        first = max(1, min(math.ceil(4 * 132 / math.ceil(n / 128)), math.ceil(v / 128)))
+        splits = wave_splits(n, v, 132, first, tiles, math.ceil(v / 128))
+        programs = [math.ceil(n / t[0]) * splits for t in tiles]
+        row = next(r for r in rows if r[0] == f"| {n}" and r[1] == str(shape.hidden)
+                   and r[2] == str(v))
+        assert row[5] == " / ".join(map(str, programs)), row
+        assert row[6] == " / ".join(map(str, ctas)), row
+        assert row[7].rstrip(" |") == " / ".join(str(round(p / (132 * c), 2))
+                                                for p, c in zip(programs, ctas)), row
