@@ -352,7 +352,7 @@ def _read(path: Path, key: dict, cands: list) -> Optional[tuple[str, str]]:
     """The cached choice for ``key``, or None (absent, or ignored with one warning)."""
     try:
         st = path.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache (yet): nothing to warn about
         return None
     except OSError as err:
         _warn_once(path, f"cannot be read ({err}); measuring again")
