@@ -82,7 +82,9 @@ Modules, one idea each: :mod:`.flce_kernels` (the ``@triton.jit`` kernels),
 :mod:`.flce_tuning` (precision policy, autotune spaces, keys, pinned configs),
 :mod:`.flce_ops` (one launch per piece of work, Triton and torch, and :data:`WORK`),
 :mod:`.flce_backward` (the recompute backward's plan and slice pass), :mod:`.flce_train`
-(the three-matmul training path) and this module (custom ops, autograd, public API and the
+(the three-matmul training path), :mod:`.flce_measure` (the design and GEMM engine measured
+on the device, cached on disk), :mod:`.gemm_engine` (the plain GEMMs on the Triton matmul or
+cuBLAS) and this module (custom ops, autograd, public API and the
 reference). Every name they define that tests or callers use is importable from here too.
 
 :func:`fused_linear_cross_entropy_reference` materialises all logits in fp32 (or fp64) and
