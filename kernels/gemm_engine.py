@@ -41,12 +41,6 @@ LOG = logging.getLogger("soda_kernels.flce")
 _NO_OUT_DTYPE: set = set()  # device types whose torch lacks addmm(out_dtype=); warned once
 
 
-def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
-        raise ValueError(f"gemm engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    return engine
-
-
 def gemm(a, b, c, accumulate: bool, *, engine: str, name: str = "matmul", key_h: int = 0,
          key_v: int = 0, tma: bool = False):
     """``c (+)= a @ b`` on ``engine`` (``tma`` only for the Triton engine, where it is opt-in)."""
@@ -60,7 +54,8 @@ def matmul_cublas(a, b, c, accumulate: bool, name: str = "matmul", **_):
     k, n = b.shape
     m = c.shape[0]
     if a.shape[0] < m or a.shape[1] < k or c.shape[1] < n or (accumulate and c.shape[1] != n):
-        raise ValueError(f"matmul_cublas: a {tuple(a.shape)}, b {tuple(b.shape)}, c {tuple(c.shape)}")
+        raise ValueError(f"matmul_cublas: a {tuple(a.shape)}, b {tuple(b.shape)}, "
+                         f"c {tuple(c.shape)}")
     a = a[:m, :k]
     WORK.add(name, m, n, k)
     if c.shape[1] > n:  # a padded logits chunk: its padding columns hold zeros
