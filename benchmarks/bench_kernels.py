@@ -836,6 +836,7 @@ def main(argv=None) -> int:
     from soda_mega.utils.provenance import write_json
 
     state.initialize(ParallelConfig(), seed=0)  # Megatron baselines need the (1-rank) TP group
+    load_start = os.getloadavg()[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows, notes = [], {}
@@ -862,6 +863,10 @@ def main(argv=None) -> int:
         mem_dtype = dtype if device.type == "cuda" else torch.float32
         r, _ = run_memory(torch, args, mem_dtype, device)
         rows += r
+    # NOTE: a shared machine's other processes inflate CPU times (not the ratios' sign, but
+    # their size): the 1-minute load average beside the core count says how shared it was.
+    notes["load_average"] = (f"1-minute load average {load_start:.1f} at the start, "
+                             f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
     add_ratios(rows)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
