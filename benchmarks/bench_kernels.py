@@ -12,7 +12,12 @@ Loss implementations: ``reference`` (fp32 materialised logits, the tests' oracle
 ``soda_torch`` (chunked PyTorch) and ``soda_triton`` (the recompute path: 4 matmuls), and
 ``soda_torch_train`` / ``soda_triton_train`` (the training path of ``soda_kernels.flce_train``:
 the downstream gradient announced, gradients in the forward, 3 matmuls; bf16 adds into an fp32
-``main_grad`` as under Megatron DDP). Embedding: ``reference``, ``torch``
+``main_grad`` as under Megatron DDP). Under the same training contract the other design and the
+other GEMM engine (``TRAIN_DESIGNS``): ``soda_triton_train_torchgemm`` (3 matmuls on cuBLAS
+through torch), ``soda_triton_train_recompute[_torchgemm]`` (4 matmuls), and
+``soda_triton_train_measured`` (``loss_plan=measure``: each candidate timed on this device,
+the winner run; its row carries every candidate's time, the choice and the roofline's
+prediction). Embedding: ``reference``, ``torch``
 (``F.embedding``), ``megatron`` (``VocabParallelEmbedding``), ``soda_triton``. All losses are
 computed without z-loss, which not every baseline supports.
 
@@ -37,7 +42,9 @@ model's "x ideal FLOPs" of both designs, the memory row, and one fp32 forward + 
 ``--cpu-shape`` (default N=2048, H=512, V=144,644) of materialised logits
 (``F.cross_entropy``), Megatron's ``vocab_parallel_cross_entropy``, ``soda_torch`` and
 ``soda_torch_train`` in this process on the same inputs (``loss_cpu`` rows, with each time
-over the materialised path's).
+over the materialised path's), and the GEMM-engine table at ``--engine-shape`` (default N=128,
+H=64, V=1,024; ``loss_engine_cpu`` rows): the Triton loss in the interpreter in both designs
+x both GEMM engines side by side, and the measured choice among them.
 
 Writes ``bench_kernels_<device>[_smoke].json`` (stamped with device, driver, versions and
 commit), a markdown table and, if matplotlib is importable, a plot into ``--out-dir``.
@@ -74,6 +81,10 @@ def parse_args(argv):
     p.add_argument("--cpu-shape", type=int, nargs=3, metavar=("N", "H", "V"),
                    default=[2048, 512, SODA_VOCAB],
                    help="shape of the CPU measure (no GPU, no --smoke): fp32 loss timings")
+    p.add_argument("--engine-shape", type=int, nargs=3, metavar=("N", "H", "V"),
+                   default=[128, 64, 1024],
+                   help="shape of the CPU measure's GEMM-engine table (Triton interpreter, fp32): "
+                        "both designs x both GEMM engines and the measured choice")
     p.add_argument("--only", choices=["loss", "embedding", "memory"],
                    help="run one of the benchmarks (loss timing, embedding timing, loss memory)")
     p.add_argument("--memory-shape", type=int, nargs=3, metavar=("N", "H", "V"),
@@ -151,11 +162,12 @@ def loss_methods(torch, skip):
     def eager(h, w, y):
         return F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
 
-    def train(impl):
+    def train(impl, plan="three_matmul", engine="auto"):
         def fn(h, w, y):
             ones = torch.ones(h.shape[0], device=h.device)
             return fused_linear_cross_entropy(h, with_main_grad(torch, w), y, impl=impl,
-                                              known_grad=ones).loss.sum()
+                                              known_grad=ones, loss_plan=plan,
+                                              gemm_engine=engine).loss.sum()
         return fn
 
     methods = {
@@ -166,7 +178,7 @@ def loss_methods(torch, skip):
         "soda_triton": lambda h, w, y: fused_linear_cross_entropy(
             h, w, y, impl="triton", fuse_main_grad=False).loss.sum(),
         "soda_torch_train": train("torch"),
-        "soda_triton_train": train("triton"),
+        **train_design_methods(train),
     }
     notes = {}
     try:
@@ -200,6 +212,51 @@ def loss_methods(torch, skip):
     for name in skip:
         methods.pop(name, None)
     return methods, notes
+
+
+#: The training contract (downstream gradient known, grad_W into fp32 main_grad for 16-bit
+#: weights) in both designs x both GEMM engines (soda_kernels.gemm_engine), and the measured
+#: choice among them (soda_kernels.flce_measure): impl name -> (loss_plan, gemm_engine).
+TRAIN_DESIGNS = {
+    "soda_triton_train": ("three_matmul", "triton"),
+    "soda_triton_train_torchgemm": ("three_matmul", "torch"),
+    "soda_triton_train_recompute": ("recompute", "triton"),
+    "soda_triton_train_recompute_torchgemm": ("recompute", "torch"),
+    "soda_triton_train_measured": ("measure", "auto"),
+}
+
+
+def train_design_methods(train) -> dict:
+    return {name: train("triton", plan, engine) for name, (plan, engine) in TRAIN_DESIGNS.items()}
+
+
+def measured_choice(torch, fn, hidden, weight, labels) -> dict:
+    """Run ``fn`` (the ``soda_triton_train_measured`` method) once with a fresh, empty plan
+    cache, so it measures every candidate here; returns the decision (times per candidate,
+    the choice, the roofline's prediction) for the row."""
+    import tempfile
+
+    from soda_kernels import flce_measure
+
+    with tempfile.TemporaryDirectory(prefix="soda-plan-cache-") as cache:
+        old = os.environ.get("SODA_KERNELS_CACHE")
+        os.environ["SODA_KERNELS_CACHE"] = cache
+        flce_measure.forget()
+        try:
+            before = len(flce_measure.DECISIONS)
+            fn(hidden, weight, labels).backward()
+            hidden.grad = weight.grad = None
+            new = flce_measure.DECISIONS[before:]
+        finally:
+            if old is None:
+                os.environ.pop("SODA_KERNELS_CACHE", None)
+            else:
+                os.environ["SODA_KERNELS_CACHE"] = old
+    if not new:
+        return {"choice": None}
+    d = new[-1]
+    return {"choice": "/".join(d.choice), "candidates_s": d.times_s, "prior": d.prior,
+            "choice_line": d.line()}
 
 
 def with_main_grad(torch, weight):
@@ -242,8 +299,11 @@ def run_loss(torch, args, dtype, device) -> tuple[list[dict], dict]:
                 ref_value = None
                 for name, fn in methods.items():
                     try:
+                        extra = (measured_choice(torch, fn, hidden, weight, labels)
+                                 if name == "soda_triton_train_measured" else {})
                         m = measure(torch, lambda: fn(hidden, weight, labels), (hidden, weight),
                                     args.iters, args.warmup)
+                        m.update(extra)
                     except Exception as err:  # noqa: BLE001 - a failing baseline is recorded, not fatal
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
@@ -459,6 +519,50 @@ def run_cpu_loss(torch, args) -> tuple[list[dict], dict]:
     return rows, notes
 
 
+def run_cpu_engines(torch, args) -> tuple[list[dict], dict]:
+    """The fused Triton loss (in Triton's interpreter) at ``--engine-shape``, fp32, under the
+    training contract: both designs x both GEMM engines (``TRAIN_DESIGNS``) and the measured
+    choice among them, same inputs, same process (``loss_engine_cpu`` rows, each time over the
+    Triton-engine three-matmul row's). Interpreter times: they show that both engines run side
+    by side and what the measured choice does, nothing about a GPU."""
+    from soda_kernels.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy,
+        fused_linear_cross_entropy_reference,
+    )
+
+    n, h, v = args.engine_shape
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).requires_grad_()
+    weight = torch.nn.Parameter(torch.randn(v, h, generator=g) / h ** 0.5)
+    labels = torch.randint(0, v, (n,), generator=g)
+    ref = float(fused_linear_cross_entropy_reference(hidden, weight, labels).loss.sum())
+
+    def train(impl, plan, engine):
+        def fn(hh, ww, yy):
+            return fused_linear_cross_entropy(hh, ww, yy, impl=impl, known_grad=torch.ones(n),
+                                              loss_plan=plan, gemm_engine=engine).loss.sum()
+        return fn
+
+    rows = []
+    for name, fn in train_design_methods(train).items():
+        if name in args.skip:
+            continue
+        extra = (measured_choice(torch, fn, hidden, weight, labels)
+                 if name == "soda_triton_train_measured" else {})
+        m = measure(torch, lambda: fn(hidden, weight, labels), (hidden, weight), args.iters,
+                    args.warmup)
+        plan, engine = TRAIN_DESIGNS[name]
+        rows.append({"op": "loss_engine_cpu", "tokens": n, "hidden": h, "vocab_local": v,
+                     "dtype": "float32", "impl": name, "loss_plan": plan, "gemm_engine": engine,
+                     "threads": torch.get_num_threads(), **m, **extra,
+                     "loss_rel_diff_vs_reference": abs(m["value"] - ref) / abs(ref)})
+    base = next((r for r in rows if r["impl"] == "soda_triton_train"), None)
+    for r in rows:
+        if base is not None:
+            r["time_over_triton_three_matmul"] = r["fwd_bwd"] / base["fwd_bwd"]
+    return rows, {}
+
+
 # ----------------------------------------------------------------------------- embedding
 def run_embedding(torch, args, dtype, device) -> tuple[list[dict], dict]:
     import torch.nn.functional as F
@@ -572,8 +676,8 @@ def markdown(payload: dict) -> str:
     if prov["device"]["kind"] != "cuda":
         lines += ["CPU run: Triton kernels ran in the interpreter; these times say nothing about "
                   "GPU performance." if payload["smoke"] else
-                  "CPU measure: plain PyTorch in fp32, no Triton kernel ran; nothing here is a "
-                  "GPU figure.", ""]
+                  "CPU measure: plain PyTorch in fp32 (the GEMM-engine table: the Triton kernels "
+                  "in the interpreter); nothing here is a GPU figure.", ""]
     if any(r["op"] in ("loss", "embedding") for r in payload["rows"]):
         lines += ["| op | N | H | V_local | impl | fwd ms | bwd ms | fwd+bwd ms | peak MiB | "
                   "triton speedup (fwd+bwd) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -600,6 +704,29 @@ def markdown(payload: dict) -> str:
         for r in cpu:
             lines.append(f"| {r['impl']} | {r['fwd']:.2f} | {r['bwd']:.2f} | {r['fwd_bwd']:.2f} | "
                          f"{r.get('speedup_over_materialised', float('nan')):.2f}x |")
+    eng = [r for r in payload["rows"] if r["op"] == "loss_engine_cpu"]
+    if eng:
+        r0 = eng[0]
+        lines += ["", f"Fused Triton loss, both designs x both GEMM engines, at N={r0['tokens']}, "
+                  f"H={r0['hidden']}, V={r0['vocab_local']} (fp32, gradients known, "
+                  f"{r0['threads']} threads, median of {payload['iters']}; same process, same "
+                  "inputs). **Triton interpreter**: the custom kernels and the Triton engine's "
+                  "matmuls are interpreted, the torch engine's GEMMs are not; nothing here is a "
+                  "GPU figure:", "",
+                  "| impl | loss_plan | gemm_engine | fwd s | bwd s | fwd+bwd s | x three_matmul/"
+                  "triton | loss rel diff vs reference |", "|---|---|---|---|---|---|---|---|"]
+        for r in eng:
+            lines.append(f"| {r['impl']} | {r['loss_plan']} | {r['gemm_engine']} | {r['fwd']:.2f} | "
+                         f"{r['bwd']:.2f} | {r['fwd_bwd']:.2f} | "
+                         f"{r.get('time_over_triton_three_matmul', float('nan')):.2f} | "
+                         f"{r['loss_rel_diff_vs_reference']:.1e} |")
+    chosen = [r for r in payload["rows"] if r.get("impl") == "soda_triton_train_measured"
+              and r.get("choice_line")]
+    if chosen:
+        lines += ["", "Measured loss plan (`soda_kernels.flce_measure`, one warm-up and the "
+                  "median of the timed runs per candidate, forward + backward, on this device; "
+                  "the roofline's prediction beside it):", ""]
+        lines += [f"- {r['choice_line']}" for r in chosen]
     for op, title, extra in (
             ("loss_cost", "recompute path (`cost_model`: logits, recomputed logits, grad_W, "
              "grad_h)", "vocab_slice"),
@@ -695,14 +822,21 @@ def main(argv=None) -> int:
     import torch
 
     cpu_measure = not torch.cuda.is_available() and not args.smoke
-    if not torch.cuda.is_available() and args.smoke:
+    if not torch.cuda.is_available():
         # NOTE: must precede the first import of soda_kernels (Triton reads it at definition).
+        # The CPU measure's engine table runs the Triton kernels in the interpreter too.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.smoke:
+        from soda_kernels import flce_measure
+
+        # the measured choice at tiny shapes: as many runs as the other rows, no more
+        flce_measure.WARMUP, flce_measure.REPS = args.warmup, args.iters
     from soda_mega.config.schema import ParallelConfig
     from soda_mega.parallel import state
     from soda_mega.utils.provenance import write_json
 
     state.initialize(ParallelConfig(), seed=0)  # Megatron baselines need the (1-rank) TP group
+    load_start = os.getloadavg()[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows, notes = [], {}
@@ -712,9 +846,10 @@ def main(argv=None) -> int:
         args.dtype = "fp32"
         if args.only in (None, "loss"):
             r, n = run_cpu_loss(torch, args)
-            rows += r + cost_rows(torch, args)
+            rows += r + run_cpu_engines(torch, args)[0] + cost_rows(torch, args)
             notes.update(n)
-        notes["cpu"] = ("no CUDA GPU: CPU measure (loss_cpu timings in fp32, cost model, memory); "
+        notes["cpu"] = ("no CUDA GPU: CPU measure (loss_cpu timings in fp32, the GEMM engines in "
+                        "Triton's interpreter, cost model, memory); "
                         "GPU timings need a GPU, --smoke runs the Triton kernels in the interpreter")
     elif args.only in (None, "loss"):
         r, n = run_loss(torch, args, dtype, device)
@@ -728,6 +863,10 @@ def main(argv=None) -> int:
         mem_dtype = dtype if device.type == "cuda" else torch.float32
         r, _ = run_memory(torch, args, mem_dtype, device)
         rows += r
+    # NOTE: a shared machine's other processes inflate CPU times (not the ratios' sign, but
+    # their size): the 1-minute load average beside the core count says how shared it was.
+    notes["load_average"] = (f"1-minute load average {load_start:.1f} at the start, "
+                             f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
     add_ratios(rows)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ pytest              ``pytest -m gpu`` (bf16 full-shape kernel tests, decoder, me
 kernels             the loss baselines (torch eager, torch.compile, Megatron, Liger, CCE) and the
                     embedding baselines (torch, Megatron, torch + a separate modality pass) at
                     SODA shapes (``benchmarks/bench_kernels.py`` functions)
-kernels_triton      the fused Triton loss (recompute path, and the three-matmul training path
-                    with an fp32 main_grad) and embedding at the same shapes
+kernels_triton      the fused Triton loss (recompute path; under the training contract with an
+                    fp32 main_grad both designs x both GEMM engines, Triton and cuBLAS, and the
+                    measured choice with the roofline's prediction) and embedding at the same
+                    shapes
 throughput          ``Trainer.train_step`` of soda-135m / 1.7b / 600m / 4b with the megatron
                     kernels: tokens/s, TFLOP/s, MFU (``soda_mega/perf/throughput.py``)
 throughput_triton   the same with the triton kernels
@@ -338,9 +340,12 @@ def _modality_pass_row(bk, torch, args, dtype, dev, n: int, h: int) -> dict:
             "impl": "torch+modality", **m}
 
 
-#: the fused kernels (the recompute path and the three-matmul training path of issue 22);
-#: every other implementation of bench_kernels.py is a baseline
-SODA_IMPLS = ("soda_triton", "soda_triton_train")
+#: the fused kernels: the recompute path, and under the training contract both designs x both
+#: GEMM engines and the measured choice among them (issues 22 and 34; bench_kernels'
+#: ``TRAIN_DESIGNS``); every other implementation of bench_kernels.py is a baseline
+SODA_IMPLS = ("soda_triton", "soda_triton_train", "soda_triton_train_torchgemm",
+              "soda_triton_train_recompute", "soda_triton_train_recompute_torchgemm",
+              "soda_triton_train_measured")
 EMBEDDING_BASELINES = ("reference", "torch", "megatron")
 
 

@@ -24,9 +24,9 @@ from soda_kernels.flce_ops import (
     grad_logits_torch,
     grad_logits_triton,
     matmul_torch,
-    matmul_triton,
     padded_width,
 )
+from soda_kernels.gemm_engine import gemm
 
 
 def default_vocab_slice(h: int, n_valid: int, device: torch.device) -> int:
@@ -192,17 +192,19 @@ def row_multiple(device: torch.device, impl: str) -> int:
 
 def backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate: bool, acc,
                     z_loss: float, vocab_start: int, n_valid: int, impl: str,
-                    vocab_slice: int, tma: bool = False, grad_h_slices: int = 1) -> None:
+                    vocab_slice: int, tma: bool = False, grad_h_slices: int = 1,
+                    engine: str = "triton") -> None:
     """The backward's pass over vocabulary slices on the compacted rows ``h_a``: per slice,
     dlogits (into one reused buffer, the last slice :func:`padded_width` wide), then
     ``grad_weight[slice]`` stored or added; per ``grad_h_slices`` slices (one ``grad_h``
     pass) ``acc (+)= dlogits[pass] @ W[pass]``, so the fp32 accumulator is read and written
     once per pass, not per slice (:func:`default_grad_h_slices`). ``tma``: the two matmuls
-    read their operands through TMA descriptors (Triton only; opt-in)."""
+    read their operands through TMA descriptors (Triton only; opt-in). ``engine``: the two
+    matmuls' GEMM engine under ``impl="triton"`` (:mod:`.gemm_engine`)."""
     n_rows, h = h_a.shape
     triton_impl = impl == "triton"
     fill = grad_logits_triton if triton_impl else grad_logits_torch
-    mm = (lambda *a, **k: matmul_triton(*a, tma=tma, **k)) if triton_impl else matmul_torch
+    mm = (lambda *a, **k: gemm(*a, engine=engine, tma=tma, **k)) if triton_impl else matmul_torch
     s = min(vocab_slice, n_valid)
     k = max(1, grad_h_slices) if not (triton_impl and s % 16) else 1
     group = min(k * s, n_valid)
@@ -224,7 +226,7 @@ def backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate: 
 
 def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate: bool,
               z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
-              vocab_slice: int, grad_h_slices: int = 1) -> torch.Tensor:
+              vocab_slice: int, grad_h_slices: int = 1, engine: str = "triton") -> torch.Tensor:
     """grad_hidden; ``grad_weight`` (``[V_local, H]``) gets ``dloss/dW`` stored or added."""
     idx = active_index(active)
     n_a, h = hidden.shape[0] if idx is None else idx.numel(), hidden.shape[1]
@@ -246,7 +248,7 @@ def _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accum
             lse_a, g_a = torch.cat([lse_a, lse_a.new_zeros(pad)]), torch.cat([g_a, g_a.new_zeros(pad)])
         backward_slices(h_a, weight, labels_a, lse_a, g_a, grad_weight, accumulate, acc,
                         z_loss, vocab_start, n_valid, impl, vocab_slice,
-                        grad_h_slices=grad_h_slices)
+                        grad_h_slices=grad_h_slices, engine=engine)
     acc = acc[:n_a]
     if group is not None:
         dist.all_reduce(acc, group=group)

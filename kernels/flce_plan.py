@@ -12,7 +12,9 @@ overwrite the logits in place and a group is a chunk.
 :func:`choose_train_plan`: on a CUDA device the roofline model of :mod:`.flce_roofline`
 picks the design (three matmuls or recompute) and, for three matmuls, the ``(C, R)`` with the
 smallest predicted time inside the budget; on CPU (and under the interpreter) the three-matmul
-path with one group per chunk (the choice the CPU measurements were made with).
+path with one group per chunk (the choice the CPU measurements were made with). This is the
+prior: ``loss_plan=measure`` (and ``auto`` on a GPU) times the designs on the device instead
+(:mod:`.flce_measure`) and logs this prediction beside the measurement.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ the last micro-batch) and adds nothing. Every micro-batch's forward precedes the
 micro-batch's backward in all of Megatron's schedules, so no reduction can start before the
 last forward has added its share.
 
-``impl="triton"`` runs the three matmuls with :func:`~.flce_ops.matmul_triton`
+``impl="triton"`` runs the three matmuls with :func:`~.flce_ops.matmul_triton`, or with
+cuBLAS through torch for ``engine="torch"`` (:mod:`.gemm_engine`)
 (fp32 accumulation, grouped tile order, autotuned on CUDA; the logits chunk and ``dlogits``
 padded to 16 columns so stores and operand loads stay 16-byte wide) and the softmax gradient
 with two memory-bound kernels over the chunk buffer: ``_chunk_stats_kernel`` (one read: per-row online
@@ -102,10 +103,10 @@ from soda_kernels.flce_ops import (
     chunk_dlogits_triton,
     chunk_stats_triton,
     matmul_torch,
-    matmul_triton,
     padded_width,
     subtract_target_,
 )
+from soda_kernels.gemm_engine import gemm
 # Re-exported: the plan's names stay importable from here.
 from soda_kernels.flce_plan import (  # noqa: F401
     CHUNK_SHARE,
@@ -118,10 +119,11 @@ from soda_kernels.flce_plan import (  # noqa: F401
 
 
 # ============================================================================ forward
-def _logits(h_c, w, x, impl: str, vocab_slice: int) -> None:
-    """``x [C, V] = h_c @ w^T`` in fp32 (matmul 1)."""
+def _logits(h_c, w, x, impl: str, vocab_slice: int, engine: str = "triton") -> None:
+    """``x [C, V] = h_c @ w^T`` in fp32 (matmul 1; ``impl="triton"``: on GEMM ``engine``)."""
     if impl == "triton":
-        matmul_triton(h_c, w.t(), x, False, name="logits", key_h=w.shape[1], key_v=w.shape[0])
+        gemm(h_c, w.t(), x, False, engine=engine, name="logits", key_h=w.shape[1],
+             key_v=w.shape[0])
         return
     WORK.add("logits", h_c.shape[0], w.shape[0], h_c.shape[1])
     if w.dtype == torch.float32:
@@ -131,10 +133,11 @@ def _logits(h_c, w, x, impl: str, vocab_slice: int) -> None:
         x[:, v0:v0 + vocab_slice] = _mm_f32(h_c, w[v0:v0 + vocab_slice].t())
 
 
-def _grad_hidden(dl, w, out, impl: str, vocab_slice: int) -> None:
+def _grad_hidden(dl, w, out, impl: str, vocab_slice: int, engine: str = "triton") -> None:
     """``out [C, H] (fp32) = dl @ w`` (matmul 2)."""
     if impl == "triton":
-        matmul_triton(dl, w, out, False, name="grad_hidden", key_h=w.shape[1], key_v=w.shape[0])
+        gemm(dl, w, out, False, engine=engine, name="grad_hidden", key_h=w.shape[1],
+             key_v=w.shape[0])
         return
     if w.dtype == torch.float32:
         matmul_torch(dl, w, out, False, name="grad_hidden")
@@ -145,11 +148,12 @@ def _grad_hidden(dl, w, out, impl: str, vocab_slice: int) -> None:
         out.add_(_mm_f32(dl[:, v0:v0 + vocab_slice], w[v0:v0 + vocab_slice]))
 
 
-def _grad_weight(dl, h_c, out, accumulate: bool, impl: str, vocab_slice: int) -> None:
+def _grad_weight(dl, h_c, out, accumulate: bool, impl: str, vocab_slice: int,
+                 engine: str = "triton") -> None:
     """``out [V, H] (fp32) (+)= dl^T @ h_c`` (matmul 3)."""
     if impl == "triton":
-        matmul_triton(dl.t(), h_c, out, accumulate, name="grad_weight", key_h=h_c.shape[1],
-                      key_v=out.shape[0])
+        gemm(dl.t(), h_c, out, accumulate, engine=engine, name="grad_weight",
+             key_h=h_c.shape[1], key_v=out.shape[0])
         return
     if h_c.dtype == torch.float32:
         matmul_torch(dl.t(), h_c, out, accumulate, name="grad_weight")
@@ -203,7 +207,8 @@ def _softmax_grad_triton(x, dl, labels_c, g_c, vocab_start: int, z_loss: float, 
 
 def train_rows(h_a, w, labels_a, g_a, grad_h, grad_weight, accumulate: bool, z_loss: float,
                vocab_start: int, group, impl: str, row_chunk: int, group_rows: int,
-               vocab_slice: int, need_hidden: bool = True, need_weight: bool = True):
+               vocab_slice: int, need_hidden: bool = True, need_weight: bool = True,
+               engine: str = "triton"):
     """The loop over the compacted rows ``h_a`` (``w`` = the ``n_valid`` real rows of the
     weight): per chunk of ``row_chunk`` rows the fp32 logits and the softmax gradient (into
     the group's ``dlogits``), per group of ``group_rows`` rows (a multiple of the chunk; the
@@ -228,7 +233,7 @@ def train_rows(h_a, w, labels_a, g_a, grad_h, grad_weight, accumulate: bool, z_l
             r1 = min(r0 + step, g1)
             x = buf[:r1 - r0]
             if n_valid:
-                _logits(h_a[r0:r1], w, x[:, :store], impl, vocab_slice)
+                _logits(h_a[r0:r1], w, x[:, :store], impl, vocab_slice, engine)
             dl = dl_buf[r0 - g0:r1 - g0] if low else x
             if tri:
                 lse_a[r0:r1], tgt_a[r0:r1] = _softmax_grad_triton(
@@ -244,17 +249,17 @@ def train_rows(h_a, w, labels_a, g_a, grad_h, grad_weight, accumulate: bool, z_l
             continue
         dlg = (dl_buf if low else buf)[:g1 - g0, :store]
         if need_hidden:
-            _grad_hidden(dlg, w, grad_h[g0:g1], impl, vocab_slice)
+            _grad_hidden(dlg, w, grad_h[g0:g1], impl, vocab_slice, engine)
         if need_weight:
             _grad_weight(dlg, h_a[g0:g1], grad_weight[:n_valid], accumulate or g0 > 0, impl,
-                         vocab_slice)
+                         vocab_slice, engine)
     return lse_a, tgt_a
 
 
 def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accumulate: bool,
                   z_loss: float, vocab_start: int, n_valid: int, group, impl: str,
                   row_chunk: int, vocab_slice: int, need_hidden: bool = True,
-                  need_weight: bool = True, group_rows: int = 0):
+                  need_weight: bool = True, group_rows: int = 0, engine: str = "triton"):
     """Loss, lse, the compacted indices and the fp32 ``grad_h`` of the active rows.
 
     ``grad_weight`` (fp32 ``[V_local, H]``) gets ``dloss/dW`` for the upstream gradient
@@ -280,7 +285,7 @@ def train_forward(hidden, weight, labels, active, known_grad, grad_weight, accum
             g_a = torch.cat([g_a, g_a.new_zeros(pad)])
         lse_a, tgt_a = train_rows(h_a, weight[:n_valid], labels_a, g_a, grad_h, grad_weight,
                                   accumulate, z_loss, vocab_start, group, impl, row_chunk,
-                                  group_rows, vocab_slice, need_hidden, need_weight)
+                                  group_rows, vocab_slice, need_hidden, need_weight, engine)
         del h_a
         lse_a, tgt_a = lse_a[:n_a], tgt_a[:n_a]
         lse = put_rows(lse_a, idx, active)
@@ -346,7 +351,7 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, active, known_grad, z_loss, vocab_start,
                 num_real_vocab, group, impl, vocab_slice, row_chunk, group_rows, grad_h_slices,
-                fuse_main_grad):
+                fuse_main_grad, gemm_engine="triton"):
         n_valid = _n_valid(weight, vocab_start, num_real_vocab)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if fuse_main_grad:
@@ -357,10 +362,11 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
         loss, lse, idx, grad_h = train_forward(
             hidden, weight, labels, active, known_grad, target, accumulate, z_loss, vocab_start,
             n_valid, resolve_group(group), impl, row_chunk, vocab_slice, need_h, need_w,
-            group_rows)
+            group_rows, gemm_engine)
         ctx.save_for_backward(hidden, weight, labels, active, lse, known_grad, idx, grad_h,
                               None if fuse_main_grad else target)
-        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices)
+        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices,
+                    gemm_engine)
         ctx.param = weight if fuse_main_grad else None
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -382,7 +388,7 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             # Linear in the upstream gradient: add the recompute path's gradients for the
             # difference (inactive rows have no gradient whatever they receive).
-            z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, slices = ctx.args
+            z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, slices, engine = ctx.args
             target = param.main_grad if param is not None else grad_w
             if target is None:  # the weight needs no gradient (so it is fp32): scratch
                 target = torch.zeros_like(weight)
@@ -390,12 +396,12 @@ class TrainLinearCrossEntropyFunction(torch.autograd.Function):
             grad_h += _backward((grad_loss - known).contiguous(), hidden, weight, labels, active,
                                 lse, target, True, z_loss, vocab_start,
                                 _n_valid(weight, vocab_start, num_real_vocab),
-                                resolve_group(group), impl, vocab_slice, slices).float()
+                                resolve_group(group), impl, vocab_slice, slices, engine).float()
         grad_h = grad_h.to(hidden.dtype) if ctx.needs_input_grad[0] else None
         if param is not None:
             param.grad_added_to_main_grad = True
             grad_w = weight.detach()  # placeholder, as in FusedLinearCrossEntropyFunction
-        return (grad_h, grad_w) + (None,) * 13
+        return (grad_h, grad_w) + (None,) * 14
 
 
 # ============================================================================ reference

@@ -85,7 +85,9 @@ Modules, one idea each: :mod:`.flce_kernels` (the ``@triton.jit`` kernels),
 :mod:`.flce_tuning` (precision policy, autotune spaces, keys, pinned configs),
 :mod:`.flce_ops` (one launch per piece of work, Triton and torch, and :data:`WORK`),
 :mod:`.flce_backward` (the recompute backward's plan and slice pass), :mod:`.flce_train`
-(the three-matmul training path) and this module (custom ops, autograd, public API and the
+(the three-matmul training path), :mod:`.flce_measure` (the design and GEMM engine measured
+on the device, cached on disk), :mod:`.gemm_engine` (the plain GEMMs on the Triton matmul or
+cuBLAS) and this module (custom ops, autograd, public API and the
 reference). Every name they define that tests or callers use is importable from here too.
 
 :func:`fused_linear_cross_entropy_reference` materialises all logits in fp32 (or fp64) and
@@ -127,6 +129,7 @@ from soda_kernels.flce_backward import (  # noqa: F401
     row_policy,
     take_rows,
 )
+from soda_kernels.flce_measure import check_choices, default_engine, resolve_loss_plan
 from soda_kernels.flce_ops import (  # noqa: F401
     WORK,
     WorkCounter,
@@ -181,15 +184,15 @@ def _flce_backward(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.
                    labels: torch.Tensor, active: torch.Tensor, lse: torch.Tensor,
                    grad_weight: torch.Tensor, accumulate: bool, z_loss: float,
                    vocab_start: int, num_real_vocab: int, group: str, impl: str,
-                   vocab_slice: int, grad_h_slices: int) -> torch.Tensor:
+                   vocab_slice: int, grad_h_slices: int, gemm_engine: str) -> torch.Tensor:
     return _backward(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate,
                      z_loss, vocab_start, _n_valid(weight, vocab_start, num_real_vocab),
-                     resolve_group(group), impl, vocab_slice, grad_h_slices)
+                     resolve_group(group), impl, vocab_slice, grad_h_slices, gemm_engine)
 
 
 @_flce_backward.register_fake
 def _(grad_loss, hidden, weight, labels, active, lse, grad_weight, accumulate, z_loss,
-      vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices):
+      vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices, gemm_engine):
     return torch.empty_like(hidden)
 
 
@@ -208,12 +211,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, active, z_loss, vocab_start, num_real_vocab,
-                group, impl, vocab_slice, grad_h_slices, fuse_main_grad):
+                group, impl, vocab_slice, grad_h_slices, fuse_main_grad, gemm_engine="triton"):
         loss, lse = torch.ops.soda_kernels.flce_forward(
             hidden, weight, labels, active, z_loss, vocab_start, num_real_vocab, group, impl,
             vocab_slice)
         ctx.save_for_backward(hidden, weight, labels, active, lse)
-        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices)
+        ctx.args = (z_loss, vocab_start, num_real_vocab, group, impl, vocab_slice, grad_h_slices,
+                    gemm_engine)
         # forward() receives the caller's objects: the Parameter, with its main_grad attribute.
         ctx.param = weight if fuse_main_grad else None
         ctx.mark_non_differentiable(lse)
@@ -233,7 +237,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if param is not None:
             param.grad_added_to_main_grad = True
             target = weight.detach()  # placeholder, see the class docstring
-        return grad_h, target, None, None, None, None, None, None, None, None, None, None
+        return (grad_h, target) + (None,) * 11
 
 
 def fuses_main_grad(weight: torch.Tensor) -> bool:
@@ -304,6 +308,8 @@ def fused_linear_cross_entropy(
     row_chunk: Optional[int] = None,
     group_rows: Optional[int] = None,
     grad_h_slices: Optional[int] = None,
+    loss_plan: str = "roofline",
+    gemm_engine: str = "auto",
 ) -> LinearCrossEntropyOutput:
     """Per-token ``lse - logit[label] + z * lse^2`` of ``hidden @ weight^T`` without the logits.
 
@@ -327,8 +333,17 @@ def fused_linear_cross_entropy(
     giving ``row_chunk`` or ``group_rows`` forces the three matmuls with those sizes.
     ``grad_h_slices`` (default :func:`~soda_kernels.flce_backward.default_grad_h_slices`):
     vocabulary slices per pass over the recompute backward's fp32 ``grad_h`` accumulator.
+
+    ``loss_plan`` (``roofline``, ``recompute``, ``three_matmul``, ``measure``, ``auto``) and
+    ``gemm_engine`` (``auto``, ``triton``, ``torch``: the plain GEMMs on the Triton matmul or
+    on cuBLAS through torch): how the training path's design and GEMM engine are chosen, by
+    the model, by name, or by timing them on this device with a cache on disk
+    (:mod:`soda_kernels.flce_measure`). Outside the training path only the engine applies
+    (``auto``: triton).
     """
     _check_inputs(hidden, weight, labels, impl)
+    check_choices(loss_plan, gemm_engine)
+    engine = default_engine(gemm_engine, impl)
     rank, size = group_rank_size(tp_group)
     v_local = weight.shape[0]
     vocab_start = rank * v_local if vocab_start is None else vocab_start
@@ -356,18 +371,26 @@ def fused_linear_cross_entropy(
                              f"{tuple(known_grad.shape)}")
         plan = choose_train_plan(n, h, max(n_valid, 1), weight.dtype, hidden.device, impl, fuse,
                                  cols, slices, row_chunk or 0, group_rows or 0)
+        call = dict(hidden=hidden, weight=weight, labels=labels, loss_mask=loss_mask,
+                    loss_groups=loss_groups, z_loss=z_loss, num_real_vocab=num_real_vocab,
+                    vocab_start=vocab_start, tp_group=tp_group, impl=impl, vocab_slice=cols,
+                    fuse_main_grad=fuse_main_grad, num_groups=num_groups, known_grad=known_grad,
+                    row_chunk=row_chunk, group_rows=group_rows, grad_h_slices=slices)
+        plan, engine = resolve_loss_plan(plan, loss_plan, gemm_engine, impl, call, fuse,
+                                         bool(row_chunk or group_rows))
         if plan.path == "three_matmul":
             loss, lse = TrainLinearCrossEntropyFunction.apply(
                 hidden.contiguous(), weight if fuse else weight.contiguous(),
                 labels.contiguous(), active, known_grad.detach().float().contiguous(),
                 float(z_loss), int(vocab_start), int(num_real_vocab), register_group(tp_group),
-                impl, int(cols), int(plan.row_chunk), int(plan.group_rows), int(slices), fuse)
+                impl, int(cols), int(plan.row_chunk), int(plan.group_rows), int(slices), fuse,
+                engine)
             sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
             return LinearCrossEntropyOutput(loss, lse, sums, counts)
     loss, lse = FusedLinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight if fuse else weight.contiguous(), labels.contiguous(), active,
         float(z_loss), int(vocab_start), int(num_real_vocab), register_group(tp_group), impl,
-        int(cols), int(slices), fuse)
+        int(cols), int(slices), fuse, engine)
     sums, counts = loss_group_stats(loss, loss_groups, active, num_groups)
     return LinearCrossEntropyOutput(loss, lse, sums, counts)
 

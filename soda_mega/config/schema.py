@@ -328,6 +328,23 @@ class KernelsConfig:
         "auto (triton on CUDA, else megatron)",
         choices=("auto", "triton", "torch", "megatron"),
     )
+    loss_plan: str = fld(
+        "auto",
+        "design of the fused loss's training path (kernels.loss=torch/triton): auto (GPU: measure, "
+        "unless a cached answer exists; CPU: roofline, so CPU runs stay reproducible), measure (time "
+        "both designs x GEMM engines on the first micro-batch of each shape on this device and cache "
+        "the winner in $SODA_KERNELS_CACHE, else $TMPDIR/soda-mega-<uid>/kernel-cache), roofline "
+        "(the computed model's choice; CPU: three_matmul), recompute (4 matmuls), three_matmul "
+        "(gradients in the forward)",
+        choices=("auto", "measure", "roofline", "recompute", "three_matmul"),
+    )
+    gemm_engine: str = fld(
+        "auto",
+        "engine of the fused Triton loss's plain GEMMs (grad_W into main_grad, grad_h, the "
+        "three-matmul logits): triton (the project's matmul kernel), torch (cuBLAS through torch, "
+        "fp32 accumulation), auto (measured with the loss plan when it measures, else triton)",
+        choices=("auto", "triton", "torch"),
+    )
     embedding: str = fld(
         "torch",
         "input embedding: torch (Megatron's VocabParallelEmbedding; megatron is an alias), triton "

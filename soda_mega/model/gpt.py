@@ -100,10 +100,12 @@ class SodaGPTModel(GPTModel):
     embedding and loss implementations (:mod:`.lm_head`)."""
 
     def __init__(self, *args, layout: VocabLayout, loss_impl: str = "megatron",
-                 embedding_impl: str = "torch", z_loss: float = 0.0, **kwargs) -> None:
+                 embedding_impl: str = "torch", z_loss: float = 0.0, loss_plan: str = "auto",
+                 gemm_engine: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.layout = layout
         self.loss_impl, self.z_loss = loss_impl, z_loss
+        self.loss_plan, self.gemm_engine = loss_plan, gemm_engine  # kernels.loss_plan / gemm_engine
         #: Set while a training schedule back-propagates sum(token_loss * loss_mask) times this
         #: scale (lm_head then uses the fused loss's three-matmul training path); None: unknown.
         self.known_loss_grad_scale: float | None = None
@@ -171,6 +173,8 @@ def build_model(cfg: SodaConfig, *, resolved: ResolvedRun | None = None,
             loss_impl=resolve_impl("loss", cfg.kernels.loss),
             embedding_impl=resolve_impl("embedding", cfg.kernels.embedding),
             z_loss=cfg.training.z_loss,
+            loss_plan=cfg.kernels.loss_plan,
+            gemm_engine=cfg.kernels.gemm_engine,
         )
         chunks.append(model)
     initialize_weights(chunks, cfg, vocab_size=layout.size)

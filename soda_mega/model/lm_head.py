@@ -24,7 +24,10 @@ the ``megatron`` path keeps Megatron's ``ColumnParallelLinear`` behaviour). When
 ``known_loss_grad_scale`` is set (the training schedule does, see
 :func:`soda_mega.training.forward_backward.known_loss_gradient`), the downstream gradient of
 each token's loss is ``loss_mask * scale`` and the fused loss computes its gradients in the
-forward with three matmuls (:mod:`soda_kernels.flce_train`). See
+forward with three matmuls (:mod:`soda_kernels.flce_train`), or keeps the recompute design,
+as ``kernels.loss_plan`` decides (on a GPU by default: measured on the first micro-batch of
+each shape, cached on disk; :mod:`soda_kernels.flce_measure`); ``kernels.gemm_engine`` runs the
+plain GEMMs on the Triton matmul or on cuBLAS. See
 :mod:`soda_kernels.fused_linear_cross_entropy` for the plan, memory and precision policy.
 
 Every loss path returns :class:`LMLoss`: the masked per-token loss and, per loss group
@@ -133,7 +136,7 @@ def language_model_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor
         hidden_states.reshape(s * b, h), model.output_layer.weight, labels_sb.reshape(-1),
         mask_sb.reshape(-1), groups_sb.reshape(-1), z_loss=model.z_loss,
         num_real_vocab=layout.size, tp_group=group, impl=model.loss_impl, fuse_main_grad=True,
-        known_grad=known_grad)
+        known_grad=known_grad, loss_plan=model.loss_plan, gemm_engine=model.gemm_engine)
     return LMLoss(out.loss.view(s, b).t(), out.group_loss, out.group_tokens)
 
 

@@ -317,6 +317,10 @@ def _md_kernels(phases: dict) -> list[str]:
         lines.append(f"| {r['op']} | {_shape(r)} | {r['impl']} | {_ms(r.get('fwd'))} | "
                      f"{_ms(r.get('bwd'))} | {_ms(r.get('fwd_bwd'))} | {peak} | "
                      f"{'' if sp is None else f'{sp:.2f}x'} | {diff} |")
+    chosen = [r["choice_line"] for r in rows if r.get("choice_line")]
+    if chosen:  # issue 34: the fused loss's design x GEMM engine, measured on this GPU
+        lines += ["", "Measured loss plan per shape (`soda_kernels.flce_measure`; the roofline's "
+                  "prediction beside it):", ""] + [f"- {c}" for c in chosen]
     for name in ("kernels", "kernels_triton"):
         lines += [f"- {name}: {k}: {v}" for k, v in (phases.get(name, {}).get("notes") or {}).items()]
     return lines

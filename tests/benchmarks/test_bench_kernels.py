@@ -31,9 +31,16 @@ def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
     timed = [r for r in result["rows"] if "fwd_bwd" in r]
     assert not [r for r in result["rows"] if "error" in r]
     for op, impls in (("loss", {"reference", "torch_eager", "megatron", "soda_torch", "soda_triton",
-                                "soda_torch_train", "soda_triton_train"}),
+                                "soda_torch_train", "soda_triton_train",
+                                "soda_triton_train_torchgemm", "soda_triton_train_recompute",
+                                "soda_triton_train_recompute_torchgemm",
+                                "soda_triton_train_measured"}),
                       ("embedding", {"reference", "torch", "megatron", "soda_triton"})):
         assert impls <= {r["impl"] for r in timed if r["op"] == op}
+    # Issue 34: at every shape the measured choice timed both designs x both GEMM engines.
+    chosen = [r for r in timed if r["impl"] == "soda_triton_train_measured"]
+    assert len(chosen) == 2 and all(len(r["candidates_s"]) == 4 for r in chosen)
+    assert "Measured loss plan" in (tmp_path / f"bench_kernels_{device}_smoke.md").read_text()
     for r in timed:
         assert r["fwd"] > 0 and r["bwd"] > 0 and r["fwd_bwd"] >= r["fwd"]
         if r["op"] == "loss" and r["impl"] != "reference":
@@ -72,10 +79,12 @@ def test_bench_kernels_smoke_writes_stamped_json(tmp_path):
 def test_bench_kernels_cpu_measure(tmp_path):
     """Without a GPU and without --smoke: the CPU measure (issue 22), here at a small shape:
     fp32 timings of materialised logits, Megatron, the recompute and the training path, each
-    loss equal to the materialised one, the cost model's x ideal FLOPs of both designs."""
+    loss equal to the materialised one, the cost model's x ideal FLOPs of both designs; the
+    GEMM-engine table (issue 34): both designs x both engines side by side in the interpreter,
+    and the measured choice among them."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(BENCH), "--cpu-shape", "256", "64", "3000",
-                           "--skip-memory", "--iters", "1", "--warmup", "0",
+                           "--engine-shape", "16", "16", "64", "--skip-memory", "--iters", "1", "--warmup", "0",
                            "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,5 +98,17 @@ def test_bench_kernels_cpu_measure(tmp_path):
     assert timed["materialised"]["speedup_over_materialised"] == 1.0
     ratios = {r["op"]: r["flops_over_ideal"] for r in result["rows"] if "flops_over_ideal" in r}
     assert ratios == {"loss_cost": 8 / 6, "loss_cost_train": 1.0}
+    engines = {r["impl"]: r for r in result["rows"] if r["op"] == "loss_engine_cpu"}
+    assert {(r["loss_plan"], r["gemm_engine"]) for r in engines.values()} == {
+        ("three_matmul", "triton"), ("three_matmul", "torch"), ("recompute", "triton"),
+        ("recompute", "torch"), ("measure", "auto")}
+    for r in engines.values():
+        assert (r["tokens"], r["hidden"], r["vocab_local"]) == (16, 16, 64) and r["fwd_bwd"] > 0
+        assert r["loss_rel_diff_vs_reference"] < 1e-5, r
+    chosen = engines["soda_triton_train_measured"]
+    assert chosen["choice"] in {f"{d}/{e}" for d in ("recompute", "three_matmul")
+                                for e in ("triton", "torch")}
+    assert len(chosen["candidates_s"]) == 4 and "static choice three_matmul" in chosen["prior"]
     md = (tmp_path / "bench_kernels_cpu.md").read_text()
     assert "speedup over materialised" in md and "x ideal FLOPs" in md
+    assert "both GEMM engines" in md and chosen["choice_line"] in md

@@ -59,8 +59,11 @@ def test_every_phase_runs_in_smoke(smoke):
     krows = [r for name in ("kernels", "kernels_triton")
              for r in json.loads((out / f"{name}.json").read_text())["rows"]]
     assert not [r for r in krows if "error" in r]
-    assert {r["impl"] for r in json.loads((out / "kernels_triton.json").read_text())["rows"]
-            if "fwd_bwd" in r} == {"soda_triton", "soda_triton_train"}
+    triton_rows = json.loads((out / "kernels_triton.json").read_text())["rows"]
+    assert {r["impl"] for r in triton_rows if "fwd_bwd" in r} == set(module.SODA_IMPLS)
+    # issue 34: both designs x both GEMM engines and the measured choice at every shape
+    chosen = [r for r in triton_rows if r.get("impl") == "soda_triton_train_measured"]
+    assert {r["tp"] for r in chosen} == {1, 2} and all(len(r["candidates_s"]) == 4 for r in chosen)
     timed = {(r["op"], r["impl"]) for r in krows if "fwd_bwd" in r}
     assert {("loss", "soda_triton"), ("loss", "soda_triton_train"), ("loss", "torch_eager"),
             ("loss", "megatron"),
@@ -108,7 +111,8 @@ def test_smoke_converts_to_labelled_files_never_into_results(smoke, tmp_path):
     assert payload["smoke"] is True and payload["provenance"]["commit"]
     assert "megatron-core" in payload["provenance"]["versions"]
     assert [t["status"] for t in payload["targets"]] == [cr.NOT_MEASURED] * len(cr.TARGETS)
-    assert "CPU SMOKE RUN" in next(p for p in written if p.suffix == ".md").read_text()
+    md = next(p for p in written if p.suffix == ".md").read_text()
+    assert "CPU SMOKE RUN" in md and "Measured loss plan per shape" in md
     assert cr.convert(out, tmp_path) == written  # the same campaign again: the same files
     camp = json.loads((out / "campaign.json").read_text())
     later = tmp_path / "later"

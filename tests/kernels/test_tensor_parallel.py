@@ -34,7 +34,8 @@ def ranks(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "triton_train", "torch_train", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "triton_torchgemm", "triton_train",
+                                  "torch_train", "triton_torchgemm_train", "reference"])
 @pytest.mark.parametrize("case", list(FLCE_CASES))
 def test_linear_cross_entropy_tp2_equals_tp1(ranks, case, impl):
     for rank in ranks:
@@ -60,6 +61,19 @@ def test_every_gpu_config_tp2_matches_the_fp64_oracle(ranks, index):
         r = rank[f"gpu_config{index}"]
         for key, err in r["ours"].items():
             assert err <= r["torch_fp32"][key] + KERNEL_ORACLE["fp32"][key], (key, r)
+
+
+def test_measured_loss_plan_is_the_same_on_both_ranks(ranks):
+    """Whatever each rank's cache holds, the ranks measure together (or read the same cached
+    answer) and run the same design: the MAX over ranks of each candidate's time decides."""
+    sources = {"none_cached": "measured", "rank0_cached": "measured",
+               "caches_disagree": "measured", "both_cached": "cache"}
+    for scenario, source in sources.items():
+        got = [rank["measure"][scenario] for rank in ranks]
+        assert [g["source"] for g in got] == [source, source], (scenario, got)
+        assert got[0]["design"] == got[1]["design"], (scenario, got)
+        if source == "measured":
+            assert got[0]["times"] == got[1]["times"] and len(got[0]["times"]) == 2
 
 
 def test_embedding_tp2_equals_tp1(ranks):

@@ -10,6 +10,8 @@ ranks), then the TP=2 result on its vocabulary shard, and writes the differences
   Megatron-core's ``vocab_parallel_cross_entropy`` on this rank's logits (no z-loss). Two
   vocabularies: 203 real ids over 2 x 102 rows (rank 1 holds one padded row) and 100 real ids
   over 2 x 102 rows (rank 1 holds only padding).
+  The Triton kernels also run with the torch (cuBLAS) GEMM engine (``*_torchgemm``).
+* the measured loss plan: both ranks take the same design whatever their caches hold.
 * the fused embedding: output and weight-gradient shard vs TP=1.
 * every GPU autotune config of the fused loss (pinned, run by the interpreter) at TP=2 vs the
   fp64 oracle.
@@ -69,10 +71,11 @@ def flce_cases(group, rank: int) -> dict:
         case = make_case(n, h, 2 * v_local, n_real=n_real, seed=11, scale=3.0)
         rows = slice(rank * v_local, (rank + 1) * v_local)
         shard = dict(case, weight=case["weight"][rows].clone())
-        for impl in ("triton", "torch"):
-            one = run_fused(case, impl, z_loss=1e-2)
-            two = run_fused(shard, impl, z_loss=1e-2, tp_group=group)
-            out[f"{name}/{impl}"] = {
+        for impl, label, kw in (("triton", "triton", {}), ("torch", "torch", {}),
+                                ("triton", "triton_torchgemm", {"gemm_engine": "torch"})):
+            one = run_fused(case, impl, z_loss=1e-2, **kw)
+            two = run_fused(shard, impl, z_loss=1e-2, tp_group=group, **kw)
+            out[f"{name}/{label}"] = {
                 "loss": _max_abs(two["loss"], one["loss"]),
                 "lse": _max_abs(two["lse"], one["lse"]),
                 "group_loss": _max_abs(two["group_loss"], one["group_loss"]),
@@ -83,10 +86,11 @@ def flce_cases(group, rank: int) -> dict:
         # The training path (gradients in the forward, row chunks of 16): the TP=2 shards
         # against one process, with the announced gradient = the backward's.
         known = upstream_of(n)
-        for impl in ("triton", "torch"):
-            one = run_train(case, impl, known, z_loss=1e-2, row_chunk=16)
-            two = run_train(shard, impl, known, z_loss=1e-2, row_chunk=16, tp_group=group)
-            out[f"{name}/{impl}_train"] = {
+        for impl, label, kw in (("triton", "triton", {}), ("torch", "torch", {}),
+                                ("triton", "triton_torchgemm", {"gemm_engine": "torch"})):
+            one = run_train(case, impl, known, z_loss=1e-2, row_chunk=16, **kw)
+            two = run_train(shard, impl, known, z_loss=1e-2, row_chunk=16, tp_group=group, **kw)
+            out[f"{name}/{label}_train"] = {
                 "loss": _max_abs(two["loss"], one["loss"]),
                 "lse": _max_abs(two["lse"], one["lse"]),
                 "group_loss": _max_abs(two["group_loss"], one["group_loss"]),
@@ -130,6 +134,42 @@ def gpu_config_cases(group, rank: int) -> dict:
             two = run_fused(shard, "triton", z_loss=1e-2, tp_group=group, vocab_slice=SLICE)
         out[f"gpu_config{index}"] = {"ours": errors(two, exact), "torch_fp32": errors(plain, exact)}
     return out
+
+
+def measure_cases(group, rank: int, out_dir: str) -> dict:
+    """The measured loss plan (impl torch, tiny shapes) with a cache folder per rank, so the
+    ranks' caches can disagree: (a) nothing cached, (b) only rank 0 cached, (c) both cached
+    with different answers -- each rank measures, none waits for a collective the other never
+    makes, and both take the same design; (d) both cached alike: both read it, time nothing."""
+    from soda_kernels import flce_measure
+
+    cache = os.path.join(out_dir, f"cache{rank}")
+    os.environ["SODA_KERNELS_CACHE"] = cache
+    flce_measure.WARMUP, flce_measure.REPS = 0, 1
+    n, h, n_real, v_local = FLCE_CASES["uneven"]
+    case = make_case(n, h, 2 * v_local, n_real=n_real, seed=11, scale=3.0)
+    shard = dict(case, weight=case["weight"][rank * v_local:(rank + 1) * v_local].clone())
+    known = upstream_of(n)
+
+    def step() -> dict:
+        flce_measure.forget()  # each scenario is a fresh process's view
+        before = len(flce_measure.DECISIONS)
+        run_train(shard, "torch", known, z_loss=1e-2, tp_group=group, loss_plan="measure")
+        (d,) = flce_measure.DECISIONS[before:]
+        return {"source": d.source, "design": d.choice[0], "times": d.times_s}
+
+    out = {"none_cached": step()}
+    path = next(os.path.join(cache, f) for f in os.listdir(cache))
+    if rank == 1:
+        os.remove(path)
+    out["rank0_cached"] = step()
+    data = json.load(open(path))
+    data["choice"]["design"] = ("recompute", "three_matmul")[rank]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    out["caches_disagree"] = step()
+    out["both_cached"] = step()
+    return {"measure": out}
 
 
 def embedding_case(group, rank: int) -> dict:
@@ -212,7 +252,7 @@ def main() -> int:
 
     group, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
     results = {**flce_cases(group, rank), **embedding_case(group, rank),
-               **gpu_config_cases(group, rank)}
+               **gpu_config_cases(group, rank), **measure_cases(group, rank, args.out_dir)}
     state.shutdown(keep_process_group=True)
     results.update(model_cases())
     with open(os.path.join(args.out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
