@@ -67,6 +67,14 @@ def test_dry_run_checks_the_data_paths(tmp_path, tiny_corpus, capsys):
     out = capsys.readouterr().out
     root = tiny_corpus[0].split("=", 1)[1].split(",")[0]
     assert "# data" in out and re.search(rf"{re.escape(root)}/train: 60 documents, [\d,]+ tokens", out), out
+    # Issue 33.8: a dataset built with another --preset (the tiny vocabulary) for a soda-135m run
+    # fails in one line naming the dataset, both values and the --preset that must agree.
+    assert main(["train", "--preset", "soda-135m", "--dry-run", *tiny_corpus]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"soda-mega: error: {root}/train was built for "
+                                                   "another vocabulary layout"), lines
+    assert "`data build --preset`" in lines[0] and "text_vocab_size: dataset 258 != model 128256" \
+        in lines[0], lines
 
 
 def test_torchrun_launcher_dry_run():
@@ -114,12 +122,31 @@ def test_requeued_jobs_append_to_their_output(tmp_path, monkeypatch):
         assert options.get("open-mode") == "append", f"{name}: a requeue truncates its output"
 
 
-def test_slurm_output_file_needs_no_folder_in_the_submit_directory():
+@pytest.mark.parametrize("script", ["slurm.sbatch", "data_build.sbatch"])
+def test_slurm_output_file_needs_no_folder_in_the_submit_directory(script):
     """Issue 33.6: Slurm opens --output before the script runs, relative to the folder sbatch
     ran in; a folder missing there fails the job with no output at all (the reason only in
     slurmd's log), so the file goes into that folder itself."""
-    output = _sbatch_options((ROOT / "launchers" / "slurm.sbatch").read_text())["output"]
+    output = _sbatch_options((ROOT / "launchers" / script).read_text())["output"]
     assert "/" not in output, output
+
+
+def test_data_build_array_submitted_outside_the_repository_says_so(tmp_path):
+    """Issue 33.8, as 33.6 for slurm.sbatch: an array task submitted from a folder without the
+    repository's soda-mega says where to submit from in one line (exit 2), builds nothing."""
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SLURM_SUBMIT_DIR": str(elsewhere),
+           "SLURM_ARRAY_JOB_ID": "90", "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1",
+           "OUT": str(tmp_path / "out"), "BUILD_ARGS": "--manifest m.jsonl"}
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "data_build.sbatch")], cwd=elsewhere,
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"soda-mega data build: no soda-mega command in {elsewhere}, the folder the job was "
+        "submitted from: submit from the repository (cd path/to/soda-mega && sbatch ... "
+        "launchers/data_build.sbatch) or set SODA_MEGA to the soda-mega command"], proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_slurm_script_submitted_outside_the_repository_says_so(tmp_path):
