@@ -3,7 +3,9 @@
 An expected failure is one the user can fix: a configuration value, a dataset, a checkpoint, an
 input file. Each subclasses :class:`SodaUserError`, and its message names the file, field or
 value and says what to do. ``soda-mega`` (:mod:`soda_mega.cli`) prints it as one line,
-``soda-mega: error: ...``, without a traceback, and exits with :data:`EXIT_USER_ERROR`.
+``soda-mega: error: ...``, without a traceback, and exits with :data:`EXIT_USER_ERROR` (under
+torchrun, local rank 0 prints it and every rank records it in its torchrun error file:
+:func:`record_error`, read by :mod:`soda_mega.parallel.torchrun`).
 Anything else is a bug or an environment failure and keeps its traceback (exit 1).
 
 This module sits at the bottom of the package (it imports nothing of soda-mega), so every layer
