@@ -22,8 +22,9 @@ traceback. Here:
 Without ``--max-restarts``, the rendezvous is not closed at the end (:func:`keep_the_rendezvous_open`:
 closing it raced the exit of the agent that hosts its store, a stack trace per node).
 
-The exit code is the first failing worker's own (128 + N for signal N), or 128 + N when the
-agent itself was stopped by signal N; 0 when every worker finished.
+The exit code is 0 when every worker finished, the first failing worker's own when it is one
+of those codes, else 1, as torchrun's (a crash, a worker killed by a signal, the agent stopped
+by one): the launchers restart a run on 1 when rank 0 left no status file.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import signal
 import socket
 import sys
 
-from soda_mega.errors import EXIT_DIVERGED, EXIT_HUNG, EXIT_PREEMPTED, EXIT_USER_ERROR
+from soda_mega.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_HUNG, EXIT_PREEMPTED,
+                              EXIT_USER_ERROR)
 
 # Codes a worker exits with after saying why itself.
 EXPECTED = (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_HUNG)
@@ -140,7 +142,7 @@ def summarise(failures: dict, out=sys.stderr) -> int:
             f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {how}"
             for how, ranks in groups.items())
     print(line, file=out, flush=True)
-    return _code(first)
+    return EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         torchrun.run(args)
     except ChildFailedError as err:
         return summarise(err.failures)
-    except SignalException as err:
+    except SignalException:
         # The agent passed the signal on to its workers and waited for them (--shutdown-timeout):
         # they said what they did; the launcher reads rank 0's code from its status file.
-        return 128 + int(signal.Signals(err.sigval))
+        return EXIT_FAILURE
     return 0
 
 
