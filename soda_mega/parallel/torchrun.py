@@ -39,7 +39,8 @@ from soda_mega.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_HUNG, EXIT_PREEM
 
 # Codes a worker exits with after saying why itself.
 EXPECTED = (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_HUNG)
-# The agent's log messages (their format strings, torch 2.4-2.13) that the summary replaces.
+# The agent's log messages (their format strings in torch 2.13; one worded otherwise in another
+# torch is simply printed) that the summary replaces.
 RESTATED = ("failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s",
             "Sending process %s closing signal %s",
             "Received %s death signal, shutting down workers")
