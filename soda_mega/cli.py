@@ -10,8 +10,8 @@ import traceback
 import warnings
 
 from soda_mega.config.fields import ConfigError
-from soda_mega.errors import (EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, note_outcome,
-                              record_error, under_torchrun, write_status)
+from soda_mega.errors import (EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, forget_outcome,
+                              note_outcome, record_error, under_torchrun, write_status)
 from soda_mega.utils import stop_signals
 from soda_mega.utils.startup import import_torch_frozen
 from soda_mega.utils.terminal import printable
@@ -90,6 +90,7 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(sys.modules[args._run.__module__], "HANDLES_STOP_SIGNALS", False):
         stop_signals.release()  # imports done: the command's own work keeps the usual meaning
     code = EXIT_FAILURE  # an exception that escapes below (traceback printed by Python)
+    forget_outcome()
     try:
         code = _run_command(args)
     except Exception as err:

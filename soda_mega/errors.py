@@ -49,6 +49,11 @@ def note_outcome(**fields) -> None:
     _outcome.update({key: " ".join(str(value).split()) for key, value in fields.items()})
 
 
+def forget_outcome() -> None:
+    """A new command starts (in-process callers run several): no details of the last one."""
+    _outcome.clear()
+
+
 def under_torchrun() -> bool:
     """This process is a worker that torchrun started (it set the worker's error file)."""
     return bool(os.environ.get(ERROR_FILE_ENV))

@@ -71,10 +71,9 @@ def run(args) -> int:
         from soda_mega.training.plan import start_line
 
         print(start_line(cfg, resolved), flush=True)
+    from soda_mega.parallel.state import leave_together
     from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted
     from soda_mega.training.trainer import Trainer, TrainingDiverged
-
-    from soda_mega.parallel.state import leave_together
 
     # Installed before anything is built: a SIGUSR1 / SIGTERM during set-up stops the run
     # cleanly (exit 4, the launcher requeues it) instead of killing the process.
