@@ -14,6 +14,10 @@
 # Exit codes (the trainer's own, which torchrun would report as 1): 0 finished, 1 crashed,
 # 2 bad configuration or input (message above), 3 diverged, 4 stopped by SIGTERM / SIGUSR1
 # after saving (rerun to resume), 5 a step hung (stacks in run.dir/stacks/).
+# The run ends with one line saying which ("soda-mega: finished: step N", "soda-mega: stopped
+# cleanly at step N (exit 4); ...", "soda-mega: stopped (exit 2): configuration error: ...");
+# torchrun runs through soda_mega.parallel.torchrun, which leaves out torchrun's failure report
+# for those and names the failing rank and its error for a crash.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${CONFIG:?set CONFIG=path/to/config.yaml (see launchers/configs/)}"
@@ -44,7 +48,7 @@ run_once() {
   : > "$SODA_MEGA_STATUS_FILE"
   # torchrun forwards SIGTERM and SIGUSR1 to the workers, which finish their step, save and
   # exit 4; it waits SHUTDOWN_TIMEOUT seconds for them before SIGKILL.
-  "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NGPUS" \
+  "$PYTHON" -m soda_mega.parallel.torchrun --standalone --nproc-per-node "$NGPUS" \
     --master-port "${MASTER_PORT:-29500}" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
@@ -57,9 +61,11 @@ run_once() {
   while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do wait "$pid"; rc=$?; done
   trap - TERM USR1
   local code
-  code=$(sed -n 's/^exit_code=//p' "$SODA_MEGA_STATUS_FILE")
+  code=$(status exit_code)
   return "${code:-$rc}"
 }
+# A field of the status file rank 0 wrote (exit_code, step, message).
+status() { sed -n "s/^$1=//p" "$SODA_MEGA_STATUS_FILE"; }
 
 attempt=0
 stopping=0  # set when this script got SIGTERM / SIGUSR1: stop, never restart
@@ -67,10 +73,11 @@ while :; do
   export SODA_MEGA_ATTEMPT=$attempt
   run_once "$@"; code=$?
   case "$code" in
-    0) echo "soda-mega: training finished" >&2; exit 0 ;;
-    2) echo "soda-mega: stopped: bad configuration or input (see the message above)" >&2 ;;
-    3) echo "soda-mega: stopped: the loss diverged (see the message above)" >&2 ;;
-    4) echo "soda-mega: stopped by a signal after saving; rerun the same command to resume" >&2 ;;
+    0) echo "soda-mega: finished: step $(status step)" >&2; exit 0 ;;
+    2) message=$(status message)
+       echo "soda-mega: stopped (exit 2): ${message:-bad configuration or input (see the message above)}" >&2 ;;
+    3) echo "soda-mega: stopped: the loss diverged at step $(status step) (exit 3; see the message above)" >&2 ;;
+    4) echo "soda-mega: stopped cleanly at step $(status step) (exit 4); rerun the same command to resume" >&2 ;;
     *) if [ "$code" -eq 5 ]; then what="a step hung (Python stacks in run.dir/stacks/)";
        elif [ "$code" -gt 128 ]; then what="training was killed by signal $((code - 128))";
        else what="training crashed (exit $code)"; fi

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 import warnings
 
 from soda_mega.config.fields import ConfigError
-from soda_mega.errors import EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, write_status
+from soda_mega.errors import (EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, forget_outcome,
+                              note_outcome, record_error, under_torchrun, write_status)
 from soda_mega.utils import stop_signals
 from soda_mega.utils.startup import import_torch_frozen
 from soda_mega.utils.terminal import printable
@@ -58,7 +61,12 @@ def console_main() -> int:
     training process). Tests and other in-process callers use :func:`main`."""
     stop_signals.hold()  # first, as in main(): torch's import is the slowest part of start-up
     import_torch_frozen()
-    return main()
+    code = main()
+    if stop_signals.was_answered():
+        # The trainer has answered the stop signals: one now (torchrun stopping the workers
+        # still running once one has left) must not turn the exit code into a death by signal.
+        stop_signals.ignore()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +91,14 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(sys.modules[args._run.__module__], "HANDLES_STOP_SIGNALS", False):
         stop_signals.release()  # imports done: the command's own work keeps the usual meaning
     code = EXIT_FAILURE  # an exception that escapes below (traceback printed by Python)
+    forget_outcome()
     try:
         code = _run_command(args)
+    except Exception as err:
+        # Under torchrun, the launcher's summary names this rank and the error (its traceback
+        # stays on stderr, printed by Python as the exception leaves).
+        record_error(f"{type(err).__name__}: {_cut(err, 500)}", traceback.format_exc())
+        raise
     finally:
         write_status(code)
     return code
@@ -94,13 +108,24 @@ def _run_command(args) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as err:
-        print(f"soda-mega: configuration error: {_cut(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error(f"configuration error: {_cut(err)}")
     except SodaUserError as err:
         # Bad inputs (a missing file, a checkpoint of another model, a broken manifest): the
         # message names the problem; a traceback would only hide it.
-        print(f"soda-mega: error: {_cut(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _user_error(f"error: {_cut(err)}")
+
+
+def _user_error(text: str) -> int:
+    """Say ``text`` once per node and exit 2.
+
+    NOTE: under torchrun every process of a node meets the same configuration error; only local
+    rank 0 prints it, the others record it in their torchrun error file, and the launcher
+    prints those that differ from local rank 0's (soda_mega.parallel.torchrun)."""
+    note_outcome(message=text)
+    record_error(text)
+    if not under_torchrun() or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"soda-mega: {text}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def _cut(err: BaseException, limit: int = 4000) -> str:

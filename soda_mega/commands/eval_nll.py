@@ -102,13 +102,25 @@ def _preflight(cfg, split: str, layout):
     """The split, opened once and before any process group or model is built, so missing
     folders, splits or a dataset of another vocabulary layout fail first; the evaluation reads
     this same opened split."""
-    from soda_mega.data.read.source import DatasetError
+    from soda_mega.data.read.source import DatasetError, EmptySplitError
     from soda_mega.data.read.split import open_split
 
     for root in cfg.data.train:
         if not Path(root).is_dir():
             raise DatasetError(f"--data {root}: no such folder")
-    return open_split(cfg, split, layout)
+    # NOTE: a small build's valid split can hold no documents (training leaves such a dataset
+    # out of validation); here too it is left out and the others are evaluated. An absent
+    # split still fails: that is a wrong folder more often than a small build.
+    try:
+        data = open_split(cfg, split, layout, skip_empty=True)
+    except EmptySplitError as err:
+        hint = (" (evaluate --split train --max-batches N, or build with a larger "
+                "--data.valid_fraction)" if split == "valid" else "")
+        raise DatasetError(f"nothing to evaluate: {err}{hint}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        for why in data.left_out:
+            print(f"{PREFIX}: leaves out a dataset: {printable(why)}", file=sys.stderr)
+    return data
 
 
 def run(args) -> int:

@@ -10,7 +10,8 @@ from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.resolved import resolve_run
-from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED
+from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED, note_outcome
+from soda_mega.utils import stop_signals
 
 # SIGUSR1 / SIGTERM that arrive while soda-mega starts are kept for this command's own handler
 # (soda_mega.utils.stop_signals): it finishes the step, saves and exits 4.
@@ -73,6 +74,7 @@ def run(args) -> int:
         from soda_mega.training.plan import start_line
 
         print(start_line(cfg, resolved), flush=True)
+    from soda_mega.parallel.state import leave_together
     from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted
     from soda_mega.training.trainer import Trainer, TrainingDiverged
 
@@ -80,14 +82,20 @@ def run(args) -> int:
     # cleanly (exit 4, the launcher requeues it) instead of killing the process.
     preemption = PreemptionFlag().install()
     try:
-        Trainer(cfg, resolved).run(preemption)
+        trainer = Trainer(cfg, resolved)
+        trainer.run(preemption)
+        code = 0
     except TrainingDiverged as err:
         print(f"soda-mega: training stopped: {err}", file=sys.stderr)
-        return EXIT_DIVERGED
+        code = EXIT_DIVERGED
     except TrainingPreempted as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"soda-mega: preempted: {err} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
-        return EXIT_PREEMPTED
+        code = EXIT_PREEMPTED
     finally:
         preemption.restore()
-    return 0
+    # The launchers end with one line from the status file ("finished: step N", ...).
+    note_outcome(step=trainer.step)
+    stop_signals.answered()  # the exit code says how the run ended; a later signal changes nothing
+    leave_together()
+    return code

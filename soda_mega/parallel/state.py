@@ -142,6 +142,20 @@ def shutdown(keep_process_group: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def leave_together() -> None:
+    """The end of a run that every rank reaches (finished, stopped on a signal, diverged): wait
+    for the others, then destroy the groups.
+
+    NOTE: torchrun counts any exit code but 0 as a failure and stops the workers still running
+    when the first one leaves; a rank that left as soon as it was done (exit 4 after a stop
+    signal) got the others, still closing their files, killed by SIGTERM. Destroying the groups
+    before exit also ends NCCL's warning about groups left to the interpreter's teardown."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        shutdown()
+
+
 def _destroy_subgroups() -> None:
     """Destroy every process group but the default one.
 

@@ -10,6 +10,8 @@ with ATTEMPT, only while ``SODA_MEGA_ATTEMPT``, which launchers/torchrun.sh
 sets to its restart count, equals it, so a restarted run gets past the fault):
 
 - ``sleep:1:3:600``: rank 1 sleeps 600 s inside step 3 (a hung rank, for the watchdog);
+- ``raise:1:3:boom``: rank 1 raises ``RuntimeError`` inside step 3 (a crash: a bug, a failed
+  device);
 - ``signal:1:3:SIGUSR1``: rank 1 sends itself SIGUSR1 inside step 3 (a preemption notice that
   reaches one rank only, mid-step);
 - ``wait:0:4:120``: rank 0 holds step 4 open until SIGUSR1 or SIGTERM reaches it (at most 120 s),
@@ -32,7 +34,7 @@ import signal
 import time
 
 ENV = "SODA_MEGA_FAULT"
-ACTIONS = ("sleep", "signal", "wait")
+ACTIONS = ("sleep", "signal", "wait", "raise")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 POINTS = ("load", "write")  # named places a STEP may be instead of a step number
 _WRITE_AT = re.compile(r"write@\d+")
@@ -64,6 +66,8 @@ def inject(step: int | str, rank: int) -> None:
         if action == "sleep":
             os.write(2, line)
             time.sleep(float(arg))
+        elif action == "raise":
+            raise RuntimeError(f"{ENV}: rank {rank} step {step}: {arg}")
         elif action == "wait":
             got = _wait_for_stop_signal(float(arg), announce=line)
             how = signal.Signals(got).name if got else "the time limit"

@@ -23,6 +23,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _previous: dict[int, object] = {}
 _pending: list[int] = []
+_answered: list[bool] = []  # answered() was called (a list: no global statement needed)
 _fork_hook = False
 
 
@@ -61,8 +62,27 @@ def claim() -> list[int]:
     return taken
 
 
+def answered() -> None:
+    """The command has answered the stop signals (the trainer: the run is over and its exit code
+    says how): until :func:`release`, they are ignored and those held are dropped.
+
+    NOTE: torchrun stops the workers still running once one has left; a worker that got that
+    SIGTERM while it was ending died of it instead of exiting with its code."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _answered.append(True)
+    claim()
+    if _previous:
+        ignore()
+
+
+def was_answered() -> bool:
+    return bool(_answered)
+
+
 def release() -> None:
-    """Put the original handlers back and raise each signal that is still held."""
+    """Put the original handlers back and raise each signal that is still held (none after
+    :func:`answered`)."""
     if not _previous:
         return
     for sig, handler in _previous.items():
@@ -71,3 +91,9 @@ def release() -> None:
     held = claim()
     for signum in dict.fromkeys(held):  # once each, in arrival order
         signal.raise_signal(signum)
+
+
+def ignore() -> None:
+    """Ignore the stop signals from now on (a process that is ending with its code decided)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

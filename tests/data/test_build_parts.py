@@ -111,6 +111,21 @@ def test_cli_part_and_finalize(tmp_path, capsys):
     assert "need 0 <= I < N" in capsys.readouterr().err
 
 
+def test_more_parts_than_work_units_say_which_array_fits(tmp_path, capsys):
+    """Issue 33.8: 4 recordings in units of 2 for 3 parts leave one part idle: every part says
+    so, with the --array that fits (also under --quiet: it is about the job, not progress)."""
+    manifest = codes_corpus(tmp_path / "in", n=4)
+    common = ["--manifest", str(manifest), "--preset", "tiny", "--quiet", "--data.build_workers=0",
+              "--data.build_unit_recordings=2"]
+    assert main(["data", "build", str(tmp_path / "out"), *common, "--part", "2/3"]) == 0
+    err = capsys.readouterr().err
+    assert ("NOTE: 2 work units (data.build_unit_recordings=2 recordings each) for 3 parts: 1 "
+            "part has nothing to do; submit --array=0-1 (or give --part I/2), or lower "
+            "data.build_unit_recordings") in err, err
+    assert main(["data", "build", str(tmp_path / "out2"), *common, "--part", "1/2"]) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+
+
 def test_array_launcher_dry_run_prints_the_parts(tmp_path):
     manifest = codes_corpus(tmp_path / "in", n=3)
     env = dict(os.environ, DRY_RUN="1", PARTS="3", OUT=str(tmp_path / "out"),
@@ -124,6 +139,37 @@ def test_array_launcher_dry_run_prints_the_parts(tmp_path):
     assert any(f"data build --finalize {tmp_path / 'out'}" in line for line in lines)
     assert "sbatch --array=0-2" in proc.stdout
     assert not (tmp_path / "out").exists()  # a dry run builds nothing
+
+
+def test_array_launcher_dry_run_prints_the_dependent_finalize_job(tmp_path):
+    """Issue 33.8: the dry run ends with the two lines that submit the array and, depending on
+    it (afterok), the merge; pasted into bash they submit exactly that (a stand-in sbatch)."""
+    out = tmp_path / "my out"  # a space: the merge command is quoted twice (bash, then --wrap's sh)
+    env = dict(os.environ, DRY_RUN="1", PARTS="3", OUT=str(out), BUILD_ARGS="--manifest m.jsonl",
+               SODA_MEGA="soda-mega")
+    proc = subprocess.run(["bash", str(SBATCH)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("JOB=$(sbatch"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > '
+                                    f'{tmp_path}/sbatch.$$\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    run = subprocess.run(["bash", "-c", "\n".join(lines[start:start + 2])], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert run.returncode == 0, run.stderr
+    calls = sorted((p.read_text().splitlines() for p in tmp_path.glob("sbatch.*")), key=len)
+    assert ["--array=0-2", "--parsable", "--export=ALL", str(SBATCH)] == calls[0] or \
+        calls[0][:3] == ["--array=0-2", "--parsable", "--export=ALL"], calls
+    finalize = next(c for c in calls if any(a.startswith("--dependency") for a in c))
+    assert "--dependency=afterok:4242" in finalize, finalize
+    wrap = next(a for a in finalize if a.startswith("--wrap="))[len("--wrap="):]
+    # what the finalize job's sh runs: the merge of exactly OUT
+    argv = subprocess.run(["sh", "-c", f"printf '%s\\n' {wrap}"], capture_output=True,
+                          text=True).stdout.splitlines()
+    assert argv == ["soda-mega", "data", "build", "--finalize", str(out)], argv
 
 
 def test_markers_of_an_older_build_without_the_index_still_merge(tmp_path):

@@ -34,14 +34,14 @@ def test_array_of_three_parts_and_a_dependent_finalize_equal_the_one_machine_bui
     out = tmp_path / "parts"
     env = {**clean_env(), "OUT": str(out), "SODA_MEGA": str(command),
            "BUILD_ARGS": " ".join(["--manifest", str(manifest), *OPTIONS])}
-    # The script's own #SBATCH --output (logs/ of the repository, which keeps that folder: Slurm
-    # fails a job whose output folder is missing); the finalize job's output goes to tmp_path.
+    # The script's own #SBATCH --output: soda-data-build-<job>_<task>.out in the folder sbatch
+    # ran in (the repository, removed below); the finalize job's output goes to tmp_path.
     array = slurm_cluster.sbatch("--array=0-2", str(SBATCH), env=env, cwd=REPO)
     finalize = slurm_cluster.sbatch(f"--dependency=afterok:{array}", "--job-name=finalize",
                                     f"--output={tmp_path}/finalize.out",
                                     f"--wrap={command} data build --finalize {out} --quiet",
                                     env=env, cwd=REPO)
-    outputs = [REPO / "logs" / f"soda-data-build-{array}_{i}.out" for i in range(3)]
+    outputs = [REPO / f"soda-data-build-{array}_{i}.out" for i in range(3)]
     outputs.append(tmp_path / "finalize.out")
     try:
         states = slurm_cluster.wait(array, 300, outputs)

@@ -235,3 +235,29 @@ def test_refuses_model_overrides_and_an_unbounded_train_split(checkpoint, corpus
     assert rc == 2 and "model.num_layers" in err and "come from the checkpoint" in err
     rc, _, err = _eval(capsys, str(checkpoint), "--data", data, "--split", "train")
     assert rc == 2 and "--max-batches" in err
+
+
+def test_a_dataset_with_an_empty_valid_split(checkpoint, corpus, tmp_path, capsys):
+    """Issue 33 (item 2, for eval nll): a small build's empty valid split is left out, said once,
+    and the other datasets are evaluated as without it; with nothing else there is nothing to
+    evaluate: one line, exit 2 (as `data inspect --split valid` on such a dataset)."""
+    layout = _layout()
+    small = tmp_path / "small"
+    write_split(small / "train", layout, random_docs(layout, 4, 20, 100, 0, "text"), "text")
+    write_split(small / "valid", layout, [], "text", split="valid")
+    text = str(corpus[0] / "text")
+    rc, alone, _ = _eval(capsys, str(checkpoint), "--data", text, "--max-batches", "1", "--quiet",
+                       "--json")
+    assert rc == 0
+    rc, out, err = _eval(capsys, str(checkpoint), "--data", str(small), text, "--max-batches", "1",
+                       "--quiet", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["buckets"] == json.loads(alone)["buckets"]
+    assert err.count(f"{small}/valid: the valid split holds no documents") == 1, err
+    assert "leaves out" in err
+    rc, out, err = _eval(capsys, str(checkpoint), "--data", str(small), "--quiet")
+    assert rc == 2 and out == ""
+    assert err.splitlines() == [
+        f"soda-mega eval nll: nothing to evaluate: {small}/valid: the valid split holds no "
+        "documents (evaluate --split train --max-batches N, or build with a larger "
+        "--data.valid_fraction)"], err

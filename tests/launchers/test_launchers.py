@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,14 @@ def test_dry_run_checks_the_data_paths(tmp_path, tiny_corpus, capsys):
     out = capsys.readouterr().out
     root = tiny_corpus[0].split("=", 1)[1].split(",")[0]
     assert "# data" in out and re.search(rf"{re.escape(root)}/train: 60 documents, [\d,]+ tokens", out), out
+    # Issue 33.8: a dataset built with another --preset (the tiny vocabulary) for a soda-135m run
+    # fails in one line naming the dataset, both values and the --preset that must agree.
+    assert main(["train", "--preset", "soda-135m", "--dry-run", *tiny_corpus]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"soda-mega: error: {root}/train was built for "
+                                                   "another vocabulary layout"), lines
+    assert "`data build --preset`" in lines[0] and "text_vocab_size: dataset 258 != model 128256" \
+        in lines[0], lines
 
 
 def test_torchrun_launcher_dry_run():
@@ -114,12 +123,31 @@ def test_requeued_jobs_append_to_their_output(tmp_path, monkeypatch):
         assert options.get("open-mode") == "append", f"{name}: a requeue truncates its output"
 
 
-def test_slurm_output_file_needs_no_folder_in_the_submit_directory():
+@pytest.mark.parametrize("script", ["slurm.sbatch", "data_build.sbatch"])
+def test_slurm_output_file_needs_no_folder_in_the_submit_directory(script):
     """Issue 33.6: Slurm opens --output before the script runs, relative to the folder sbatch
     ran in; a folder missing there fails the job with no output at all (the reason only in
     slurmd's log), so the file goes into that folder itself."""
-    output = _sbatch_options((ROOT / "launchers" / "slurm.sbatch").read_text())["output"]
+    output = _sbatch_options((ROOT / "launchers" / script).read_text())["output"]
     assert "/" not in output, output
+
+
+def test_data_build_array_submitted_outside_the_repository_says_so(tmp_path):
+    """Issue 33.8, as 33.6 for slurm.sbatch: an array task submitted from a folder without the
+    repository's soda-mega says where to submit from in one line (exit 2), builds nothing."""
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SLURM_SUBMIT_DIR": str(elsewhere),
+           "SLURM_ARRAY_JOB_ID": "90", "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1",
+           "OUT": str(tmp_path / "out"), "BUILD_ARGS": "--manifest m.jsonl"}
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "data_build.sbatch")], cwd=elsewhere,
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"soda-mega data build: no soda-mega command in {elsewhere}, the folder the job was "
+        "submitted from: submit from the repository (cd path/to/soda-mega && sbatch ... "
+        "launchers/data_build.sbatch) or set SODA_MEGA to the soda-mega command"], proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_slurm_script_submitted_outside_the_repository_says_so(tmp_path):
@@ -160,6 +188,15 @@ def _fake_slurm(tmp_path: Path) -> Path:
     return bin_dir
 
 
+def _assert_short(proc: subprocess.CompletedProcess, most: int = 14) -> None:
+    """Issue 33.4: a run that ended as planned says so in a few lines: no traceback, no line
+    of torchrun's agent, no report of failed workers (torchrun's for exit codes but 0)."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [line for line in lines if "Traceback" in line or "torch/distributed" in line
+                or "FAILED" in line or "TCPStore" in line], lines
+    assert len(lines) <= most, lines
+
+
 def _launch_env(tmp_path: Path, **extra: str) -> dict:
     from launch_env import clean_env
 
@@ -182,7 +219,11 @@ def test_slurm_script_requeues_a_run_that_saved_on_sigusr1(tmp_path, tiny_corpus
                            "--run.tensorboard=false"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 4, (proc.stdout + proc.stderr)[-4000:]
-    assert "requeueing job 4242" in proc.stdout
+    # Issue 33.4: a stop is no failure: one summary line, none of torchrun's failure report
+    assert proc.stdout.splitlines()[-1] == (
+        "soda-mega: stopped cleanly at step 2 (exit 4); requeueing job 4242 (it resumes from the "
+        "checkpoint)"), proc.stdout
+    _assert_short(proc)
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000002"
 
@@ -198,17 +239,22 @@ def test_torchrun_launcher_reports_a_batch_that_does_not_split_over_data_paralle
                            "--training.micro_batch_size=1"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
-    assert ("configuration error: training.global_batch_size: 7 must be a multiple of "
-            "training.micro_batch_size=1 x data-parallel size 2") in proc.stderr
-    assert "stopped: bad configuration or input" in proc.stderr
+    error = ("configuration error: training.global_batch_size: 7 must be a multiple of "
+             "training.micro_batch_size=1 x data-parallel size 2")
+    # Issue 33.4: the error once (rank 0; the other rank's same line is not repeated), then one
+    # summary line, and none of torchrun's failure report (a traceback and a table per node).
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if error in line] == [
+        f"soda-mega: {error} (world 2 / TP x PP 1)",
+        f"soda-mega: stopped (exit 2): {error} (world 2 / TP x PP 1)"], lines
+    assert len(lines) == 2, lines
 
 
 @pytest.mark.distributed
 def test_training_start_prints_the_layout_once(tmp_path, tiny_corpus):
     """Issue 33.5: the start of a run says its whole layout (world, DP/TP/PP, micro and global
-    batch, gradient accumulation, where rank 0 runs), once, from rank 0."""
-    import socket
-
+    batch, gradient accumulation, where rank 0 runs), once, from rank 0. Issue 33.4: a finished
+    run ends in one line with its step."""
     env = _launch_env(tmp_path, NGPUS="2", MASTER_PORT=str(_free_port()))
     proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), *tiny_corpus,
                            f"--run.dir={tmp_path / 'run'}", "--run.max_steps=1",
@@ -216,11 +262,41 @@ def test_training_start_prints_the_layout_once(tmp_path, tiny_corpus):
                            "--run.eval_interval=0", "--run.tensorboard=false"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stderr.splitlines()[-1] == "soda-mega: finished: step 1", proc.stderr
+    _assert_short(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("soda-mega: layout: ")]
     assert lines == [
         "soda-mega: layout: world 2 = TP 1 x PP 1 x DP 2 (1 node x 2 processes); global batch 4 = "
         "micro-batch 1 x 2 gradient-accumulation steps x DP 2, of 128 tokens (512 per step); "
         f"rank 0 on {socket.gethostname()}"], proc.stdout[-4000:]
+
+
+@pytest.mark.distributed
+def test_a_crash_names_its_rank_and_its_error(tmp_path, tiny_corpus):
+    """Issue 33.4: rank 1 raises in step 1: the crash is still shown (its traceback), then one
+    line names the failing rank, its host and pid, and its error; torchrun's own report (a
+    traceback of torchrun itself around a table per node) is not printed."""
+    env = _launch_env(tmp_path, NGPUS="2", MASTER_PORT=str(_free_port()), MAX_RESTARTS="0",
+                      SODA_MEGA_FAULT="raise:1:1:boom")
+    proc = subprocess.run(["bash", str(ROOT / "launchers" / "torchrun.sh"), *tiny_corpus,
+                           f"--run.dir={tmp_path / 'run'}", "--run.max_steps=1",
+                           "--training.global_batch_size=4", "--training.micro_batch_size=1",
+                           "--run.eval_interval=0", "--run.tensorboard=false"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    lines = proc.stderr.splitlines()
+    crash = [i for i, line in enumerate(lines) if line.startswith("soda-mega: rank 1 ")]
+    assert len(crash) == 1, lines
+    assert lines[crash[0]].startswith(
+        f"soda-mega: rank 1 (local rank 1 on {socket.gethostname()}, pid "), lines[crash[0]]
+    # then how rank 0 ended: its collective failed, or torchrun stopped it first
+    assert ("crashed (exit 1): RuntimeError: SODA_MEGA_FAULT: rank 1 step 1: boom (its traceback "
+            "is above)") in lines[crash[0]], lines[crash[0]]
+    assert "RuntimeError: SODA_MEGA_FAULT: rank 1 step 1: boom" in "\n".join(lines[:crash[0]])
+    assert not [line for line in lines if "torch/distributed/run.py" in line
+                or "ChildFailedError" in line or "Root Cause" in line], lines
+    assert lines[crash[0] + 1:] == [
+        "soda-mega: training crashed (exit 1); no restarts left (MAX_RESTARTS=0)"], lines
 
 
 def _free_port() -> int:

@@ -138,13 +138,13 @@ def test_two_nodes_follow_the_golden_trace_through_a_killed_rank_a_requeue_and_a
         assert f"SIGUSR1 received (rank {rank})" in text and f"SIGTERM received (rank {rank})" in text
     assert "stopped by SIGUSR1 after step 4" in text and f"requeueing job {job.id}" in text
     assert "stopped by SIGTERM after step 5" in text
-    assert "soda-mega: cancelled; saved a checkpoint, not requeued" in text
+    assert "soda-mega: cancelled: stopped cleanly at step 5 (exit 4), saved; not requeued" in text
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000005"
 
     again = TrainJob(slurm_cluster, tmp_path, corpus, run_dir, "resumed")
     info = again.finish()
     again.check(info["JobState"] == "COMPLETED", f"state {info['JobState']}")
-    assert "soda-mega: training finished" in again.text()
+    assert "soda-mega: finished: step " in again.text()
     _assert_golden(run_dir)
 
 

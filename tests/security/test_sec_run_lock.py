@@ -69,7 +69,7 @@ def test_a_second_run_stops_on_every_rank_and_a_killed_holder_is_taken_over(tmp_
         errors = [line for line in text.splitlines() if "soda-mega: error:" in line]
         # One line per rank (torchrun may stop rank 1 before it prints, once rank 0 has ended).
         assert errors and len(errors) <= 2, text[-4000:]
-        assert "soda-mega: stopped: bad configuration or input" in text, text[-4000:]
+        assert "soda-mega: stopped (exit 2): error: " in text, text[-4000:]
         for line in errors:
             assert f"pid {holder.pid}" in line and str(run_dir / "run.lock") in line, line
             assert socket.gethostname() in line, line

@@ -438,6 +438,17 @@ def _build_share(target: BuildTarget, plan: Plan, stored: dict, cfg: SodaConfig,
         warn_random_init(data.mimi_seed)
     part_label = f"{part[0]}/{part[1]}" if part else None
     label = f"data build {plan.kind} -> {target.out}" + (f" (part {part_label})" if part else "")
+    if part and part[1] > len(plan.units):
+        # NOTE: said by every part, also with --quiet: an array task that finds nothing to do
+        # looks like a successful one in squeue and sacct.
+        idle, unit = part[1] - len(plan.units), plan.settings.get("unit_size")
+        setting = ("data.build_unit_recordings" if plan.kind in AUDIO_KINDS
+                   else "data.build_unit_text_docs")
+        print(f"[{label}] NOTE: {len(plan.units)} work units ({setting}={unit} "
+              f"{'recordings' if plan.kind in AUDIO_KINDS else 'documents'} each) for {part[1]} "
+              f"parts: {idle} part{'s have' if idle > 1 else ' has'} nothing to do; submit "
+              f"--array=0-{len(plan.units) - 1} (or give --part I/{len(plan.units)}), or lower "
+              f"{setting}", file=sys.stderr)
     if show_progress:
         print(f"[{label}] {plan.records} records in {len(plan.units)} units"
               + (f", {len(share)} in this part" if part else "") + f"; {len(done)} already done"

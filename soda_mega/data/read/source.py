@@ -122,7 +122,8 @@ class DocumentSource:
             diffs = layout_differences(self.meta["vocab_layout"], layout.to_dict())
             if diffs:
                 raise DatasetError(
-                    f"{self.where} was built for another vocabulary layout than the model's; "
+                    f"{self.where} was built for another vocabulary layout than the model's "
+                    f"(`data build --preset` and the run's preset or vocab section must agree); "
                     f"rebuild it or change the vocab section: {'; '.join(diffs)}"
                 )
         try:

@@ -26,7 +26,7 @@ from typing import Sequence
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.cache import NodeCache
 from soda_mega.data.read.order import StreamOrder
-from soda_mega.data.read.source import DatasetError, DocumentSource, MissingSplitError
+from soda_mega.data.read.source import DatasetError, DocumentSource, EmptySplitError, MissingSplitError
 from soda_mega.data.schema import SPLITS
 from soda_mega.tokens.layout import VocabLayout
 
@@ -113,13 +113,15 @@ def split_roots(cfg: SodaConfig, split: str) -> list[str]:
 
 
 def open_split(cfg: SodaConfig, split: str, layout: VocabLayout, *,
-               skip_missing: bool = False) -> OpenedSplit:
+               skip_missing: bool = False, skip_empty: bool = False) -> OpenedSplit:
     """Open (and check against ``layout``) every dataset of ``split`` with one node cache
     configured by the ``data`` section.
 
     ``skip_missing`` (validation): a dataset without the split, or whose split holds no
     documents (a small build's valid split), is left out and named in ``left_out``;
-    :class:`MissingSplitError` only when no dataset is left. Any other problem still fails."""
+    :class:`MissingSplitError` only when no dataset is left. ``skip_empty`` (evaluation): only a
+    split that holds no documents is left out (:class:`EmptySplitError` when none is left); an
+    absent one still fails. Any other problem still fails."""
     roots = split_roots(cfg, split)
     if not roots:
         raise DatasetError("data.train: no datasets given (build one with `soda-mega data build`)")
@@ -134,11 +136,11 @@ def open_split(cfg: SodaConfig, split: str, layout: VocabLayout, *,
                                           max_bytes=data_cfg.max_dataset_bytes,
                                           max_inflate_ratio=data_cfg.max_inflate_ratio))
         except MissingSplitError as err:
-            if not skip_missing:
+            if not (skip_missing or (skip_empty and isinstance(err, EmptySplitError))):
                 raise
             left_out.append(str(err))
     if not sources:
-        raise MissingSplitError("; ".join(left_out))
+        raise (MissingSplitError if skip_missing else EmptySplitError)("; ".join(left_out))
     _warn_small_cache(sources, cache, data_cfg.shuffle_window)
     weights = mixture_weights(sources, data_cfg.weights if split == "train" else (),
                               data_cfg.text_fraction)
