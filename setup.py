@@ -39,7 +39,7 @@ setup(
         # the IsoFLOP grids of `soda-mega scaling grid --grid NAME`
         "soda_mega.scaling": ["grids/*.yaml"],
         # the embedded demo corpus (soda-mega data demo): sentences, text corpus, fallback WAVs
-        "soda_mega.data.build": ["demo_assets/*.txt", "demo_assets/fallback/*.wav",
+        "soda_mega.data.write": ["demo_assets/*.txt", "demo_assets/fallback/*.wav",
                                  "demo_assets/fallback/*.jsonl"],
     },
     include_package_data=True,

@@ -42,7 +42,7 @@ fi
 
 # espeak-ng synthesises the speech of the demo corpus (`soda-mega data demo`). Best effort:
 # installed only when missing, with apt-get, as root; never fails the bootstrap. Without it the
-# demo falls back to the few WAV files shipped in soda_mega/data/build/demo_assets/fallback.
+# demo falls back to the few WAV files shipped in soda_mega/data/write/demo_assets/fallback.
 if ! command -v espeak-ng >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] installing espeak-ng (speech for the demo corpus)"

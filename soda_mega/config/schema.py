@@ -251,7 +251,7 @@ class DataConfig:
         False, "a damaged shard or document (hash mismatch, ids outside the vocabulary, mask not "
                "0/1, unreadable) is replaced by masked-out filler and counted, instead of stopping "
                "the run with exit 2")
-    # --- `soda-mega data build` (soda_mega/data/build/builder.py) ---
+    # --- `soda-mega data build` (soda_mega/data/write/builder.py) ---
     tokenizer: Optional[str] = fld(
         None, "local HuggingFace tokenizer.json for text (none = the embedded byte-level tokenizer)")
     mimi_weights: Optional[str] = fld(

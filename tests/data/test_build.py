@@ -16,7 +16,7 @@ from build_helpers import (codes_corpus, random_codes, read_split, read_split_st
 from soda_mega.cli import main
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
-from soda_mega.data.build.builder import BuildError, build_dataset, split_of
+from soda_mega.data.write.builder import BuildError, build_dataset, split_of
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE, META_KEYS, SPLITS
 from soda_mega.tokens.layout import Modality, VocabLayout
 

@@ -12,7 +12,7 @@ from soda_mega.config import load_config
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.order import StreamOrder
 from soda_mega.data.read.steps import StepPlan
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 SEQ = 32

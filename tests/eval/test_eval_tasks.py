@@ -21,7 +21,7 @@ from soda_mega.eval.wer import normalize, word_error_rate
 from soda_mega.inference.decoder import SodaDecoder
 from soda_mega.tokens.layout import VocabLayout
 
-FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "build" / "demo_assets" / "fallback"
+FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "write" / "demo_assets" / "fallback"
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_bad_inputs_are_named(checkpoint, tasks, tmp_path, capsys):
 
 
 def test_batched_encoding_equals_one_file_at_a_time(checkpoint, tasks):
-    from soda_mega.data.build.inputs import InputError
+    from soda_mega.data.write.inputs import InputError
     from soda_mega.eval.speech_io import SpeechIO
     from soda_mega.checkpoint.layout import checkpoint_config
 
