@@ -46,6 +46,8 @@ setup(
     install_requires=["torch>=2.6"] + _requirements("runtime.txt"),
     extras_require={
         "test": _requirements("test.txt"),
+        # the static checks of scripts/lint.sh (ruff, mypy), pinned
+        "lint": _requirements("lint.txt"),
         # flash-attn ships no wheel on PyPI and builds against the local CUDA toolkit.
         "flash": ["flash-attn>=2.6"],
     },
