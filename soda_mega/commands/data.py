@@ -62,7 +62,8 @@ builds every N-th work unit into the same OUT, the last to finish merges (or run
 GPUs: the codec runs on every visible GPU (one codec worker each, fed by CPU processes that
 decode and resample audio); --data.codec_devices=[cuda:0,cuda:1] chooses them. Bad records are reported, counted in
 soda_meta.json "skipped", and left out: unreadable audio (whatever the decoder raises), sample
-rates outside 8-384 kHz, more decoded audio than --data.max_record_audio_bytes, segments past the end of their audio, Lhotse cuts outside their recording. Build settings are the data.* config fields (see
+rates outside 8-384 kHz, more decoded audio than --data.max_record_audio_bytes, segments past
+the end of their audio, Lhotse cuts outside their recording. Build settings are the data.* config fields (see
 `soda-mega config --fields`), e.g. --data.valid_fraction=0.02 --data.doc_types=[audio_first,speech_only].
 The embedded demo corpus (espeak-ng speech + a shipped text corpus): `soda-mega data demo OUT`.
 """

@@ -366,7 +366,8 @@ class RunConfig:
     wandb_tags: list[str] = fld(help="W&B tags of the run", default_factory=list)
     step_timeout_s: Optional[float] = fld(
         1800.0, "watchdog: seconds one loop iteration (data, step, logging, validation, checkpoint), "
-                "or the set-up before the first (checkpoint load), may take; past it every rank writes its Python stacks to run.dir/stacks/ and the "
+                "or the set-up before the first (checkpoint load), may take; past it every rank writes its "
+                "Python stacks to run.dir/stacks/ and the "
                 "run exits with code 5 so the launcher restarts it (none = no watchdog)", gt=0)
 
 

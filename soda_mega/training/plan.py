@@ -515,7 +515,7 @@ def describe_run(cfg: SodaConfig, world_size: int, resolved: ResolvedRun | None 
     resolved = resolved or resolve_run(cfg, world_size)
     if resolved.world_size != world_size:
         raise ValueError(f"the run was resolved for {resolved.world_size} ranks, not {world_size}")
-    dp, per_replica = resolved.dp, resolved.grad_accum
+    per_replica = resolved.grad_accum
     steps = total_steps(cfg)
     plan = plan_memory(cfg, world_size, resolved=resolved)
     lines = [

@@ -7,9 +7,10 @@ recording, as ``CutSet.from_manifests`` makes them), read through the ``lhotse``
 
 Each cut is one recording of the build: id = the cut's id (its Lhotse recording, and the
 supervisions' speakers, decide its train/valid split: :mod:`~soda_mega.data.write.splits`);
-audio = the cut's stretch of its recording (``start`` / ``duration`` seconds, cut at whole samples as Lhotse counts them: a cut of
-a longer recording is read as that part only, an :class:`~soda_mega.data.write.inputs.AudioSlice`;
-consecutive cuts of one recording decode it once);
+audio = the cut's stretch of its recording (``start`` / ``duration`` seconds, cut at whole samples
+as Lhotse counts them: a cut of a longer recording is read as that part only, an
+:class:`~soda_mega.data.write.inputs.AudioSlice`; consecutive cuts of one recording decode it
+once);
 transcript segments = the cut's supervisions that have text, with ``start`` / ``end`` relative to
 the cut. A cut without any supervision text is untranscribed audio (audio-only document types).
 The cut ``{"start": 1.2, "duration": 1.4, "supervisions": [{"start": 0.1, "duration": 0.6, "text":

@@ -221,7 +221,7 @@ def remove_merged_files(root: Path) -> None:
 
 
 def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str, dict],
-                meta_base: dict, extra_skipped: list[dict] = (), check_units: bool = True) -> dict:
+                meta_base: dict, extra_skipped: Sequence[dict] = (), check_units: bool = True) -> dict:
     """Top-level index.json, doc_lengths.npy and soda_meta.json of one split; returns the meta.
 
     Everything comes from the unit markers. ``extra_skipped`` are records rejected before any
