@@ -39,13 +39,15 @@ setup(
         # the IsoFLOP grids of `soda-mega scaling grid --grid NAME`
         "soda_mega.scaling": ["grids/*.yaml"],
         # the embedded demo corpus (soda-mega data demo): sentences, text corpus, fallback WAVs
-        "soda_mega.data.build": ["demo_assets/*.txt", "demo_assets/fallback/*.wav",
+        "soda_mega.data.write": ["demo_assets/*.txt", "demo_assets/fallback/*.wav",
                                  "demo_assets/fallback/*.jsonl"],
     },
     include_package_data=True,
     install_requires=["torch>=2.6"] + _requirements("runtime.txt"),
     extras_require={
         "test": _requirements("test.txt"),
+        # the static checks of scripts/lint.sh (ruff, mypy), pinned
+        "lint": _requirements("lint.txt"),
         # flash-attn ships no wheel on PyPI and builds against the local CUDA toolkit.
         "flash": ["flash-attn>=2.6"],
     },

@@ -32,7 +32,7 @@ TARGET = 0.10  # async stall / sync save
 
 
 def _corpus(root: Path, vocab) -> Path:
-    from soda_mega.data.build.synthetic import random_docs, write_split
+    from soda_mega.data.write.synthetic import random_docs, write_split
     from soda_mega.tokens import VocabLayout
 
     layout = VocabLayout.from_config(vocab)

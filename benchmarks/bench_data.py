@@ -42,7 +42,7 @@ import numpy as np
 if "--memory-child" not in sys.argv:  # the memory probe imports numpy and the plan only
     from soda_mega.config import load_config
     from soda_mega.data.read.loader import SodaDataLoader
-    from soda_mega.data.build.synthetic import write_split
+    from soda_mega.data.write.synthetic import write_split
     from soda_mega.model.accounting import flops_per_token
     from soda_mega.tokens import VocabLayout
     from soda_mega.utils.provenance import write_json

@@ -169,8 +169,8 @@ def choose_train_plan(n: int, h: int, n_valid: int, dtype: torch.dtype, device: 
             _PLANS[key] = plan_for_peak(n, h, n_valid, dtype, device_peak(name), step, main_grad,
                                         vocab_slice, grad_h_slices)
         plan = _PLANS[key]
-    key = (plan.path, plan.row_chunk, plan.group_rows, plan.grad_h_slices, n, h, n_valid)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
+    logged = (plan.path, plan.row_chunk, plan.group_rows, plan.grad_h_slices, n, h, n_valid)
+    if logged not in _LOGGED:
+        _LOGGED.add(logged)
         LOG.debug(plan.line())
     return plan

@@ -57,8 +57,8 @@ logits-free minimum (bench_kernels' ``loss_memory`` row measures it).
 Used only where it is exact and cheap: ``grad_W`` must accumulate in fp32 without a
 weight-sized temporary, i.e. fp32 weights or a Megatron DDP fp32 ``main_grad``
 (``_train_path`` in :mod:`.fused_linear_cross_entropy`); everything else (eval, no-grad, an
-unknown downstream gradient, bf16 without ``main_grad``) runs the recompute path. Deterministic: fixed chunk order, fixed
-matmul shapes, no atomics.
+unknown downstream gradient, bf16 without ``main_grad``) runs the recompute path.
+Deterministic: fixed chunk order, fixed matmul shapes, no atomics.
 
 Megatron DDP: the weight's gradient is complete when the forward returns, but DDP learns of
 it in the backward, as with the recompute path: the backward sets ``grad_added_to_main_grad``

@@ -21,10 +21,10 @@ of other ranks get the sentinel ``V_local`` and sort last) and cut into fixed pi
 ``piece`` sorted positions (64 on a GPU). ``_embedding_bwd_pieces_kernel`` runs one program per
 (piece, H block) and sums the gradient rows of each run of equal ids in the piece in fp32
 (a segmented sum done as one exact 0/1 matmul: on the tensor cores in the gradient's own
-dtype for bf16 / fp16, since a 0/1 factor makes every product exact; IEEE fp32 for fp32): a run that starts and ends inside the piece
-is written to its row directly; the part of a run that crosses a piece boundary becomes a
-partial sum (``tail`` of the piece where the run starts, ``head`` of each later piece it
-covers). ``_embedding_bwd_merge_kernel`` then
+dtype for bf16 / fp16, since a 0/1 factor makes every product exact; IEEE fp32 for fp32): a
+run that starts and ends inside the piece is written to its row directly; the part of a run
+that crosses a piece boundary becomes a partial sum (``tail`` of the piece where the run
+starts, ``head`` of each later piece it covers). ``_embedding_bwd_merge_kernel`` then
 completes each crossing run from the piece where it starts: its tail plus the heads of the
 following pieces, in piece order. Every program touches at most ``piece`` gradient rows (the
 merge, ``run length / piece`` partials), so an id repeated thousands of times (silence codes,

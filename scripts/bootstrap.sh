@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: create .venv, install soda-mega and its dependencies
 # (without ever replacing the torch that is there), then run what was asked:
-#   bash scripts/bootstrap.sh test        # the test suite (what CI runs)
+#   bash scripts/bootstrap.sh test        # the static checks + the test suite (what CI runs)
 #   bash scripts/bootstrap.sh demo        # the main job: tiny model on the demo corpus, CPU
 #   bash scripts/bootstrap.sh install     # only the environment
 #   bash scripts/bootstrap.sh -- CMD ...  # any command inside the environment
@@ -33,7 +33,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -c "import torch; print('torch==' + torch.__version__)" > "$VENV/torch-constraint.txt"
   echo "[bootstrap] torch: $(cat "$VENV/torch-constraint.txt"); installing dependencies"
   python -m pip install -q -c "$VENV/torch-constraint.txt" \
-    -r requirements/runtime.txt -r requirements/test.txt
+    -r requirements/runtime.txt -r requirements/test.txt -r requirements/lint.txt
   python -m pip install -q --no-deps -r requirements/nodeps.txt
   python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
@@ -42,7 +42,7 @@ fi
 
 # espeak-ng synthesises the speech of the demo corpus (`soda-mega data demo`). Best effort:
 # installed only when missing, with apt-get, as root; never fails the bootstrap. Without it the
-# demo falls back to the few WAV files shipped in soda_mega/data/build/demo_assets/fallback.
+# demo falls back to the few WAV files shipped in soda_mega/data/write/demo_assets/fallback.
 if ! command -v espeak-ng >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] installing espeak-ng (speech for the demo corpus)"
@@ -67,7 +67,10 @@ case "$cmd" in
   # suite of issues 31-33 took 21.2 min on three workers and 20.9 min on four (more workers
   # only slow each test down). SODA_TEST_WORKERS changes the count; `-n 0` among the arguments
   # runs everything in this one process (for -s or --pdb).
-  test) exec python -m pytest tests -n "${SODA_TEST_WORKERS:-3}" --durations=25 "$@" ;;
+  # The static checks first (scripts/lint.sh: ruff, then mypy; seconds): a finding fails the
+  # run before the suite starts.
+  test) bash scripts/lint.sh
+        exec python -m pytest tests -n "${SODA_TEST_WORKERS:-3}" --durations=25 "$@" ;;
   demo)
     # The main job on the embedded default: the tiny model on the demo corpus, on CPU.
     if [ ! -f runs/demo-corpus/speech/train/soda_meta.json ] || [ ! -f runs/demo-corpus/text/train/soda_meta.json ]; then

@@ -283,7 +283,7 @@ def running_cluster(root: Path, start_timeout_s: float = 60) -> Iterator[SlurmCl
         socket.gethostbyname(NODES[0])
     except OSError as err:
         raise RuntimeError(f"this machine's name {NODES[0]!r} does not resolve ({err}); the first "
-                           "node's name is the torchrun rendezvous host (add it to /etc/hosts)")
+                           "node's name is the torchrun rendezvous host (add it to /etc/hosts)") from err
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("state", *(f"spool/{n}" for n in NODES)):
         (root / sub).mkdir(parents=True, exist_ok=True)

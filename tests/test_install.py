@@ -151,7 +151,7 @@ def test_writing_and_reading_shards_imports_only_the_streaming_parts_used(tmp_pa
 import sys
 from pathlib import Path
 from soda_mega.config import load_config
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.data.read.source import DocumentSource
 from soda_mega.tokens import VocabLayout
 

@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).resolve().parent / "training" / "golden_tiny_trace.json"
 def write_corpus(root: Path) -> Path:
     """The synthetic speech + text corpus (train and valid splits) of the golden run."""
     from soda_mega.config import load_config
-    from soda_mega.data.build.synthetic import random_docs, write_split
+    from soda_mega.data.write.synthetic import random_docs, write_split
     from soda_mega.tokens import VocabLayout
 
     layout = VocabLayout.from_config(load_config(preset="tiny").vocab)

@@ -162,6 +162,7 @@ class AsyncSaver:
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported on every rank
             error = err
         check_agreed(error, tmp, final)
+        assert hashes is not None  # check_agreed raised on every rank if the pipe was not made
         self._in_flight = _InFlight(step, tmp, final, hashes, started,
                                     time.perf_counter() - started)
         return before
@@ -176,6 +177,7 @@ class AsyncSaver:
 
     def _finish(self, blocking: bool) -> SaveReport | None:
         job = self._in_flight
+        assert job is not None  # poll() and wait() call it only with a save in flight
         began = time.perf_counter()
         error = None
         try:

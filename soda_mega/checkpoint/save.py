@@ -70,7 +70,7 @@ def writer_results(results):
         filesystem_async._results_queue = previous
 
 
-def _is_disk_full(err: BaseException) -> bool:
+def _is_disk_full(err: BaseException | None) -> bool:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

@@ -62,7 +62,8 @@ builds every N-th work unit into the same OUT, the last to finish merges (or run
 GPUs: the codec runs on every visible GPU (one codec worker each, fed by CPU processes that
 decode and resample audio); --data.codec_devices=[cuda:0,cuda:1] chooses them. Bad records are reported, counted in
 soda_meta.json "skipped", and left out: unreadable audio (whatever the decoder raises), sample
-rates outside 8-384 kHz, more decoded audio than --data.max_record_audio_bytes, segments past the end of their audio, Lhotse cuts outside their recording. Build settings are the data.* config fields (see
+rates outside 8-384 kHz, more decoded audio than --data.max_record_audio_bytes, segments past
+the end of their audio, Lhotse cuts outside their recording. Build settings are the data.* config fields (see
 `soda-mega config --fields`), e.g. --data.valid_fraction=0.02 --data.doc_types=[audio_first,speech_only].
 The embedded demo corpus (espeak-ng speech + a shipped text corpus): `soda-mega data demo OUT`.
 """
@@ -102,7 +103,7 @@ def _overrides(args) -> list[str]:
 
 
 def _print_results(args, results) -> None:
-    from soda_mega.data.build.builder import result_dict, summary_lines
+    from soda_mega.data.write.builder import result_dict, summary_lines
 
     if args.json:
         print(json.dumps([result_dict(r) for r in results], indent=2))
@@ -171,7 +172,7 @@ def register_build(actions) -> argparse.ArgumentParser:
 
 
 def run_build(args) -> int:
-    from soda_mega.data.build.builder import BuildError, build_dataset, finalize_dataset, parse_part, part_from_env
+    from soda_mega.data.write.builder import BuildError, build_dataset, finalize_dataset, parse_part, part_from_env
 
     inputs = [(k, v) for k, v in (("speech", args.manifest), ("text", args.text), ("s2st", args.s2st)) if v]
     try:
@@ -217,7 +218,7 @@ def run_build(args) -> int:
 def _recording_sources(args) -> list:
     """The Hugging Face datasets or Lhotse manifests of the command line, as build inputs."""
     if args.hf_dataset:
-        from soda_mega.data.build.hf_input import HFSource
+        from soda_mega.data.write.hf_input import HFSource
 
         if args.quiet:  # the library's own bars (parquet -> arrow conversion), here and in workers
             os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
@@ -233,7 +234,7 @@ def _recording_sources(args) -> list:
                 print(f"[soda-mega data] {source.hub_name}: the local copy in the hub cache, "
                       f"{source.path}", file=sys.stderr)
         return sources
-    from soda_mega.data.build.lhotse_input import LhotseSource
+    from soda_mega.data.write.lhotse_input import LhotseSource
 
     if args.lhotse_recordings:
         return [LhotseSource(recordings=args.lhotse_recordings, supervisions=args.lhotse_supervisions)]
@@ -262,7 +263,7 @@ def register_plan(actions) -> argparse.ArgumentParser:
 
 
 def run_plan(args) -> int:
-    from soda_mega.data.build.throughput import ThroughputError, load_rates, plan_lines, project
+    from soda_mega.data.write.throughput import ThroughputError, load_rates, plan_lines, project
 
     if not args.bench:
         print("soda-mega data plan: needs measured rates: run `python benchmarks/bench_codec.py` on a GPU "
@@ -296,8 +297,8 @@ def register_demo(actions) -> argparse.ArgumentParser:
 
 
 def run_demo(args) -> int:
-    from soda_mega.data.build.builder import BuildError
-    from soda_mega.data.build.demo import build_demo, demo_config
+    from soda_mega.data.write.builder import BuildError
+    from soda_mega.data.write.demo import build_demo, demo_config
 
     cfg = demo_config(args.config, args.preset, _overrides(args))
     try:

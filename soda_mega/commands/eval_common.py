@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from soda_mega.data.build.writer import atomic_write_text
+from soda_mega.data.write.writer import atomic_write_text
 from soda_mega.utils.provenance import write_json
 
 CKPT_HELP = "checkpoint: a step_N folder, a checkpoints/ folder or a run folder (any TP/PP layout)"

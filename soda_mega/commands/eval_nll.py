@@ -166,7 +166,7 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
     import torch.distributed as dist
 
     from soda_mega.data.read.source import DatasetError
-    from soda_mega.config.resolved import resolve_run
+    from soda_mega.run.resolved import resolve_run
     from soda_mega.eval.nll import build_report, evaluate_nll, replicas_config
     from soda_mega.model.gpt import build_model
     from soda_mega.parallel import state

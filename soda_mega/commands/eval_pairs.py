@@ -16,7 +16,8 @@ The benchmark audio is not shipped with soda-mega: use your local copy.
 
 def register(tasks):
     p = tasks.add_parser("pairs", help="likelihood pairs (sWUGGY, sBLIMP, Salmon): accuracy with a 95%% interval",
-                         description="Score (positive, negative) recording pairs by the mean log-prob of their audio tokens; report accuracy with a 95%% Wilson interval.", epilog=EPILOG,
+                         description="Score (positive, negative) recording pairs by the mean log-prob of their "
+                                     "audio tokens; report accuracy with a 95%% Wilson interval.", epilog=EPILOG,
                          formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("manifest", metavar="MANIFEST", help="JSONL of positive/negative audio pairs")

@@ -9,7 +9,7 @@ import sys
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
-from soda_mega.config.resolved import resolve_run
+from soda_mega.run.resolved import resolve_run
 from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED, note_outcome
 from soda_mega.utils import stop_signals
 

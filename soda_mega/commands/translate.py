@@ -40,7 +40,7 @@ def register(subparsers):
 def run(args) -> int:
     from soda_mega.commands.eval_common import load
     from soda_mega.data.read.inspect import write_wav
-    from soda_mega.data.build.writer import atomic_write_text
+    from soda_mega.data.write.writer import atomic_write_text
     from soda_mega.eval.prompts import s2st_prompt
     from soda_mega.inference.generate import generate
     from soda_mega.inference.sampling import Sampling

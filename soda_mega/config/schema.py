@@ -251,7 +251,7 @@ class DataConfig:
         False, "a damaged shard or document (hash mismatch, ids outside the vocabulary, mask not "
                "0/1, unreadable) is replaced by masked-out filler and counted, instead of stopping "
                "the run with exit 2")
-    # --- `soda-mega data build` (soda_mega/data/build/builder.py) ---
+    # --- `soda-mega data build` (soda_mega/data/write/builder.py) ---
     tokenizer: Optional[str] = fld(
         None, "local HuggingFace tokenizer.json for text (none = the embedded byte-level tokenizer)")
     mimi_weights: Optional[str] = fld(
@@ -383,7 +383,8 @@ class RunConfig:
     wandb_tags: list[str] = fld(help="W&B tags of the run", default_factory=list)
     step_timeout_s: Optional[float] = fld(
         1800.0, "watchdog: seconds one loop iteration (data, step, logging, validation, checkpoint), "
-                "or the set-up before the first (checkpoint load), may take; past it every rank writes its Python stacks to run.dir/stacks/ and the "
+                "or the set-up before the first (checkpoint load), may take; past it every rank writes its "
+                "Python stacks to run.dir/stacks/ and the "
                 "run exits with code 5 so the launcher restarts it (none = no watchdog)", gt=0)
 
 

@@ -6,7 +6,7 @@ A built dataset is a folder with one MDS dataset per split::
     <root>/train/soda_meta.json              (see META_KEYS)
     <root>/train/doc_lengths.npy             (int64, tokens per sample, in MDS sample order)
     <root>/valid/...                         (same; recordings never appear in both splits:
-                                              data/build/splits.py; may hold no documents)
+                                              data/write/splits.py; may hold no documents)
 
 Each MDS sample is one document (BOS ... EOS) with the columns of :data:`MDS_COLUMNS`.
 ``doc_lengths.npy`` lets the loader plan packing and mixing from lengths alone and read only

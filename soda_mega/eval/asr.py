@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from soda_mega.data.build.inputs import InputError
+from soda_mega.data.write.inputs import InputError
 from soda_mega.eval.manifest import Manifest, read_manifest
 from soda_mega.eval.prompts import asr_prompt
 from soda_mega.eval.speech_io import SpeechIO

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from soda_mega.config.resolved import ResolvedRun
+from soda_mega.run.resolved import ResolvedRun
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.source import DatasetError

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from soda_mega.data.build.inputs import InputError
+from soda_mega.data.write.inputs import InputError
 from soda_mega.eval.manifest import Manifest, read_manifest
 from soda_mega.eval.prompts import likelihood_item
 from soda_mega.eval.speech_io import SpeechIO

@@ -12,7 +12,7 @@ end to end on the demo corpus:
   A model that has learned anything about speech prefers the forward recording.
 
 With ``split="valid"`` only recordings that the data builder holds out (the same groups and
-hash, :mod:`soda_mega.data.build.splits`: by recording, or by speaker with ``split_by``) are
+hash, :mod:`soda_mega.data.write.splits`: by recording, or by speaker with ``split_by``) are
 used, so a model trained on that corpus is evaluated on audio it has not seen.
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from soda_mega.data.build.splits import assign_groups, record_split
+from soda_mega.data.write.splits import assign_groups, record_split
 from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
-from soda_mega.data.build.inputs import InputError, read_audio, read_manifest
+from soda_mega.data.write.inputs import InputError, read_audio, read_manifest
 from soda_mega.data.read.inspect import write_wav
-from soda_mega.data.build.writer import atomic_write_text
+from soda_mega.data.write.writer import atomic_write_text
 
 
 @dataclass

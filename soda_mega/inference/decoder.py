@@ -182,7 +182,7 @@ class SodaDecoder(torch.nn.Module):
         tokens, pad = left_pad(sequences, self.layout.eos_id)
         logp = torch.log_softmax(self.forward(tokens, pad).float(), dim=-1)
         out = []
-        for row, seq in enumerate(sequences):
+        for row in range(len(sequences)):
             p = int(pad[row])
             targets = tokens[row, p + 1:].to(self.device)
             out.append(logp[row, p:-1].gather(-1, targets[:, None])[:, 0].cpu())

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from soda_mega.config.resolved import ResolvedRun, padded_vocab
+from soda_mega.run.resolved import ResolvedRun, padded_vocab
 from soda_mega.config.schema import SodaConfig
 from soda_mega.model.init import initialize_weights
 from soda_mega.model.lm_head import InterleavedVocabParallelEmbedding, language_model_loss, resolve_impl
@@ -139,7 +139,7 @@ def build_model(cfg: SodaConfig, *, resolved: ResolvedRun | None = None,
     """This rank's model chunks (one per virtual pipeline stage), in ``params_dtype``.
 
     ``resolved``: the run's vocabulary layout and padded vocabulary, computed once by the
-    command (:func:`soda_mega.config.resolved.resolve_run`); derived from ``cfg`` without it."""
+    command (:func:`soda_mega.run.resolved.resolve_run`); derived from ``cfg`` without it."""
     tcfg = transformer_config(cfg, **config_overrides)
     if resolved is not None:
         if resolved.tensor_parallel != cfg.parallel.tensor_parallel:

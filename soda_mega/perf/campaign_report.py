@@ -135,7 +135,7 @@ def _by_shape(rows: list[dict], op: str) -> dict:
 def _ratio_target(tid: str, shapes: dict, baselines: tuple[str, ...], threshold: float,
                   strict: bool = False) -> dict:
     per = []
-    for key, impls in sorted(shapes.items(), key=lambda kv: tuple(x or 0 for x in kv[0])):
+    for _key, impls in sorted(shapes.items(), key=lambda kv: tuple(x or 0 for x in kv[0])):
         tri = impls.get("soda_triton")
         base = [impls[b] for b in baselines if b in impls]
         if tri is None or not base or not tri["fwd_bwd"]:
@@ -155,7 +155,7 @@ def _ratio_target(tid: str, shapes: dict, baselines: tuple[str, ...], threshold:
 
 def _memory_target(shapes: dict) -> dict:
     per = []
-    for key, impls in sorted(shapes.items(), key=lambda kv: tuple(x or 0 for x in kv[0])):
+    for _key, impls in sorted(shapes.items(), key=lambda kv: tuple(x or 0 for x in kv[0])):
         tri, budget = impls.get("soda_triton"), impls.get("_budget", {})
         floor_key = next((k for k in MEMORY_FLOOR_KEYS if budget.get(k)), None)
         if tri is None or tri.get("peak_bytes") is None or floor_key is None:

@@ -4,7 +4,7 @@ Benchmarks and the profiler time :meth:`soda_mega.training.trainer.Trainer.train
 itself (Megatron-core schedules, DDP, the guarded optimizer update), never a re-implementation
 of it. This module supplies what a measurement needs around it:
 
-* a synthetic SODA-shaped corpus (:mod:`soda_mega.data.build.synthetic`) when the configuration
+* a synthetic SODA-shaped corpus (:mod:`soda_mega.data.write.synthetic`) when the configuration
   names no datasets: speech documents of audio ids and 5% text documents, so the loader,
   packing and per-modality loss bookkeeping run as in training;
 * run settings that keep side work out of the timed region (no validation, checkpoints,
@@ -24,7 +24,7 @@ import torch
 
 from soda_mega.config.loader import apply_mapping, parse_overrides
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 #: Settings of every measured run: nothing but training steps.

@@ -274,8 +274,10 @@ def format_report(report: dict[str, Any]) -> str:
         if run:
             efficiency = run["compute_efficiency"]
             lines += [
-                f"  the run: N {run['n_params']:.3g}, D {run['tokens']:.3g} ({run['tokens_per_param']:.0f} tokens/param)",
-                f"    N / N_opt = {run['n_over_n_opt_approach2']:.2f} (approach 2), {run['n_over_n_opt_approach3']:.2f} "
+                f"  the run: N {run['n_params']:.3g}, D {run['tokens']:.3g} "
+                f"({run['tokens_per_param']:.0f} tokens/param)",
+                f"    N / N_opt = {run['n_over_n_opt_approach2']:.2f} (approach 2), "
+                f"{run['n_over_n_opt_approach3']:.2f} "
                 f"(approach 3); D / D_opt = {run['d_over_d_opt_approach2']:.2f}, {run['d_over_d_opt_approach3']:.2f}",
                 f"    predicted loss {run['loss_predicted']:.4f}, {run['excess_loss']:+.4f} above compute-optimal; "
                 + (f"a compute-optimal model reaches it with {efficiency:.0%} of the FLOPs" if efficiency is not None

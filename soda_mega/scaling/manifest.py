@@ -137,8 +137,8 @@ def read_manifest(path: str | Path) -> Manifest:
     except strict_json.JSONProblem as err:
         raise ManifestError(f"{path}: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path}: not a scaling manifest (format {data.get('format') if isinstance(data, dict) else None!r}, "
-                            f"expected {FORMAT!r})")
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ManifestError(f"{path}: not a scaling manifest (format {found!r}, expected {FORMAT!r})")
     names = [f.name for f in dataclasses.fields(ManifestRun)]
     runs = []
     rows = data.get("runs", [])

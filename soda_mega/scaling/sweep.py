@@ -289,7 +289,8 @@ def slurm_script(manifest: Manifest, results_path: Path, nproc: int = 8, overrid
         f"cd {shlex.quote(str(Path.cwd().resolve()))}",
         f"PYTHON=${{PYTHON:-{shlex.quote(python)}}}",
         "requeue() {",
-        '  echo "soda-mega: SIGUSR1, requeueing ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (it resumes from its newest checkpoint)"',
+        '  echo "soda-mega: SIGUSR1, requeueing ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} '
+        '(it resumes from its newest checkpoint)"',
         '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
         "}",
         "trap requeue USR1",

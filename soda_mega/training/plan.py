@@ -82,9 +82,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from soda_mega.config.loader import dump_config
-from soda_mega.config.resolved import ResolvedRun, resolve_run
 from soda_mega.config.schema import SodaConfig
 from soda_mega.model.accounting import BYTES, per_rank_parameters
+from soda_mega.run.resolved import ResolvedRun, padded_vocab, resolve_run
 from soda_mega.tokens.layout import VocabLayout
 
 GIB = 2**30
@@ -185,8 +185,9 @@ def layer_backward_working_bytes(cfg: SodaConfig, tokens: int) -> float:
 
 
 def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda",
-               vocab: VocabLayout | None = None) -> dict[str, float]:
-    """Bytes of the output layer + loss for one micro-batch on the last stage.
+               resolved: ResolvedRun | None = None) -> dict[str, float]:
+    """Bytes of the output layer + loss for one micro-batch on the last stage (``resolved``: the
+    run's vocabulary and padded vocabulary when the caller resolved them already).
 
     ``held``: kept from the loss forward to its backward, with the final norm's saved tensors
     and output; ``forward_extra`` / ``backward_extra``: transient peaks above ``held``. Per
@@ -220,8 +221,11 @@ def loss_terms(cfg: SodaConfig, tokens: int, target: str = "cuda",
     tp = p.tensor_parallel
     sp = tp if p.sequence_parallel else 1
     h = m.hidden_size
-    layout = vocab or VocabLayout.from_config(cfg.vocab)
-    v_local = layout.padded_size(tp, m.make_vocab_size_divisible_by) // tp
+    if resolved is None:
+        layout = VocabLayout.from_config(cfg.vocab)
+        v_local = padded_vocab(layout, cfg) // tp
+    else:
+        layout, v_local = resolved.vocab, resolved.padded_vocab // tp
     z = cfg.training.z_loss > 0
     final_norm = tokens * (((4 + e) * h + 4) / sp + e * h / sp)  # norm saves + its output
     impl = resolved_loss(cfg, target)
@@ -348,32 +352,31 @@ class MemoryPlan:
 
 def plan_memory(cfg: SodaConfig, world_size: int = 1,
                 assumptions: Optional[MemoryAssumptions] = None,
-                vocab: VocabLayout | None = None) -> MemoryPlan:
-    """Predict the per-GPU memory of ``cfg`` on ``world_size`` GPUs (see the module docstring);
-    ``vocab``: the run's vocabulary layout when the caller resolved it already."""
+                resolved: ResolvedRun | None = None) -> MemoryPlan:
+    """Predict the per-GPU memory of ``cfg`` on ``world_size`` GPUs (see the module docstring).
+
+    ``resolved``: the run's vocabulary, padded vocabulary and batch geometry when the command
+    resolved them already (``train --dry-run``); else resolved here, so an impossible layout
+    fails with the :class:`ConfigError` (a ``ValueError``) of :func:`resolve_run`."""
     a = assumptions or MemoryAssumptions()
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_parallel, p.pipeline_parallel
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not a multiple of TP x PP = {tp * pp}")
-    dp = world_size // (tp * pp)
-    micro, rem = divmod(t.global_batch_size, dp * t.micro_batch_size)
-    if rem or micro < 1:
-        raise ValueError(f"training.global_batch_size={t.global_batch_size} is not a multiple of "
-                         f"micro_batch_size {t.micro_batch_size} x DP {dp}")
+    resolved = resolved or resolve_run(cfg, world_size)
+    if resolved.world_size != world_size:
+        raise ValueError(f"the run was resolved for {resolved.world_size} ranks, not {world_size}")
+    dp, micro = resolved.dp, resolved.grad_accum
     e = _e(cfg)
     sp = tp if p.sequence_parallel else 1
     tokens = m.seq_length * t.micro_batch_size
-    layout = vocab or VocabLayout.from_config(cfg.vocab)
-    ranks = per_rank_parameters(m, layout, tp, pp)
+    ranks = per_rank_parameters(m, resolved.vocab, tp, pp)
     rope = rope_table_bytes(cfg)
     stored = layer_stored_bytes(cfg, a.target) * tokens + (0 if t.recompute == "full" else rope)
     full_layer = layer_activation_terms(cfg, a.target)["total"] * tokens + rope
-    loss = loss_terms(cfg, tokens, a.target, layout)
+    loss = loss_terms(cfg, tokens, a.target, resolved)
     layer_bwd = layer_backward_working_bytes(cfg, tokens)
     if t.recompute == "full":
         layer_bwd += full_layer  # the layer being recomputed holds its whole activation set
-    vocab_shard = layout.padded_size(tp, m.make_vocab_size_divisible_by) // tp * m.hidden_size
+    vocab_shard = resolved.padded_vocab // tp * m.hidden_size
     largest = max(vocab_shard, m.hidden_size * 2 * m.ffn_hidden_size // tp)  # output layer or fc1
     stages = []
     for row in ranks:
@@ -512,9 +515,9 @@ def describe_run(cfg: SodaConfig, world_size: int, resolved: ResolvedRun | None 
     resolved = resolved or resolve_run(cfg, world_size)
     if resolved.world_size != world_size:
         raise ValueError(f"the run was resolved for {resolved.world_size} ranks, not {world_size}")
-    dp, per_replica = resolved.dp, resolved.grad_accum
+    per_replica = resolved.grad_accum
     steps = total_steps(cfg)
-    plan = plan_memory(cfg, world_size, vocab=resolved.vocab)
+    plan = plan_memory(cfg, world_size, resolved=resolved)
     lines = [
         "# resolved configuration",
         dump_config(cfg).rstrip(),

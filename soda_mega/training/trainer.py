@@ -41,7 +41,7 @@ from soda_mega.checkpoint.async_save import AsyncSaver, SaveReport
 from soda_mega.checkpoint.save import save_checkpoint
 from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.config.loader import dump_config
-from soda_mega.config.resolved import ResolvedRun, resolve_run
+from soda_mega.run.resolved import ResolvedRun, resolve_run
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.source import MissingSplitError

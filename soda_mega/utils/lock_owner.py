@@ -1,7 +1,7 @@
 """Who holds a lock file, and whether the holder it names is gone.
 
 Two kinds of work must not run twice at once on one folder: a build part
-(:mod:`soda_mega.data.build.part_lock`) and a training run (:mod:`soda_mega.training.run_lock`).
+(:mod:`soda_mega.data.write.part_lock`) and a training run (:mod:`soda_mega.training.run_lock`).
 Each writes a lock file naming its holder (:func:`owner_record`: host, pid, SLURM job or array
 task, attempt, start time) and touches it every :data:`HEARTBEAT_S` seconds (:class:`Heartbeat`).
 A second process reads the record and takes the lock over only when the holder is gone

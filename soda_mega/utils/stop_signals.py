@@ -9,7 +9,8 @@ would just die, and the launcher would count a crash instead of requeueing.
 :func:`hold` is the first thing ``soda-mega`` does: from then on a stop signal is only recorded.
 The trainer :func:`claim` s the recorded ones when its own handler is in place. Every other
 command :func:`release` s them as soon as its imports are done: the original handlers come back
-and each held signal is raised again, so its work keeps the meaning the signal always had. Standard library only: this must be importable before anything heavy.
+and each held signal is raised again, so its work keeps the meaning the signal always had.
+Standard library only: this must be importable before anything heavy.
 """
 
 from __future__ import annotations

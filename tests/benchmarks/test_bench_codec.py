@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from soda_mega.cli import main
-from soda_mega.data.build.throughput import ThroughputError, load_rates, project
+from soda_mega.data.write.throughput import ThroughputError, load_rates, project
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_codec.py"
 

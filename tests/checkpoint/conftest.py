@@ -14,7 +14,7 @@ from launch_env import clean_env
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     from soda_mega.config import load_config
-    from soda_mega.data.build.synthetic import random_docs, write_split
+    from soda_mega.data.write.synthetic import random_docs, write_split
     from soda_mega.tokens import VocabLayout
 
     root = tmp_path_factory.mktemp("ckpt-corpus")

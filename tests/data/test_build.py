@@ -16,7 +16,7 @@ from build_helpers import (codes_corpus, random_codes, read_split, read_split_st
 from soda_mega.cli import main
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
-from soda_mega.data.build.builder import BuildError, build_dataset, split_of
+from soda_mega.data.write.builder import BuildError, build_dataset, split_of
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE, META_KEYS, SPLITS
 from soda_mega.tokens.layout import Modality, VocabLayout
 
@@ -38,7 +38,8 @@ def _with_bad_records(tmp: Path) -> tuple[Path, dict[str, str]]:
         json.dumps({"id": "k4", "codes": "k4.npy", "transcript": "x"}),
         json.dumps({"id": "range", "codes": "range.npy", "transcript": "x"}),
         json.dumps({"id": "late", "codes": "short.npy",
-                    "segments": [{"start": 0.0, "end": 0.5, "text": "ok"}, {"start": 2.0, "end": 3.0, "text": "late"}]}),
+                    "segments": [{"start": 0.0, "end": 0.5, "text": "ok"},
+                                 {"start": 2.0, "end": 3.0, "text": "late"}]}),
         json.dumps({"id": "mute", "codes": "short.npy"}),
         json.dumps({"id": "rec0", "codes": "c0.npy", "transcript": "duplicate"}),
         "{broken json",
@@ -156,7 +157,8 @@ def test_worker_processes_give_the_same_output(tmp_path):
 def test_text_build(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"Alpha one.\nstill alpha.\n\nBeta \xfe.\n\nGamma.\n\n" + b"Delta.\n\n" * 5)
-    jsonl = write_manifest(tmp_path / "d.jsonl", [{"text": "caf\u00e9", "id": "j1"}, {"txt": "no"}, "{", {"text": "ok"}])
+    jsonl = write_manifest(tmp_path / "d.jsonl",
+                           [{"text": "caf\u00e9", "id": "j1"}, {"txt": "no"}, "{", {"text": "ok"}])
     cfg = tiny_config("--data.valid_fraction=0.4", "--data.build_unit_text_docs=3")
     out = tmp_path / "out"
     result = build_dataset(out, [corpus, jsonl], "text", cfg, show_progress=False)

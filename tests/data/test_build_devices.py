@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from build_helpers import tiny_config, tone, tree_bytes, wav_bytes, write_manifest
-from soda_mega.data.build.builder import build_dataset
-from soda_mega.data.build.build_worker import decode_for_codec
+from soda_mega.data.write.builder import build_dataset
+from soda_mega.data.write.build_worker import decode_for_codec
 from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
-from soda_mega.data.build.devices import codec_devices, device_for_slot, feeders_per_device
-from soda_mega.data.build.inputs import InputError, read_audio
+from soda_mega.data.write.devices import codec_devices, device_for_slot, feeders_per_device
+from soda_mega.data.write.inputs import InputError, read_audio
 
 
 def test_device_choice_and_slots():

@@ -14,7 +14,7 @@ import pytest
 
 from build_helpers import codes_corpus, tiny_config, tree_bytes
 from soda_mega.cli import main
-from soda_mega.data.build.builder import (BuildError, build_dataset, finalize_dataset, parse_part, part_from_env,
+from soda_mega.data.write.builder import (BuildError, build_dataset, finalize_dataset, parse_part, part_from_env,
                                   part_units)
 from soda_mega.data.schema import META_FILE
 
@@ -228,7 +228,7 @@ def test_a_part_being_built_is_not_built_twice_at_once(tmp_path, capsys):
     {"host": "another-node", "pid": 1, "started": 0.0},       # heartbeat long stopped
 ])
 def test_stale_part_locks_are_taken_over(tmp_path, monkeypatch, owner):
-    from soda_mega.data.build.part_lock import PartLock
+    from soda_mega.data.write.part_lock import PartLock
 
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
@@ -242,7 +242,7 @@ def test_stale_part_locks_are_taken_over(tmp_path, monkeypatch, owner):
 
 
 def test_a_live_lock_on_another_node_is_respected(tmp_path):
-    from soda_mega.data.build.part_lock import PartBusyError, PartLock
+    from soda_mega.data.write.part_lock import PartBusyError, PartLock
 
     path = _plant_lock(tmp_path, "0/1", host="another-node", pid=1)
     with pytest.raises(PartBusyError, match="another-node"):
@@ -252,7 +252,7 @@ def test_a_live_lock_on_another_node_is_respected(tmp_path):
 
 
 def test_an_unreadable_lock_is_busy_while_fresh_and_stale_when_old(tmp_path):
-    from soda_mega.data.build.part_lock import PartBusyError, PartLock
+    from soda_mega.data.write.part_lock import PartBusyError, PartLock
 
     path = tmp_path / ".build" / "locks" / "part-0-of-2.json"
     path.parent.mkdir(parents=True)

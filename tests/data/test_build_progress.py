@@ -7,7 +7,7 @@ import io
 import re
 import time
 
-from soda_mega.data.build.progress import Progress
+from soda_mega.data.write.progress import Progress
 
 
 class _Terminal(io.StringIO):

@@ -8,7 +8,7 @@ import pytest
 
 from build_helpers import codes_corpus, tiny_config, tree_bytes
 from soda_mega.cli import main
-from soda_mega.data.build.builder import BuildError, build_dataset, finalize_dataset
+from soda_mega.data.write.builder import BuildError, build_dataset, finalize_dataset
 
 
 def _remote_tree(s3_server, bucket: str, prefix: str) -> dict[str, bytes]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from soda_mega.data.codec import MimiCodec, file_sha256, shared_mimi, to_mono, warn_random_init
-from soda_mega.data.build.demo import FALLBACK
-from soda_mega.data.build.inputs import read_audio
+from soda_mega.data.write.demo import FALLBACK
+from soda_mega.data.write.inputs import read_audio
 
 
 SECONDS = 3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from build_helpers import read_split, tiny_config, write_manifest
-from soda_mega.data.build.builder import build_dataset
+from soda_mega.data.write.builder import build_dataset
 from soda_mega.data.documents import (interleaved, recording_documents, segment_frames, semantic_only,
                                       speech_only, text_only)
 from soda_mega.tokens.layout import VocabLayout

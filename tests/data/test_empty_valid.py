@@ -13,7 +13,7 @@ import pytest
 
 from build_helpers import random_codes, tiny_config, write_manifest
 from soda_mega.cli import main
-from soda_mega.data.build.builder import build_dataset, summary_lines
+from soda_mega.data.write.builder import build_dataset, summary_lines
 from soda_mega.data.read.source import DocumentSource, EmptySplitError, MissingSplitError
 from soda_mega.data.schema import META_FILE
 

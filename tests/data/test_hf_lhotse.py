@@ -23,10 +23,10 @@ import pytest
 
 from build_helpers import read_split, tiny_config, tone, wav_bytes, write_manifest
 from soda_mega.cli import main
-from soda_mega.data.build.builder import BuildError, build_dataset
-from soda_mega.data.build.hf_input import HFSource, files_fingerprint, offline
-from soda_mega.data.build.inputs import AudioSlice, InputError, SourceError, load_audio, read_audio, read_manifest
-from soda_mega.data.build.lhotse_input import LhotseSource
+from soda_mega.data.write.builder import BuildError, build_dataset
+from soda_mega.data.write.hf_input import HFSource, files_fingerprint, offline
+from soda_mega.data.write.inputs import AudioSlice, InputError, SourceError, load_audio, read_audio, read_manifest
+from soda_mega.data.write.lhotse_input import LhotseSource
 from soda_mega.data.schema import META_FILE, SPLITS
 
 # id -> (seconds, sample rate, tone Hz, transcript); "a" lands in train, "b" and "c" in valid
@@ -314,7 +314,7 @@ def test_audio_slice_reads_whole_samples_and_checks_the_end(tmp_path):
 
 def test_cuts_of_one_recording_decode_it_once(tmp_path, monkeypatch):
     """Long-form corpora cut one recording into hundreds of cuts: each decoded the whole file."""
-    import soda_mega.data.build.inputs as inputs
+    import soda_mega.data.write.inputs as inputs
 
     pcm = _pcm(2.0, 16000, 300.0)
     path = tmp_path / "long.wav"

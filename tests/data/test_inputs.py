@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from build_helpers import tone, wav_bytes, write_manifest
-from soda_mega.data.build.inputs import (InputError, Segment, Skipped, TextDoc, load_codes, plan_text,
+from soda_mega.data.write.inputs import (InputError, Segment, Skipped, TextDoc, load_codes, plan_text,
                                    read_audio, read_manifest, read_text_range, text_format)
 
 

@@ -13,7 +13,7 @@ from soda_mega.config import load_config
 from soda_mega.data.read.loader import BatchGeometry, SodaDataLoader
 from soda_mega.data.read.mixture import MixturePlan
 from soda_mega.data.read.source import DatasetError
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 SEQ = 64

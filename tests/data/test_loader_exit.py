@@ -19,7 +19,7 @@ import textwrap
 import pytest
 
 from soda_mega.config import load_config
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 EXIT_WITHIN_S = 120  # a clean run takes a few seconds; the bug never ends

@@ -12,7 +12,7 @@ from soda_mega.config import load_config
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.order import StreamOrder
 from soda_mega.data.read.steps import StepPlan
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 SEQ = 32
@@ -98,7 +98,7 @@ def test_packed_stream_keeps_documents_whole_and_each_once_per_epoch():
     pieces = [p for w in range(int(lengths.sum()) // 16) for p in plan.window(w)]
     # consecutive pieces of one document are contiguous; documents appear in whole runs
     seen, current = [], None
-    for s, d, a, b in pieces:
+    for _s, d, a, b in pieces:
         if current is None or d != current[0]:
             assert a == 0, "a document must start at its first token"
             seen.append(d)

@@ -19,7 +19,7 @@ import torch
 
 from checkpoint_helpers import random_full_weights, tiny_config
 from soda_mega.cli import main
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.eval.nll import bucket_names, bucket_stats
 from soda_mega.inference.decoder import SodaDecoder
 from soda_mega.checkpoint.weights import save_full_weights

@@ -21,7 +21,7 @@ from soda_mega.eval.wer import normalize, word_error_rate
 from soda_mega.inference.decoder import SodaDecoder
 from soda_mega.tokens.layout import VocabLayout
 
-FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "build" / "demo_assets" / "fallback"
+FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "write" / "demo_assets" / "fallback"
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_asr_examples_never_leak_the_answer():
 
 # ------------------------------------------------------------------------------ tasks
 def test_task_builder_cuts_segments_and_reverses_pairs(tasks):
-    utts = [json.loads(l) for l in tasks.utterances.read_text().splitlines()]
-    pairs = [json.loads(l) for l in tasks.pairs.read_text().splitlines()]
+    utts = [json.loads(line) for line in tasks.utterances.read_text().splitlines()]
+    pairs = [json.loads(line) for line in tasks.pairs.read_text().splitlines()]
     assert len(utts) == len(pairs) == tasks.count == 6
     assert all(u["text"] for u in utts)
     root = tasks.utterances.parent
@@ -127,7 +127,7 @@ def test_pairs_command_end_to_end(checkpoint, tasks, tmp_path, capsys):
     out = tmp_path / "pairs"
     assert cli(["eval", "pairs", str(checkpoint), str(tasks.pairs), "--out", str(out), "--batch-size", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
-    items = [json.loads(l) for l in (out / "items.jsonl").read_text().splitlines()]
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     s = report["summary"]
     assert s["n"] == 6 and s["correct"] == sum(i["correct"] for i in items)
     assert s["accuracy"] == pytest.approx(s["correct"] / 6)
@@ -142,7 +142,7 @@ def test_speech_command_end_to_end(checkpoint, tasks, tmp_path):
                 "--shots", "1", "--asr-max-new-tokens", "12", "--tts-max-new-tokens", "24",
                 "--batch-size", "6"]) == 0
     report = json.loads((out / "report.json").read_text())
-    items = [json.loads(l) for l in (out / "items.jsonl").read_text().splitlines()]
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     asr = [i for i in items if i["task"] == "asr"]
     tts = [i for i in items if i["task"] == "tts"]
     assert len(asr) == len(tts) == 6
@@ -165,7 +165,7 @@ def test_tts_can_be_scored_by_a_plugged_in_transcriber(checkpoint, tasks, tmp_pa
     out = tmp_path / "tts"
     assert cli(["eval", "tts", str(checkpoint), str(tasks.utterances), "--out", str(out),
                 "--asr", "plug_asr:Echo", "--tts-max-new-tokens", "16"]) == 0
-    items = [json.loads(l) for l in (out / "items.jsonl").read_text().splitlines()]
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert {i["hypothesis"] for i in items} == {"the same words"}
     sys.modules.pop("plug_asr", None)
 
@@ -197,13 +197,13 @@ def test_bad_inputs_are_named(checkpoint, tasks, tmp_path, capsys):
 
 
 def test_batched_encoding_equals_one_file_at_a_time(checkpoint, tasks):
-    from soda_mega.data.build.inputs import InputError
+    from soda_mega.data.write.inputs import InputError
     from soda_mega.eval.speech_io import SpeechIO
     from soda_mega.checkpoint.layout import checkpoint_config
 
     speech = SpeechIO(checkpoint_config(checkpoint))
     root = tasks.utterances.parent
-    paths = [root / json.loads(l)["audio"] for l in tasks.utterances.read_text().splitlines()[:3]]
+    paths = [root / json.loads(line)["audio"] for line in tasks.utterances.read_text().splitlines()[:3]]
     paths.append(root / "missing.wav")
     single = [speech.audio_ids(p) for p in paths[:3]]
     speech.codec.configure(chunk_seconds=10.0, batch_size=3)  # padded batches, as on a GPU

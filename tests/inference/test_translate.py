@@ -13,7 +13,7 @@ from soda_mega.cli import main as cli
 from soda_mega.inference.spans import split_spans
 from soda_mega.tokens.layout import VocabLayout
 
-FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "build" / "demo_assets" / "fallback"
+FALLBACK = Path(__file__).resolve().parents[2] / "soda_mega" / "data" / "write" / "demo_assets" / "fallback"
 
 
 def test_split_spans_inverts_the_document_layout():
@@ -25,7 +25,7 @@ def test_split_spans_inverts_the_document_layout():
 
 
 def test_translate_writes_texts_and_decodable_audio(tmp_path):
-    from soda_mega.data.build.inputs import read_audio
+    from soda_mega.data.write.inputs import read_audio
     from soda_mega.data.read.inspect import write_wav
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", 4)

@@ -127,10 +127,10 @@ def test_gradient_accumulates_into_main_grad_over_four_micro_batches(impl, tmp_p
         loss = out.loss.sum()
         seen = []
 
-        def backward():
-            loss.backward()
+        def backward():  # run within this iteration (below): loss and seen are this step's
+            loss.backward()  # noqa: B023
             # What DDP's post-accumulate hook does: add nothing (flag set), drop .grad.
-            seen.append(weight.grad is not None and weight.grad.data_ptr() == weight.data_ptr())
+            seen.append(weight.grad is not None and weight.grad.data_ptr() == weight.data_ptr())  # noqa: B023
             weight.grad = None
 
         if step == 0:  # one-time initialisations outside the profiler

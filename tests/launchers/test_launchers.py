@@ -309,7 +309,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> list[str]:
-    from soda_mega.data.build.synthetic import random_docs, write_split
+    from soda_mega.data.write.synthetic import random_docs, write_split
     from soda_mega.tokens import VocabLayout
 
     root = tmp_path_factory.mktemp("corpus")

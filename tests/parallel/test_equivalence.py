@@ -2,10 +2,11 @@
 
 A single process (TP=PP=DP=1) runs the ``tiny`` model on one global batch of 4 micro-batches
 and saves its weights and gradients. Then 2 gloo processes build every layout from the same
-seed (which must give exactly the same weights) and run the same batch (one torchrun launch for all cases, since starting Megatron costs seconds),
-and each rank compares its loss and every local gradient shard with the matching slice of the
-single-process gradient. A negative control (sequence parallelism without the TP all-reduce of
-norm gradients) must be caught. See equivalence_worker.py for the cases.
+seed (which must give exactly the same weights) and run the same batch (one torchrun launch
+for all cases, since starting Megatron costs seconds), and each rank compares its loss and
+every local gradient shard with the matching slice of the single-process gradient. A negative
+control (sequence parallelism without the TP all-reduce of norm gradients) must be caught.
+See equivalence_worker.py for the cases.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 def tiny_dataset(root: Path, num_docs: int = 4) -> Path:
     """A synthetic speech dataset (``train`` and ``valid``) of the tiny preset's vocabulary."""
     from checkpoint_helpers import tiny_config
-    from soda_mega.data.build.synthetic import write_split
+    from soda_mega.data.write.synthetic import write_split
     from soda_mega.tokens.layout import VocabLayout
 
     layout = VocabLayout.from_config(tiny_config().vocab)

@@ -17,7 +17,7 @@ import numpy as np
 from soda_mega.config import load_config
 from soda_mega.data.schema import LENGTHS_FILE, MDS_COLUMNS, META_FILE
 from soda_mega.data.streaming_compat import streaming_base, streaming_module
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 
 REPO = Path(__file__).resolve().parents[2]

@@ -88,7 +88,7 @@ def test_decoding_stops_at_the_bound_in_memory(tmp_path):
     code = textwrap.dedent(f"""
         import resource
         import sphn  # its import is not what is measured
-        from soda_mega.data.build.inputs import InputError, read_audio, set_max_record_audio_bytes
+        from soda_mega.data.write.inputs import InputError, read_audio, set_max_record_audio_bytes
         set_max_record_audio_bytes({LIMIT})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:

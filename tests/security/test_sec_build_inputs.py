@@ -21,7 +21,7 @@ import pytest
 
 from sec_build_helpers import BUILD_ARGS, corpus_with, crafted_wav, no_traceback
 from soda_mega.cli import main
-from soda_mega.data.build.inputs import AudioSlice, InputError, read_audio_bytes
+from soda_mega.data.write.inputs import AudioSlice, InputError, read_audio_bytes
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 384000  # what read_audio accepts
 

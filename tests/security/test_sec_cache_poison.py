@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from sec_dataset_helpers import assert_refused, main_in_process, tiny_layout
-from soda_mega.data.build.synthetic import write_split
+from soda_mega.data.write.synthetic import write_split
 
 
 def _docs(offset: int) -> list[np.ndarray]:

@@ -73,7 +73,8 @@ def test_hostile_manifest_entries_are_refused(tmp_path_factory, tmp_path):
         entry_name, entry = plant(step)
         if entry is not RAW:
             entry = dict(_ENTRY) if entry is None else entry
-            edit_manifest(step, lambda m: m["files"].__setitem__(entry_name, entry))
+            # edit_manifest calls it at once: entry_name and entry are this case's
+            edit_manifest(step, lambda m: m["files"].__setitem__(entry_name, entry))  # noqa: B023
         out = tmp_path / f"{name}-hf"
         argvs.append(["eval", "nll", str(step), "--data", str(data), "--max-batches", "1",
                       "--quiet"])

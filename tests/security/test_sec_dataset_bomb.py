@@ -47,7 +47,7 @@ def bombs(tmp_path_factory):
             (split / "shard.00000.mds.zstd").write_bytes(packed)
             digest, packed_digest = xxh64(inflated), xxh64(packed)
 
-            def change(index, name=name):
+            def change(index, name=name, digest=digest, packed_digest=packed_digest, packed=packed):
                 shard = index["shards"][0]
                 shard["raw_data"]["hashes"]["xxh64"] = digest
                 shard["zip_data"]["hashes"]["xxh64"] = packed_digest

@@ -16,7 +16,7 @@ import zstd
 from sec_dataset_helpers import edit_index, tiny_layout
 from soda_mega.data.shard_contract import InflateError, inflate
 from soda_mega.data.read.source import DatasetError, DocumentSource
-from soda_mega.data.build.synthetic import random_docs, write_split
+from soda_mega.data.write.synthetic import random_docs, write_split
 
 COMPRESS = {"zstd": lambda b: zstd.compress(b, 3), "gz": gzip.compress, "bz2": bz2.compress}
 LIMIT = 1 << 20  # inflate writes output a chunk (1 MiB) at a time

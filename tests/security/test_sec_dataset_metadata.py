@@ -99,7 +99,7 @@ def test_errors_quoting_metadata_are_one_escaped_line(tmp_path, capsys):
 def test_a_data_error_in_a_loader_worker_arrives_as_one_line(tmp_path):
     from soda_mega.config import load_config
     from soda_mega.data.read.loader import SodaDataLoader
-    from soda_mega.data.build.synthetic import write_split
+    from soda_mega.data.write.synthetic import write_split
     from soda_mega.data.shard_contract import DatasetError
 
     layout = tiny_layout()

@@ -25,7 +25,7 @@ import zstd
 
 from sec_dataset_helpers import (REPO, assert_refused, cli, edit_index, edit_meta, main_in_process,
                                  plain_split, tiny_layout)
-from soda_mega.data.build.synthetic import write_split
+from soda_mega.data.write.synthetic import write_split
 from soda_mega.data.read.cache import NodeCache
 from soda_mega.data.read.source import DatasetError, DocumentSource
 from soda_mega.data.schema import LENGTHS_FILE

@@ -235,7 +235,7 @@ def test_sec_well_formed_input_still_works(results, name):
 def test_sec_jsonl_line_that_breaks_json_is_one_bad_record(tmp_path, line, reason):
     """One hostile line of a recordings manifest or a text JSONL is skipped and named; the
     lines around it are read (the builder's rule for every bad line)."""
-    from soda_mega.data.build.inputs import TextRange, read_manifest, read_text_range
+    from soda_mega.data.write.inputs import TextRange, read_manifest, read_text_range
 
     good = json.dumps({"id": "good", "audio": "a.wav"})
     manifest = tmp_path / "m.jsonl"

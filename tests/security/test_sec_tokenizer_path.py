@@ -37,7 +37,7 @@ def test_recorded_tokenizer_paths_are_refused_without_traceback(tmp_path_factory
                        "--max-new-tokens", "4"], path))
     results = run_cli_cases([argv for argv, _ in cases], tmp_path, each=120, timeout=900)
     failures = []
-    for (argv, path), result in zip(cases, results):
+    for (_argv, path), result in zip(cases, results):
         err = result["stderr"]
         errors = [line for line in err.splitlines() if "error" in line]
         if (result["rc"] != 2 or "Traceback" in err or not errors or path not in errors[-1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoint_helpers import make_tiny_checkpoint, random_full_weights, tiny_config
-from soda_mega.data.build.builder import build_dataset
+from soda_mega.data.write.builder import build_dataset
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.schema import LENGTHS_FILE
 from soda_mega.checkpoint.errors import CheckpointError

@@ -85,6 +85,21 @@ def test_plan_arithmetic_by_hand():
     assert plan.device_total == pytest.approx(37_999_616 * 1.05 + 1.25 * GIB)
 
 
+def test_plan_reads_the_resolved_run():
+    """A plan made from the command's ResolvedRun is the plan of the config on that world; a
+    run resolved for another world size is refused rather than silently mixed in."""
+    from soda_mega.run.resolved import resolve_run
+
+    cfg = load_config(preset="tiny", overrides=HAND)
+    run = resolve_run(cfg, 8)
+    given = plan_memory(cfg, 8, resolved=run)
+    assert given.to_dict() == plan_memory(cfg, 8).to_dict()
+    assert (given.data_parallel, given.micro_batches) == (run.dp, run.grad_accum)
+    assert loss_terms(cfg, 256, "cuda", resolved=run) == loss_terms(cfg, 256, "cuda")
+    with pytest.raises(ValueError, match="resolved for 8 ranks, not 16"):
+        plan_memory(cfg, 16, resolved=run)
+
+
 def test_pipeline_in_flight_counts():
     cfg = load_config(preset="tiny", overrides=HAND)
     assert [in_flight(cfg, s, 8) for s in (0, 1)] == [(2, 2), (1, 2)]

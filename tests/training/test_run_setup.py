@@ -68,3 +68,25 @@ def test_dry_run_derives_the_vocabulary_once(monkeypatch, capsys):
     assert layouts["layout"] == 1
     # the planner's rank of this layout (issue 36), from the same vocabulary
     assert re.search(r"soda-mega plan \(H100 SXM 80GB, predicted\): this layout ranks \d+ of \d+", out)
+
+
+def test_dry_run_plan_takes_its_layout_from_the_resolved_run(monkeypatch, capsys):
+    """Issue 35: the memory plan of ``train --dry-run`` reads the padded vocabulary, DP size and
+    micro-batches from the command's ResolvedRun instead of deriving them again: the padding
+    is computed by ``resolve_run`` (and the parameter accounting, a model-level function of the
+    layout), never by ``training/plan.py``."""
+    import sys
+
+    from soda_mega.cli import main
+    from soda_mega.tokens.layout import VocabLayout
+
+    callers: Counter = Counter()
+    # key: the module of the function that asked for the padding (frame 2: past the key and
+    # the spy itself).
+    count_calls(monkeypatch, VocabLayout, "padded_size",
+                lambda *a, **k: sys._getframe(2).f_globals["__name__"], callers)
+    assert main(["train", "--preset", "tiny", "--parallel.tensor_parallel=2", "--dry-run",
+                 "--world-size", "4"]) == 0
+    assert "world 4 = TP 2 x PP 1 x DP 2" in capsys.readouterr().out
+    assert callers["soda_mega.run.resolved"] == 1, callers
+    assert "soda_mega.training.plan" not in callers, callers

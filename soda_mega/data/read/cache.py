@@ -506,7 +506,7 @@ class NodeCache:
         """(last use, file, size, entry file) of every file in the cache's own index that is
         still there (entries of vanished files are dropped)."""
         folder = self.root / INDEX_DIR / _ENTRIES
-        out = []
+        out: list[tuple[float, Path, int, Path]] = []
         try:
             names = os.listdir(folder)
         except FileNotFoundError:

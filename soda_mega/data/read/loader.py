@@ -2,7 +2,7 @@
 
 A loader is the last step of the set-up's walk down: it takes a split opened once
 (:class:`.split.OpenedSplit`: sources, weights, stream orders) and the run's resolved batch
-geometry (:class:`soda_mega.config.resolved.ResolvedRun`), picks the plan and reads windows.
+geometry (:class:`soda_mega.run.resolved.ResolvedRun`), picks the plan and reads windows.
 Given a bare config it opens the split itself (tools, tests).
 
 Every rank computes the same global plan of windows from document lengths and keeps the
@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from soda_mega.config.resolved import BatchGeometry, ResolvedRun
+from soda_mega.run.resolved import BatchGeometry, ResolvedRun
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.mixture import PAD_STREAM, MixturePlan, Piece
 from soda_mega.data.read.source import DatasetError, DocumentSource

@@ -23,7 +23,7 @@ Planning reads only the text and id columns. A :class:`Recording` carries an :cl
 (dataset + row index, a few bytes) as its audio; the worker (or feeder) that encodes it opens
 the dataset once per process (Arrow tables are memory-mapped), reads that row's audio column
 with ``Audio(decode=False)`` and decodes the bytes with the project's reader
-(:func:`~soda_mega.data.build.inputs.read_audio_bytes`, sphn), not with the library's own decoder
+(:func:`~soda_mega.data.write.inputs.read_audio_bytes`, sphn), not with the library's own decoder
 (torchcodec), so a row decodes to the same samples as the same file on disk.
 """
 
@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from soda_mega.data.build.inputs import (InputError, Recording, Segment, Skipped, SourceError, _text,
+from soda_mega.data.write.inputs import (InputError, Recording, Segment, Skipped, SourceError, _text,
                                    read_audio, read_audio_bytes)
 
 PLAN_BATCH_ROWS = 4096

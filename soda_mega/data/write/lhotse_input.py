@@ -6,10 +6,11 @@ recording, as ``CutSet.from_manifests`` makes them), read through the ``lhotse``
 (optional: ``pip install lhotse``).
 
 Each cut is one recording of the build: id = the cut's id (its Lhotse recording, and the
-supervisions' speakers, decide its train/valid split: :mod:`~soda_mega.data.build.splits`);
-audio = the cut's stretch of its recording (``start`` / ``duration`` seconds, cut at whole samples as Lhotse counts them: a cut of
-a longer recording is read as that part only, an :class:`~soda_mega.data.build.inputs.AudioSlice`;
-consecutive cuts of one recording decode it once);
+supervisions' speakers, decide its train/valid split: :mod:`~soda_mega.data.write.splits`);
+audio = the cut's stretch of its recording (``start`` / ``duration`` seconds, cut at whole samples
+as Lhotse counts them: a cut of a longer recording is read as that part only, an
+:class:`~soda_mega.data.write.inputs.AudioSlice`; consecutive cuts of one recording decode it
+once);
 transcript segments = the cut's supervisions that have text, with ``start`` / ``end`` relative to
 the cut. A cut without any supervision text is untranscribed audio (audio-only document types).
 The cut ``{"start": 1.2, "duration": 1.4, "supervisions": [{"start": 0.1, "duration": 0.6, "text":
@@ -32,7 +33,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from soda_mega.data.build.inputs import (SLICE_END_TOLERANCE_S, AudioSlice, InputError, Recording, Skipped, SourceError,
+from soda_mega.data.write.inputs import (SLICE_END_TOLERANCE_S, AudioSlice, InputError, Recording, Skipped, SourceError,
                                    parse_record)
 
 # A cut that starts at 0 and lasts as long as its recording (within this) is the whole file.

@@ -33,7 +33,7 @@ def write_split(split_dir: Path, layout: VocabLayout, docs: list[np.ndarray], ki
                           "doc_type": "text_only" if kind == "text" else "speech_only",
                           "record_id": f"r{i}"})
     np.save(split_dir / LENGTHS_FILE, np.array([len(d) for d in docs], np.int64))
-    meta = {"format": FORMAT, "split": split, "kind": kind, "vocab_layout": layout.to_dict(),
+    meta: dict = {"format": FORMAT, "split": split, "kind": kind, "vocab_layout": layout.to_dict(),
             "vocab_fingerprint": layout.fingerprint(), "codec": None,
             "tokenizer": {"kind": "synthetic", "path": None, "sha256": None}, "num_docs": len(docs),
             "doc_types": {}, "tokens": {"total": int(sum(len(d) for d in docs))},

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from soda_mega.config.schema import MAX_RECORD_AUDIO_BYTES
 
 #: the worker initializer, by name (imported in the worker after its parent-death signal)
-INIT_WORKER = "soda_mega.data.build.build_worker:init_worker"
+INIT_WORKER = "soda_mega.data.write.build_worker:init_worker"
 #: the initializer of a worker's feeder processes, by name
-INIT_FEEDER = "soda_mega.data.build.build_worker:init_feeder"
+INIT_FEEDER = "soda_mega.data.write.build_worker:init_feeder"
 
 
 @dataclass(frozen=True)

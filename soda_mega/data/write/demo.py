@@ -33,9 +33,9 @@ import torch
 
 from soda_mega.config import load_config
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.build.builder import BuildResult, build_dataset
+from soda_mega.data.write.builder import BuildResult, build_dataset
 from soda_mega.data.resample import resample
-from soda_mega.data.build.writer import atomic_write_text
+from soda_mega.data.write.writer import atomic_write_text
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 SENTENCES = ASSETS / "sentences.txt"
@@ -221,8 +221,8 @@ def build_demo(out: str | Path, cfg: SodaConfig, *, overwrite: bool = False, lim
 
 
 if __name__ == "__main__":
-    # Maintainers: `python -m soda_mega.data.build.demo --write-fallback` regenerates demo_assets/fallback.
+    # Maintainers: `python -m soda_mega.data.write.demo --write-fallback` regenerates demo_assets/fallback.
     if sys.argv[1:] == ["--write-fallback"]:
         print(write_fallback_assets())
     else:
-        sys.exit("usage: python -m soda_mega.data.build.demo --write-fallback  (users: soda-mega data demo OUT)")
+        sys.exit("usage: python -m soda_mega.data.write.demo --write-fallback  (users: soda-mega data demo OUT)")

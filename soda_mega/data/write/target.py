@@ -1,7 +1,7 @@
 """Where ``data build`` puts its files: a local folder, or a remote prefix through a local stage.
 
 A local ``OUT`` is written in place (temp folders, renames, atomic markers: see
-:mod:`soda_mega.data.build.writer`). A remote ``OUT`` (``s3://``, ``gs://``, ``oci://``, ``hf://``,
+:mod:`soda_mega.data.write.writer`). A remote ``OUT`` (``s3://``, ``gs://``, ``oci://``, ``hf://``,
 ... : whatever mosaicml-streaming's ``CloudUploader`` supports) is written to a local staging
 folder and uploaded with streaming's own machinery: each unit's shards by ``MDSWriter`` itself
 (``out=(stage, remote)``, which uploads every shard as it is closed and deletes the local copy),

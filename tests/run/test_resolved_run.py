@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from soda_mega.config import ConfigError, load_config
-from soda_mega.config.resolved import BatchGeometry, resolve_run
+from soda_mega.run.resolved import BatchGeometry, resolve_run
 from soda_mega.tokens.layout import VocabLayout
 
 

@@ -3,7 +3,7 @@
 A worker is a spawned process (or the building process itself for 0 workers) set up by
 :func:`init_worker` from a picklable :class:`WorkerSpec`. It reads each unit's recordings,
 encodes them with Mimi (or takes ``.npy`` codes), tokenizes, builds documents and writes them
-with :class:`~soda_mega.data.build.writer.UnitWriter`. On the device path (:mod:`.devices`) the
+with :class:`~soda_mega.data.write.writer.UnitWriter`. On the device path (:mod:`.devices`) the
 worker takes a device slot when it starts, holds the only codec on that device, and a pool of
 feeder processes decodes and resamples the unit's audio ahead of the codec.
 """
@@ -18,17 +18,17 @@ from typing import Sequence
 import numpy as np
 
 from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, shared_mimi, to_mono
-from soda_mega.data.build.devices import device_for_slot
+from soda_mega.data.write.devices import device_for_slot
 from soda_mega.data.documents import recording_documents, s2st_document, segment_frames, text_document
-from soda_mega.data.build.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
+from soda_mega.data.write.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
                                    load_audio, load_codes, read_text_range,
                                    set_max_record_audio_bytes)
-from soda_mega.data.build.splits import record_split, split_of
-from soda_mega.data.build.target import BuildTarget
+from soda_mega.data.write.splits import record_split, split_of
+from soda_mega.data.write.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
-from soda_mega.data.build.writer import UnitWriter
+from soda_mega.data.write.writer import UnitWriter
 from soda_mega.tokens.layout import VocabLayout
-from soda_mega.data.build.worker_spec import INIT_FEEDER, WorkerSpec
+from soda_mega.data.write.worker_spec import INIT_FEEDER, WorkerSpec
 from soda_mega.utils.lifetime import spawned_dying_with
 
 
@@ -91,7 +91,7 @@ def worker_device() -> str | None:
 
 
 def set_progress(progress) -> None:
-    """In-process builds report to this :class:`~soda_mega.data.build.progress.Progress` directly."""
+    """In-process builds report to this :class:`~soda_mega.data.write.progress.Progress` directly."""
     _STATE["progress"] = progress
 
 
@@ -163,7 +163,7 @@ def init_feeder(max_record_audio_bytes: int) -> None:
 
 
 def decode_for_codec(path) -> tuple[np.ndarray | InputError, float]:
-    """A feeder's job: audio file (or reference, see :func:`~soda_mega.data.build.inputs.load_audio`) ->
+    """A feeder's job: audio file (or reference, see :func:`~soda_mega.data.write.inputs.load_audio`) ->
     (mono float32 at Mimi's 24 kHz, seconds), or the InputError."""
     try:
         wav, rate = load_audio(path)

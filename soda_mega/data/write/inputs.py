@@ -279,7 +279,8 @@ def _read_jsonl(path: str | Path, parse: Callable[[object, str, Path, str], T]
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise InputError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+                    raise InputError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                     f"{err.start + 1})") from None
                 obj = _json_line(text)
                 rec = parse(obj, where, base, path.stem)
             except InputError as err:
@@ -505,8 +506,8 @@ def _walk_wav_chunks(path: Path, name: str) -> None:
                     return
                 have = size - pos - 8
                 if have < csize:
-                    def secs(n: int) -> str:
-                        return f"{n / block / rate:.3f} s" if rate and block else "?"
+                    def secs(n: int) -> str:  # called at once, below: block and rate are current
+                        return f"{n / block / rate:.3f} s" if rate and block else "?"  # noqa: B023
                     raise InputError(f"audio {name} is truncated: its header says {secs(csize)} "
                                      f"({csize} bytes of samples), the file holds {secs(have)} ({have} bytes)")
                 return

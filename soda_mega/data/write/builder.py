@@ -19,7 +19,7 @@ Three kinds of dataset: ``speech`` (recording manifests -> interleaved / audio-o
    turned into documents; each record goes to ``train`` or ``valid`` by a hash of its
    recording (or speaker group, :mod:`.splits`; a text document by its id), so the split does
    not depend on input order, worker count or device, and a recording is never in both. Units are written by
-   :class:`~soda_mega.data.build.writer.UnitWriter` (temp folder, rename, then marker).
+   :class:`~soda_mega.data.write.writer.UnitWriter` (temp folder, rename, then marker).
 3. **Merge** (parent): per split, the units' shards are indexed in unit order and
    ``doc_lengths.npy`` and ``soda_meta.json`` are written (see :mod:`.schema`), from the unit
    markers alone. A build without a single train document fails here.
@@ -57,20 +57,20 @@ from typing import Callable, Sequence
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
-from soda_mega.data.build.build_worker import init_worker, run_unit, set_progress, shutdown_worker, worker_device
-from soda_mega.data.build.splits import assign_groups, split_of
+from soda_mega.data.write.build_worker import init_worker, run_unit, set_progress, shutdown_worker, worker_device
+from soda_mega.data.write.splits import assign_groups, split_of
 from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, check_mimi_weights, file_sha256,
                                   mimi_metadata, precomputed_codec_metadata, warn_random_init)
-from soda_mega.data.build.devices import codec_devices, feeders_per_device
-from soda_mega.data.build.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
+from soda_mega.data.write.devices import codec_devices, feeders_per_device
+from soda_mega.data.write.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
                                    text_format)
-from soda_mega.data.build.part_lock import PartLock
-from soda_mega.data.build.progress import Progress
+from soda_mega.data.write.part_lock import PartLock
+from soda_mega.data.write.progress import Progress
 from soda_mega.data.schema import FORMAT, SPLITS
-from soda_mega.data.build.target import BuildTarget
+from soda_mega.data.write.target import BuildTarget
 from soda_mega.data.tokenizer import load_tokenizer
-from soda_mega.data.build.worker_spec import INIT_WORKER, WorkerSpec
-from soda_mega.data.build.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
+from soda_mega.data.write.worker_spec import INIT_WORKER, WorkerSpec
+from soda_mega.data.write.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
                                    check_marker, clean_partial_units, marker_path, marker_rel, merge_split,
                                    remove_merged_files)
 from soda_mega.errors import SodaUserError
@@ -182,8 +182,8 @@ class Plan:
 
 def is_source(item) -> bool:
     """An input that plans itself (``plan() -> (recordings, skipped, fingerprint)``): a local
-    Hugging Face dataset (:class:`~soda_mega.data.build.hf_input.HFSource`) or a Lhotse manifest
-    (:class:`~soda_mega.data.build.lhotse_input.LhotseSource`); other inputs are file paths."""
+    Hugging Face dataset (:class:`~soda_mega.data.write.hf_input.HFSource`) or a Lhotse manifest
+    (:class:`~soda_mega.data.write.lhotse_input.LhotseSource`); other inputs are file paths."""
     return callable(getattr(item, "plan", None))
 
 

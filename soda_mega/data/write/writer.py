@@ -12,7 +12,7 @@ A build folder (see :mod:`soda_mega.data.schema` for the parts the loader reads)
 :class:`UnitWriter` writes a unit's documents into ``units/<name>.tmp-<pid>`` folders, renames
 them into place when the unit is complete and only then writes the marker (atomically), so a
 crash leaves either a finished unit or debris that :func:`clean_partial_units` removes.
-For a remote output (:mod:`soda_mega.data.build.target`) ``MDSWriter`` uploads the shards itself and
+For a remote output (:mod:`soda_mega.data.write.target`) ``MDSWriter`` uploads the shards itself and
 the marker is uploaded last. :func:`merge_split` writes the top-level ``index.json`` from the
 markers alone: each unit's shard entries with ``units/<name>/`` prefixed to their file names,
 which is exactly what mosaicml-streaming's ``merge_index`` produces, without reading (or
@@ -36,7 +36,7 @@ from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, 
 from soda_mega.data.shard_contract import (DatasetError, check_index, check_lengths_chunk, check_meta,
                                            check_shard)
 from soda_mega.data.streaming_compat import streaming_module
-from soda_mega.data.build.target import BuildTarget
+from soda_mega.data.write.target import BuildTarget
 from soda_mega.tokens.layout import VocabLayout
 
 STATE_DIR = ".build"
@@ -221,7 +221,7 @@ def remove_merged_files(root: Path) -> None:
 
 
 def merge_split(root: Path, split: str, unit_names: list[str], markers: dict[str, dict],
-                meta_base: dict, extra_skipped: list[dict] = (), check_units: bool = True) -> dict:
+                meta_base: dict, extra_skipped: Sequence[dict] = (), check_units: bool = True) -> dict:
     """Top-level index.json, doc_lengths.npy and soda_meta.json of one split; returns the meta.
 
     Everything comes from the unit markers. ``extra_skipped`` are records rejected before any

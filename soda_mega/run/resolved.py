@@ -8,8 +8,8 @@ trainer, the model and the loader receive the :class:`ResolvedRun` instead of de
 again from the config at every level. ``VocabLayout.from_config`` stays for the places that
 truly start from a bare config (tools, evaluating a checkpoint).
 
-NOTE: this module sits on the bottom floor with ``tokens`` (it needs the layout); it is not
-imported by ``soda_mega.config``'s ``__init__``, which ``tokens`` itself imports.
+NOTE: it needs both the config and the vocabulary layout of ``tokens`` (which itself stands on
+``config``), so it lives on its own floor above the two (``tests/config/test_floor_layering.py``).
 """
 
 from __future__ import annotations
