@@ -114,8 +114,8 @@ def measure_cpu_side(files: int, seconds: float, source_rates: tuple[int, ...]) 
     """Decode WAV files and resample to 24 kHz in this process with one torch thread (a feeder)."""
     import torch
 
-    from soda_mega.data.write.build_worker import decode_for_codec
     from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
+    from soda_mega.data.write.build_worker import decode_for_codec
     from soda_mega.data.write.inputs import read_audio
 
     threads = torch.get_num_threads()

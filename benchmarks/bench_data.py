@@ -50,7 +50,7 @@ if "--memory-child" not in sys.argv:  # the memory probe imports numpy and the p
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def synth_corpus(root: Path, layout: "VocabLayout", speech_docs: int, text_docs: int,
+def synth_corpus(root: Path, layout: VocabLayout, speech_docs: int, text_docs: int,
                  frames: tuple[int, int], seed: int = 0) -> list[str]:
     """Write one speech and one text dataset of random SODA-shaped documents."""
     rng = np.random.default_rng(seed)

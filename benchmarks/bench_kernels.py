@@ -272,9 +272,8 @@ def with_main_grad(torch, weight):
 
 
 def run_loss(torch, args, dtype, device) -> tuple[list[dict], dict]:
-    from soda_mega.tokens import VocabLayout
-
     from soda_kernels.fused_linear_cross_entropy import backward_extra_bytes, default_vocab_slice
+    from soda_mega.tokens import VocabLayout
 
     methods, notes = loss_methods(torch, args.skip)
     rows = []
@@ -331,8 +330,6 @@ def cost_rows(torch, args) -> list[dict]:
     """FLOPs and DRAM bytes per micro-batch of the fused loss (all tokens active), next to the
     ``6 N H V`` ideal, for the benchmark's shapes (``--smoke``: the SODA grid in bf16), with
     the GPU's vocabulary slice and with the gradient added into an fp32 ``main_grad``."""
-    from soda_mega.tokens import VocabLayout
-
     from soda_kernels.flce_plan import plan_for_peak, train_cost_model
     from soda_kernels.flce_roofline import PEAKS
     from soda_kernels.fused_linear_cross_entropy import (
@@ -340,6 +337,7 @@ def cost_rows(torch, args) -> list[dict]:
         default_grad_h_slices,
         default_vocab_slice,
     )
+    from soda_mega.tokens import VocabLayout
 
     tokens, hidden, tps = (([8192, 16384], [512, 1024, 2048, 2560], [1, 2, 4]) if args.smoke
                            else (args.tokens, args.hidden, args.tp))
@@ -550,8 +548,8 @@ def run_cpu_engines(torch, args) -> tuple[list[dict], dict]:
             continue
         extra = (measured_choice(torch, fn, hidden, weight, labels)
                  if name == "soda_triton_train_measured" else {})
-        m = measure(torch, lambda: fn(hidden, weight, labels), (hidden, weight), args.iters,
-                    args.warmup)
+        m = measure(torch, functools.partial(fn, hidden, weight, labels), (hidden, weight),
+                    args.iters, args.warmup)
         plan, engine = TRAIN_DESIGNS[name]
         rows.append({"op": "loss_engine_cpu", "tokens": n, "hidden": h, "vocab_local": v,
                      "dtype": "float32", "impl": name, "loss_plan": plan, "gemm_engine": engine,

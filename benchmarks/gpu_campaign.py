@@ -64,8 +64,8 @@ import sys
 import tarfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/gpu_campaign.py` puts benchmarks/ first
@@ -92,8 +92,8 @@ class Phase:
     budget_s: float
     smoke_budget_s: float
     help: str
-    run: Optional[Callable[["Context"], None]] = None
-    command: Optional[tuple[str, ...]] = None
+    run: Callable[[Context], None] | None = None
+    command: tuple[str, ...] | None = None
     smoke_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -139,7 +139,7 @@ class Context:
 
         return write_json(self.out / f"{self.phase}.json", self.payload)
 
-    def result(self, name: str) -> Optional[dict]:
+    def result(self, name: str) -> dict | None:
         """Another phase's saved result, or None."""
         path = self.out / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -884,7 +884,7 @@ def _fill(part: str, values: dict) -> str:
     return part
 
 
-def collect_command_results(out: Path, name: str, rc: Optional[int]) -> None:
+def collect_command_results(out: Path, name: str, rc: int | None) -> None:
     """``<name>.json`` for a command phase: what it wrote into its folder, its JSON and markdown
     results inlined (so the summary and the converted results carry them)."""
     from soda_mega.utils.provenance import write_json
@@ -982,10 +982,10 @@ def campaign(args) -> int:
 def _utc(t: float) -> str:
     import datetime as dt
 
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
-def _write_state(out: Path, state: dict, bundle_path: Optional[str], start: float) -> None:
+def _write_state(out: Path, state: dict, bundle_path: str | None, start: float) -> None:
     from soda_mega.perf import campaign_report
 
     state["elapsed_s"] = time.time() - start

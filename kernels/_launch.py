@@ -11,12 +11,13 @@ not with values a separate description would have to keep in sync.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
-_RECORDERS: list[list["Launch"]] = []
-_OBSERVERS: list[list["Launch"]] = []
+_RECORDERS: list[list[Launch]] = []
+_OBSERVERS: list[list[Launch]] = []
 
 
 @dataclass
@@ -73,7 +74,7 @@ def gpu_like(device) -> bool:
 
 
 def launch(role: str, kernel, grid, args: tuple, consts: dict,
-           tuner: Optional[Callable[[], Any]] = None) -> None:
+           tuner: Callable[[], Any] | None = None) -> None:
     """Run ``kernel[grid](*args, **consts)``, or through ``tuner()`` (its autotuner) when
     given; inside :func:`record_launches` only record it."""
     if _RECORDERS:

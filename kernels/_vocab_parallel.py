@@ -20,7 +20,6 @@ results across the TP group. This module holds what they share:
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ import torch.distributed as dist
 _GROUPS: dict[str, dist.ProcessGroup] = {}
 
 
-def register_group(group: Optional[dist.ProcessGroup]) -> str:
+def register_group(group: dist.ProcessGroup | None) -> str:
     """Name under which a custom op finds ``group``; "" means no group (one rank)."""
     if group is None or dist.get_world_size(group) == 1:
         return ""
@@ -37,7 +36,7 @@ def register_group(group: Optional[dist.ProcessGroup]) -> str:
     return name
 
 
-def resolve_group(name: str) -> Optional[dist.ProcessGroup]:
+def resolve_group(name: str) -> dist.ProcessGroup | None:
     if not name:
         return None
     try:
@@ -49,7 +48,7 @@ def resolve_group(name: str) -> Optional[dist.ProcessGroup]:
         ) from None
 
 
-def group_rank_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -71,7 +70,7 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, dim: int =
 
 
 def combine_across_ranks(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                         group: Optional[dist.ProcessGroup]):
+                         group: dist.ProcessGroup | None):
     """``(logsumexp over all ranks' columns, target logit)`` from this rank's partials.
 
     Two collectives: all-reduce MAX of ``m``, then all-reduce SUM of ``[s * exp(m - M), t]``.
@@ -116,11 +115,11 @@ class _IdentityAllReduceGrad(torch.autograd.Function):
         return grad, None
 
 
-def reduce_forward(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def reduce_forward(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return x if group is None else _AllReduceIdentityGrad.apply(x, group)
 
 
-def reduce_backward(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def reduce_backward(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     return x if group is None else _IdentityAllReduceGrad.apply(x, group)
 
 

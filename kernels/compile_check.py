@@ -92,10 +92,10 @@ def production_launches(dtype, scenario: Scenario = SCENARIO) -> list[tuple[str,
     import torch
 
     import soda_kernels.flce_train as train
-    from soda_kernels.flce_plan import plan_for_peak
     import soda_kernels.fused_linear_cross_entropy as flce
     import soda_kernels.interleaved_embedding as emb
     from soda_kernels._launch import record_launches
+    from soda_kernels.flce_plan import plan_for_peak
     from soda_kernels.flce_roofline import PEAKS
 
     meta = torch.device("meta")

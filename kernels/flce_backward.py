@@ -10,8 +10,8 @@ updated; then ``grad_h`` is all-reduced over TP and scattered into ``grad_hidden
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,13 +19,13 @@ import triton
 
 from soda_kernels._launch import gpu_like
 from soda_kernels._vocab_parallel import interpreting
-from soda_kernels.flce_roofline import ideal_work, recompute_launches
 from soda_kernels.flce_ops import (
     grad_logits_torch,
     grad_logits_triton,
     matmul_torch,
     padded_width,
 )
+from soda_kernels.flce_roofline import ideal_work, recompute_launches
 from soda_kernels.gemm_engine import gemm
 
 
@@ -156,12 +156,12 @@ def compacts_rows(device: torch.device) -> bool:
     return not gpu_like(device)
 
 
-def active_index(active: torch.Tensor) -> Optional[torch.Tensor]:
+def active_index(active: torch.Tensor) -> torch.Tensor | None:
     """Indices of the active rows when they are compacted (:func:`compacts_rows`), else None."""
     return active.nonzero().squeeze(1) if compacts_rows(active.device) else None
 
 
-def take_rows(x: torch.Tensor, idx: Optional[torch.Tensor], active: torch.Tensor,
+def take_rows(x: torch.Tensor, idx: torch.Tensor | None, active: torch.Tensor,
               fill=None) -> torch.Tensor:
     """The rows of ``x`` the kernels see: the active ones (``idx``), or all of them with the
     inactive ones set to ``fill`` (kept as they are when ``fill`` is None)."""
@@ -172,7 +172,7 @@ def take_rows(x: torch.Tensor, idx: Optional[torch.Tensor], active: torch.Tensor
     return torch.where(active.view(-1, *[1] * (x.dim() - 1)), x, fill)
 
 
-def put_rows(values: torch.Tensor, idx: Optional[torch.Tensor],
+def put_rows(values: torch.Tensor, idx: torch.Tensor | None,
              active: torch.Tensor) -> torch.Tensor:
     """``[N, ...]``: ``values`` (one per row :func:`take_rows` gave) at the active rows,
     exact zeros elsewhere."""

@@ -61,10 +61,10 @@ import socket
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,7 +93,7 @@ class Decision:
     source: str
     times_s: dict = field(default_factory=dict)  # candidate label -> seconds (max over ranks)
     prior: str = ""
-    path: Optional[str] = None
+    path: str | None = None
 
     def line(self) -> str:
         k = self.key
@@ -348,7 +348,7 @@ def _warn_once(path: Path, why: str) -> None:
         LOG.warning("loss plan cache %s: %s", path, why)
 
 
-def _read(path: Path, key: dict, cands: list) -> Optional[tuple[str, str]]:
+def _read(path: Path, key: dict, cands: list) -> tuple[str, str] | None:
     """The cached choice for ``key``, or None (absent, or ignored with one warning)."""
     try:
         st = path.lstat()

@@ -13,7 +13,6 @@ policy (:func:`~.flce_tuning.dot_precision`): ``lse_partials_torch``, ``grad_log
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import triton
@@ -95,7 +94,7 @@ def wave_splits(rows: int, cols: int, sms: int, first: int, tiles: list,
 
 
 def lse_partials_triton(hidden, weight, labels, vocab_start: int, n_valid: int,
-                        splits: Optional[int] = None, blocks: Optional[dict] = None):
+                        splits: int | None = None, blocks: dict | None = None):
     """This rank's ``(max, sum-exp, target logit)`` per row of ``hidden`` over columns
     ``[0, n_valid)`` (``hidden`` holds the active rows only)."""
     check_triton_tensors(hidden, weight, labels)
@@ -125,7 +124,7 @@ def padded_width(cols: int, impl: str = "triton") -> int:
 
 
 def grad_logits_triton(h_a, w_slice, labels_a, lse_a, g_a, col_start: int, z_loss: float, out,
-                       key_v: Optional[int] = None, blocks: Optional[dict] = None):
+                       key_v: int | None = None, blocks: dict | None = None):
     """Fill ``out`` (``[rows, >= S]``, any row stride) with ``dloss/dlogits`` of the slice
     ``w_slice [S, H]`` whose first row has global id ``col_start``; columns of ``out`` beyond
     ``S`` (the :func:`padded_width` padding) get zeros."""
@@ -155,7 +154,7 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 
 def matmul_triton(a, b, c, accumulate: bool, name: str = "matmul", key_h: int = 0,
-                  key_v: int = 0, blocks: Optional[dict] = None, tma: bool = False):
+                  key_v: int = 0, blocks: dict | None = None, tma: bool = False):
     """``c (+)= a @ b`` (2-D, any strides) with fp32 accumulation; ``c`` fp32 or ``a``'s dtype.
 
     ``a`` may be larger than ``[c rows, b rows]``: its extra rows / columns must be zeros (a
@@ -295,7 +294,7 @@ def _blocks(role: str, table: dict, device: torch.device) -> dict:
     return dict(table["cuda" if gpu_like(device) and not interpreting() else "cpu"])
 
 
-def chunk_stats_triton(x, labels_c, vocab_start: int, splits: Optional[int] = None,
+def chunk_stats_triton(x, labels_c, vocab_start: int, splits: int | None = None,
                        n_cols: int = -1):
     """This rank's ``(max, sum-exp, target logit)`` per row of the fp32 chunk ``x [C, >= V]``
     over its first ``n_cols`` columns (default all; the rest is padding that is loaded, so

@@ -33,8 +33,8 @@ from soda_kernels.flce_roofline import (
     device_peak,
     ideal_work,
     recompute_launches,
-    train_launches,
     summary,
+    train_launches,
 )
 
 LOG = logging.getLogger("soda_kernels.flce")

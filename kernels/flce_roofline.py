@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 #: Achieved fractions of the datasheet peaks charged by the model (typical for large bf16
 #: GEMMs and streaming kernels on Hopper; assumptions, not measurements of these kernels).
@@ -48,7 +47,7 @@ class DevicePeak:
     name: str
     matmul_flops: dict
     hbm_bytes_per_s: float
-    nvlink_bytes_per_s: Optional[float] = None
+    nvlink_bytes_per_s: float | None = None
     source: str = ""
 
     def seconds(self, flops: float, nbytes: float, elt: int) -> float:
@@ -109,7 +108,7 @@ _NAMES = (
 _WARNED: set = set()
 
 
-def find_peak(name: Optional[str]) -> Optional[DevicePeak]:
+def find_peak(name: str | None) -> DevicePeak | None:
     """The table entry of a CUDA device name (``torch.cuda.get_device_name``), or None when
     the name is not one of the boards above (no guess, no warning)."""
     if not name:
@@ -118,7 +117,7 @@ def find_peak(name: Optional[str]) -> Optional[DevicePeak]:
     return next((_TABLE[key] for pattern, key in _NAMES if re.search(pattern, upper)), None)
 
 
-def device_peak(name: Optional[str]) -> DevicePeak:
+def device_peak(name: str | None) -> DevicePeak:
     """The peaks the loss plan uses for a CUDA device name; ``None`` (e.g. compile_check's
     ``meta`` launches) is an H100 SXM. A name not in the table gets :data:`DEFAULT_PEAK`
     and one warning per name on the ``soda_kernels.flce`` logger."""
@@ -135,7 +134,7 @@ def device_peak(name: Optional[str]) -> DevicePeak:
     return peak
 
 
-def require_peak(name: Optional[str]) -> DevicePeak:
+def require_peak(name: str | None) -> DevicePeak:
     """:func:`find_peak` for callers that cannot go on without true peaks: a ``ValueError``
     that names the device when it is not in the table."""
     peak = find_peak(name)

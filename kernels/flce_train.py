@@ -82,13 +82,13 @@ in vocabulary slices, so fp32 upcasts stay slice-sized).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from soda_kernels._vocab_parallel import combine_across_ranks, interpreting, resolve_group
+from soda_kernels._vocab_parallel import combine_across_ranks, resolve_group
 from soda_kernels.flce_backward import (
     _backward,
     _n_valid,
@@ -106,7 +106,7 @@ from soda_kernels.flce_ops import (
     padded_width,
     subtract_target_,
 )
-from soda_kernels.gemm_engine import gemm
+
 # Re-exported: the plan's names stay importable from here.
 from soda_kernels.flce_plan import (  # noqa: F401
     CHUNK_SHARE,
@@ -116,6 +116,7 @@ from soda_kernels.flce_plan import (  # noqa: F401
     train_cost_model,
     train_extra_bytes,
 )
+from soda_kernels.gemm_engine import gemm
 
 
 # ============================================================================ forward

@@ -14,7 +14,6 @@ across a re-tune that picks another tile shape.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 import triton
@@ -171,12 +170,12 @@ def _flags(x: torch.Tensor) -> dict:
                 PRECISION=dot_precision(x.dtype, x.device))
 
 
-def _use_tuner(device: torch.device, blocks: Optional[dict]) -> bool:
+def _use_tuner(device: torch.device, blocks: dict | None) -> bool:
     return gpu_like(device) and blocks is None and not interpreting()
 
 
 def _run(role: str, device: torch.device, grid, args: tuple, consts: dict,
-         blocks: Optional[dict]) -> None:
+         blocks: dict | None) -> None:
     """Launch ``role``'s kernel: autotuned on a GPU, else with ``blocks`` or the CPU tiles.
     ``grid`` maps the tile configuration to the launch grid."""
     kernel = _KERNELS[_kind(role)]

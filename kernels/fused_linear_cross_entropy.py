@@ -101,7 +101,7 @@ crosses the op boundary as its name (see :mod:`._vocab_parallel`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -114,6 +114,7 @@ from soda_kernels._vocab_parallel import (
     register_group,
     resolve_group,
 )
+
 # Re-exported: the public names of the split-out modules stay importable from here.
 from soda_kernels.flce_backward import (  # noqa: F401
     _backward,
@@ -293,21 +294,21 @@ def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    loss_mask: Optional[torch.Tensor] = None,
-    loss_groups: Optional[torch.Tensor] = None,
+    loss_mask: torch.Tensor | None = None,
+    loss_groups: torch.Tensor | None = None,
     *,
     z_loss: float = 0.0,
-    num_real_vocab: Optional[int] = None,
-    vocab_start: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    num_real_vocab: int | None = None,
+    vocab_start: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
     impl: str = "triton",
-    vocab_slice: Optional[int] = None,
+    vocab_slice: int | None = None,
     fuse_main_grad: bool = True,
     num_groups: int = NUM_LOSS_GROUPS,
-    known_grad: Optional[torch.Tensor] = None,
-    row_chunk: Optional[int] = None,
-    group_rows: Optional[int] = None,
-    grad_h_slices: Optional[int] = None,
+    known_grad: torch.Tensor | None = None,
+    row_chunk: int | None = None,
+    group_rows: int | None = None,
+    grad_h_slices: int | None = None,
     loss_plan: str = "roofline",
     gemm_engine: str = "auto",
 ) -> LinearCrossEntropyOutput:
@@ -408,13 +409,13 @@ def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    loss_mask: Optional[torch.Tensor] = None,
-    loss_groups: Optional[torch.Tensor] = None,
+    loss_mask: torch.Tensor | None = None,
+    loss_groups: torch.Tensor | None = None,
     *,
     z_loss: float = 0.0,
-    num_real_vocab: Optional[int] = None,
-    vocab_start: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    num_real_vocab: int | None = None,
+    vocab_start: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
     compute_dtype: torch.dtype = torch.float32,
     num_groups: int = NUM_LOSS_GROUPS,
 ) -> LinearCrossEntropyOutput:

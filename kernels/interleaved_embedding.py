@@ -44,7 +44,7 @@ Both directions are ``torch.library`` custom ops with fake functions, called fro
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -182,8 +182,8 @@ def _block_h(h: int, device: torch.device) -> int:
 
 
 def embedding_forward_triton(ids, weight, vocab_start, text_vocab_size, audio_base,
-                             codebook_size, num_codebooks, block_n: Optional[int] = None,
-                             block_h: Optional[int] = None):
+                             codebook_size, num_codebooks, block_n: int | None = None,
+                             block_h: int | None = None):
     """Local lookup (zeros outside this rank's rows) and modality ids, flat ``ids [N]``."""
     check_triton_tensors(ids, weight)
     n = ids.numel()
@@ -211,7 +211,7 @@ def _bwd_block_h(h: int, device: torch.device) -> int:
 
 
 def embedding_backward_triton(grad, ids, vocab_start: int, num_rows: int,
-                              block_h: Optional[int] = None, piece: Optional[int] = None):
+                              block_h: int | None = None, piece: int | None = None):
     """Deterministic ``grad_weight [num_rows, H]`` from ``grad [N, H]`` and flat ``ids [N]``."""
     check_triton_tensors(grad, ids)
     n, h = grad.shape
@@ -314,8 +314,8 @@ def interleaved_embedding(
     audio_base: int,
     codebook_size: int,
     num_codebooks: int,
-    vocab_start: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_start: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> EmbeddingOutput:
     """Embeddings of ``ids`` from this rank's rows, summed over ``tp_group``, and modalities.
 
@@ -352,8 +352,8 @@ def interleaved_embedding_reference(
     audio_base: int,
     codebook_size: int,
     num_codebooks: int,
-    vocab_start: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_start: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
 ) -> EmbeddingOutput:
     """Plain PyTorch (Megatron's ``VocabParallelEmbedding`` steps) with autograd."""
     local = ids.long() - _resolve(weight, vocab_start, tp_group)

@@ -97,9 +97,9 @@ def build(sass: str) -> Cfg:
     cfg = Cfg(instrs)
     if not instrs:
         return cfg
-    starts = {0} | set(labels.values())
-    starts |= {i + 1 for i, ins in enumerate(instrs) if _kind(ins) not in ("plain", "call")}
-    starts = sorted(s for s in starts if s < len(instrs))
+    leaders = {0} | set(labels.values())
+    leaders |= {i + 1 for i, ins in enumerate(instrs) if _kind(ins) not in ("plain", "call")}
+    starts = sorted(s for s in leaders if s < len(instrs))
     cfg.blocks = [(s, e - 1) for s, e in zip(starts, starts[1:] + [len(instrs)])]
     block_of = {s: b for b, (s, _) in enumerate(cfg.blocks)}
     labelled = sorted({block_of[i] for i in labels.values()})

@@ -10,8 +10,16 @@ import traceback
 import warnings
 
 from soda_mega.config.fields import ConfigError
-from soda_mega.errors import (EXIT_FAILURE, EXIT_USER_ERROR, SodaUserError, forget_outcome,
-                              note_outcome, record_error, under_torchrun, write_status)
+from soda_mega.errors import (
+    EXIT_FAILURE,
+    EXIT_USER_ERROR,
+    SodaUserError,
+    forget_outcome,
+    note_outcome,
+    record_error,
+    under_torchrun,
+    write_status,
+)
 from soda_mega.utils import stop_signals
 from soda_mega.utils.startup import import_torch_frozen
 from soda_mega.utils.terminal import printable

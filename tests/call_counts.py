@@ -4,7 +4,7 @@ wrapped function runs unchanged)."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 
 def count_calls(monkeypatch, owner, name: str, key: Callable, seen: Counter) -> None:

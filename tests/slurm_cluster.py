@@ -31,10 +31,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
 TOOLS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
@@ -51,7 +51,7 @@ class SlurmUnavailable(RuntimeError):
     """Slurm is not installed and cannot be installed here (the reason is the message)."""
 
 
-def _which(tool: str) -> Optional[str]:
+def _which(tool: str) -> str | None:
     return shutil.which(tool, path=f"{os.environ.get('PATH', '')}:{_SBIN}")
 
 
@@ -148,7 +148,7 @@ class SlurmCluster:
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def run(self, *argv: str, timeout: float = 60, check: bool = True,
-            cwd: Optional[Path] = None, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         """A Slurm client command (``sbatch``, ``scontrol``, ...) against this cluster."""
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               cwd=cwd, env=self._with_clients(env or dict(os.environ)))

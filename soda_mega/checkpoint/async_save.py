@@ -36,8 +36,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.api import CheckpointException
 
 from soda_mega.checkpoint.manifest import file_hash
-from soda_mega.checkpoint.save import (begin, check_agreed, publish, sharded_state,
-                                       writer_results, write_small_files)
+from soda_mega.checkpoint.save import begin, check_agreed, publish, sharded_state, write_small_files, writer_results
 from soda_mega.utils.lifetime import forks_finish_their_work
 
 _DRAIN_WAIT_S = 60.0  # after the background process ended, for its last bytes to be read
@@ -54,7 +53,7 @@ class SaveReport(NamedTuple):
     blocked_s: float
 
     @classmethod
-    def of(cls, step: int, path: Path, started: float) -> "SaveReport":
+    def of(cls, step: int, path: Path, started: float) -> SaveReport:
         """The report of a synchronous save of ``step`` started at ``started`` (perf_counter)."""
         seconds = time.perf_counter() - started
         return cls(step, path, _folder_bytes(path), seconds, seconds)

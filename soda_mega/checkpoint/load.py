@@ -16,10 +16,8 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from soda_mega.checkpoint.errors import CheckpointError, DamagedCheckpoint
 from soda_mega.checkpoint.layout import STATE_FILE, read_state
 from soda_mega.checkpoint.manifest import verify
-from soda_mega.checkpoint.sharded import (model_sharded_state_dict, optimizer_metadata, rank,
-                                          unwrap, world)
+from soda_mega.checkpoint.sharded import model_sharded_state_dict, optimizer_metadata, rank, unwrap, world
 from soda_mega.checkpoint.trust import RNG_DIR, RNG_HINT, load_plain, rng_files, vet_checkpoint
-
 
 #: trainer_state.json fields a resume restores (besides ``step``, which every checkpoint has).
 RESUME_FIELDS = ("tokens", "bad_steps", "loader")

@@ -73,6 +73,7 @@ def param_state_views(opt, model_sharded_state_dict) -> dict[int, dict]:
         for model_param in buffer.param_index_map:
             meta = metadata_of[model_param]
             tensors = _tensors(opt, model_param)
+            assert tensors is not None, "viewable(opt) is checked first"
             state[len(state)] = {
                 key: _like(meta, f"{PREFIX}.{key}.{meta.key}",
                            tensors[key].detach().view(meta.data.shape))

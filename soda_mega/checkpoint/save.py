@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+
 # NOTE: a BaseException, not an Exception: torch's way of failing a distributed save.
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -37,8 +38,7 @@ from soda_mega.checkpoint.layout import LATEST, STATE_FILE, step_dir
 from soda_mega.checkpoint.manifest import write_manifest
 from soda_mega.checkpoint.optimizer_views import optimizer_state_views
 from soda_mega.checkpoint.resume import REPLACED, chain, pointer_target
-from soda_mega.checkpoint.sharded import (barrier, model_sharded_state_dict, optimizer_metadata,
-                                          rank, unwrap, world)
+from soda_mega.checkpoint.sharded import barrier, model_sharded_state_dict, optimizer_metadata, rank, unwrap, world
 from soda_mega.checkpoint.trust import RNG_DIR, read_json
 from soda_mega.utils.lifetime import forks_finish_their_work
 

@@ -208,8 +208,8 @@ def run_build(args) -> int:
         print(f"soda-mega data build: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"\nsoda-mega data build: interrupted; finished work units are kept, rerun the same "
-              f"command to resume", file=sys.stderr)
+        print("\nsoda-mega data build: interrupted; finished work units are kept, rerun the same "
+              "command to resume", file=sys.stderr)
         return 130
     _print_results(args, [result])
     return 0
@@ -308,7 +308,7 @@ def run_demo(args) -> int:
         print(f"soda-mega data demo: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"\nsoda-mega data demo: interrupted; rerun the same command to resume", file=sys.stderr)
+        print("\nsoda-mega data demo: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     _print_results(args, results)
     return 0

@@ -43,10 +43,10 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def load(args):
     """(decoder, SpeechIO) for the checkpoint and device arguments."""
-    from soda_mega.eval.speech_io import SpeechIO
-    from soda_mega.inference.decoder import SodaDecoder
     from soda_mega.checkpoint.layout import checkpoint_config, resolve_checkpoint
     from soda_mega.checkpoint.weights import load_full_weights
+    from soda_mega.eval.speech_io import SpeechIO
+    from soda_mega.inference.decoder import SodaDecoder
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)

@@ -124,9 +124,9 @@ def _preflight(cfg, split: str, layout):
 
 
 def run(args) -> int:
-    from soda_mega.data.read.source import DatasetError
     from soda_mega.checkpoint.errors import CheckpointError
     from soda_mega.checkpoint.layout import checkpoint_config, checkpoint_state, resolve_checkpoint
+    from soda_mega.data.read.source import DatasetError
     from soda_mega.tokens.layout import VocabLayout
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -165,12 +165,12 @@ def evaluate(cfg, step_dir: Path, checkpoint: dict, split: str, max_batches: int
     """
     import torch.distributed as dist
 
+    from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.data.read.source import DatasetError
-    from soda_mega.run.resolved import resolve_run
     from soda_mega.eval.nll import build_report, evaluate_nll, replicas_config
     from soda_mega.model.gpt import build_model
     from soda_mega.parallel import state
-    from soda_mega.checkpoint.load import load_checkpoint
+    from soda_mega.run.resolved import resolve_run
 
     owned = not dist.is_initialized()
     try:

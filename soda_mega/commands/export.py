@@ -45,9 +45,9 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from soda_mega.checkpoint.errors import CheckpointError
     from soda_mega.hf.export import export_hf
     from soda_mega.hf.files import HFError
-    from soda_mega.checkpoint.errors import CheckpointError
 
     if args.overrides:
         print(f"soda-mega export hf: config overrides do not apply to an export: {' '.join(args.overrides)}",

@@ -46,9 +46,9 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from soda_mega.checkpoint.errors import CheckpointError
     from soda_mega.hf.files import HFError
     from soda_mega.hf.importer import import_hf
-    from soda_mega.checkpoint.errors import CheckpointError
 
     try:
         import_hf(args.folder, args.out, preset=args.preset, seq_length=args.seq_length,

@@ -53,12 +53,12 @@ def run(args) -> int:
     if args.steps < 1 or args.warmup < 0:
         print("soda-mega: profile: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
     from soda_mega.config import load_config
     from soda_mega.parallel import state
     from soda_mega.perf import harness
     from soda_mega.perf.profiling import record_trace
-
-    import torch.distributed as dist
 
     cfg = load_config(args.config, args.preset, args.overrides)
     state.init_distributed()

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from soda_mega.commands.argtypes import positive_int
 from soda_mega.config import preset_names
 from soda_mega.config.fields import ConfigError
-from soda_mega.commands.argtypes import positive_int
 
 GRID_EPILOG = """\
 the rule (SODA_SPEC section 4), for width d and batch B sequences:
@@ -192,8 +192,14 @@ def register_sweep(actions) -> argparse.ArgumentParser:
 
 def run_sweep_command(args) -> int:
     from soda_mega.scaling.manifest import read_manifest
-    from soda_mega.scaling.sweep import (ignored_settings_notice, recorded_runs, run_sweep, slurm_script,
-                                         submit_slurm, train_command)
+    from soda_mega.scaling.sweep import (
+        ignored_settings_notice,
+        recorded_runs,
+        run_sweep,
+        slurm_script,
+        submit_slurm,
+        train_command,
+    )
     from soda_mega.utils.shell import command_line
 
     manifest = read_manifest(args.manifest)

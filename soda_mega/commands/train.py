@@ -9,8 +9,8 @@ import sys
 from soda_mega.commands.show_config import add_config_arguments
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
-from soda_mega.run.resolved import resolve_run
 from soda_mega.errors import EXIT_DIVERGED, EXIT_PREEMPTED, note_outcome
+from soda_mega.run.resolved import resolve_run
 from soda_mega.utils import stop_signals
 
 # SIGUSR1 / SIGTERM that arrive while soda-mega starts are kept for this command's own handler
@@ -62,7 +62,8 @@ def run(args) -> int:
             return 2
         from soda_mega.planning.search import rank_line
 
-        print(f"\n# layout rank (`soda-mega plan --gpus {world}` ranks them all)\n{rank_line(cfg, world, vocab=resolved.vocab)}")
+        print(f"\n# layout rank (`soda-mega plan --gpus {world}` ranks them all)",
+              rank_line(cfg, world, vocab=resolved.vocab), sep="\n")
         # A dataset that cannot be used fails here as in the run (exit 2, one line naming it).
         data = describe_data(cfg, resolved.vocab)
         print("\n# data (opened and checked as the run will open them)", *data, sep="\n")

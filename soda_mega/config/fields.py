@@ -14,7 +14,8 @@ import math
 import reprlib
 import types
 import typing
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from soda_mega.errors import SodaUserError
 

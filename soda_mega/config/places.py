@@ -13,7 +13,8 @@ one line says what was left out.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from soda_mega.config.fields import short
 from soda_mega.config.schema import SodaConfig

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from soda_mega.config.fields import ConfigError, fld, validate_section
 
@@ -118,7 +117,7 @@ class ParallelConfig:
 
     tensor_parallel: int = fld(1, "tensor-parallel size (heads, FFN and vocabulary split)", ge=1)
     pipeline_parallel: int = fld(1, "pipeline-parallel stages (layers split)", ge=1)
-    virtual_pipeline: Optional[int] = fld(
+    virtual_pipeline: int | None = fld(
         None, "model chunks per pipeline stage for the interleaved schedule (none = plain 1F1B)", ge=2
     )
     sequence_parallel: bool = fld(False, "shard norms/dropout activations over the TP group (needs TP > 1)")
@@ -166,15 +165,15 @@ class TrainingConfig:
     global_batch_size: int = fld(512, "sequences per optimizer step over all data-parallel ranks", ge=1)
     train_tokens: float = fld(500e9, "total training tokens (sets the number of steps unless "
                                      "training.epochs is set)", gt=0)
-    epochs: Optional[float] = fld(
+    epochs: float | None = fld(
         None, "passes over the tokens of the data.train datasets; when set, steps = ceil(epochs x "
               "their tokens / (global_batch_size x seq_length)) instead of train_tokens", gt=0)
-    init_from: Optional[str] = fld(
+    init_from: str | None = fld(
         None, "checkpoint (step_N, checkpoints/ or run folder) whose weights start this run "
               "(fine-tuning): optimizer, step, schedule and data start fresh; it must be the same "
               "model and vocabulary (the context length may differ); unused when run.dir holds a "
               "checkpoint to resume")
-    lr: Optional[float] = fld(None, "peak learning rate; none = SODA rule 0.003*sqrt(B/256)*sqrt(1024/d)", gt=0)
+    lr: float | None = fld(None, "peak learning rate; none = SODA rule 0.003*sqrt(B/256)*sqrt(1024/d)", gt=0)
     min_lr: float = fld(0.0, "learning rate at the end of the decay", ge=0)
     lr_schedule: str = fld("wsd", "learning-rate schedule", choices=("wsd", "cosine", "constant"))
     warmup_fraction: float = fld(0.1, "fraction of steps in linear warmup", ge=0, le=1)
@@ -225,7 +224,7 @@ class DataConfig:
             "many consecutive shards (per dataset), so a node reads from a window of shards at a "
             "time and a cache a fraction of the dataset's size serves a whole run; 0 = one global "
             "shuffle of all documents (needs memory per rank in proportion to the documents)", ge=0)
-    cache_dir: Optional[str] = fld(
+    cache_dir: str | None = fld(
         None, "node-local folder caching remote shards (s3://, gs://, oci://, hf:// datasets) and "
               "decompressed shards, shared by the node's ranks and workers; it must be yours and "
               "writable by nobody else (none = $SODA_MEGA_CACHE, else "
@@ -252,9 +251,9 @@ class DataConfig:
                "0/1, unreadable) is replaced by masked-out filler and counted, instead of stopping "
                "the run with exit 2")
     # --- `soda-mega data build` (soda_mega/data/write/builder.py) ---
-    tokenizer: Optional[str] = fld(
+    tokenizer: str | None = fld(
         None, "local HuggingFace tokenizer.json for text (none = the embedded byte-level tokenizer)")
-    mimi_weights: Optional[str] = fld(
+    mimi_weights: str | None = fld(
         None, "local Mimi weights file (.safetensors only, never a pickle); none = seeded random "
               "init, marked random_init in the shards (never real tokens); nothing is downloaded")
     mimi_seed: int = fld(0, "seed of the random Mimi used when data.mimi_weights is none", ge=0)
@@ -358,7 +357,7 @@ class RunConfig:
     """Where a run writes, how often it logs, validates and saves, and when it stops."""
 
     dir: str = fld("runs/soda", "run folder: checkpoints/, metrics.jsonl, tensorboard/, config.yaml")
-    max_steps: Optional[int] = fld(None, "stop after this many optimizer steps (none = the whole token budget)", ge=1)
+    max_steps: int | None = fld(None, "stop after this many optimizer steps (none = the whole token budget)", ge=1)
     log_interval: int = fld(10, "optimizer steps between log lines", ge=1)
     eval_interval: int = fld(500, "steps between validation passes (0 = never)", ge=0)
     eval_batches: int = fld(50, "micro-batches per validation pass over all DP replicas (0 = the whole split)", ge=0)
@@ -373,15 +372,15 @@ class RunConfig:
                           "tensorboard files to run.dir/replaced/<time>/ and start over "
                           "(without it, resume=false over existing checkpoints is refused)")
     max_bad_steps: int = fld(5, "stop after this many consecutive steps with non-finite loss/gradients", ge=1)
-    peak_tflops: Optional[float] = fld(None, "per-GPU peak bf16 TFLOP/s for MFU (none = look up the GPU model)", gt=0)
+    peak_tflops: float | None = fld(None, "per-GPU peak bf16 TFLOP/s for MFU (none = look up the GPU model)", gt=0)
     tensorboard: bool = fld(True, "also write TensorBoard event files")
-    wandb_project: Optional[str] = fld(None, "Weights & Biases project to log the metric records to "
+    wandb_project: str | None = fld(None, "Weights & Biases project to log the metric records to "
                                        "(none = no W&B; needs the `wandb` package; WANDB_MODE=offline "
                                        "logs under run.dir/wandb without network)")
-    wandb_entity: Optional[str] = fld(None, "W&B entity (team or user) of the project (none = your default)")
-    wandb_name: Optional[str] = fld(None, "W&B display name of the run (none = W&B picks one)")
+    wandb_entity: str | None = fld(None, "W&B entity (team or user) of the project (none = your default)")
+    wandb_name: str | None = fld(None, "W&B display name of the run (none = W&B picks one)")
     wandb_tags: list[str] = fld(help="W&B tags of the run", default_factory=list)
-    step_timeout_s: Optional[float] = fld(
+    step_timeout_s: float | None = fld(
         1800.0, "watchdog: seconds one loop iteration (data, step, logging, validation, checkpoint), "
                 "or the set-up before the first (checkpoint load), may take; past it every rank writes its "
                 "Python stacks to run.dir/stacks/ and the "
@@ -411,7 +410,7 @@ class SodaConfig:
     kernels: KernelsConfig = dataclasses.field(default_factory=KernelsConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
-    def validate(self) -> "SodaConfig":
+    def validate(self) -> SodaConfig:
         """Coerce every field to its type, check allowed values, then cross-field rules."""
         for name in SECTIONS:
             validate_section(name, getattr(self, name))

@@ -18,6 +18,7 @@ import yaml
 
 from soda_mega.config.fields import ConfigError, clip
 
+
 class _AliasRefused(yaml.YAMLError):
     def __init__(self, mark: yaml.Mark | None, anchor: str) -> None:
         line = f"line {mark.line + 1}: " if mark is not None else ""

@@ -25,8 +25,8 @@ labels, so the first target token is learnt from the context of the whole source
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

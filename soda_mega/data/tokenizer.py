@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.data.codec import file_sha256

@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 # ZSTD_d_windowLogMax (zstd.h): the largest window a frame may ask the decoder to allocate.
 _D_WINDOW_LOG_MAX = 100

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from soda_mega.data.write.inputs import InputError
 from soda_mega.eval.manifest import Manifest, read_manifest

@@ -8,9 +8,9 @@ collected and raised together (:class:`ManifestError`, one line per problem with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from soda_mega.errors import SodaUserError
 from soda_mega.utils import strict_json

@@ -24,19 +24,19 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from soda_mega.run.resolved import ResolvedRun
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.source import DatasetError
 from soda_mega.data.read.split import OpenedSplit
 from soda_mega.parallel import state
+from soda_mega.run.resolved import ResolvedRun
 from soda_mega.tokens.layout import LOSS_GROUPS, VocabLayout
 from soda_mega.training.forward_backward import evaluation_mode, lm_forward_step, run_schedule
 

@@ -15,8 +15,8 @@ The benchmark audio is not shipped: point the command at your local copy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -14,7 +14,7 @@ Every prompt starts with BOS, as every training document does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from soda_mega.tokens.layout import VocabLayout
 

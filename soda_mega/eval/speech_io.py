@@ -13,8 +13,8 @@ has seen).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ import torch
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.codec import CodecWeightsError, MimiCodec, shared_mimi
-from soda_mega.data.write.inputs import InputError, load_codes, read_audio
 from soda_mega.data.tokenizer import load_tokenizer
+from soda_mega.data.write.inputs import InputError, load_codes, read_audio
 from soda_mega.tokens.layout import VocabLayout
 
 

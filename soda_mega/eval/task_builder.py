@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from soda_mega.data.write.splits import assign_groups, record_split
 from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
-from soda_mega.data.write.inputs import InputError, read_audio, read_manifest
 from soda_mega.data.read.inspect import write_wav
+from soda_mega.data.write.inputs import InputError, read_audio, read_manifest
+from soda_mega.data.write.splits import assign_groups, record_split
 from soda_mega.data.write.writer import atomic_write_text
 
 

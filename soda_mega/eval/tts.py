@@ -15,9 +15,9 @@ which soda-mega does not ship; it is not computed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from soda_mega.data.read.inspect import write_wav
 from soda_mega.eval.asr import ContextWarning, Utterance

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 _PUNCT = re.compile(r"[^\w\s']|_")
 _SPACE = re.compile(r"\s+")

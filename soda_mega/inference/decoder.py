@@ -93,7 +93,7 @@ class SodaDecoder(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "SodaDecoder":
+                        dtype: torch.dtype = torch.float32) -> SodaDecoder:
         from soda_mega.checkpoint.weights import load_full_weights
 
         cfg, full = load_full_weights(path)

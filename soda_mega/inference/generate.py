@@ -10,8 +10,8 @@ audio spans always hold whole, in-codebook frames.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

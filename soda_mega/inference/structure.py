@@ -28,7 +28,7 @@ itself still gets to the spans after it).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import ModelConfig, SodaConfig
@@ -228,7 +228,7 @@ class FlopsBreakdown:
 
 
 def flops_per_token(
-    model: ModelConfig, vocab_size: int, seq_length: Optional[int] = None, causal: bool = False
+    model: ModelConfig, vocab_size: int, seq_length: int | None = None, causal: bool = False
 ) -> FlopsBreakdown:
     """Exact matmul FLOPs per token (see :class:`FlopsBreakdown` for the formulas).
 

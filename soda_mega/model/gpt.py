@@ -26,12 +26,12 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from soda_mega.run.resolved import ResolvedRun, padded_vocab
 from soda_mega.config.schema import SodaConfig
 from soda_mega.model.init import initialize_weights
 from soda_mega.model.lm_head import InterleavedVocabParallelEmbedding, language_model_loss, resolve_impl
 from soda_mega.model.norm import RMSNorm
 from soda_mega.model.spec import qwen3_layer_spec
+from soda_mega.run.resolved import ResolvedRun, padded_vocab
 from soda_mega.tokens.layout import VocabLayout
 
 

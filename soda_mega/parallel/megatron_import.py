@@ -31,7 +31,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 JIT_MODULE = "megatron.core.jit"
 #: Megatron-core modules that import wandb at import time for hooks soda-mega never calls

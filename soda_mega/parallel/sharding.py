@@ -23,7 +23,7 @@ compare gradients shard by shard against a single-process run.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from megatron.core import parallel_state as ps

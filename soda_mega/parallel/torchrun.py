@@ -34,8 +34,7 @@ import signal
 import socket
 import sys
 
-from soda_mega.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_HUNG, EXIT_PREEMPTED,
-                              EXIT_USER_ERROR)
+from soda_mega.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_HUNG, EXIT_PREEMPTED, EXIT_USER_ERROR
 
 # Codes a worker exits with after saying why itself.
 EXPECTED = (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_HUNG)

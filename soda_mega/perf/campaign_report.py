@@ -28,7 +28,6 @@ import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -428,7 +427,7 @@ def _md_megatron_newest(p: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- plot
-def plot(data: dict, path: Path) -> Optional[str]:
+def plot(data: dict, path: Path) -> str | None:
     from soda_mega.utils.plotting import pyplot
 
     plt = pyplot()
@@ -520,7 +519,7 @@ def convert(src: str | os.PathLike, results_dir: str | os.PathLike = RESULTS) ->
 
 
 # ----------------------------------------------------------------------------- README
-def newest_result(results_dir: str | os.PathLike = RESULTS) -> Optional[Path]:
+def newest_result(results_dir: str | os.PathLike = RESULTS) -> Path | None:
     """The newest ``gpu_*.json`` (by the campaign's start time), or None."""
     best = None
     for path in Path(results_dir).glob("gpu_*.json"):
@@ -533,7 +532,7 @@ def newest_result(results_dir: str | os.PathLike = RESULTS) -> Optional[Path]:
     return best[1] if best else None
 
 
-def readme_section(payload: Optional[dict], source: str = "") -> str:
+def readme_section(payload: dict | None, source: str = "") -> str:
     """The README's performance section for a converted result (None: no GPU result yet)."""
     lines = [BEGIN]
     if payload is None:
@@ -566,7 +565,7 @@ def readme_section(payload: Optional[dict], source: str = "") -> str:
     return "\n".join(lines + [END])
 
 
-def update_readme(readme: str | os.PathLike, results_dir: str | os.PathLike = RESULTS) -> Optional[Path]:
+def update_readme(readme: str | os.PathLike, results_dir: str | os.PathLike = RESULTS) -> Path | None:
     """Rewrite the marked section of ``readme`` from the newest result; the result used."""
     readme = Path(readme)
     text = readme.read_text()

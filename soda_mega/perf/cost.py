@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 SODA_4B_REPORTED_FLOPS = 1.3e22
 SODA_TOKENS = 500e9
@@ -81,9 +80,9 @@ def read_results(path: str | Path) -> dict:
             "rows": best}
 
 
-def project(gpus: int, tokens: float = SODA_TOKENS, results: Optional[dict] = None,
-            tokens_per_s: Optional[float] = None, for_preset: Optional[str] = None,
-            tflops_per_gpu: Optional[float] = None, presets=SODA_PRESETS) -> dict:
+def project(gpus: int, tokens: float = SODA_TOKENS, results: dict | None = None,
+            tokens_per_s: float | None = None, for_preset: str | None = None,
+            tflops_per_gpu: float | None = None, presets=SODA_PRESETS) -> dict:
     """Cost rows for ``presets``; the rate of each from the sources described in the module doc."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")

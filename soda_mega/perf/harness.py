@@ -17,8 +17,8 @@ of it. This module supplies what a measurement needs around it:
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 

@@ -49,9 +49,9 @@ import bisect
 import collections
 import json
 import re
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 CATEGORIES = ("matmul", "attention", "loss", "embedding", "norm", "optimizer", "communication",
               "other", "idle")
@@ -80,7 +80,7 @@ NAME_RULES = [
 _LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
-def name_rule(name: str) -> Optional[str]:
+def name_rule(name: str) -> str | None:
     if _COMM.search(name):
         return "communication"
     for pattern, category in NAME_RULES:
@@ -90,7 +90,7 @@ def name_rule(name: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- recording
-def module_category(qualified_name: str, module) -> Optional[str]:
+def module_category(qualified_name: str, module) -> str | None:
     """The ``soda/<category>`` range a model submodule's forward opens (None: no range)."""
     from soda_mega.model.norm import RMSNorm
 
@@ -193,7 +193,7 @@ class _Event:
         self.ts = float(raw["ts"])
         self.end = self.ts + float(raw.get("dur", 0.0))
         self.args = raw.get("args") or {}
-        self.parent: Optional[_Event] = None
+        self.parent: _Event | None = None
         self.child_time = 0.0
 
     @property
@@ -228,7 +228,7 @@ def _nest(events: list[_Event]) -> None:
             stack.append(e)
 
 
-def _scope_of(e: _Event) -> Optional[str]:
+def _scope_of(e: _Event) -> str | None:
     for a in e.chain():
         if a.name.startswith(SCOPE) and a.name != STEP:
             return a.name[len(SCOPE):]
@@ -237,7 +237,7 @@ def _scope_of(e: _Event) -> Optional[str]:
     return None
 
 
-def _in_backward(e: _Event) -> Optional[_Event]:
+def _in_backward(e: _Event) -> _Event | None:
     for a in e.chain():
         if a.name.startswith(BACKWARD):
             return a
@@ -248,7 +248,7 @@ class Classifier:
     """Applies the module docstring's rules to the host events of one trace."""
 
     def __init__(self, host: list[_Event]) -> None:
-        self.forward: dict[int, tuple[float, Optional[str]]] = {}
+        self.forward: dict[int, tuple[float, str | None]] = {}
         for e in host:
             seq = e.args.get("Sequence number")
             if e.cat != "cpu_op" or seq is None or _in_backward(e) is not None:

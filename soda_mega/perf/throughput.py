@@ -42,7 +42,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -135,7 +134,7 @@ def case_config(name: str, args, world: int, overrides: list[str]):
     return with_overrides(cfg, [f"--training.global_batch_size={gbs}"]), notes
 
 
-def variant_unavailable(variant: str) -> Optional[str]:
+def variant_unavailable(variant: str) -> str | None:
     """Why ``variant`` cannot run on this machine, or None."""
     from soda_mega.utils.optional import flash_attn_func
 
@@ -159,12 +158,12 @@ def _median_spread(values: list[float]) -> tuple[float, float]:
 
 
 def run_case(name: str, variant: str, base_cfg, notes: list[str], args, world: int, data: list[str],
-             tmp: Path, telemetry, gemm: dict, spec_peak: Optional[float]) -> dict:
+             tmp: Path, telemetry, gemm: dict, spec_peak: float | None) -> dict:
     """Build, warm up and time one case x variant; a row of the results."""
     from soda_mega.model.accounting import flops_per_token
     from soda_mega.perf import harness
-    from soda_mega.training.plan import GIB, MemoryAssumptions, plan_memory
     from soda_mega.tokens.layout import VocabLayout
+    from soda_mega.training.plan import GIB, MemoryAssumptions, plan_memory
 
     spec = VARIANTS[variant]
     cfg = harness.measurement_config(
@@ -258,7 +257,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- main
-def run(args, overrides: Optional[list[str]] = None) -> int:
+def run(args, overrides: list[str] | None = None) -> int:
     _defaults(args)
     from soda_mega.parallel import state
     from soda_mega.perf import harness
@@ -335,7 +334,7 @@ def _progress(row: dict) -> str:
             f"{row['mfu_vs_measured_gemm']:.1%} (measured GEMM)")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)

@@ -21,7 +21,6 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from soda_mega.planning.constants import CAMPAIGN_FITTABLE, Efficiencies
 from soda_mega.planning.hardware import GpuSpec
@@ -46,7 +45,7 @@ class Calibration:
         return [name for name in CAMPAIGN_FITTABLE if name not in self.measured]
 
 
-def device_kind(name: str) -> Optional[str]:
+def device_kind(name: str) -> str | None:
     """The planner's GPU name prefix for a CUDA device name, or None."""
     for fragment, kind in DEVICE_KINDS:
         if fragment.lower() in name.lower():
@@ -59,7 +58,7 @@ def _matches(gpu: GpuSpec, device_name: str) -> bool:
     return kind is not None and gpu.name.startswith(kind)
 
 
-def newest_for(gpu: GpuSpec, results_dir: Path = RESULTS) -> Optional[Path]:
+def newest_for(gpu: GpuSpec, results_dir: Path = RESULTS) -> Path | None:
     """The newest non-smoke ``gpu_*.json`` campaign result measured on ``gpu``'s kind."""
     best = None
     for path in sorted(Path(results_dir).glob("gpu_*.json")):
@@ -78,7 +77,7 @@ def newest_for(gpu: GpuSpec, results_dir: Path = RESULTS) -> Optional[Path]:
     return best[1] if best else None
 
 
-def fit(payload: dict, gpu: GpuSpec, source: str, eff: Optional[Efficiencies] = None) -> Calibration:
+def fit(payload: dict, gpu: GpuSpec, source: str, eff: Efficiencies | None = None) -> Calibration:
     """Constants measured by one converted campaign result (see the module docstring)."""
     from soda_mega.planning.steptime import E, _soda_loss_seconds
 
@@ -112,7 +111,7 @@ def fit(payload: dict, gpu: GpuSpec, source: str, eff: Optional[Efficiencies] = 
     return cal
 
 
-def calibration_for(gpu: GpuSpec, results: Optional[str] = "default") -> Calibration:
+def calibration_for(gpu: GpuSpec, results: str | None = "default") -> Calibration:
     """The calibration to plan ``gpu`` with: from the newest matching campaign result in
     ``benchmarks/results`` (``results="default"``), a given file, or none (``None``)."""
     if results is None:

@@ -23,7 +23,6 @@ against the paper's own memory figures (table C of the published file).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 from soda_mega.planning.constants import Efficiencies
 from soda_mega.planning.hardware import GpuSpec
@@ -105,7 +104,7 @@ def layouts(m: ModelShape, base: Layout, max_pp: int = 64):
 
 
 def best_layout(m: ModelShape, base: Layout, gpu: GpuSpec, stack: Stack,
-                eff: Optional[Efficiencies] = None) -> tuple[Layout, StepTime, int]:
+                eff: Efficiencies | None = None) -> tuple[Layout, StepTime, int]:
     """The fastest predicted layout that fits ``gpu``'s memory (and how many fit)."""
     best, fits = None, 0
     for lay in layouts(m, base):

@@ -42,7 +42,7 @@ class GpuSpec:
     #: achieved NCCL bus bandwidth over the link's one-direction rate (assumed)
     link_efficiency: float = 0.8
 
-    def with_gpus_per_node(self, gpus_per_node: int) -> "GpuSpec":
+    def with_gpus_per_node(self, gpus_per_node: int) -> GpuSpec:
         """The same GPU in nodes of ``gpus_per_node`` (an NVLink domain no larger than that)."""
         group = min(self.intra_node_group, gpus_per_node)
         return self if group == self.intra_node_group else replace(self, intra_node_group=group)

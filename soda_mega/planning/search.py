@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import SodaConfig
@@ -107,7 +106,7 @@ def candidate_configs(cfg: SodaConfig, gpus: int, gpus_per_node: int):
 
 
 def rank_layouts(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 8,
-                 eff: Optional[Efficiencies] = None, headroom: float = 1.0,
+                 eff: Efficiencies | None = None, headroom: float = 1.0,
                  vocab=None) -> list[Candidate]:
     """Every layout of ``cfg`` on ``gpus`` GPUs whose predicted device memory fits the GPU,
     fastest first; ``vocab``: the run's VocabLayout when the caller resolved it already."""
@@ -131,8 +130,8 @@ def rank_layouts(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 
 
 
 def rank_of(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 8,
-            eff: Optional[Efficiencies] = None,
-            vocab=None) -> tuple[Optional[int], list[Candidate], StepTime]:
+            eff: Efficiencies | None = None,
+            vocab=None) -> tuple[int | None, list[Candidate], StepTime]:
     """(1-based rank of ``cfg``'s own layout among those that fit, or None when it does not
     fit; the ranking; its own predicted step)."""
     ranked = rank_layouts(cfg, gpus, gpu, gpus_per_node, eff, vocab=vocab)

@@ -11,7 +11,6 @@ soda-mega itself does not run: it exists here only to describe published runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 FFN_KINDS = ("swiglu", "gelu", "squared_relu")
 RECOMPUTE = ("none", "selective", "full")
@@ -89,7 +88,7 @@ class Layout:
         return (f"TP{self.tp} PP{self.pp}" + (f" VP{self.vp}" if self.vp > 1 else "")
                 + (f" CP{self.cp}" if self.cp > 1 else "") + f" DP{self.dp}")
 
-    def check(self, model: ModelShape) -> Optional[str]:
+    def check(self, model: ModelShape) -> str | None:
         """Why this layout cannot run ``model`` (None when it can)."""
         if self.recompute not in RECOMPUTE:
             return f"recompute must be one of {RECOMPUTE}"
@@ -151,7 +150,7 @@ SODA_STACK = Stack("soda-mega (flash/SDPA attention, Triton fused loss, no Trans
                    attention="fa2", loss="soda_fused")
 
 
-def shape_of(cfg, vocab_size: Optional[int] = None) -> ModelShape:
+def shape_of(cfg, vocab_size: int | None = None) -> ModelShape:
     """The :class:`ModelShape` of a soda-mega config (SwiGLU, GQA, RoPE, QK-norm, no dropout)."""
     from soda_mega.tokens.layout import VocabLayout
 

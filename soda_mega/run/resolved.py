@@ -60,7 +60,7 @@ class BatchGeometry:
         per_replica = self.global_batch_size // self.dp_size
         return step * self.global_batch_size + self.dp_rank * per_replica + m * self.micro_batch_size
 
-    def for_rank(self, dp_rank: int) -> "BatchGeometry":
+    def for_rank(self, dp_rank: int) -> BatchGeometry:
         """The same geometry seen from data-parallel rank ``dp_rank``."""
         if not 0 <= dp_rank < self.dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} outside 0..{self.dp_size - 1}")

@@ -16,9 +16,10 @@ size N costs ``f(N)`` FLOPs per token, the exact count of the grid rule's shape 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -44,11 +45,11 @@ class Target:
 
     label: str
     compute: float
-    n_params: Optional[float] = None
-    tokens: Optional[float] = None
+    n_params: float | None = None
+    tokens: float | None = None
 
 
-def family_cost(manifest: Manifest) -> Optional[CostFn]:
+def family_cost(manifest: Manifest) -> CostFn | None:
     """Exact FLOPs per token as a function of N for the manifest's grid rule (None for 6nd)."""
     grid = dict(manifest.header.get("grid", {}))
     if grid.get("flops") != "exact" or "base_model" not in manifest.header:
@@ -96,7 +97,7 @@ def parse_target(text: str, exact: bool) -> Target:
                   n_params=float(size_label(cfg.model, layout)), tokens=tokens)
 
 
-def _equivalent_compute(params: LawParams, loss: float, compute: float, cost: Optional[CostFn]) -> float:
+def _equivalent_compute(params: LawParams, loss: float, compute: float, cost: CostFn | None) -> float:
     """The budget at which a compute-optimal model reaches ``loss`` (bisection in ln C)."""
     lo, hi = math.log(compute) - 30, math.log(compute) + 10
     if loss <= params.E:
@@ -110,7 +111,7 @@ def _equivalent_compute(params: LawParams, loss: float, compute: float, cost: Op
     return math.exp(0.5 * (lo + hi))
 
 
-def predict(target: Target, iso: IsoflopFit, par: ParametricFit, cost: Optional[CostFn]) -> dict[str, Any]:
+def predict(target: Target, iso: IsoflopFit, par: ParametricFit, cost: CostFn | None) -> dict[str, Any]:
     """Compute-optimal N and D at the target budget by both methods; how far a given run is."""
     two = iso.predict(target.compute)
     two = {**two, "n_opt_ci": _range(two["n_opt_ci"]), "d_opt_ci": _range(two["d_opt_ci"])}
@@ -135,13 +136,13 @@ def predict(target: Target, iso: IsoflopFit, par: ParametricFit, cost: Optional[
     return out
 
 
-def _range(pair: tuple[float, float]) -> Optional[list[float]]:
+def _range(pair: tuple[float, float]) -> list[float] | None:
     """An interval for JSON: None when there is none (NaN or unbounded ends)."""
     lo, hi = float(pair[0]), float(pair[1])
     return [lo, hi] if math.isfinite(lo) and math.isfinite(hi) else None
 
 
-def run_fit(results: Results, manifest: Optional[Manifest] = None, targets: tuple[str, ...] = ("soda-4b:5e11",),
+def run_fit(results: Results, manifest: Manifest | None = None, targets: tuple[str, ...] = ("soda-4b:5e11",),
             n_boot: int = 2000, ci: float = 0.95, seed: int = 0, huber_delta: float = 1e-3) -> dict[str, Any]:
     """Both methods and the predictions as one JSON-able report."""
     cost = family_cost(manifest) if manifest is not None else None
@@ -213,7 +214,7 @@ def run_fit(results: Results, manifest: Optional[Manifest] = None, targets: tupl
     }
 
 
-def load_manifest_for(results_path: Path, manifest_path: Optional[str]) -> Optional[Manifest]:
+def load_manifest_for(results_path: Path, manifest_path: str | None) -> Manifest | None:
     """``--manifest`` if given, else ``manifest.json`` next to the results file, else None."""
     if manifest_path:
         return read_manifest(manifest_path)

@@ -34,10 +34,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from soda_mega.config.fields import ConfigError, fld, short, validate_section
 from soda_mega.config.loader import apply_mapping, dump_config, load_config, parse_overrides
@@ -87,25 +88,25 @@ class GridSpec:
     z_loss: float = fld(0.0, "z-loss weight of every run (SODA's grid: none)", ge=0)
     warmup_fraction: float = fld(0.1, "WSD warmup fraction of the steps", ge=0, le=1)
     decay_fraction: float = fld(0.2, "WSD final linear decay fraction of the steps", ge=0, le=1)
-    seq_length: Optional[int] = fld(None, "training sequence length (none = the base config's)", ge=1)
-    batch_size: Optional[int] = fld(None, "global batch in sequences (none = the rule in the "
+    seq_length: int | None = fld(None, "training sequence length (none = the base config's)", ge=1)
+    batch_size: int | None = fld(None, "global batch in sequences (none = the rule in the "
                                           "module docstring)", ge=1)
     target_steps: int = fld(65536, "batch rule: aim at between half this and this many steps", ge=1)
     min_batch_size: int = fld(8, "batch rule: smallest global batch", ge=1)
-    micro_batch_size: Optional[int] = fld(None, "sequences per micro-batch (none = the base config's, "
+    micro_batch_size: int | None = fld(None, "sequences per micro-batch (none = the base config's, "
                                                 "reduced to a divisor of the batch)", ge=1)
     min_tokens_per_param: float = fld(2.0, "drop a width whose D/N is below this", ge=0)
     max_tokens_per_param: float = fld(256.0, "drop a width whose D/N is above this", gt=0)
     flop_tolerance: float = fld(1e-3, "drop a run whose whole steps miss the budget by more "
                                       "than this fraction", gt=0)
-    base_preset: Optional[str] = fld(None, "config preset the runs start from (none = defaults: "
+    base_preset: str | None = fld(None, "config preset the runs start from (none = defaults: "
                                            "SODA vocabulary, seq 4096)")
     evals_per_run: int = fld(0, "validation passes per run, the last at the end "
                                 "(0 = keep the base run.eval_interval)", ge=0)
     overrides: dict = fld(help="config values for every run, {section: {field: value}}",
                           default_factory=dict)
 
-    def validate(self) -> "GridSpec":
+    def validate(self) -> GridSpec:
         validate_section("grid", self)
         # NOTE: the name is written into comment lines (run configs, sweep.sbatch): one plain word.
         try:

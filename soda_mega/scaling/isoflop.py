@@ -23,6 +23,7 @@ uncertainty. Intervals need 4 or more sizes in every budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from soda_mega.scaling.results import Results

@@ -28,8 +28,8 @@ For another per-token cost ``f(N)`` (the exact FLOP count of a family of shapes)
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -202,7 +202,7 @@ def init_grid() -> np.ndarray:
 
 def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float = 1e-3,
                    n_boot: int = 200, ci: float = 0.95, seed: int = 0,
-                   inits: Optional[np.ndarray] = None) -> ParametricFit:
+                   inits: np.ndarray | None = None) -> ParametricFit:
     """Best ``L(N, D)`` over the starts (method in the module docstring), with bootstrap samples."""
     ln_n, ln_d, ln_l = np.log(n), np.log(d), np.log(loss)
     starts = init_grid() if inits is None else np.asarray(inits, float)
@@ -225,7 +225,7 @@ def fit_parametric(n: np.ndarray, d: np.ndarray, loss: np.ndarray, delta: float 
 
 # ----------------------------------------------------------------------------- compute-optimal
 def compute_optimal(params: LawParams, compute: float,
-                    cost_per_token: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                    cost_per_token: Callable[[np.ndarray], np.ndarray] | None = None,
                     n_bounds: tuple[float, float] = (1e4, 1e14)) -> tuple[float, float, float]:
     """``(N_opt, D_opt, L_opt)`` at ``compute`` FLOPs.
 

@@ -13,15 +13,16 @@ One 2 x 2 figure (:func:`plot_fit`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from soda_mega.scaling.parametric import LawParams, compute_optimal  # noqa: E402
 from soda_mega.scaling.results import Results  # noqa: E402
@@ -58,7 +59,7 @@ def _isoflop_panel(ax, results: Results, report: dict, variable: str, colours: d
     ax.grid(True, which="both", alpha=0.25)
 
 
-def _frontier_panel(ax, report: dict, params: LawParams, cost: Optional[Callable]) -> None:
+def _frontier_panel(ax, report: dict, params: LawParams, cost: Callable | None) -> None:
     a2 = report["approach2"]
     budgets = np.array([m["budget"] for m in a2["per_budget"]])
     c_max = max([budgets.max()] + [p["compute"] for p in report["predictions"]])
@@ -90,7 +91,7 @@ def _frontier_panel(ax, report: dict, params: LawParams, cost: Optional[Callable
     ax.grid(True, which="both", alpha=0.25)
 
 
-def _contour_panel(ax, results: Results, report: dict, params: LawParams, cost: Optional[Callable],
+def _contour_panel(ax, results: Results, report: dict, params: LawParams, cost: Callable | None,
                    colours: dict) -> None:
     n_lo, n_hi = results.n_params.min() / 3, results.n_params.max() * 3
     d_lo, d_hi = results.tokens.min() / 3, results.tokens.max() * 3
@@ -126,7 +127,7 @@ def _contour_panel(ax, results: Results, report: dict, params: LawParams, cost: 
     ax.legend(fontsize=7, loc="lower left")
 
 
-def plot_fit(results: Results, report: dict, cost: Optional[Callable], path: str | Path,
+def plot_fit(results: Results, report: dict, cost: Callable | None, path: str | Path,
              title: str = "") -> Path:
     """Write the 2 x 2 figure of the module docstring to ``path`` (PNG)."""
     p = report["approach3"]["params"]

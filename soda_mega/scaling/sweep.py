@@ -32,9 +32,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, TextIO
+from typing import TextIO
 
 from soda_mega.config import ConfigError, load_config
 from soda_mega.config.places import ignored_notice, node_setting_overrides, node_settings_of
@@ -58,12 +59,12 @@ def subprocess_runner(argv: Sequence[str], log_path: Path, env: dict) -> int:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def train_command(manifest: Manifest, run: ManifestRun, launcher: str = "local", nproc: int = 1,
                   overrides: Iterable[str] = (), python: str = sys.executable,
-                  master_port: Optional[int] = None) -> list[str]:
+                  master_port: int | None = None) -> list[str]:
     """The command line that trains ``run`` (``local`` or ``torchrun``)."""
     if launcher not in ("local", "torchrun"):
         raise ValueError(f"launcher {launcher!r} starts no process by itself; use local or torchrun")
@@ -81,7 +82,7 @@ def train_command(manifest: Manifest, run: ManifestRun, launcher: str = "local",
 
 
 def ignored_settings_notice(manifest: Manifest, run: ManifestRun,
-                            overrides: Iterable[str] = ()) -> Optional[str]:
+                            overrides: Iterable[str] = ()) -> str | None:
     """One line naming the settings of ``run``'s config file that name places of this machine
     and that ``overrides`` (the user's) do not set (not used: :func:`train_command` pins them),
     or None when there are none. A config that does not load says nothing here: the run's own
@@ -185,9 +186,9 @@ def _duration(seconds: float) -> str:
 
 
 def run_sweep(manifest: Manifest, results_path: Path, launcher: str = "local", nproc: int = 1,
-              overrides: Sequence[str] = (), indices: Optional[Sequence[int]] = None,
+              overrides: Sequence[str] = (), indices: Sequence[int] | None = None,
               runner: Runner = subprocess_runner, python: str = sys.executable,
-              out: Optional[TextIO] = None) -> SweepReport:
+              out: TextIO | None = None) -> SweepReport:
     """Train every run of ``manifest`` not yet in ``results_path`` (or only ``indices``)."""
     out = out or sys.stdout
     runs = manifest.runs if indices is None else [manifest.runs[i] for i in indices]
@@ -243,7 +244,7 @@ def run_sweep(manifest: Manifest, results_path: Path, launcher: str = "local", n
 
 # ----------------------------------------------------------------------------- slurm
 def slurm_script(manifest: Manifest, results_path: Path, nproc: int = 8, overrides: Sequence[str] = (),
-                 max_parallel: Optional[int] = None, time_limit: Optional[str] = None,
+                 max_parallel: int | None = None, time_limit: str | None = None,
                  python: str = "python") -> str:
     """A job-array script in the style of ``launchers/slurm.sbatch``: one task per run.
 
@@ -302,7 +303,7 @@ def slurm_script(manifest: Manifest, results_path: Path, nproc: int = 8, overrid
     return "\n".join(lines) + "\n"
 
 
-def submit_slurm(script: str, manifest: Manifest, dry_run: bool, out: Optional[TextIO] = None,
+def submit_slurm(script: str, manifest: Manifest, dry_run: bool, out: TextIO | None = None,
                  sbatch: str = "sbatch") -> int:
     """Write ``sweep.sbatch`` next to the manifest and submit it (or only print it)."""
     out = out or sys.stdout

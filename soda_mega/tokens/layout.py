@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Sequence
 
 import torch
 
 from soda_mega.config.fields import ConfigError
-from soda_mega.config.schema import (MAX_CODEBOOK_SIZE, MAX_TEXT_VOCAB, MAX_VOCAB,
-                                     SODA_SPECIAL_TOKENS, VocabConfig)
+from soda_mega.config.schema import MAX_CODEBOOK_SIZE, MAX_TEXT_VOCAB, MAX_VOCAB, SODA_SPECIAL_TOKENS, VocabConfig
 
 
 class Modality(IntEnum):
@@ -87,7 +86,7 @@ class VocabLayout:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: VocabConfig) -> "VocabLayout":
+    def from_config(cls, cfg: VocabConfig) -> VocabLayout:
         return cls(
             text_vocab_size=cfg.text_vocab_size,
             special_tokens=tuple(cfg.special_tokens),
@@ -98,7 +97,7 @@ class VocabLayout:
         )
 
     @classmethod
-    def soda_default(cls) -> "VocabLayout":
+    def soda_default(cls) -> VocabLayout:
         """The 144,644-id vocabulary of SODA_SPECS section 1."""
         return cls()
 
@@ -226,7 +225,7 @@ class VocabLayout:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VocabLayout":
+    def from_dict(cls, data: dict) -> VocabLayout:
         data = dict(data)
         data["special_tokens"] = tuple(data["special_tokens"])
         return cls(**data)

@@ -79,7 +79,6 @@ import math
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Optional
 
 from soda_mega.config.loader import dump_config
 from soda_mega.config.schema import SodaConfig
@@ -351,7 +350,7 @@ class MemoryPlan:
 
 
 def plan_memory(cfg: SodaConfig, world_size: int = 1,
-                assumptions: Optional[MemoryAssumptions] = None,
+                assumptions: MemoryAssumptions | None = None,
                 resolved: ResolvedRun | None = None) -> MemoryPlan:
     """Predict the per-GPU memory of ``cfg`` on ``world_size`` GPUs (see the module docstring).
 
@@ -421,7 +420,7 @@ def plan_memory(cfg: SodaConfig, world_size: int = 1,
     return plan
 
 
-def format_plan(plan: MemoryPlan, gpu_memory_gib: Optional[float] = None) -> list[str]:
+def format_plan(plan: MemoryPlan, gpu_memory_gib: float | None = None) -> list[str]:
     """Lines of the itemised plan of the largest stage (used by ``train --dry-run``)."""
     w = plan.worst
     shard = "" if plan.data_parallel == 1 else f", sharded over DP {plan.data_parallel}"

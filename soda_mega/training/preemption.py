@@ -67,7 +67,7 @@ class PreemptionFlag:
         self._in_setup = True
         self._deadline: threading.Timer | None = None
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         # NOTE: Python only lets the main thread install handlers; elsewhere (a library caller
         # driving the trainer from a thread) the signals keep their current meaning.
         if threading.current_thread() is threading.main_thread():

@@ -65,7 +65,7 @@ class RunLock:
         self._fd: int | None = None
         self._beat: Heartbeat | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if problem := not_regular(self.path):
             raise RunFolderBusy(f"{self.path} {problem}; delete it (a run folder's lock is a "

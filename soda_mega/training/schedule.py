@@ -51,7 +51,7 @@ class LRSchedule:
             raise ValueError(f"training.decay_shape: unknown shape {self.decay_shape!r}")
 
     @classmethod
-    def from_config(cls, t: TrainingConfig, total_steps: int, peak: float) -> "LRSchedule":
+    def from_config(cls, t: TrainingConfig, total_steps: int, peak: float) -> LRSchedule:
         return cls(peak=peak, total_steps=total_steps, kind=t.lr_schedule,
                    warmup_fraction=t.warmup_fraction, decay_fraction=t.decay_fraction,
                    decay_shape=t.decay_shape, min_lr=t.min_lr)

@@ -31,17 +31,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from soda_mega.checkpoint.errors import CheckpointError
-from soda_mega.checkpoint.layout import (STATE_FILE, checkpoint_config, checkpoint_state,
-                                         read_state, resolve_checkpoint, step_dir)
-from soda_mega.checkpoint.load import load_checkpoint
-from soda_mega.checkpoint.resume import (check_resumable, find_resume_checkpoint,
-                                         has_checkpoints, start_over)
 from soda_mega.checkpoint.async_save import AsyncSaver, SaveReport
+from soda_mega.checkpoint.errors import CheckpointError
+from soda_mega.checkpoint.layout import (
+    STATE_FILE,
+    checkpoint_config,
+    checkpoint_state,
+    read_state,
+    resolve_checkpoint,
+    step_dir,
+)
+from soda_mega.checkpoint.load import load_checkpoint
+from soda_mega.checkpoint.resume import check_resumable, find_resume_checkpoint, has_checkpoints, start_over
 from soda_mega.checkpoint.save import save_checkpoint
 from soda_mega.checkpoint.weights import check_same_model
 from soda_mega.config.loader import dump_config
-from soda_mega.run.resolved import ResolvedRun, resolve_run
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.loader import SodaDataLoader
 from soda_mega.data.read.source import MissingSplitError
@@ -49,10 +53,10 @@ from soda_mega.data.read.split import OpenedSplit, open_split
 from soda_mega.model.accounting import flops_per_token
 from soda_mega.model.gpt import build_model
 from soda_mega.parallel import state
+from soda_mega.run.resolved import ResolvedRun, resolve_run
 from soda_mega.tokens.layout import LOSS_GROUPS
 from soda_mega.training import faults
-from soda_mega.training.forward_backward import (StepResult, evaluation_mode, forward_backward,
-                                                  wrap_ddp)
+from soda_mega.training.forward_backward import StepResult, evaluation_mode, forward_backward, wrap_ddp
 from soda_mega.training.metrics import MetricsSink, memory_gib, peak_tflops
 from soda_mega.training.optimizer import build_optimizer, inner_optimizers, set_hyperparameters
 from soda_mega.training.preemption import PreemptionFlag, TrainingPreempted

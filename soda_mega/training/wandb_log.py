@@ -73,7 +73,7 @@ class WandbLogger:
         self._run = run
 
     @classmethod
-    def open(cls, run_dir: Path, run_cfg, config: dict, resumed: bool) -> "WandbLogger | None":
+    def open(cls, run_dir: Path, run_cfg, config: dict, resumed: bool) -> WandbLogger | None:
         """Start (or, when ``resumed``, continue) the W&B run of ``run_dir``; None when off."""
         project = run_cfg.wandb_project
         if not project:

@@ -12,7 +12,7 @@ import functools
 import importlib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_func():
     """``flash_attn.flash_attn_func`` when flash-attn (v2+) is installed, else None."""
     try:
@@ -22,7 +22,7 @@ def flash_attn_func():
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apex_fused_rms_norm():
     """apex's ``fused_rms_norm_affine(x, weight, shape, eps)`` when NVIDIA apex is present."""
     try:

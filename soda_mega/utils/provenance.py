@@ -64,7 +64,7 @@ def _device() -> dict:
 def stamp() -> dict:
     """Provenance record for a result file."""
     return {
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "device": _device(),
         "python": platform.python_version(),

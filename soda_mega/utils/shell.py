@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 from soda_mega.errors import SodaUserError
 

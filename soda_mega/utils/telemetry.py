@@ -37,7 +37,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 FIELDS = ("gpu_util", "gpu_mem_used_gib", "gpu_power_w", "gpu_sm_clock_mhz", "gpu_temp_c")
 
@@ -61,7 +62,7 @@ class _Aggregate:
         self.low = dict.fromkeys(FIELDS, math.inf)
         self.high = dict.fromkeys(FIELDS, -math.inf)
 
-    def add(self, sample: dict[str, Optional[float]]) -> None:
+    def add(self, sample: dict[str, float | None]) -> None:
         self.n += 1
         for key in FIELDS:
             value = sample.get(key)
@@ -92,7 +93,7 @@ def _load_nvml():
     return pynvml
 
 
-def _current_cuda_bus_id() -> Optional[str]:
+def _current_cuda_bus_id() -> str | None:
     """PCI bus id of torch's current CUDA device, to find the same GPU in NVML.
 
     NVML numbers GPUs physically while CUDA_VISIBLE_DEVICES renumbers them for CUDA, so an
@@ -117,7 +118,7 @@ class GpuTelemetry:
     ``keep`` recent raw samples stay in :attr:`samples` for inspection.
     """
 
-    def __init__(self, interval_s: float = 1.0, device: Optional[int] = None, nvml: Any = None,
+    def __init__(self, interval_s: float = 1.0, device: int | None = None, nvml: Any = None,
                  keep: int = 4096, clock: Callable[[], float] = time.time) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
@@ -125,13 +126,13 @@ class GpuTelemetry:
         self.clock = clock
         self.samples: collections.deque = collections.deque(maxlen=keep)
         self.available = False
-        self.notice: Optional[str] = None
-        self.device_name: Optional[str] = None
+        self.notice: str | None = None
+        self.device_name: str | None = None
         self._lock = threading.Lock()
         self._run = _Aggregate()
         self._window = _Aggregate()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._nvml = None
         self._handle = None
         try:
@@ -158,7 +159,7 @@ class GpuTelemetry:
         self.available = True
 
     @staticmethod
-    def _find_handle(nvml, device: Optional[int]):
+    def _find_handle(nvml, device: int | None):
         if device is None:
             bus_id = _current_cuda_bus_id()
             if bus_id is not None:
@@ -171,7 +172,7 @@ class GpuTelemetry:
         return nvml.nvmlDeviceGetHandleByIndex(device)
 
     # ------------------------------------------------------------------ sampling
-    def sample(self) -> dict[str, Optional[float]]:
+    def sample(self) -> dict[str, float | None]:
         """Read every field once (``None`` for a field this GPU does not report)."""
         nvml, h = self._nvml, self._handle
 
@@ -190,7 +191,7 @@ class GpuTelemetry:
             "gpu_temp_c": read(lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
         }
 
-    def record(self, sample: dict[str, Optional[float]]) -> None:
+    def record(self, sample: dict[str, float | None]) -> None:
         with self._lock:
             self.samples.append(sample)
             self._run.add(sample)
@@ -200,7 +201,7 @@ class GpuTelemetry:
         while not self._stop.wait(self.interval_s):
             self.record(self.sample())
 
-    def start(self) -> "GpuTelemetry":
+    def start(self) -> GpuTelemetry:
         """Take a first sample now, then one every ``interval_s`` in the background (a no-op
         without NVML or when already running)."""
         if self.available and self._thread is None:
@@ -230,7 +231,7 @@ class GpuTelemetry:
             self._nvml = None
             self.available = False
 
-    def __enter__(self) -> "GpuTelemetry":
+    def __enter__(self) -> GpuTelemetry:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -71,7 +71,7 @@ def _run(corpus, tmp_path, *overrides) -> dict:
                            str(tmp_path / "run"), *overrides],
                           capture_output=True, text=True, env=clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 

@@ -13,8 +13,8 @@ from soda_mega.cli import main
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import check_run_layout
-from soda_mega.data.write.inputs import InputError
 from soda_mega.data.read.source import DatasetError
+from soda_mega.data.write.inputs import InputError
 from soda_mega.errors import EXIT_USER_ERROR, SodaUserError
 from soda_mega.eval.manifest import ManifestError
 

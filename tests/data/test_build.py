@@ -11,13 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from build_helpers import (codes_corpus, random_codes, read_split, read_split_streaming, tiny_config,
-                           tone, tree_bytes, wav_bytes, write_manifest)
+from build_helpers import (
+    codes_corpus,
+    random_codes,
+    read_split,
+    read_split_streaming,
+    tiny_config,
+    tone,
+    tree_bytes,
+    wav_bytes,
+    write_manifest,
+)
 from soda_mega.cli import main
 from soda_mega.config import load_config
 from soda_mega.config.fields import ConfigError
-from soda_mega.data.write.builder import BuildError, build_dataset, split_of
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE, META_KEYS, SPLITS
+from soda_mega.data.write.builder import BuildError, build_dataset, split_of
 from soda_mega.tokens.layout import Modality, VocabLayout
 
 

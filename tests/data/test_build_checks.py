@@ -10,10 +10,10 @@ import pytest
 
 from build_helpers import codes_corpus, tiny_config, tone, wav_bytes, write_manifest
 from soda_mega.cli import main
-from soda_mega.data.write.builder import BuildError, build_dataset
-from soda_mega.data.write.inputs import InputError, read_audio
 from soda_mega.data.schema import SPLITS
 from soda_mega.data.streaming_compat import streaming_module
+from soda_mega.data.write.builder import BuildError, build_dataset
+from soda_mega.data.write.inputs import InputError, read_audio
 
 
 def test_shards_carry_xxh64_hashes_that_match_their_bytes(tmp_path):

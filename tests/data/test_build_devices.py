@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from build_helpers import tiny_config, tone, tree_bytes, wav_bytes, write_manifest
-from soda_mega.data.write.builder import build_dataset
-from soda_mega.data.write.build_worker import decode_for_codec
 from soda_mega.data.codec import MIMI_SAMPLE_RATE, to_mono
+from soda_mega.data.write.build_worker import decode_for_codec
+from soda_mega.data.write.builder import build_dataset
 from soda_mega.data.write.devices import codec_devices, device_for_slot, feeders_per_device
 from soda_mega.data.write.inputs import InputError, read_audio
 

@@ -14,9 +14,15 @@ import pytest
 
 from build_helpers import codes_corpus, tiny_config, tree_bytes
 from soda_mega.cli import main
-from soda_mega.data.write.builder import (BuildError, build_dataset, finalize_dataset, parse_part, part_from_env,
-                                  part_units)
 from soda_mega.data.schema import META_FILE
+from soda_mega.data.write.builder import (
+    BuildError,
+    build_dataset,
+    finalize_dataset,
+    parse_part,
+    part_from_env,
+    part_units,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launchers" / "data_build.sbatch"

@@ -12,7 +12,6 @@ from soda_mega.data.codec import MimiCodec, file_sha256, shared_mimi, to_mono, w
 from soda_mega.data.write.demo import FALLBACK
 from soda_mega.data.write.inputs import read_audio
 
-
 SECONDS = 3
 
 

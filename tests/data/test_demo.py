@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from soda_mega.data.write.demo import (FALLBACK, TEXT_CORPUS, build_demo, demo_config, espeak_binary,
-                                 read_sentences)
-from soda_mega.data.write.inputs import read_audio, read_manifest
 from soda_mega.data.schema import META_FILE, SPLITS
+from soda_mega.data.write.demo import FALLBACK, TEXT_CORPUS, build_demo, demo_config, espeak_binary, read_sentences
+from soda_mega.data.write.inputs import read_audio, read_manifest
 
 
 def test_shipped_assets():

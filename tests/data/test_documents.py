@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from build_helpers import read_split, tiny_config, write_manifest
+from soda_mega.data.documents import (
+    interleaved,
+    recording_documents,
+    segment_frames,
+    semantic_only,
+    speech_only,
+    text_only,
+)
 from soda_mega.data.write.builder import build_dataset
-from soda_mega.data.documents import (interleaved, recording_documents, segment_frames, semantic_only,
-                                      speech_only, text_only)
 from soda_mega.tokens.layout import VocabLayout
 
 # text 0..9 (BOS 8, EOS 9); <|text_start|> 10, <|text_end|> 11, <|audio_start|> 12,

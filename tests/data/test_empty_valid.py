@@ -13,9 +13,9 @@ import pytest
 
 from build_helpers import random_codes, tiny_config, write_manifest
 from soda_mega.cli import main
-from soda_mega.data.write.builder import build_dataset, summary_lines
 from soda_mega.data.read.source import DocumentSource, EmptySplitError, MissingSplitError
 from soda_mega.data.schema import META_FILE
+from soda_mega.data.write.builder import build_dataset, summary_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_golden import write_corpus  # noqa: E402

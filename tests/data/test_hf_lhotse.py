@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,11 +23,11 @@ import pytest
 
 from build_helpers import read_split, tiny_config, tone, wav_bytes, write_manifest
 from soda_mega.cli import main
+from soda_mega.data.schema import META_FILE, SPLITS
 from soda_mega.data.write.builder import BuildError, build_dataset
 from soda_mega.data.write.hf_input import HFSource, files_fingerprint, offline
 from soda_mega.data.write.inputs import AudioSlice, InputError, SourceError, load_audio, read_audio, read_manifest
 from soda_mega.data.write.lhotse_input import LhotseSource
-from soda_mega.data.schema import META_FILE, SPLITS
 
 # id -> (seconds, sample rate, tone Hz, transcript); "a" lands in train, "b" and "c" in valid
 # at valid_fraction=0.3 (split_of), so both splits are compared.

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from build_helpers import tone, wav_bytes, write_manifest
-from soda_mega.data.write.inputs import (InputError, Segment, Skipped, TextDoc, load_codes, plan_text,
-                                   read_audio, read_manifest, read_text_range, text_format)
+from soda_mega.data.write.inputs import (
+    InputError,
+    Segment,
+    Skipped,
+    TextDoc,
+    load_codes,
+    plan_text,
+    read_audio,
+    read_manifest,
+    read_text_range,
+    text_format,
+)
 
 
 def test_manifest_good_records(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from soda_mega.cli import main
 from soda_mega.config import load_config
 from soda_mega.data.read.inspect import first_audio_codes, render_document, spans
-from soda_mega.data.write.synthetic import write_split
 from soda_mega.data.tokenizer import ByteTokenizer
+from soda_mega.data.write.synthetic import write_split
 from soda_mega.tokens import VocabLayout
 
 

@@ -12,11 +12,11 @@ import torch
 
 from build_helpers import random_codes, read_split, tiny_config, tone, wav_bytes, write_manifest
 from soda_mega.cli import main
-from soda_mega.data.write.builder import build_dataset, split_of
 from soda_mega.data.documents import audio_ids, s2st
 from soda_mega.data.read.loader import SodaDataLoader
-from soda_mega.data.schema import LENGTHS_FILE, META_FILE, META_KEYS, SPLITS
 from soda_mega.data.read.source import DocumentSource
+from soda_mega.data.schema import LENGTHS_FILE, META_FILE, META_KEYS, SPLITS
+from soda_mega.data.write.builder import build_dataset, split_of
 from soda_mega.tokens.layout import VocabLayout
 
 # text 0..9 (BOS 8, EOS 9); <|text_start|> 10, <|text_end|> 11, <|audio_start|> 12,

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from build_helpers import random_codes, read_split, tiny_config, wav_bytes, write_manifest
+from soda_mega.data.schema import SPLITS
 from soda_mega.data.write.builder import build_dataset, make_plan
 from soda_mega.data.write.hf_input import HFSource
 from soda_mega.data.write.inputs import InputError, read_manifest
 from soda_mega.data.write.lhotse_input import LhotseSource
 from soda_mega.data.write.splits import assign_groups, record_split
-from soda_mega.data.schema import SPLITS
 from soda_mega.tokens.layout import VocabLayout
 
 FRACTION = "--data.valid_fraction=0.5"

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from checkpoint_helpers import random_full_weights, tiny_config
+from launch_env import clean_env
+from soda_mega.checkpoint.weights import save_full_weights
 from soda_mega.cli import main
 from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.eval.nll import bucket_names, bucket_stats
 from soda_mega.inference.decoder import SodaDecoder
-from soda_mega.checkpoint.weights import save_full_weights
 from soda_mega.tokens import VocabLayout
-from launch_env import clean_env
 from tolerances import PARALLEL_FP32, REFERENCE_NLL_FP32
 
 SEED = 3

@@ -14,8 +14,8 @@ from checkpoint_helpers import make_tiny_checkpoint, tiny_config
 def test_eval_nll_opens_each_split_once_and_derives_the_vocabulary_once(tmp_path, monkeypatch,
                                                                         capsys):
     from soda_mega.cli import main
-    from soda_mega.data.write.synthetic import random_docs, write_split
     from soda_mega.data.read.source import DocumentSource
+    from soda_mega.data.write.synthetic import random_docs, write_split
     from soda_mega.tokens.layout import VocabLayout
 
     layout = VocabLayout.from_config(tiny_config().vocab)

@@ -197,9 +197,9 @@ def test_bad_inputs_are_named(checkpoint, tasks, tmp_path, capsys):
 
 
 def test_batched_encoding_equals_one_file_at_a_time(checkpoint, tasks):
+    from soda_mega.checkpoint.layout import checkpoint_config
     from soda_mega.data.write.inputs import InputError
     from soda_mega.eval.speech_io import SpeechIO
-    from soda_mega.checkpoint.layout import checkpoint_config
 
     speech = SpeechIO(checkpoint_config(checkpoint))
     root = tasks.utterances.parent

@@ -18,16 +18,16 @@ import pytest
 import torch
 
 from checkpoint_helpers import make_tiny_checkpoint
+from launch_env import clean_env
+from soda_mega.checkpoint.layout import checkpoint_config
+from soda_mega.checkpoint.weights import load_full_weights
 from soda_mega.cli import main as cli
 from soda_mega.config import load_config
 from soda_mega.data.tokenizer import ByteTokenizer, load_tokenizer
 from soda_mega.hf.export import export_hf
 from soda_mega.hf.importer import import_hf
 from soda_mega.hf.tokenizer_files import audio_token, build_tokenizer, write_tokenizer_files
-from soda_mega.checkpoint.layout import checkpoint_config
-from soda_mega.checkpoint.weights import load_full_weights
 from soda_mega.tokens.layout import VocabLayout
-from launch_env import clean_env
 from tolerances import HF_EXPORT_FP32
 
 transformers = pytest.importorskip("transformers")
@@ -65,9 +65,9 @@ def _mixed_ids(layout: VocabLayout) -> torch.Tensor:
 
 
 def test_transformers_logits_equal_the_megatron_model(ckpt, exported):
+    from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.checkpoint.weights import _OneProcess, single_process_config
     from soda_mega.model.gpt import build_model
-    from soda_mega.checkpoint.load import load_checkpoint
 
     cfg = checkpoint_config(ckpt)
     layout = VocabLayout.from_config(cfg.vocab)

@@ -18,10 +18,10 @@ from dataclasses import replace
 def main(source: str, out: str) -> None:
     warnings.filterwarnings("ignore")
     from soda_mega.checkpoint.layout import checkpoint_config, checkpoint_state
-    from soda_mega.model.gpt import build_model
-    from soda_mega.parallel import state
     from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.checkpoint.save import save_checkpoint
+    from soda_mega.model.gpt import build_model
+    from soda_mega.parallel import state
 
     cfg = checkpoint_config(source)
     cfg = replace(cfg, parallel=replace(cfg.parallel, tensor_parallel=2,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from checkpoint_helpers import make_tiny_checkpoint
-from soda_mega.inference.decoder import SodaDecoder, left_pad
 from soda_mega.checkpoint.weights import load_full_weights
+from soda_mega.inference.decoder import SodaDecoder, left_pad
 from tolerances import DECODER_FP32
 
 TOL = dict(atol=DECODER_FP32["logits_atol"], rtol=DECODER_FP32["logits_rtol"])
@@ -28,9 +28,9 @@ def _tokens(layout, batch, length, seed=0):
 
 
 def test_logits_equal_the_megatron_model(checkpoint, decoder):
+    from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.checkpoint.weights import _OneProcess, single_process_config
     from soda_mega.model.gpt import build_model
-    from soda_mega.checkpoint.load import load_checkpoint
 
     cfg, _ = load_full_weights(checkpoint)
     tokens = _tokens(decoder.layout, 2, 48)

@@ -25,8 +25,8 @@ def test_split_spans_inverts_the_document_layout():
 
 
 def test_translate_writes_texts_and_decodable_audio(tmp_path):
-    from soda_mega.data.write.inputs import read_audio
     from soda_mega.data.read.inspect import write_wav
+    from soda_mega.data.write.inputs import read_audio
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", 4)
     wav, rate = read_audio(FALLBACK / "fallback_0.wav")

@@ -64,7 +64,7 @@ def _custom_body(func):
 
 
 class _Dispatch(TorchDispatchMode):
-    def __init__(self, owner: "HostSyncCounter"):
+    def __init__(self, owner: HostSyncCounter):
         super().__init__()
         self.owner = owner
 
@@ -95,7 +95,7 @@ class _Dispatch(TorchDispatchMode):
 
 
 class _Function(TorchFunctionMode):
-    def __init__(self, owner: "HostSyncCounter"):
+    def __init__(self, owner: HostSyncCounter):
         super().__init__()
         self.owner = owner
 
@@ -127,7 +127,7 @@ class HostSyncCounter:
     def total(self) -> int:
         return sum(self.glue.values())
 
-    def __enter__(self) -> "HostSyncCounter":
+    def __enter__(self) -> HostSyncCounter:
         for mode in self._modes:
             mode.__enter__()
         return self

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from launch_env import clean_env
 
+from launch_env import clean_env
 from soda_kernels.compile_check import problems
 
 ENV = dict(clean_env(), TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")

@@ -12,8 +12,8 @@ from flce_cases import errors, make_case, run_reference, run_train, upstream_of
 from soda_kernels.flce_backward import compacts_rows
 from soda_kernels.flce_train import default_row_chunk, flce_train_reference, train_extra_bytes
 from soda_kernels.fused_linear_cross_entropy import WORK, fused_linear_cross_entropy, row_multiple
-from tolerances import KERNEL_ORACLE, KERNEL_REORDER_FP32
 from test_flce_backward_plan import _cpu_peak_bytes
+from tolerances import KERNEL_ORACLE, KERNEL_REORDER_FP32
 
 
 def _work_by_name() -> dict:

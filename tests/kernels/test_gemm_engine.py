@@ -12,8 +12,8 @@ from flce_cases import errors, make_case, run_reference, run_train, upstream_of
 from soda_kernels import gemm_engine
 from soda_kernels.fused_linear_cross_entropy import WORK, row_multiple
 from soda_kernels.gemm_engine import gemm, matmul_cublas
-from tolerances import KERNEL_ORACLE
 from test_flce_train import _bf16_micro_batches
+from tolerances import KERNEL_ORACLE
 
 
 @pytest.mark.parametrize("dtype, block", [(torch.float32, 1024), (torch.bfloat16, 1024),

@@ -34,6 +34,7 @@ import torch
 import triton
 
 from soda_kernels._launch import observe_launches
+from soda_kernels._vocab_parallel import merge_partials
 from soda_kernels.compile_check import configs_of, production_launches
 from soda_kernels.flce_ops import (
     chunk_dlogits_triton,
@@ -46,7 +47,6 @@ from soda_kernels.flce_ops import (
     matmul_triton,
     padded_width,
 )
-from soda_kernels._vocab_parallel import merge_partials
 from soda_kernels.flce_tuning import pinned_configs
 from soda_kernels.interleaved_embedding import embedding_backward_triton
 from tolerances import EMBEDDING_BF16_REL, KERNEL_ORACLE
@@ -64,7 +64,7 @@ def _key(role: str, config: dict) -> tuple:
     return role, blocks, config["num_warps"], config["num_stages"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _listed(dtype: torch.dtype) -> tuple:
     # NOTE: compile_check records (never runs) the launches a GPU makes; the launchers read
     # TRITON_INTERPRET when called, so it is switched off while they are recorded.

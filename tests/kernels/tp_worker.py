@@ -119,7 +119,7 @@ def gpu_config_cases(group, rank: int) -> dict:
     (220 and 210 real columns)."""
     from flce_cases import errors
     from soda_kernels.fused_linear_cross_entropy import pinned_configs
-    from test_flce_gpu_configs import H, N, N_REAL, NUM_CONFIGS, SLICE, V, pinned
+    from test_flce_gpu_configs import N_REAL, NUM_CONFIGS, SLICE, H, N, V, pinned
 
     case = make_case(N, H, V, n_real=N_REAL, seed=3, scale=3.0, mask_fraction=0.1)
     v_local = V // 2

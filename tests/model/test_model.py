@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from soda_mega.config import load_config
 from soda_mega.model.accounting import count_parameters
@@ -192,7 +191,7 @@ def test_bf16_model_on_gpu_matches_fp32(megatron_one_process):
 def test_threaded_init_draws_the_same_weights(megatron_one_process, monkeypatch):
     """The layout-free init draws parameters in threads; the values must not depend on how many."""
     from soda_mega.model import init as model_init
-    from soda_mega.model.init import init_full_tensor, full_shape
+    from soda_mega.model.init import full_shape, init_full_tensor
 
     monkeypatch.setattr(model_init, "_draw_threads", lambda: 1)
     _, one = _build()

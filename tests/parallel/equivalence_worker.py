@@ -25,7 +25,6 @@ from soda_mega.utils.startup import import_torch_frozen  # noqa: E402
 
 import_torch_frozen()  # a process of its own (a no-op where a test module imports this one)
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from soda_mega.config import load_config  # noqa: E402
 from soda_mega.parallel import state  # noqa: E402

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from soda_mega.parallel.megatron_import import compile_on_first_call
 from launch_env import clean_env
+from soda_mega.parallel.megatron_import import compile_on_first_call
 
 
 def test_importing_megatron_through_soda_mega_leaves_dynamo_and_wandb_out():

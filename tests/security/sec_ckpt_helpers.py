@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 class Evil:
     """Loading this pickle runs ``touch MARKER``."""
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sec_ckpt_helpers import (edit_manifest, hostile_copy, replace_file, run_cli_cases,
-                              tiny_checkpoint, tiny_dataset)
+from sec_ckpt_helpers import edit_manifest, hostile_copy, replace_file, run_cli_cases, tiny_checkpoint, tiny_dataset
 
 pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
 

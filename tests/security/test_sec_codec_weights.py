@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sec_ckpt_helpers import (Evil, run_cli_cases, tiny_checkpoint, tiny_dataset, with_data_field,
-                              write_wav)
+from sec_ckpt_helpers import Evil, run_cli_cases, tiny_checkpoint, tiny_dataset, with_data_field, write_wav
 
 pytestmark = pytest.mark.distributed  # launches the CLI in a subprocess
 

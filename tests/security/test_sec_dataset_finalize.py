@@ -17,7 +17,6 @@ from sec_dataset_helpers import assert_refused, main_in_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from build_helpers import codes_corpus, tiny_config  # noqa: E402
-
 from soda_mega.data.write.builder import build_dataset  # noqa: E402
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sec_dataset_helpers import (assert_refused, cli, edit_index, edit_meta, main_in_process,
-                                 plain_split, tiny_layout)
+from sec_dataset_helpers import assert_refused, cli, edit_index, edit_meta, main_in_process, plain_split, tiny_layout
 from soda_mega.data.schema import LENGTHS_FILE
 
 

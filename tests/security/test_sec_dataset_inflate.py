@@ -14,8 +14,8 @@ import pytest
 import zstd
 
 from sec_dataset_helpers import edit_index, tiny_layout
-from soda_mega.data.shard_contract import InflateError, inflate
 from soda_mega.data.read.source import DatasetError, DocumentSource
+from soda_mega.data.shard_contract import InflateError, inflate
 from soda_mega.data.write.synthetic import random_docs, write_split
 
 COMPRESS = {"zstd": lambda b: zstd.compress(b, 3), "gz": gzip.compress, "bz2": bz2.compress}

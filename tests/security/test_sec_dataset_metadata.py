@@ -99,8 +99,8 @@ def test_errors_quoting_metadata_are_one_escaped_line(tmp_path, capsys):
 def test_a_data_error_in_a_loader_worker_arrives_as_one_line(tmp_path):
     from soda_mega.config import load_config
     from soda_mega.data.read.loader import SodaDataLoader
-    from soda_mega.data.write.synthetic import write_split
     from soda_mega.data.shard_contract import DatasetError
+    from soda_mega.data.write.synthetic import write_split
 
     layout = tiny_layout()
     docs = [np.full(40, layout.size + 5, np.int32) for _ in range(4)]  # ids outside the layout

@@ -4,8 +4,6 @@ multi-GB file was read into memory and handed to the JSON parser (issue 21 follo
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from sec_dataset_helpers import assert_refused, main_in_process, plain_split, tiny_layout

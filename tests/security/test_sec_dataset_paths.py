@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sec_dataset_helpers import (assert_refused, cli, edit_index, main_in_process, plain_split,
-                                 tiny_layout)
+from sec_dataset_helpers import assert_refused, cli, edit_index, main_in_process, plain_split, tiny_layout
 
 
 def _escapes(outside: Path) -> dict[str, str]:

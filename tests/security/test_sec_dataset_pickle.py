@@ -6,11 +6,17 @@ commands exited 0."""
 
 from __future__ import annotations
 
-
 import pytest
 
-from sec_dataset_helpers import (assert_refused, cli, edit_index, main_in_process, plain_split,
-                                 tiny_layout, write_pickle_split)
+from sec_dataset_helpers import (
+    assert_refused,
+    cli,
+    edit_index,
+    main_in_process,
+    plain_split,
+    tiny_layout,
+    write_pickle_split,
+)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,20 @@ import pytest
 import xxhash
 import zstd
 
-from sec_dataset_helpers import (REPO, assert_refused, cli, edit_index, edit_meta, main_in_process,
-                                 plain_split, tiny_layout)
-from soda_mega.data.write.synthetic import write_split
+from sec_dataset_helpers import (
+    REPO,
+    assert_refused,
+    cli,
+    edit_index,
+    edit_meta,
+    main_in_process,
+    plain_split,
+    tiny_layout,
+)
 from soda_mega.data.read.cache import NodeCache
 from soda_mega.data.read.source import DatasetError, DocumentSource
 from soda_mega.data.schema import LENGTHS_FILE
+from soda_mega.data.write.synthetic import write_split
 
 TOKENS = 32 << 20  # tokens of the bomb's one document: 5 bytes each inflated, 160 MiB
 _ZERO_CHUNK = 1 << 20

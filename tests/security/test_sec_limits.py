@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sec_ckpt_helpers import (hostile_copy, replace_file, run_cli_cases, tiny_checkpoint,
-                              tiny_dataset)
+from sec_ckpt_helpers import hostile_copy, replace_file, run_cli_cases, tiny_checkpoint, tiny_dataset
 
 MEMORY_LIMIT = 6 << 30  # a soda-mega process needs some 2.5 GB of address space; the bombs, 16+ GB
 BIG_MODEL = {"hidden_size": 8192, "num_layers": 16, "num_attention_heads": 64, "num_kv_heads": 8,

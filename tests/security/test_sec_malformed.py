@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sec_ckpt_helpers import (hostile_copy, replace_file, run_cli_cases, tiny_checkpoint,
-                              tiny_dataset)
+from sec_ckpt_helpers import hostile_copy, replace_file, run_cli_cases, tiny_checkpoint, tiny_dataset
 
 DEEP = "[" * 100_000 + "]" * 100_000
 HUGE_INT = "1" + "0" * 5000

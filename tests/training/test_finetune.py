@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from checkpoint_helpers import make_tiny_checkpoint, random_full_weights, tiny_config
-from soda_mega.data.write.builder import build_dataset
-from soda_mega.data.read.loader import SodaDataLoader
-from soda_mega.data.schema import LENGTHS_FILE
+from launch_env import clean_env
 from soda_mega.checkpoint.errors import CheckpointError
 from soda_mega.checkpoint.weights import load_full_weights
-from launch_env import clean_env
+from soda_mega.data.read.loader import SodaDataLoader
+from soda_mega.data.schema import LENGTHS_FILE
+from soda_mega.data.write.builder import build_dataset
 from tolerances import REFERENCE_NLL_FP32, TRAINING_TRACE
 
 SEQ, GBS, MBS = 128, 8, 4
@@ -167,9 +167,9 @@ def test_optimizer_main_weights_start_at_the_loaded_weights(init_ckpt, precision
 
 def _weights_after_null_step(init_ckpt: Path, precision: str, distributed: bool,
                              reload: bool) -> dict[str, torch.Tensor]:
+    from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.checkpoint.weights import _OneProcess
     from soda_mega.model.gpt import build_model
-    from soda_mega.checkpoint.load import load_checkpoint
     from soda_mega.training.forward_backward import wrap_ddp
     from soda_mega.training.optimizer import build_optimizer, set_hyperparameters
     from soda_mega.training.trainer import load_initial_weights

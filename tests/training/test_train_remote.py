@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from launch_env import clean_env
 from soda_mega.config import load_config
 from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
-from launch_env import clean_env
 from tolerances import TRAINING_TRACE
 
 pytestmark = pytest.mark.distributed

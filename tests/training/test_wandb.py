@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from launch_env import clean_env
 from soda_mega.config import load_config
 from soda_mega.data.write.synthetic import random_docs, write_split
 from soda_mega.tokens import VocabLayout
 from soda_mega.training.wandb_log import ID_FILE, WandbLogger
-from launch_env import clean_env
 
 pytest.importorskip("wandb")
 

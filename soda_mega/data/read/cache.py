@@ -53,8 +53,8 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import xxhash
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from soda_mega.data.read.cache import is_remote
-from soda_mega.data.schema import SPLITS
 from soda_mega.data.read.source import DatasetError, DocumentSource, EmptySplitError, MissingSplitError
+from soda_mega.data.schema import SPLITS
 from soda_mega.tokens.layout import Modality, VocabLayout
 from soda_mega.utils.terminal import printable
 

@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from soda_mega.run.resolved import BatchGeometry, ResolvedRun
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.mixture import PAD_STREAM, MixturePlan, Piece
 from soda_mega.data.read.source import DatasetError, DocumentSource
 from soda_mega.data.read.split import OpenedSplit, open_split
 from soda_mega.data.read.steps import StepPlan
 from soda_mega.errors import SodaUserError
+from soda_mega.run.resolved import BatchGeometry, ResolvedRun
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils.lifetime import end_helpers_at_exit, helper_process_init
 

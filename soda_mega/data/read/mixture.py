@@ -30,8 +30,8 @@ closed-form :class:`.steps.StepPlan`, which jumps to any step without replaying.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class PlanState:
                 "pending": [list(p) for p in self.pending], "exhausted": self.exhausted}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PlanState":
+    def from_dict(cls, data: dict) -> PlanState:
         return cls(window=int(data["window"]), epochs=list(data["epochs"]),
                    positions=list(data["positions"]), emitted=list(data["emitted"]),
                    pending=[tuple(p) for p in data["pending"]], exhausted=bool(data["exhausted"]))
@@ -209,7 +209,7 @@ class MixturePlan:
                              f"this mixture has {len(self.lengths)}")
         self.state = state
 
-    def clone(self) -> "MixturePlan":
+    def clone(self) -> MixturePlan:
         twin = copy.copy(self)
         twin.state = PlanState.from_dict(self.state.to_dict())
         return twin

@@ -37,15 +37,34 @@ import numpy as np
 
 from soda_mega.config.schema import MAX_DATASET_BYTES, MAX_INFLATE_RATIO
 from soda_mega.data import shard_contract
-from soda_mega.data.read.cache import (CacheError, MissingRemoteFile, NodeCache, TooLarge,
-                                       check_file_hashes, is_remote, unique_tmp)
+from soda_mega.data.read.cache import (
+    CacheError,
+    MissingRemoteFile,
+    NodeCache,
+    TooLarge,
+    check_file_hashes,
+    is_remote,
+    unique_tmp,
+)
 from soda_mega.data.read.order import LengthsFile, read_range, shard_totals
 from soda_mega.data.schema import LENGTHS_FILE, META_FILE
-from soda_mega.data.shard_contract import (INDEX_FILE, DatasetError, EmptySplitError, InflateError,
-                                           MissingSplitError, check_budget, check_index,
-                                           check_lengths_chunk, check_lengths_header, check_meta,
-                                           check_regular, check_shard_bytes, inflate, inside,
-                                           read_capped)
+from soda_mega.data.shard_contract import (
+    INDEX_FILE,
+    DatasetError,
+    EmptySplitError,
+    InflateError,
+    MissingSplitError,
+    check_budget,
+    check_index,
+    check_lengths_chunk,
+    check_lengths_header,
+    check_meta,
+    check_regular,
+    check_shard_bytes,
+    inflate,
+    inside,
+    read_capped,
+)
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils import strict_json

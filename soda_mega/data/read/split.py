@@ -21,7 +21,7 @@ instead of opening (and checking) the datasets again.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from soda_mega.config.schema import SodaConfig
 from soda_mega.data.read.cache import NodeCache

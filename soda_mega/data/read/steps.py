@@ -25,8 +25,8 @@ computes only the steps it reads, in ``O(step + block)`` work and memory.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Sequence
 
 from soda_mega.data.read.order import Piece, StreamOrder
 

@@ -13,24 +13,32 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from soda_mega.data.codec import MIMI_FRAME_RATE, MIMI_SAMPLE_RATE, shared_mimi, to_mono
-from soda_mega.data.write.devices import device_for_slot
 from soda_mega.data.documents import recording_documents, s2st_document, segment_frames, text_document
-from soda_mega.data.write.inputs import (SLICE_END_TOLERANCE_S, InputError, Recording, S2STPair, Skipped, TextRange,
-                                   load_audio, load_codes, read_text_range,
-                                   set_max_record_audio_bytes)
+from soda_mega.data.tokenizer import load_tokenizer
+from soda_mega.data.write.devices import device_for_slot
+from soda_mega.data.write.inputs import (
+    SLICE_END_TOLERANCE_S,
+    InputError,
+    Recording,
+    S2STPair,
+    Skipped,
+    TextRange,
+    load_audio,
+    load_codes,
+    read_text_range,
+    set_max_record_audio_bytes,
+)
 from soda_mega.data.write.splits import record_split, split_of
 from soda_mega.data.write.target import BuildTarget
-from soda_mega.data.tokenizer import load_tokenizer
+from soda_mega.data.write.worker_spec import INIT_FEEDER, WorkerSpec
 from soda_mega.data.write.writer import UnitWriter
 from soda_mega.tokens.layout import VocabLayout
-from soda_mega.data.write.worker_spec import INIT_FEEDER, WorkerSpec
 from soda_mega.utils.lifetime import spawned_dying_with
-
 
 _STATE: dict = {}
 

@@ -50,29 +50,43 @@ import queue as queue_mod
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from soda_mega.config.fields import ConfigError
 from soda_mega.config.schema import DataConfig, SodaConfig
+from soda_mega.data.codec import (
+    MIMI_CODEBOOK_SIZE,
+    check_mimi_weights,
+    file_sha256,
+    mimi_metadata,
+    precomputed_codec_metadata,
+    warn_random_init,
+)
+from soda_mega.data.schema import FORMAT, SPLITS
+from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.write.build_worker import init_worker, run_unit, set_progress, shutdown_worker, worker_device
-from soda_mega.data.write.splits import assign_groups, split_of
-from soda_mega.data.codec import (MIMI_CODEBOOK_SIZE, check_mimi_weights, file_sha256,
-                                  mimi_metadata, precomputed_codec_metadata, warn_random_init)
 from soda_mega.data.write.devices import codec_devices, feeders_per_device
-from soda_mega.data.write.inputs import (Skipped, plan_text, read_manifest, read_s2st_manifest,
-                                   text_format)
+from soda_mega.data.write.inputs import Skipped, plan_text, read_manifest, read_s2st_manifest, text_format
 from soda_mega.data.write.part_lock import PartLock
 from soda_mega.data.write.progress import Progress
-from soda_mega.data.schema import FORMAT, SPLITS
+from soda_mega.data.write.splits import assign_groups, split_of
 from soda_mega.data.write.target import BuildTarget
-from soda_mega.data.tokenizer import load_tokenizer
 from soda_mega.data.write.worker_spec import INIT_WORKER, WorkerSpec
-from soda_mega.data.write.writer import (MERGED_FILES, STATE_DIR, UNITS_DIR, atomic_write_text,
-                                   check_marker, clean_partial_units, marker_path, marker_rel, merge_split,
-                                   remove_merged_files)
+from soda_mega.data.write.writer import (
+    MERGED_FILES,
+    STATE_DIR,
+    UNITS_DIR,
+    atomic_write_text,
+    check_marker,
+    clean_partial_units,
+    marker_path,
+    marker_rel,
+    merge_split,
+    remove_merged_files,
+)
 from soda_mega.errors import SodaUserError
 from soda_mega.tokens.layout import VocabLayout
 from soda_mega.utils.lifetime import spawned_dying_with

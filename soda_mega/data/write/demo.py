@@ -24,17 +24,17 @@ import shutil
 import subprocess
 import sys
 import wave
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from soda_mega.config import load_config
 from soda_mega.config.schema import SodaConfig
-from soda_mega.data.write.builder import BuildResult, build_dataset
 from soda_mega.data.resample import resample
+from soda_mega.data.write.builder import BuildResult, build_dataset
 from soda_mega.data.write.writer import atomic_write_text
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"

@@ -36,8 +36,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from soda_mega.data.write.inputs import (InputError, Recording, Segment, Skipped, SourceError, _text,
-                                   read_audio, read_audio_bytes)
+from soda_mega.data.write.inputs import (
+    InputError,
+    Recording,
+    Segment,
+    Skipped,
+    SourceError,
+    _text,
+    read_audio,
+    read_audio_bytes,
+)
 
 PLAN_BATCH_ROWS = 4096
 # Files up to this size are hashed whole; larger ones by a fixed sample of blocks (below).

@@ -33,8 +33,15 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from soda_mega.data.write.inputs import (SLICE_END_TOLERANCE_S, AudioSlice, InputError, Recording, Skipped, SourceError,
-                                   parse_record)
+from soda_mega.data.write.inputs import (
+    SLICE_END_TOLERANCE_S,
+    AudioSlice,
+    InputError,
+    Recording,
+    Skipped,
+    SourceError,
+    parse_record,
+)
 
 # A cut that starts at 0 and lasts as long as its recording (within this) is the whole file.
 WHOLE_RECORDING_TOLERANCE_S = 1e-6

@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 from soda_mega.errors import SodaUserError
-from soda_mega.utils.lock_owner import (HEARTBEAT_S, STALE_S, Heartbeat, describe, owner_record,
-                                        why_gone)
+from soda_mega.utils.lock_owner import HEARTBEAT_S, STALE_S, Heartbeat, describe, owner_record, why_gone
 
 LOCKS_DIR = Path(".build") / "locks"
 __all__ = ["HEARTBEAT_S", "LOCKS_DIR", "PartBusyError", "PartLock", "STALE_S"]
@@ -50,7 +49,7 @@ class PartLock:
         self._beat: Heartbeat | None = None
 
     # ------------------------------------------------------------------ acquire / release
-    def __enter__(self) -> "PartLock":
+    def __enter__(self) -> PartLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{self.owner['host']}.{os.getpid()}")
         tmp.write_text(json.dumps(self.owner))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 LINE_FORMAT = "{desc} {done}/{of} records ({pct:.0f}%) | {rate_noinv_fmt} | {audio}ETA {remaining}{skipped}"
 
 
-def _extras(progress: "Progress", elapsed: float) -> dict[str, Any]:
+def _extras(progress: Progress, elapsed: float) -> dict[str, Any]:
     """The fields tqdm does not have: counts as integers, audio hours and rate, skipped."""
     elapsed = max(elapsed, 1e-9)
     pct = 100.0 * progress.done / progress.total if progress.total else 100.0
@@ -45,7 +45,7 @@ class _Bar(tqdm):
     # NOTE: no tqdm monitor thread: the build forks/spawns worker pools while a bar is open.
     monitor_interval = 0
 
-    def __init__(self, progress: "Progress", plain: bool, **kwargs: Any) -> None:
+    def __init__(self, progress: Progress, plain: bool, **kwargs: Any) -> None:
         self._progress, self._plain = progress, plain
         super().__init__(**kwargs)
 

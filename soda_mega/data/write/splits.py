@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 SPLIT_BY = ("recording", "speaker")
 R = TypeVar("R")  # a Recording or an S2STPair

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soda_mega.data.schema import FORMAT, LENGTHS_FILE, META_FILE, MDS_COLUMNS
+from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.tokens import VocabLayout
 

@@ -25,16 +25,15 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from soda_mega.data.documents import Document
 from soda_mega.data.schema import FORMAT, LENGTHS_FILE, MDS_COLUMNS, META_FILE, SHARD_HASHES, SPLITS
-from soda_mega.data.shard_contract import (DatasetError, check_index, check_lengths_chunk, check_meta,
-                                           check_shard)
+from soda_mega.data.shard_contract import DatasetError, check_index, check_lengths_chunk, check_meta, check_shard
 from soda_mega.data.streaming_compat import streaming_module
 from soda_mega.data.write.target import BuildTarget
 from soda_mega.tokens.layout import VocabLayout
@@ -74,7 +73,7 @@ class SplitStats:
         self.tokens.update(token_counts(layout, doc.tokens))
         self.lengths.append(int(len(doc.tokens)))
 
-    def merge(self, other: "SplitStats") -> None:
+    def merge(self, other: SplitStats) -> None:
         self.num_docs += other.num_docs
         self.num_records += other.num_records
         self.doc_types.update(other.doc_types)
@@ -91,7 +90,7 @@ class SplitStats:
                 "audio_seconds": self.audio_seconds, "lengths": self.lengths, "skipped": self.skipped}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SplitStats":
+    def from_dict(cls, d: dict) -> SplitStats:
         return cls(d["num_docs"], d["num_records"], Counter(d["doc_types"]), Counter(d["tokens"]),
                    d["audio_seconds"], list(d["lengths"]), list(d["skipped"]))
 
