@@ -110,6 +110,7 @@ def rank_layouts(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 
                  vocab=None) -> list[Candidate]:
     """Every layout of ``cfg`` on ``gpus`` GPUs whose predicted device memory fits the GPU,
     fastest first; ``vocab``: the run's VocabLayout when the caller resolved it already."""
+    from soda_mega.run.resolved import resolve_run
     from soda_mega.tokens.layout import VocabLayout
     from soda_mega.training.plan import GIB, MemoryAssumptions, plan_memory
 
@@ -119,7 +120,8 @@ def rank_layouts(cfg: SodaConfig, gpus: int, gpu: GpuSpec, gpus_per_node: int = 
     stack = stack_of(cfg)
     out = []
     for c in candidate_configs(cfg, gpus, gpus_per_node):
-        plan = plan_memory(c, gpus, MemoryAssumptions(target="cuda"), vocab)
+        plan = plan_memory(c, gpus, MemoryAssumptions(target="cuda"),
+                           resolved=resolve_run(c, gpus, vocab))
         if plan.device_total > gpu.memory_gib * GIB * headroom:
             continue
         lay = layout_of(c, gpus, gpus_per_node)

@@ -88,5 +88,7 @@ def test_dry_run_plan_takes_its_layout_from_the_resolved_run(monkeypatch, capsys
     assert main(["train", "--preset", "tiny", "--parallel.tensor_parallel=2", "--dry-run",
                  "--world-size", "4"]) == 0
     assert "world 4 = TP 2 x PP 1 x DP 2" in capsys.readouterr().out
-    assert callers["soda_mega.run.resolved"] == 1, callers
+    # resolve_run pads once for the run's own layout (and once per layout the planner ranks
+    # for the dry-run's rank line, issue 36); the memory plan itself never does
+    assert callers["soda_mega.run.resolved"] >= 1, callers
     assert "soda_mega.training.plan" not in callers, callers
