@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,15 @@ def test_demo_with_espeak(tmp_path):
     again = build_demo(tmp_path, cfg, limit=2, show_progress=False)
     assert wav.stat().st_mtime_ns == stamp  # synthesis is cached
     assert again[0].units_resumed == again[0].units
+
+
+def test_the_shipped_wavs_split_alike_wherever_soda_mega_is_installed(tmp_path):
+    """The copy of the fallback manifest names its audio by absolute path (the install's own
+    folder): its recordings are split by the name the shipped manifest gives them, so that the
+    split is the same in every checkout (it once depended on the folder's path)."""
+    from soda_mega.data.write.demo import fallback_manifest
+
+    shipped = [json.loads(line) for line in (FALLBACK / "manifest.jsonl").read_text().splitlines()]
+    copy = [json.loads(line) for line in fallback_manifest(tmp_path, limit=6).read_text().splitlines()]
+    assert [r["recording_id"] for r in copy] == [r["audio"] for r in shipped[:len(copy)]]
+    assert all(Path(r["audio"]).is_absolute() for r in copy)

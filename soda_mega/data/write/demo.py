@@ -191,6 +191,11 @@ def fallback_manifest(out_dir: Path, limit: int | None = None) -> Path:
     keep = -(-limit // SENTENCES_PER_RECORDING)
     records = [json.loads(line) for line in (FALLBACK / "manifest.jsonl").read_text().splitlines()[:keep]]
     for r in records:
+        # NOTE: a recording is split by its audio path as written when it names no
+        # recording_id; the absolute path below would make the split depend on where
+        # soda-mega is installed. The name as the shipped manifest writes it keeps the split
+        # of the full demo.
+        r.setdefault("recording_id", r["audio"])
         r["audio"] = str(FALLBACK / r["audio"])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fallback_manifest.jsonl"
