@@ -36,9 +36,9 @@ def _arith(marker: Path) -> list[str]:
     return [f"PWD[$(touch {marker})]", f"PWD[`touch {marker}`]", "1\n" + f"$(touch {marker})"]
 
 
-def _argv_of(line: str, cwd: Path) -> list[str]:
-    """What bash makes of a printed command line: ``printf '%s\\0' <line>`` run for real."""
-    proc = subprocess.run(["bash", "-c", "printf '%s\\0' " + line], capture_output=True, cwd=cwd, timeout=30)
+def _argv_of(line: str, cwd: Path, shell: str = "bash") -> list[str]:
+    """What ``shell`` makes of a printed command line: ``printf '%s\\0' <line>`` run for real."""
+    proc = subprocess.run([shell, "-c", "printf '%s\\0' " + line], capture_output=True, cwd=cwd, timeout=30)
     assert proc.returncode == 0, proc.stderr.decode()
     return proc.stdout.decode().split("\0")[:-1]
 
@@ -76,11 +76,20 @@ def test_sec_launch_data_build_dry_run_prints_commands_that_paste_back_exactly(t
     for i, task in enumerate(tasks):
         assert _argv_of(task.split(": ", 1)[1], tmp_path) == [soda, "data", "build", out, *words, *extra,
                                                               "--part", f"{i}/2"]
-    [finalize] = [line for line in lines if "--finalize" in line]
-    assert _argv_of(finalize.split("otherwise: ", 1)[1], tmp_path) == [soda, "data", "build", "--finalize", out]
-    [submit] = [line for line in lines if line.startswith("# submit: ")]
-    assert _argv_of(submit[len("# submit: "):], tmp_path) == [
-        "sbatch", "--array=0-1", "--export=ALL", str(LAUNCHERS / "data_build.sbatch"), *extra]
+    finalize = [soda, "data", "build", "--finalize", out]
+    [by_hand] = [line for line in lines if line.startswith("# the last task to finish merges")]
+    assert _argv_of(by_hand.split("otherwise: ", 1)[1], tmp_path) == finalize
+    # the two submit lines: the array (its job id into JOB), then the merge that waits for it
+    [array] = [line for line in lines if line.startswith("JOB=$(") and line.endswith(")")]
+    assert _argv_of(array[len("JOB=$("):-1], tmp_path) == [
+        "sbatch", "--array=0-1", "--parsable", "--export=ALL", str(LAUNCHERS / "data_build.sbatch"), *extra]
+    [merge] = [line for line in lines if line.startswith("sbatch --dependency=")]
+    *options, wrap = _argv_of(merge.replace('"$JOB"', "123", 1), tmp_path)
+    assert options == ["sbatch", "--dependency=afterok:123", "--export=ALL", "--job-name=soda-data-finalize",
+                       "--output=%x-%j.out"]
+    assert wrap.startswith("--wrap=")
+    # sbatch runs the --wrap command with /bin/sh (dash on Debian: no $'...' quoting)
+    assert _argv_of(wrap[len("--wrap="):], tmp_path, shell="sh") == finalize
     assert not marker.exists()
 
 
